@@ -1,0 +1,16 @@
+"""nnfast's compiled core: Numba kernels on arrays, no I/O.
+
+Each kernel is a private ``@njit`` function (``_name``) next to a public wrapper (``name``) that validates its
+input, allocates the output and calls the kernel. JIT flags, thread counts and warm-up live in ``_jit``.
+
+Modules
+-------
+crop            nonzero mask with 6-connected hole filling, bounding boxes (nnU-Net's ``crop_to_nonzero``)
+intensity       per-case foreground summaries and equal-weight mixture statistics (fingerprint percentiles)
+resample        order-3 B-spline image resampling (skimage ``resize`` parity), separate-z
+resample_seg    one-pass one-hot linear label resampling (batchgenerators 0.25.5 decision rule), separate-z
+class_locations per-class foreground voxel sampling (nnU-Net's ``_sample_foreground_locations``)
+"""
+from ._jit import available_cores, configure_threads, warmup
+
+__all__ = ["available_cores", "configure_threads", "warmup"]

@@ -1,0 +1,17 @@
+"""nnfast: a fast, self-configuring 3D medical image segmentation pipeline that reproduces nnU-Net v2.
+
+Map of the package (one subpackage per pipeline stage):
+
+- ``nnfast.native``       Numba kernels (cropping, intensity statistics, resampling, class locations); arrays in, arrays out.
+- ``nnfast.io``           image reading/writing (SimpleITK, nnU-Net conventions), dataset.json and case listing, atomic
+                          writes, zarr case stores and the lean patch reader.
+- ``nnfast.synth``        deterministic synthetic Decathlon-style datasets (CT-like and multi-channel MRI-like).
+- ``nnfast.convert``      Medical Segmentation Decathlon -> nnU-Net v2 layout.
+- ``nnfast.verify``       dataset checks that report every problem at once.
+- ``nnfast.fingerprint``  dataset fingerprint (spacings, shapes after crop, foreground intensity statistics).
+- ``nnfast.plan``         experiment planning identical to nnU-Net v2's ExperimentPlanner; nnUNetPlans.json export.
+- ``nnfast.preprocess``   cropping, normalization, resampling, class locations, case stores; parallel, distributed, resumable.
+- ``nnfast.parallel``     per-case task execution: spawn pools with dead-worker detection, dask.distributed.
+- ``nnfast.cli``          the ``nnfast`` command.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Command-line interface (``nnfast`` with subcommands); the only place that prints."""

@@ -1,0 +1,171 @@
+"""Implementations of the ``nnfast`` subcommands: call the stage APIs, print results."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["cmd_demo", "cmd_synth", "cmd_convert", "cmd_verify", "cmd_plan", "cmd_preprocess"]
+
+
+def _settings(args: argparse.Namespace):
+    from ..settings import resolve_settings
+
+    return resolve_settings(getattr(args, "raw", None), getattr(args, "preprocessed", None), getattr(args, "results", None))
+
+
+@contextmanager
+def progress_bar(desc: str, quiet: bool = False):
+    """A ``progress(done, total, key)`` callable backed by tqdm on a terminal, silent otherwise."""
+    bar = None
+
+    def update(done: int, total: int, key: str) -> None:
+        nonlocal bar
+        if quiet or not sys.stderr.isatty():
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit="case", dynamic_ncols=True)
+        bar.set_postfix_str(key, refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _fmt_list(v) -> str:
+    if isinstance(v, (list, tuple)):
+        if v and isinstance(v[0], (list, tuple)):
+            return " ".join("x".join(str(int(x)) for x in s) for s in v)
+        return "x".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v)
+    return str(v)
+
+
+def format_plans_table(plans) -> str:
+    """A readable table of every configuration of ``plans``."""
+    names = [n for n in ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres") if n in plans.configurations]
+    cfgs = [plans.configuration(n) for n in names]
+    rows = [
+        ("spacing (mm)", lambda c: _fmt_list([round(float(x), 4) for x in c.spacing])),
+        ("median shape", lambda c: _fmt_list(list(c.median_image_size_in_voxels))),
+        ("patch size", lambda c: _fmt_list(list(c.patch_size))),
+        ("batch size", lambda c: str(c.batch_size)),
+        ("stages", lambda c: str(c.architecture.n_stages)),
+        ("features", lambda c: ",".join(str(f) for f in c.architecture.features_per_stage)),
+        ("strides", lambda c: _fmt_list(c.architecture.strides)),
+        ("kernels", lambda c: _fmt_list(c.architecture.kernel_sizes)),
+        ("batch dice", lambda c: str(c.batch_dice)),
+        ("normalization", lambda c: ",".join(c.normalization_schemes)),
+        ("mask for norm", lambda c: ",".join(str(x) for x in c.use_mask_for_norm)),
+        ("previous stage", lambda c: str(c.previous_stage or "-")),
+    ]
+    table = [["", *names]] + [[label, *(f(c) for c in cfgs)] for label, f in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = [f"plans for {plans.dataset_name} (transpose {list(plans.transpose_forward)})"]
+    for i, r in enumerate(table):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ..synth import synthesize_msd
+
+    kwargs = {}
+    if args.min_shape or args.max_shape:
+        if not (args.min_shape and args.max_shape):
+            raise SystemExit("nnfast synth: --min-shape and --max-shape go together")
+        kwargs["shape_range"] = tuple(zip(args.min_shape, args.max_shape))
+    path = synthesize_msd(Path(args.out), task_id=args.task_id, name=args.name, num_cases=args.cases,
+                          num_test=args.test_cases, seed=args.seed, kind=args.kind, **kwargs)
+    print(path)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..convert.msd import convert_msd
+
+    raw = _settings(args).require("raw")
+    path = convert_msd(Path(args.msd), raw, workers=args.workers, dataset_id=args.dataset_id)
+    print(path)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ..settings import find_dataset_folder
+    from ..verify import verify_dataset
+
+    root = find_dataset_folder(args.task, _settings(args).require("raw"))
+    report = verify_dataset(root, workers=args.workers)
+    print(report.format())
+    return 1 if report.errors else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..plan.api import plan_dataset
+
+    t0 = time.perf_counter()
+    with progress_bar("fingerprint", args.quiet) as prog:
+        res = plan_dataset(args.task, _settings(args), workers=args.workers, scheduler=args.scheduler,
+                           gpu_memory_gb=args.gpu_memory_gb, verify=not args.no_verify, force=args.force,
+                           export_nnunet=args.export_nnunet, progress=prog)
+    if not args.quiet:
+        print(format_plans_table(res.plans))
+        reused = " (fingerprint reused)" if res.fingerprint_reused else ""
+        print(f"\nwrote {res.output_folder}{reused} in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from ..preprocess.api import preprocess_dataset
+
+    with progress_bar("preprocess", args.quiet) as prog:
+        summary = preprocess_dataset(args.task, _settings(args), config=args.config, workers=args.workers,
+                                     scheduler=args.scheduler, gpu_memory_gb=args.gpu_memory_gb,
+                                     verify=not args.no_verify, force=args.force, progress=prog)
+    if not args.quiet:
+        print(summary.format())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..convert.msd import convert_msd
+    from ..plan.api import plan_dataset
+    from ..settings import Settings, dataset_folder_name
+    from ..synth import synthesize_msd
+
+    t0 = time.perf_counter()
+    root = Path(args.folder).resolve()
+    settings = Settings(raw=root / "raw", preprocessed=root / "preprocessed", results=root / "results")
+    for p in (settings.raw, settings.preprocessed, settings.results):
+        p.mkdir(parents=True, exist_ok=True)
+    task_id, name = 901, "DemoCT"
+    raw_ds = settings.raw / dataset_folder_name(task_id, name)
+    if not raw_ds.is_dir():
+        print(f"[1/5] synthesizing {args.cases} CT-like cases in {root / 'msd'}")
+        msd = synthesize_msd(root / "msd", task_id=task_id, name=name, num_cases=args.cases, seed=args.seed, kind="ct")
+        print(f"[2/5] converting {msd.name} -> {raw_ds.name}")
+        convert_msd(msd, settings.raw, workers=args.workers)
+    else:
+        print(f"[1-2/5] reusing {raw_ds}")
+    print("[3/5] verifying, [4/5] fingerprinting and planning")
+    res = plan_dataset(task_id, settings, workers=args.workers)
+    print(f"      verification: {len(res.verify_report.errors)} errors, {len(res.verify_report.warnings)} warnings")
+    print()
+    print(format_plans_table(res.plans))
+    print()
+    if not args.skip_preprocess:
+        from ..preprocess.api import preprocess_dataset
+
+        print("[5/5] preprocessing 3d_fullres")
+        summary = preprocess_dataset(task_id, settings, config="3d_fullres", workers=args.workers)
+        print(summary.format())
+    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; data in {root}")
+    return 0

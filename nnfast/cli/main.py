@@ -1,0 +1,128 @@
+"""The ``nnfast`` command: argument parsing only; every subcommand calls the typed API of its stage.
+
+Heavy modules (numpy, numba, torch, zarr) are imported inside the command functions so that ``nnfast --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .. import __version__
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_roots(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data folders (default: NNFAST_* or nnU-Net's nnUNet_* environment variables)")
+    g.add_argument("--raw", metavar="PATH", help="raw datasets root (NNFAST_RAW / nnUNet_raw)")
+    g.add_argument("--preprocessed", metavar="PATH", help="preprocessed root (NNFAST_PREPROCESSED / nnUNet_preprocessed)")
+    g.add_argument("--results", metavar="PATH", help="results root (NNFAST_RESULTS / nnUNet_results)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnfast",
+        description="Fast, self-configuring 3D medical image segmentation, compatible with nnU-Net v2.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"nnfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="synthesize a small CT dataset and run the pipeline on it", allow_abbrev=False)
+    p.add_argument("--folder", default="nnfast_demo", help="working folder for the demo (default: ./nnfast_demo)")
+    p.add_argument("--cases", type=_positive_int, default=10, help="number of synthetic training cases")
+    p.add_argument("--workers", type=_positive_int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-preprocess", action="store_true", help="stop after planning")
+    _add_common(p)
+
+    p = sub.add_parser("synth", help="write a deterministic synthetic Decathlon-style task", allow_abbrev=False)
+    p.add_argument("--out", required=True, help="folder in which Task{ID}_{NAME} is created")
+    p.add_argument("--task-id", type=int, default=1)
+    p.add_argument("--name", default="SynthCT")
+    p.add_argument("--cases", type=_positive_int, default=8)
+    p.add_argument("--test-cases", type=int, default=2)
+    p.add_argument("--kind", choices=("ct", "mri"), default="ct", help="ct: int16 HU, 1 channel; mri: 4D multi-channel")
+    p.add_argument("--min-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="smallest shape (z y x)")
+    p.add_argument("--max-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="largest shape (z y x)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_common(p)
+
+    p = sub.add_parser("convert", help="convert a Decathlon task (TaskNN_Name) to nnU-Net v2 layout", allow_abbrev=False)
+    p.add_argument("--msd", required=True, metavar="PATH", help="the TaskNN_Name folder")
+    p.add_argument("--id", type=int, dest="dataset_id", help="dataset id to use instead of the task's number")
+    p.add_argument("--workers", type=_positive_int, default=1)
+    _add_roots(p)
+    _add_common(p)
+
+    p = sub.add_parser("verify", help="check a dataset and report every problem", allow_abbrev=False)
+    p.add_argument("--task", required=True, help="7, 007, Dataset007_Name or Task007_Name")
+    p.add_argument("--workers", type=_positive_int, default=1)
+    _add_roots(p)
+    _add_common(p)
+
+    p = sub.add_parser("plan", help="verify, extract the fingerprint and write the experiment plans", allow_abbrev=False)
+    p.add_argument("--task", required=True)
+    p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory target of the plans (nnU-Net: 8)")
+    p.add_argument("--no-verify", action="store_true", help="skip dataset verification")
+    p.add_argument("--force", action="store_true", help="recompute the fingerprint and plans even if current")
+    p.add_argument("--export-nnunet", action="store_true", help="also write nnUNetPlans.json and dataset_fingerprint.json")
+    p.add_argument("--scheduler", help="dask scheduler address (tcp://host:port) or local:N")
+    _add_roots(p)
+    _add_common(p)
+
+    p = sub.add_parser("preprocess", help="plan if needed, then preprocess every training case", allow_abbrev=False)
+    p.add_argument("--task", required=True)
+    p.add_argument("--config", default="3d_fullres", choices=("2d", "3d_fullres", "3d_lowres", "all"))
+    p.add_argument("--workers", type=_positive_int, default=2)
+    p.add_argument("--scheduler", help="dask scheduler address (tcp://host:port) or local:N")
+    p.add_argument("--gpu-memory-gb", type=float, default=8.0)
+    p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--force", action="store_true", help="recompute every case even if its store is current")
+    _add_roots(p)
+    _add_common(p)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s")
+    for noisy in ("numba", "distributed", "asyncio", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    from . import commands
+
+    from ..errors import NnfastError
+
+    try:
+        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args)
+    except NnfastError as e:
+        print(f"nnfast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
