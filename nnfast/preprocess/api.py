@@ -1,0 +1,163 @@
+"""``nnfast preprocess``: plan if needed, then preprocess every training case into zarr case stores.
+
+Output: ``<preprocessed>/<DatasetNNN_Name>/<data_identifier>/<case>.zarr`` per configuration, and
+``gt_segmentations/`` (copies of the label files, for evaluation). Resumable: a case whose finished store carries the
+current hash (plans + inputs) is skipped; nothing is deleted wholesale; ``force`` recomputes every case.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from ..settings import Settings
+
+__all__ = ["PreprocessSummary", "ConfigSummary", "preprocess_dataset", "configs_to_run"]
+
+log = logging.getLogger(__name__)
+
+ConfigChoice = Literal["2d", "3d_fullres", "3d_lowres", "all"]
+
+
+@dataclass
+class ConfigSummary:
+    config: str
+    folder: Path
+    cases: int = 0
+    computed: int = 0
+    skipped: int = 0
+    wall_s: float = 0.0
+    voxels_in: int = 0
+    bytes_on_disk: int = 0
+
+
+@dataclass
+class PreprocessSummary:
+    dataset: str
+    configs: list[ConfigSummary] = field(default_factory=list)
+    planning_s: float = 0.0
+    wall_s: float = 0.0
+    peak_rss_parent: int = 0
+    peak_rss_children: int = 0
+    workers: int = 1
+    skipped_configs: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [f"preprocessed {self.dataset} with {self.workers} worker(s) in {self.wall_s:.1f} s "
+                 f"(verify + fingerprint + plan {self.planning_s:.1f} s)"]
+        for c in self.configs:
+            rate = c.computed / c.wall_s if c.wall_s > 0 and c.computed else 0.0
+            mvox = c.voxels_in / c.wall_s / 1e6 if c.wall_s > 0 and c.computed else 0.0
+            lines.append(
+                f"  {c.config:<11} {c.cases} cases ({c.computed} computed, {c.skipped} already current) in {c.wall_s:.1f} s"
+                f" = {rate:.2f} cases/s, {mvox:.1f} Mvoxel/s in; {c.bytes_on_disk / 2**20:.1f} MiB on disk in {c.folder}"
+            )
+        for name in self.skipped_configs:
+            lines.append(f"  {name:<11} not planned for this dataset (nnU-Net's rules drop it), skipped")
+        lines.append(f"  peak memory: {self.peak_rss_parent / 2**20:.0f} MiB main process, "
+                     f"{self.peak_rss_children / 2**20:.0f} MiB largest worker")
+        return "\n".join(lines)
+
+
+def configs_to_run(plans, config: ConfigChoice) -> tuple[list[str], list[str]]:
+    """(configurations to preprocess, requested ones the plans do not have)."""
+    wanted = ["2d", "3d_fullres", "3d_lowres"] if config == "all" else [config]
+    present = [c for c in wanted if c in plans.configurations]
+    return present, [c for c in wanted if c not in plans.configurations]
+
+
+def preprocess_dataset(
+    task: str | int,
+    settings: Settings,
+    *,
+    config: ConfigChoice = "3d_fullres",
+    workers: int = 2,
+    scheduler=None,
+    gpu_memory_gb: float = 8.0,
+    verify: bool = True,
+    force: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> PreprocessSummary:
+    """Run verify -> fingerprint -> plan where missing or stale, then preprocess every training case."""
+    from ..io.store import is_complete
+    from ..parallel import peak_rss_bytes, run_tasks
+    from ..plan.api import plan_dataset, plans_path
+    from .pipeline import CaseTask, case_hash, configuration_hash, run_case_task
+
+    t0 = time.perf_counter()
+    res = plan_dataset(task, settings, workers=workers, scheduler=scheduler, gpu_memory_gb=gpu_memory_gb, verify=verify)
+    summary = PreprocessSummary(dataset=res.info.name, workers=workers, planning_s=time.perf_counter() - t0)
+    plans = res.plans
+    names, missing = configs_to_run(plans, config)
+    summary.skipped_configs = missing
+    _copy_ground_truth(res.cases, res.output_folder / "gt_segmentations")
+    sizes_in = [sum(os.path.getsize(p) for p in c.image_files) for c in res.cases]
+
+    for name in names:
+        t1 = time.perf_counter()
+        cfg = plans.configuration(name)
+        folder = res.output_folder / cfg.data_identifier
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(folder)
+        chash = configuration_hash(plans, name)
+        tasks, task_sizes = [], []
+        cs = ConfigSummary(config=name, folder=folder, cases=len(res.cases))
+        for case, size in zip(res.cases, sizes_in):
+            h = case_hash(chash, case)
+            out = folder / f"{case.case_id}.zarr"
+            if not force and is_complete(out, h):
+                cs.skipped += 1
+                continue
+            tasks.append(CaseTask(case, str(plans_path(res.output_folder)), name, str(out), h))
+            task_sizes.append(size)
+        log.info("%s: %d of %d cases to preprocess (%d current)", name, len(tasks), len(res.cases), cs.skipped)
+        if tasks:
+            results = run_tasks(run_case_task, tasks, workers=workers, keys=[t.case.case_id for t in tasks],
+                                sizes=task_sizes, scheduler=scheduler, progress=progress, desc=f"preprocess {name}")
+            cs.computed = len(results)
+            cs.voxels_in = sum(r.voxels_in for r in results)
+        cs.wall_s = time.perf_counter() - t1
+        cs.bytes_on_disk = _dir_size(folder)
+        summary.configs.append(cs)
+    summary.wall_s = time.perf_counter() - t0
+    summary.peak_rss_parent, summary.peak_rss_children = peak_rss_bytes()
+    return summary
+
+
+def _copy_ground_truth(cases, folder: Path) -> None:
+    """Copy label files to ``gt_segmentations`` (nnU-Net does the same; used to evaluate validation predictions)."""
+    from ..io.atomic import atomic_target
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for c in cases:
+        if c.label_file is None:
+            continue
+        dst = folder / c.label_file.name
+        if dst.is_file() and dst.stat().st_size == c.label_file.stat().st_size \
+                and dst.stat().st_mtime_ns >= c.label_file.stat().st_mtime_ns:
+            continue
+        with atomic_target(dst) as tmp:
+            shutil.copyfile(c.label_file, tmp)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove temporary stores left by a crashed run (hidden ``.<case>.zarr.tmp-*`` entries)."""
+    for p in folder.iterdir():
+        if p.name.startswith(".") and ".tmp-" in p.name:
+            log.info("removing %s left by an interrupted run", p.name)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for root, _d, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total

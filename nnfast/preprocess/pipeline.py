@@ -1,0 +1,251 @@
+"""Preprocessing of one case, in nnU-Net v2's order (``DefaultPreprocessor.run_case_npy``):
+
+read -> transpose -> crop to the nonzero region -> normalize -> resample (data order 3, labels one-hot linear; separate-z
+when anisotropic) -> class locations -> int8/int16 labels -> zarr case store (written under a temporary name, renamed when
+complete).
+
+Axis order: arrays are ``(c, x, y, z)`` after transposition (the plan's ``transpose_forward``: low-resolution axis first),
+spacings in the same order, mm.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io.dataset import CaseFiles
+from ..io.image import read_images, read_label
+from .cropping import crop_to_nonzero
+from .normalization import normalize
+from .resampling import compute_new_shape, resample_data_or_seg_to_shape
+
+__all__ = [
+    "PREPROCESS_VERSION",
+    "CaseTask",
+    "CaseResult",
+    "preprocess_arrays",
+    "preprocess_case",
+    "run_case_task",
+    "configuration_hash",
+    "case_hash",
+    "class_location_keys",
+]
+
+log = logging.getLogger(__name__)
+
+PREPROCESS_VERSION = 1
+
+
+def class_location_keys(labels: dict[str, Any]) -> list:
+    """What class locations are collected for: foreground labels, or regions when the dataset has regions; with an ignore
+    label also ``(-1, *all_labels)`` (annotated voxels), as nnU-Net's ``LabelManager``."""
+    ignore = labels.get("ignore")
+    regions = [v for k, v in labels.items() if k != "ignore" and isinstance(v, (list, tuple)) and len(v) > 1]
+    if regions or any(isinstance(v, (list, tuple)) for k, v in labels.items() if k != "ignore"):
+        keys = []
+        for k, v in labels.items():
+            if k in ("background", "ignore"):
+                continue
+            t = tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+            if t == (0,):
+                continue
+            keys.append(t)
+    else:
+        keys = sorted({int(v) for k, v in labels.items() if k != "ignore" and int(v) != 0})
+    if ignore is not None:
+        all_labels = sorted({int(x) for k, v in labels.items() if k != "ignore"
+                             for x in (v if isinstance(v, (list, tuple)) else [v])})
+        keys.append((-1, *all_labels))
+    return keys
+
+
+def configuration_hash(plans, config_name: str) -> str:
+    """A hash of everything in the plans that changes a preprocessed case of ``config_name``."""
+    cfg = plans.configuration(config_name)
+    relevant = {
+        "version": PREPROCESS_VERSION,
+        "transpose_forward": list(plans.transpose_forward),
+        "spacing": [float(s) for s in cfg.spacing],
+        "normalization_schemes": list(cfg.normalization_schemes),
+        "use_mask_for_norm": [bool(x) for x in cfg.use_mask_for_norm],
+        "intensity": [st.to_json() for st in plans.foreground_intensity_properties_per_channel]
+        if "CTNormalization" in cfg.normalization_schemes else None,
+        "labels": plans.labels,
+        "patch_size": [int(p) for p in cfg.patch_size],  # decides the store's chunk layout
+        "resampling": _resampling_kwargs(cfg),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def case_hash(config_hash: str, case: CaseFiles) -> str:
+    """``config_hash`` combined with the case's input files (name, size, mtime): a changed input redoes the case."""
+    h = hashlib.sha256(config_hash.encode())
+    for p in (*case.image_files, case.label_file):
+        if p is None:
+            continue
+        st = Path(p).stat()
+        h.update(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _resampling_kwargs(cfg) -> dict:
+    """Resampling settings of a configuration (nnU-Net's defaults where the plan does not say)."""
+    data = dict(order=3, order_z=0, force_separate_z=None)
+    seg = dict(order=1, order_z=0, force_separate_z=None)
+    for attr, target in (("resampling_data", data), ("resampling_seg", seg)):
+        spec = getattr(cfg, attr, None)
+        if spec is None:
+            continue
+        spec = spec if isinstance(spec, dict) else getattr(spec, "__dict__", {})
+        for k in ("order", "order_z", "force_separate_z"):
+            if k in spec:
+                target[k] = spec[k]
+    return {"data": data, "seg": seg}
+
+
+def preprocess_arrays(
+    data: np.ndarray,
+    seg: np.ndarray | None,
+    spacing: tuple[float, ...],
+    plans,
+    config_name: str,
+    case_id: str = "",
+) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """Preprocess one case held in memory.
+
+    Parameters
+    ----------
+    data : (c, z, y, x) array in reader order (any real dtype)
+    seg : (1, z, y, x) integer label map in reader order, or None (test cases)
+    spacing : reader-order spacing in mm
+
+    Returns
+    -------
+    data : float32 (c, x, y, z) after transpose/crop/normalize/resample
+    seg : int8 or int16 (1, x, y, z), -1 outside the nonzero region
+    properties : JSON-able dict (shapes, bbox, spacings)
+    class_locations : {key: int64 (n, 4) array}; key is a label int or a tuple of labels
+    """
+    cfg = plans.configuration(config_name)
+    tf = [int(a) for a in plans.transpose_forward]
+    where = f"case {case_id}" if case_id else "case"
+    data = np.ascontiguousarray(data.transpose([0, *[a + 1 for a in tf]]))
+    if seg is not None:
+        seg = np.ascontiguousarray(seg.transpose([0, *[a + 1 for a in tf]]))
+    original_spacing = [float(spacing[a]) for a in tf]
+    shape_before = tuple(int(s) for s in data.shape[1:])
+    data, seg, bbox = crop_to_nonzero(data, seg)
+    shape_after_crop = tuple(int(s) for s in data.shape[1:])
+    target_spacing = [float(s) for s in cfg.spacing]
+    if len(target_spacing) < len(shape_after_crop):
+        target_spacing = [original_spacing[0]] + target_spacing
+    new_shape = tuple(int(s) for s in compute_new_shape(shape_after_crop, original_spacing, target_spacing))
+
+    data = normalize(np.ascontiguousarray(data, dtype=np.float32), seg, cfg.normalization_schemes, cfg.use_mask_for_norm,
+                     plans.foreground_intensity_properties_per_channel, where=where)
+    rk = _resampling_kwargs(cfg)
+    data = resample_data_or_seg_to_shape(data, new_shape, original_spacing, target_spacing, is_seg=False, **rk["data"])
+    seg = resample_data_or_seg_to_shape(seg, new_shape, original_spacing, target_spacing, is_seg=True, **rk["seg"])
+
+    from .class_locations import sample_class_locations
+
+    class_locations = sample_class_locations(seg, class_location_keys(plans.labels))
+    seg = seg.astype(np.int16 if seg.size and seg.max() > 127 else np.int8, copy=False)
+    properties = {
+        "spacing_reader_order": [float(s) for s in spacing],
+        "original_spacing": original_spacing,
+        "target_spacing": target_spacing,
+        "shape_before_cropping": list(shape_before),
+        "bbox_used_for_cropping": [[int(a), int(b)] for a, b in bbox],
+        "shape_after_cropping_and_before_resampling": list(shape_after_crop),
+        "shape_after_resampling": list(new_shape),
+        "transpose_forward": tf,
+    }
+    return np.ascontiguousarray(data, dtype=np.float32), seg, properties, class_locations
+
+
+def preprocess_case(case: CaseFiles, plans, config_name: str) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """Read and preprocess one case from its files (see :func:`preprocess_arrays`)."""
+    data, geom = read_images(case.image_files, dtype=np.float32)
+    seg = None
+    if case.label_file is not None:
+        seg, seg_geom = read_label(case.label_file)
+        if seg.shape[1:] != data.shape[1:]:
+            from ..errors import GeometryError
+
+            raise GeometryError(
+                f"case {case.case_id}: label file `{case.label_file}` has shape {seg.shape[1:]} but the image has "
+                f"{data.shape[1:]}; run `nnfast verify` for a full report"
+            )
+    data, seg, props, locs = preprocess_arrays(data, seg, geom.spacing, plans, config_name, case.case_id)
+    props["case_id"] = case.case_id
+    props["geometry"] = geom.to_json()
+    props["image_files"] = [str(p) for p in case.image_files]
+    props["label_file"] = str(case.label_file) if case.label_file else None
+    return data, seg, props, locs
+
+
+@dataclass(frozen=True)
+class CaseTask:
+    """One unit of work for a worker: preprocess ``case`` for ``config_name`` into ``out_path``."""
+
+    case: CaseFiles
+    plans_file: str
+    config_name: str
+    out_path: str
+    case_hash: str
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case_id: str
+    shape: tuple[int, ...]
+    voxels_in: int
+    voxels_out: int
+    bytes_on_disk: int
+
+
+@functools.lru_cache(maxsize=4)
+def _load_plans_cached(path: str, mtime_ns: int):
+    from ..plan.planner import load_plans
+
+    return load_plans(Path(path))
+
+
+def run_case_task(task: CaseTask) -> CaseResult:
+    """Worker entry point: preprocess one case and write its store atomically."""
+    from ..io.store import write_case
+
+    plans = _load_plans_cached(task.plans_file, os.stat(task.plans_file).st_mtime_ns)
+    data, seg, props, locs = preprocess_case(task.case, plans, task.config_name)
+    cfg = plans.configuration(task.config_name)
+    voxels_in = int(np.prod(props["shape_before_cropping"]))
+    write_case(Path(task.out_path), data, seg, _locations_for_store(locs), props, task.case_hash, tuple(cfg.patch_size))
+    return CaseResult(task.case.case_id, tuple(data.shape), voxels_in, int(np.prod(data.shape[1:])), _dir_size(task.out_path))
+
+
+def _locations_for_store(locs: dict) -> dict:
+    out = {}
+    for k, v in locs.items():
+        key = "_".join(str(int(x)) for x in k) if isinstance(k, tuple) else str(int(k))
+        arr = np.asarray(v, dtype=np.int64)
+        out[key] = arr.reshape(-1, 4) if arr.size else np.zeros((0, 4), np.int64)
+    return out
+
+
+def _dir_size(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
