@@ -47,12 +47,13 @@ def ct_image(seg: np.ndarray, rng, body_fraction=0.85) -> np.ndarray:
 def write_image(arr: np.ndarray, path: Path, spacing_zyx, origin=(0.0, 0.0, 0.0), direction=None) -> Path:
     """Write ``arr`` ((z, y, x), or (t, z, y, x) for a 4D file) with reader-order spacing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = sitk.GetImageFromArray(arr)
     sp = tuple(float(s) for s in spacing_zyx[::-1])
     if arr.ndim == 4:
+        img = sitk.JoinSeries([sitk.GetImageFromArray(a) for a in arr])
         img.SetSpacing(sp + (1.0,))
         img.SetOrigin(tuple(origin) + (0.0,))
     else:
+        img = sitk.GetImageFromArray(arr)
         img.SetSpacing(sp)
         img.SetOrigin(tuple(origin))
         if direction is not None:

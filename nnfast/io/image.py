@@ -71,6 +71,11 @@ def _read_sitk(path: Path):
             f"cannot read image file `{path}`: it is truncated, corrupt or not an image ({detail.strip()}); "
             "re-export or re-download it"
         ) from None
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        raise ImageReadError(
+            f"image file `{path}` is a vector image with {img.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "expected scalar voxels (store each channel as its own file, or as a 4D image)"
+        )
     return img, arr
 
 
