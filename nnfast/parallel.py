@@ -1,0 +1,614 @@
+"""Run one picklable function per case: in-process, on a watched spawn process pool, or on dask.distributed.
+
+nnU-Net runs its per-case jobs (fingerprint, preprocessing) on a spawn ``multiprocessing.Pool`` and polls
+worker liveness; a worker stopped by the out-of-memory killer becomes "Some background worker is 6 feet
+under" with no hint of which case did it, or a hang (reference §1.2, §1.4, §2.2). :func:`run_tasks` keeps
+the spawn start method but owns the pool:
+
+* every worker has its own pipe and the parent knows which case each worker holds, so a dead worker
+  (SIGKILL, segfault, ``os._exit``) becomes :class:`~nnfast.errors.WorkerDiedError` naming the case, the
+  signal or exit code and how many workers to use instead, as soon as the process sentinel fires;
+* a worker holds one task at a time (backpressure: at most ``workers`` tasks in flight, results never pile
+  up in pipes) and tasks are handed out largest first when sizes are known, so the big cases do not
+  straggle at the end;
+* an exception inside the function is re-raised in the parent with the same type and the case key in its
+  message, after the other workers have been stopped; no child process outlives the call, also on
+  ``KeyboardInterrupt``.
+
+The same tasks can run on a dask cluster (``scheduler="tcp://host:port"``, a ``distributed.Client``, or
+``"local:N"`` for a temporary ``LocalCluster``). Importing this module is cheap: Numba, psutil and dask are
+imported only when a pool or a scheduler is used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import resource
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
+
+from .errors import WorkerDiedError
+
+__all__ = ["run_tasks", "peak_rss_bytes", "PeakRss", "format_bytes"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+# Thread-count variables of BLAS/OpenMP libraries that a worker sets (when unset) before it imports the task
+# function's module, so that ``workers x threads <= cores`` also holds for NumPy/SciPy/torch.
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+_JOIN_TIMEOUT_S = 5.0
+_SAMPLE_EVERY_S = 0.5
+
+
+class PeakRss(NamedTuple):
+    """Peak resident set sizes in bytes (``resource.getrusage`` ``ru_maxrss``)."""
+
+    self_bytes: int
+    """Peak of the calling process."""
+    children_bytes: int
+    """Peak of the largest single child process that has been waited for (not a sum over children)."""
+
+
+def peak_rss_bytes() -> PeakRss:
+    """Peak resident memory of this process and of its (terminated, joined) children, in bytes.
+
+    Returns
+    -------
+    PeakRss
+        ``(self_bytes, children_bytes)``; ``children_bytes`` is the largest peak of any one joined child
+        process (the kernel keeps a maximum, not a sum), which is the per-worker need of a pool.
+    """
+    # Linux reports kibibytes, macOS bytes.
+    scale = 1 if sys.platform == "darwin" else 1024
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    return PeakRss(int(own), int(children))
+
+
+def format_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'``; binary units as ``free -h`` prints them."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def run_tasks(
+    func: Callable[[Any], Any],
+    items: Sequence[Any],
+    *,
+    workers: int = 1,
+    keys: Sequence[str] | None = None,
+    sizes: Sequence[float] | None = None,
+    scheduler: Any = None,
+    progress: Progress | None = None,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple = (),
+    threads_per_worker: int | None = None,
+    desc: str = "cases",
+    warmup: bool = True,
+) -> list:
+    """Call ``func(item)`` for every item and return the results in the order of ``items``.
+
+    Parameters
+    ----------
+    func
+        Module-level (picklable) function of one item. Worker processes import its module by name.
+    items
+        One picklable item per task (e.g. a case identifier, or a small dataclass describing the case).
+    workers
+        Number of worker processes. ``<= 1`` without ``scheduler`` runs everything in this process.
+    keys
+        Case key of each item, used in progress, errors and dask task keys; default ``str(item)``.
+    sizes
+        Cost of each item (e.g. voxel count); tasks are handed out largest first. Default: items order.
+    scheduler
+        ``None`` (local processes), ``"tcp://host:port"``, a ``distributed.Client``, or ``"local:N"`` to
+        run a ``LocalCluster`` of ``N`` single-threaded worker processes for the duration of the call.
+    progress
+        ``progress(done, total, key)`` called in this process after each completed task.
+    initializer, initargs
+        ``initializer(*initargs)`` runs once in every process that executes tasks (in this process too
+        when ``workers <= 1``) before its first task.
+    threads_per_worker
+        Numba threads in each worker process; default ``cores // workers`` (at least 1), decided by
+        :func:`nnfast.native.configure_threads`. Ignored in-process.
+    desc
+        What the items are, for log messages and dask task keys.
+    warmup
+        Compile (or load from the on-disk cache) every Numba kernel in this process before starting
+        workers, so that workers only load the cache (:func:`nnfast.native.warmup`).
+
+    Returns
+    -------
+    list
+        ``[func(item) for item in items]``, whatever the completion order.
+
+    Raises
+    ------
+    WorkerDiedError
+        A worker process died (out-of-memory killer, segfault, ``os._exit``) or a dask task killed its
+        workers repeatedly (``KilledWorker``); the message names the case.
+    Exception
+        Whatever ``func`` raised, re-raised with the same type and ``[case <key>]`` added to its message.
+    """
+    items = list(items)
+    n = len(items)
+    case_keys = _case_keys(items, keys)
+    order = _submission_order(n, sizes)
+    if n == 0:
+        return []
+    if scheduler is not None:
+        if warmup:
+            _warmup()
+        return _run_dask(func, items, order, case_keys, scheduler, progress, initializer, initargs,
+                         threads_per_worker, desc)
+    if workers <= 1 or n == 1:
+        return _run_inline(func, items, order, case_keys, progress, initializer, initargs)
+    if warmup:
+        _warmup()
+    pool_size = min(workers, n)
+    logger.info("running %d %s on %d worker processes", n, desc, pool_size)
+    return _run_pool(func, items, order, case_keys, progress, initializer, initargs, pool_size, workers,
+                     threads_per_worker)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _case_keys(items: list, keys: Sequence[str] | None) -> list[str]:
+    if keys is None:
+        return [str(item) for item in items]
+    keys = [str(k) for k in keys]
+    if len(keys) != len(items):
+        raise ValueError(f"run_tasks: got {len(items)} items but {len(keys)} keys; pass one key per item")
+    return keys
+
+
+def _submission_order(n: int, sizes: Sequence[float] | None) -> list[int]:
+    if sizes is None:
+        return list(range(n))
+    sizes = list(sizes)
+    if len(sizes) != n:
+        raise ValueError(f"run_tasks: got {n} items but {len(sizes)} sizes; pass one size per item")
+    return sorted(range(n), key=lambda i: -float(sizes[i]))  # stable: ties keep the items order
+
+
+def _warmup() -> None:
+    from . import native  # imports numba; the attribute lookup lets tests replace native.warmup
+
+    t0 = time.perf_counter()
+    native.warmup()
+    logger.debug("numba warm-up took %.2f s", time.perf_counter() - t0)
+
+
+def _add_case(exc: BaseException, key: str) -> BaseException:
+    """Put ``[case <key>]`` into ``exc``'s message, keeping its type and attributes; returns ``exc``."""
+    tag = f"[case {key}]"
+    if tag in str(exc):
+        return exc
+    if isinstance(exc, OSError) and exc.strerror is not None:
+        exc.strerror = f"{exc.strerror} {tag}"
+    elif exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]} {tag}",) + exc.args[1:]
+    elif not exc.args:
+        exc.args = (tag,)
+    if tag not in str(exc):  # a custom __str__, or a non-string first argument: keep it, add a note
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"while processing case {key}")
+        else:  # pragma: no cover - Python 3.10
+            exc.args = exc.args + (tag,)
+    return exc
+
+
+class _RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback as the ``__cause__`` of a re-raised exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return "\n\n" + self.tb
+
+
+def _run_inline(func, items, order, case_keys, progress, initializer, initargs) -> list:
+    if initializer is not None:
+        initializer(*initargs)
+    results: list = [None] * len(items)
+    for done, i in enumerate(order, start=1):
+        try:
+            results[i] = func(items[i])
+        except Exception as exc:
+            raise _add_case(exc, case_keys[i])
+        if progress is not None:
+            progress(done, len(items), case_keys[i])
+    return results
+
+
+# --------------------------------------------------------------------------------------- process pool
+def _worker_main(conn, payload: bytes, workers: int, threads: int | None) -> None:
+    """Entry point of a spawned worker: configure threads, unpickle the task, serve tasks until ``None``."""
+    # The parent handles Ctrl-C and stops the workers; a terminal's SIGINT must not also hit them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    n_threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // max(1, workers))
+    for var in _THREAD_ENV:
+        os.environ.setdefault(var, str(n_threads))
+    try:
+        from . import native
+
+        if threads is None:
+            native.configure_threads(workers)
+        else:
+            import numba
+
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        func, initializer, initargs = pickle.loads(payload)
+        if initializer is not None:
+            initializer(*initargs)
+    except BaseException as exc:  # report set-up failures instead of dying silently
+        _send_error(conn, -1, exc)
+        return
+    try:
+        conn.send(("ready", -1, None, 0))
+    except (BrokenPipeError, EOFError, OSError):
+        return
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if task is None:
+            return
+        index, item = task
+        try:
+            result = func(item)
+        except BaseException as exc:
+            if not _send_error(conn, index, exc):
+                return
+            continue
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        try:
+            conn.send(("ok", index, result, peak))
+        except (BrokenPipeError, EOFError, OSError):
+            return
+        except Exception as exc:  # the result cannot be pickled: nothing was written yet, report that
+            if not _send_error(conn, index, TypeError(
+                    f"the result of {getattr(func, '__name__', func)!r} cannot be sent to the parent "
+                    f"process: {type(exc).__name__}: {exc}")):
+                return
+
+
+def _send_error(conn, index: int, exc: BaseException) -> bool:
+    """Send ``exc`` (pickled if possible) with its traceback; False when the parent is gone."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = pickle.dumps(exc)
+        pickle.loads(blob)
+    except Exception:
+        blob = None
+    try:
+        conn.send(("error", index, (blob, type(exc).__name__, str(exc), tb), None))
+        return True
+    except (BrokenPipeError, EOFError, OSError):
+        return False
+
+
+@dataclass
+class _Slot:
+    """One worker process, its pipe and the task it holds (``None`` when idle)."""
+
+    proc: Any
+    conn: Any
+    task: int | None = None
+    ready: bool = False
+    rss_seen: int = 0
+
+
+def _run_pool(func, items, order, case_keys, progress, initializer, initargs, pool_size, workers,
+              threads) -> list:
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    try:
+        payload = pickle.dumps((func, initializer, initargs))
+    except Exception as exc:
+        raise TypeError(
+            f"run_tasks with workers={workers} needs a module-level (picklable) function, initializer and "
+            f"initargs; pickling failed: {type(exc).__name__}: {exc}") from exc
+    ctx = mp.get_context("spawn")
+    n = len(items)
+    results: list = [None] * n
+    pending = list(reversed(order))  # pop() from the end gives the next task to hand out
+    slots: list[_Slot] = []
+    done = 0
+    peak_seen = 0
+    last_sample = 0.0
+    ok = False
+    try:
+        for _ in range(pool_size):
+            parent_conn, child_conn = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=_worker_main, args=(child_conn, payload, workers, threads),
+                               name="nnfast-worker", daemon=True)
+            proc.start()
+            child_conn.close()
+            slots.append(_Slot(proc, parent_conn))
+        while done < n:
+            for slot in slots:  # hand out work: one task per idle worker
+                if slot.ready and slot.task is None and pending:
+                    slot.task = pending.pop()
+                    try:
+                        slot.conn.send((slot.task, items[slot.task]))
+                    except (BrokenPipeError, OSError):
+                        pass  # it died: its sentinel says so below
+            ready = set(wait([s.conn for s in slots] + [s.proc.sentinel for s in slots], timeout=_SAMPLE_EVERY_S))
+            for slot in list(slots):
+                msg = None
+                if slot.conn in ready:
+                    try:
+                        msg = slot.conn.recv()
+                    except (EOFError, OSError):
+                        msg = None  # the worker is gone (possibly mid-message)
+                if msg is not None:
+                    kind, index, value, peak = msg
+                    if kind == "ready":
+                        slot.ready = True
+                        continue
+                    if kind == "error":
+                        _raise_task_error(value, case_keys[index] if index >= 0 else None)
+                    results[index] = value
+                    peak_seen = max(peak_seen, peak)
+                    slot.task = None
+                    done += 1
+                    if progress is not None:
+                        progress(done, n, case_keys[index])
+                elif slot.conn in ready or slot.proc.sentinel in ready:
+                    if slot.conn not in ready and slot.conn.poll():
+                        continue  # a last message arrived before the exit: read it first
+                    slot.proc.join(_JOIN_TIMEOUT_S)
+                    err = _died_error(slot, case_keys, workers, peak_seen)
+                    if slot.task is not None or not slot.ready or len(slots) == 1:
+                        raise err
+                    # An idle worker died (the OOM killer may pick one holding memory from its last case):
+                    # no work is lost, go on with the others.
+                    logger.warning("%s Continuing with %d workers.", err, len(slots) - 1)
+                    slots.remove(slot)
+                    _stop([slot], graceful=False)
+            now = time.monotonic()
+            if now - last_sample >= _SAMPLE_EVERY_S:
+                last_sample = now
+                _sample_rss(slots)
+        ok = True
+        return results
+    finally:
+        _stop(slots, graceful=ok)
+
+
+def _raise_task_error(value, key: str | None):
+    blob, type_name, message, tb = value
+    exc: BaseException | None = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RuntimeError(f"{type_name}: {message}")
+    if key is None:
+        raise RuntimeError(f"a worker process failed to start: {type_name}: {message}") from _RemoteTraceback(tb)
+    raise _add_case(exc, key) from _RemoteTraceback(tb)
+
+
+def _sample_rss(slots: list[_Slot]) -> None:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return
+    for slot in slots:
+        try:
+            slot.rss_seen = max(slot.rss_seen, psutil.Process(slot.proc.pid).memory_info().rss)
+        except (psutil.Error, ValueError):
+            pass
+
+
+def _died_error(slot: _Slot, case_keys: list[str], workers: int, peak_seen: int) -> WorkerDiedError:
+    code = slot.proc.exitcode
+    if code is not None and code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    else:
+        how = f"exited with code {code}"
+    if not slot.ready:
+        what = ("while starting (importing the task function's module or running the initializer; its "
+                "output above says why)")
+    elif slot.task is None:
+        what = "between tasks"
+    else:
+        what = f"while processing case {case_keys[slot.task]}"
+    hint = ""
+    if code == -signal.SIGKILL:
+        hint = " (SIGKILL usually means the out-of-memory killer stopped it)"
+    elif code == -getattr(signal, "SIGSEGV", 11):
+        hint = " (a crash in native code, or a corrupt input file)"
+    need = max(peak_seen, slot.rss_seen)
+    advice = f"rerun with --workers {max(1, workers - 1)} or less"
+    if need:
+        advice += f"; each worker needed at least about {format_bytes(need)} of memory"
+        try:
+            import psutil
+
+            total = psutil.virtual_memory().total
+            advice += f" and this machine has {format_bytes(total)}"
+        except Exception:  # pragma: no cover
+            pass
+    err = WorkerDiedError(
+        f"worker process {slot.proc.pid} {how}{hint} {what}; {advice}.")
+    err.case = None if slot.task is None else case_keys[slot.task]
+    err.exitcode = code
+    return err
+
+
+def _stop(slots: list[_Slot], graceful: bool) -> None:
+    """Stop and join every worker; politely (``None`` task) after success, SIGTERM/SIGKILL otherwise."""
+    if graceful:
+        for slot in slots:
+            try:
+                slot.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        for slot in slots:
+            slot.proc.join(max(0.0, deadline - time.monotonic()))
+    for slot in slots:
+        if slot.proc.is_alive():
+            slot.proc.terminate()
+    deadline = time.monotonic() + _JOIN_TIMEOUT_S
+    for slot in slots:
+        slot.proc.join(max(0.0, deadline - time.monotonic()))
+        if slot.proc.is_alive():  # ignored SIGTERM
+            slot.proc.kill()
+            slot.proc.join()
+        slot.conn.close()
+        slot.proc.close()
+
+
+# ----------------------------------------------------------------------------------------------- dask
+_DASK_LOCK = threading.Lock()
+_DASK_READY: set[str] = set()
+
+
+def _dask_call(func, item, token: str, initializer, initargs, threads_by_host: dict, threads: int | None):
+    """Runs on a dask worker: once per process and call, set threads and run the initializer; then the task."""
+    import numba
+
+    if threads is None:
+        host = None
+        try:
+            from distributed import get_worker
+            from distributed.comm import get_address_host
+
+            host = get_address_host(get_worker().address)
+        except Exception:
+            pass
+        from . import native
+
+        native.configure_threads(threads_by_host.get(host, 1))
+    else:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if initializer is not None:
+        with _DASK_LOCK:
+            if token not in _DASK_READY:
+                initializer(*initargs)
+                _DASK_READY.add(token)
+    return func(item)
+
+
+def _killed_error(futures, index_of_key, case_keys, killed_type) -> WorkerDiedError:
+    """The ``WorkerDiedError`` for a ``KilledWorker``, naming every case that failed with it.
+
+    When a worker dies, dask marks every task assigned to it (the one executing and those queued beside
+    it); with few allowed failures an innocent queued task can fail first, so collect them all.
+    """
+    from distributed import wait
+
+    try:
+        wait(futures, timeout=1.0)  # the errors of one worker death arrive together; give them a moment
+    except Exception:
+        pass
+    cases = [case_keys[index_of_key[f.key]] for f in futures
+             if f.status == "error" and isinstance(f.exception(), killed_type)]
+    if len(cases) == 1:
+        what = f"case {cases[0]}"
+    else:
+        what = (f"one of the cases {', '.join(cases)} (dask fails every task that was on a dying worker and "
+                f"cannot tell which one killed it)")
+    err = WorkerDiedError(
+        f"dask workers died repeatedly while processing {what}; the out-of-memory killer is the usual "
+        f"cause: use fewer workers per machine or give each more memory (the worker logs say more).")
+    err.case = cases[0] if cases else None
+    err.exitcode = None
+    return err
+
+
+def _open_client(scheduler):
+    """``(client, cluster_to_close_or_None, close_client)`` for the accepted ``scheduler`` values."""
+    from distributed import Client, LocalCluster
+
+    if isinstance(scheduler, Client):
+        return scheduler, None, False
+    if isinstance(scheduler, str) and scheduler.startswith("local:"):
+        try:
+            n = int(scheduler.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"scheduler={scheduler!r}: expected 'local:N' with N >= 1 worker processes")
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+        try:
+            return Client(cluster), cluster, True
+        except BaseException:
+            cluster.close()
+            raise
+    if isinstance(scheduler, str):
+        return Client(scheduler), None, True
+    raise TypeError(f"scheduler must be None, 'tcp://host:port', 'local:N' or a distributed.Client; "
+                    f"got {type(scheduler).__name__}")
+
+
+def _run_dask(func, items, order, case_keys, scheduler, progress, initializer, initargs, threads, desc) -> list:
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    client, cluster, close_client = _open_client(scheduler)
+    futures: list = []
+    try:
+        slots_by_host: dict[str, int] = {}
+        for info in client.scheduler_info(n_workers=-1)["workers"].values():
+            slots_by_host[info["host"]] = slots_by_host.get(info["host"], 0) + int(info.get("nthreads", 1))
+        token = uuid.uuid4().hex[:12]
+        n = len(items)
+        index_of_key: dict[str, int] = {}
+        for rank, i in enumerate(order):
+            key = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', desc)}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', case_keys[i])}" \
+                  f"-{i}-{token}"
+            index_of_key[key] = i
+            futures.append(client.submit(_dask_call, func, items[i], token, initializer, initargs, slots_by_host,
+                                         threads, key=key, pure=False, priority=n - rank))
+        logger.info("running %d %s on dask scheduler %s", n, desc, client.scheduler.address)
+        results: list = [None] * n
+        done = 0
+        for fut in as_completed(futures):
+            i = index_of_key[fut.key]
+            if fut.status == "error":
+                exc = fut.exception()
+                if isinstance(exc, KilledWorker):
+                    raise _killed_error(futures, index_of_key, case_keys, KilledWorker) from exc
+                tb = "".join(traceback.format_tb(fut.traceback())) if fut.traceback() is not None else ""
+                raise _add_case(exc, case_keys[i]) from _RemoteTraceback(tb)
+            results[i] = fut.result()
+            done += 1
+            if progress is not None:
+                progress(done, n, case_keys[i])
+        return results
+    finally:
+        if futures:
+            try:
+                client.cancel(futures)
+            except Exception:  # pragma: no cover - closing anyway
+                pass
+        if close_client:
+            client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,209 @@
+"""Tests of :mod:`nnfast.parallel`: ordering, largest-first hand-out, error and dead-worker reporting, cleanup,
+and the dask.distributed path."""
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+# Spawned workers (and dask worker processes) inherit sys.path, so they can import the task module by name
+# whatever pytest's import mode is.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import _parallel_tasks as tasks  # noqa: E402
+
+from nnfast import native  # noqa: E402
+from nnfast.errors import WorkerDiedError  # noqa: E402
+from nnfast.parallel import format_bytes, peak_rss_bytes, run_tasks  # noqa: E402
+
+
+def _assert_no_workers_left(pid_dir: Path) -> None:
+    pids = [int(p.name) for p in pid_dir.iterdir()]
+    assert pids, "the tasks did not run in any worker"
+    assert os_pid() not in pids, "the tasks ran in the test process, not in workers"
+    alive = [pid for pid in pids if psutil.pid_exists(pid)]
+    assert alive == [], f"worker processes left running: {alive}"
+    assert multiprocessing.active_children() == []
+
+
+def os_pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _misbehaving_items(tmp_path: Path, bad: str) -> tuple[list, list[str]]:
+    keys = ["case_a", "case_b", bad, "case_c", "case_d"]
+    return [(k, str(tmp_path)) for k in keys], keys
+
+
+# ------------------------------------------------------------------------------------------- in-process
+def test_inline_results_in_order_with_progress_and_initializer():
+    calls = []
+    out = run_tasks(tasks.read_state, [3, 1, 2], workers=1, initializer=tasks.set_state, initargs=("init",),
+                    progress=lambda d, t, k: calls.append((d, t, k)), sizes=[1, 3, 2], keys=["a", "b", "c"])
+    assert [x for x, _, _ in out] == [3, 1, 2]
+    assert all(state == "init" for _, state, _ in out)
+    # largest first (b, c, a), one progress call per task
+    assert calls == [(1, 3, "b"), (2, 3, "c"), (3, 3, "a")]
+
+
+def test_inline_error_names_case_and_keeps_type(tmp_path):
+    items, keys = _misbehaving_items(tmp_path, "case_valueerror")
+    with pytest.raises(ValueError, match=r"intensities are all NaN \[case case_valueerror\]"):
+        run_tasks(tasks.misbehave, items, keys=keys, workers=1)
+
+
+def test_argument_validation():
+    assert run_tasks(tasks.square, [], workers=4) == []
+    with pytest.raises(ValueError, match="3 items but 2 keys"):
+        run_tasks(tasks.square, [1, 2, 3], keys=["a", "b"])
+    with pytest.raises(ValueError, match="3 items but 1 sizes"):
+        run_tasks(tasks.square, [1, 2, 3], sizes=[1])
+    with pytest.raises(TypeError, match="module-level"):
+        run_tasks(lambda x: x, [1, 2], workers=2, warmup=False)
+    assert multiprocessing.active_children() == []
+
+
+# ------------------------------------------------------------------------------------------ process pool
+@pytest.mark.timeout(60)
+def test_pool_results_in_order_threads_initializer_and_warmup_first(monkeypatch):
+    warmed = []
+    monkeypatch.setattr(native, "warmup", lambda: warmed.append(multiprocessing.active_children()))
+    calls = []
+    items = [5, 3, 8, 1, 9, 2, 7]
+    out = run_tasks(tasks.read_state, items, workers=2, initializer=tasks.set_state, initargs=({"k": 1},),
+                    progress=lambda d, t, k: calls.append((d, t, k)))
+    assert [x for x, _, _ in out] == items
+    assert all(state == {"k": 1} for _, state, _ in out)
+    expected_threads = max(1, min(native.available_cores() // 2, __import__("numba").config.NUMBA_NUM_THREADS))
+    assert {threads for _, _, threads in out} == {expected_threads}
+    assert [d for d, _, _ in calls] == list(range(1, 8)) and {t for _, t, _ in calls} == {7}
+    assert sorted(k for _, _, k in calls) == sorted(str(i) for i in items)
+    assert warmed == [[]], "warm-up must run once, before any worker is started"
+    assert multiprocessing.active_children() == []
+    own, children = peak_rss_bytes()
+    assert own > 10 * 2**20 and children > 10 * 2**20  # joined workers are counted
+    assert format_bytes(3 * 2**30) == "3.0 GiB"
+
+
+@pytest.mark.timeout(60)
+def test_pool_hands_out_largest_first():
+    sizes = [3, 1, 6, 2, 5, 4]
+    keys = [f"case_{s}" for s in sizes]
+    out = run_tasks(tasks.timed, [(k, 0.15) for k in keys], keys=keys, sizes=sizes, workers=2, warmup=False)
+    assert [k for k, _, _ in out] == keys  # results in the order of items
+    assert len({pid for _, _, pid in out}) == 2
+    start = {k: t for k, t, _ in out}
+    rank = {k: r for r, k in enumerate(sorted(keys, key=lambda k: -int(k.split("_")[1])))}
+    # with 2 workers, a task ranked at least 2 places later cannot start before this one
+    for a in keys:
+        for b in keys:
+            if rank[a] + 2 <= rank[b]:
+                assert start[a] < start[b], (a, b, start)
+    first_two = sorted(keys, key=start.get)[:2]
+    assert set(first_two) == {"case_6", "case_5"}
+
+
+@pytest.mark.timeout(60)
+def test_pool_exception_names_case_and_stops_workers(tmp_path):
+    items, keys = _misbehaving_items(tmp_path, "case_valueerror")
+    with pytest.raises(ValueError, match=r"intensities are all NaN \[case case_valueerror\]") as info:
+        run_tasks(tasks.misbehave, items, keys=keys, workers=2, warmup=False)
+    assert "misbehave" in str(info.value.__cause__)  # the worker's traceback is chained
+    _assert_no_workers_left(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_pool_exception_with_custom_constructor_keeps_type_and_attributes(tmp_path):
+    items, keys = _misbehaving_items(tmp_path, "case_odd")
+    with pytest.raises(tasks.OddError) as info:
+        run_tasks(tasks.misbehave, items[2:4], keys=keys[2:4], workers=2, warmup=False)
+    assert (info.value.code, info.value.detail) == (7, "odd failure")
+    assert any("case_odd" in note for note in getattr(info.value, "__notes__", [])) or "case_odd" in str(info.value)
+    _assert_no_workers_left(tmp_path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("bad, how", [("case_sigkill", "SIGKILL"), ("case_exit3", "exited with code 3")])
+def test_pool_dead_worker_names_case_and_signal(tmp_path, bad, how):
+    items, keys = _misbehaving_items(tmp_path, bad)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerDiedError, match=how) as info:
+        run_tasks(tasks.misbehave, items, keys=keys, workers=2, warmup=False)
+    elapsed = time.monotonic() - t0
+    message = str(info.value)
+    assert f"case {bad}" in message and "--workers 1" in message
+    assert info.value.case == bad
+    assert isinstance(info.value, RuntimeError)
+    assert elapsed < 15, f"a dead worker took {elapsed:.1f} s to notice"
+    _assert_no_workers_left(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_pool_keyboard_interrupt_leaves_no_workers(tmp_path):
+    items, keys = _misbehaving_items(tmp_path, "case_e")
+
+    def interrupt(done, total, key):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_tasks(tasks.misbehave, items, keys=keys, workers=2, warmup=False, progress=interrupt)
+    _assert_no_workers_left(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_pool_failing_initializer_is_reported():
+    with pytest.raises(RuntimeError, match="failed to start: TypeError"):
+        run_tasks(tasks.square, [1, 2], workers=2, initializer=tasks.square, initargs=("x",), warmup=False)
+    assert multiprocessing.active_children() == []
+
+
+# ------------------------------------------------------------------------------------------------- dask
+@pytest.fixture(scope="module")
+def dask_client():
+    dask = pytest.importorskip("dask")
+    distributed = pytest.importorskip("distributed")
+    # no retries: a task that kills its worker fails at once (the default retries it on 3 workers)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=50)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.mark.timeout(120)
+def test_dask_local_cluster_matches_local():
+    pytest.importorskip("distributed")
+    items = [5, 3, 8, 1, 9, 2, 7]
+    calls = []
+    local = run_tasks(tasks.read_state, items, workers=1, initializer=tasks.set_state, initargs=("s",))
+    out = run_tasks(tasks.read_state, items, scheduler="local:2", initializer=tasks.set_state, initargs=("s",),
+                    sizes=items, warmup=False, progress=lambda d, t, k: calls.append(d))
+    assert [(x, s) for x, s, _ in out] == [(x, s) for x, s, _ in local] == [(x, "s") for x in items]
+    assert calls == list(range(1, 8))
+
+
+@pytest.mark.timeout(120)
+def test_dask_error_names_case(dask_client, tmp_path):
+    items, keys = _misbehaving_items(tmp_path, "case_valueerror")
+    with pytest.raises(ValueError, match=r"intensities are all NaN \[case case_valueerror\]"):
+        run_tasks(tasks.misbehave, items, keys=keys, scheduler=dask_client, warmup=False)
+    assert dask_client.status == "running"  # a Client passed in is not closed
+
+
+@pytest.mark.timeout(120)
+def test_dask_killed_worker_names_case(dask_client, tmp_path):
+    items, keys = _misbehaving_items(tmp_path, "case_sigkill")
+    with pytest.raises(WorkerDiedError, match="case_sigkill") as info:
+        run_tasks(tasks.misbehave, items, keys=keys, scheduler=dask_client, warmup=False)
+    # dask fails the tasks queued on the dying worker too; the ones that had finished are not blamed
+    assert "case_a" not in str(info.value)
