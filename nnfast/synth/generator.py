@@ -245,19 +245,22 @@ def _smooth_field(shape, spacing, rng: np.random.Generator, scale_mm: float) -> 
     """A smooth random field (float32, ~unit std) with correlation length ~``scale_mm``.
 
     White noise on a coarse grid (one node per ``scale_mm``) interpolated to ``shape`` with separable Gaussian
-    weights: three small matrix products, no per-voxel work beyond them.
+    weights (three small matrix products) and scaled to unit variance per voxel. The field is not re-normalised
+    over the volume, so a volume smaller than ``scale_mm`` gets a nearly constant field, as it should.
     """
     nodes = [max(2, int(np.ceil(n * s / scale_mm)) + 1) for n, s in zip(shape, spacing)]
     coarse = rng.standard_normal(nodes).astype(np.float32)
-    mats = []
+    mats, norms = [], []
     for n_out, n_in in zip(shape, nodes):
         pos = (np.arange(n_out) + 0.5) * (n_in - 1) / n_out
         w = np.exp(-0.5 * ((pos[:, None] - np.arange(n_in)[None, :]) / 0.6) ** 2)
-        mats.append((w / w.sum(axis=1, keepdims=True)).astype(np.float32))
+        w /= w.sum(axis=1, keepdims=True)
+        mats.append(w.astype(np.float32))
+        norms.append((1.0 / np.sqrt((w**2).sum(axis=1))).astype(np.float32))  # unit variance at every voxel
     mz, my, mx = mats
     f = (mz @ coarse.reshape(nodes[0], -1)).reshape(shape[0], nodes[1], nodes[2])
     f = np.matmul(my, f) @ mx.T
-    f /= max(float(f[::3, ::3, ::3].std()), 1e-6)
+    f *= norms[0][:, None, None] * norms[1][None, :, None] * norms[2][None, None, :]
     return np.ascontiguousarray(f, dtype=np.float32)
 
 
