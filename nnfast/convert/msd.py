@@ -24,24 +24,23 @@ Deliberate differences, all stricter or more robust:
 - Only ``raw_root`` is searched for a dataset already using the id (nnU-Net also searches preprocessed/results).
 - Everything is written into a hidden temporary folder in ``raw_root`` that is renamed when complete, so a crash
   never leaves a half-converted dataset that looks finished.
-- ``workers == 1`` converts in-process (no pool start-up); ``workers > 1`` uses a spawn-context process pool.
+- ``workers == 1`` converts in-process (no pool start-up); ``workers > 1`` uses :func:`nnfast.parallel.run_tasks`
+  (a watched spawn pool: a dead worker becomes :class:`~nnfast.errors.WorkerDiedError` naming the file).
 """
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError, ImageReadError, WorkerDiedError
+from ..errors import DatasetError, ImageReadError
 from ..io.atomic import temporary_sibling
+from ..parallel import run_tasks
 from ..settings import dataset_folder_name
 from ..verify.integrity import nifti_integrity_problem
 
@@ -139,11 +138,15 @@ def convert_msd(
             if problem:
                 raise ImageReadError(f"label file `{f}` is unusable: {problem}; re-extract or re-download it")
             shutil.copyfile(f, tmp / sub / f.name)
-        if workers <= 1 or len(tasks) <= 1:
-            for args in tasks:
-                split_4d_image(*args)
-        else:
-            _run_pool(tasks, workers)
+        run_tasks(
+            _split_task,
+            tasks,
+            workers=min(workers, len(tasks)),
+            keys=[Path(t[0]).name for t in tasks],
+            sizes=[os.path.getsize(t[0]) for t in tasks],
+            desc="images",
+            warmup=False,
+        )
         with open(tmp / "dataset.json", "w", encoding="utf-8") as fh:
             json.dump(new_json, fh, indent=4)
         os.replace(tmp, target)
@@ -212,25 +215,8 @@ def split_4d_image(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[
     return written
 
 
-def _run_pool(tasks: list[tuple[str, str]], workers: int) -> None:
-    # largest files first, so a long 4D split does not start last
-    tasks = sorted(tasks, key=lambda t: -os.path.getsize(t[0]))
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
-        futures = {pool.submit(split_4d_image, *t): t[0] for t in tasks}
-        try:
-            for fut in as_completed(futures):
-                try:
-                    fut.result()
-                except BrokenProcessPool:
-                    raise WorkerDiedError(
-                        f"a worker process died while converting `{futures[fut]}` (often the out-of-memory killer); "
-                        "retry with fewer workers"
-                    ) from None
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+def _split_task(task: tuple[str, str]) -> list[str]:
+    return split_4d_image(*task)
 
 
 def _task_files(folder: Path) -> list[Path]:
