@@ -1,0 +1,278 @@
+"""nnU-Net's default network: a plain-convolution U-Net built from a plan's :class:`~nnfast.plan.schema.Architecture`.
+
+Equivalent to dynamic-network-architectures' ``PlainConvUNet`` (``architectures/unet.py`` with
+``building_blocks/plain_conv_encoder.py``, ``unet_decoder.py``, ``simple_conv_blocks.py``) as nnU-Net v2 instantiates
+it from its plans, and with the *same module tree*, so that ``state_dict`` keys and shapes are identical and weights
+move both ways (an nnU-Net checkpoint's ``network_weights`` load into this module with ``strict=True`` and back).
+That module tree has two quirks we keep on purpose:
+
+- every conv block registers its conv and norm twice (as ``conv``/``norm`` and inside ``all_modules``), so the state
+  dict names each tensor twice;
+- the decoder holds a reference to the encoder (``decoder.encoder``), so every encoder tensor appears again under
+  ``decoder.encoder.``.
+
+Layout (``ndim`` = 2 or 3 spatial axes; tensors are ``(b, c, *spatial)`` with the spatial axes in nnU-Net's order
+after transposition):
+
+- encoder stage ``s``: ``n_conv_per_stage[s]`` blocks conv -> InstanceNorm(affine, eps) -> LeakyReLU(0.01); the first
+  conv of the stage has stride ``strides[s]`` (downsampling by strided convolution, no pooling), padding
+  ``(k - 1) // 2``.
+- decoder stage ``i`` (lowest resolution first): ConvTranspose(kernel = stride = stride of the encoder stage below)
+  -> concatenate the skip ``[upsampled, skip]`` -> ``n_conv_per_stage_decoder[i]`` blocks (``2 * f`` -> ``f``
+  features) -> 1x1 segmentation conv with bias. Segmentation heads exist for every decoder stage whether or not deep
+  supervision is on (so weights load either way).
+- ``deep_supervision=True``: ``forward`` returns a list of ``n_stages - 1`` logit maps, highest resolution first;
+  otherwise the full-resolution logits only.
+
+Weights are initialised like nnU-Net (``InitWeights_He(1e-2)``): ``kaiming_normal_(a=0.01)`` on every (transposed)
+conv weight, biases zero; norm layers keep PyTorch's defaults (weight 1, bias 0).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from ..plan.schema import Architecture, Plans
+
+__all__ = [
+    "ConvDropoutNormReLU",
+    "StackedConvBlocks",
+    "PlainConvEncoder",
+    "UNetDecoder",
+    "PlainConvUNet",
+    "build_network",
+    "set_deep_supervision",
+    "init_weights_he",
+    "unwrap",
+]
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_TRANSP_CONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+NetworkOutput = Union[torch.Tensor, list[torch.Tensor]]
+
+
+class ConvDropoutNormReLU(nn.Module):
+    """conv -> InstanceNorm -> LeakyReLU (no dropout; nnU-Net's plans never use it).
+
+    Attributes ``conv``, ``norm``, ``nonlin`` and ``all_modules`` (the ``nn.Sequential`` that runs them) mirror
+    dynamic-network-architectures' block of the same name.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, out_channels: int, kernel_size: Sequence[int],
+                 stride: Sequence[int], conv_bias: bool, norm_eps: float, norm_affine: bool,
+                 negative_slope: float) -> None:
+        super().__init__()
+        self.input_channels = in_channels
+        self.output_channels = out_channels
+        self.stride = list(stride)
+        self.conv = _CONV[ndim](in_channels, out_channels, tuple(kernel_size), tuple(stride),
+                                padding=[(k - 1) // 2 for k in kernel_size], dilation=1, bias=conv_bias)
+        self.norm = _INSTANCE_NORM[ndim](out_channels, eps=norm_eps, affine=norm_affine)
+        self.nonlin = nn.LeakyReLU(negative_slope=negative_slope, inplace=True)
+        self.all_modules = nn.Sequential(self.conv, self.norm, self.nonlin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.all_modules(x)
+
+
+class StackedConvBlocks(nn.Module):
+    """``num_convs`` :class:`ConvDropoutNormReLU` blocks in ``convs``; only the first one is strided."""
+
+    def __init__(self, ndim: int, num_convs: int, in_channels: int, out_channels: int, kernel_size: Sequence[int],
+                 initial_stride: Sequence[int], conv_bias: bool, norm_eps: float, norm_affine: bool,
+                 negative_slope: float) -> None:
+        super().__init__()
+        ones = [1] * ndim
+        self.convs = nn.Sequential(*[
+            ConvDropoutNormReLU(ndim, in_channels if i == 0 else out_channels, out_channels, kernel_size,
+                                initial_stride if i == 0 else ones, conv_bias, norm_eps, norm_affine, negative_slope)
+            for i in range(num_convs)
+        ])
+        self.output_channels = out_channels
+        self.initial_stride = list(initial_stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
+class PlainConvEncoder(nn.Module):
+    """Encoder: ``stages[s]`` is ``nn.Sequential(StackedConvBlocks)``; ``forward`` returns every stage's output
+    (the skips, highest resolution first, bottleneck last)."""
+
+    def __init__(self, arch: Architecture, in_channels: int) -> None:
+        super().__init__()
+        nd = arch.ndim
+        stages = []
+        c_in = in_channels
+        for s in range(arch.n_stages):
+            stages.append(nn.Sequential(StackedConvBlocks(
+                nd, arch.n_conv_per_stage[s], c_in, arch.features_per_stage[s], arch.kernel_sizes[s], arch.strides[s],
+                arch.conv_bias, arch.norm_eps, arch.norm_affine, arch.nonlin_negative_slope)))
+            c_in = arch.features_per_stage[s]
+        self.stages = nn.Sequential(*stages)
+        self.output_channels = list(arch.features_per_stage)
+        self.strides = [list(s) for s in arch.strides]
+        self.kernel_sizes = [list(k) for k in arch.kernel_sizes]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
+class UNetDecoder(nn.Module):
+    """Decoder; ``stages``, ``transpconvs`` and ``seg_layers`` are ordered lowest resolution first.
+
+    It keeps the encoder as the submodule ``encoder`` (as dynamic-network-architectures does), which only matters
+    for the state-dict keys.
+    """
+
+    def __init__(self, encoder: PlainConvEncoder, arch: Architecture, num_classes: int,
+                 deep_supervision: bool) -> None:
+        super().__init__()
+        nd = arch.ndim
+        self.deep_supervision = deep_supervision
+        self.encoder = encoder
+        self.num_classes = num_classes
+        feats = encoder.output_channels
+        n = len(feats)
+        stages, transpconvs, seg_layers = [], [], []
+        for s in range(1, n):
+            f_below, f_skip = feats[-s], feats[-(s + 1)]
+            stride = tuple(encoder.strides[-s])
+            transpconvs.append(_TRANSP_CONV[nd](f_below, f_skip, stride, stride, bias=arch.conv_bias))
+            stages.append(StackedConvBlocks(
+                nd, arch.n_conv_per_stage_decoder[s - 1], 2 * f_skip, f_skip, encoder.kernel_sizes[-(s + 1)],
+                [1] * nd, arch.conv_bias, arch.norm_eps, arch.norm_affine, arch.nonlin_negative_slope))
+            seg_layers.append(_CONV[nd](f_skip, num_classes, 1, 1, 0, bias=True))
+        self.stages = nn.ModuleList(stages)
+        self.transpconvs = nn.ModuleList(transpconvs)
+        self.seg_layers = nn.ModuleList(seg_layers)
+
+    def forward(self, skips: list[torch.Tensor]) -> NetworkOutput:
+        x = skips[-1]
+        last = len(self.stages) - 1
+        outputs = []
+        for s, (up, stage) in enumerate(zip(self.transpconvs, self.stages)):
+            x = stage(torch.cat((up(x), skips[-(s + 2)]), 1))
+            if self.deep_supervision:
+                outputs.append(self.seg_layers[s](x))
+            elif s == last:
+                return self.seg_layers[-1](x)
+        return outputs[::-1]
+
+
+class PlainConvUNet(nn.Module):
+    """nnU-Net's default U-Net for one plan configuration.
+
+    Parameters
+    ----------
+    arch : Architecture
+        The configuration's topology (``plans.configuration(name).architecture``).
+    in_channels : int
+        Number of input image channels (modalities).
+    num_classes : int
+        Number of output channels: labels including background (softmax training) or regions.
+    deep_supervision : bool
+        Return the logits of every decoder stage (list, highest resolution first) instead of the last only.
+
+    Notes
+    -----
+    Input ``(b, in_channels, *patch)`` float; every spatial size must be divisible by the product of the strides
+    along that axis (the planner's patch sizes are). Output logits ``(b, num_classes, *patch)`` (and, with deep
+    supervision, the lower-resolution maps ``patch / cumprod(strides)[i]`` for ``i = 1 .. n_stages - 2``).
+    """
+
+    def __init__(self, arch: Architecture, in_channels: int, num_classes: int, deep_supervision: bool = False,
+                 initialize: bool = True) -> None:
+        super().__init__()
+        if in_channels < 1 or num_classes < 1:
+            raise PlanError(f"a network needs at least one input channel and one output class, got "
+                            f"in_channels={in_channels}, num_classes={num_classes}")
+        if arch.n_stages < 2:
+            raise PlanError(f"a U-Net needs at least 2 stages, the architecture has n_stages={arch.n_stages}")
+        self.architecture = arch
+        self.encoder = PlainConvEncoder(arch, in_channels)
+        self.decoder = UNetDecoder(self.encoder, arch, num_classes, deep_supervision)
+        if initialize:
+            self.apply(init_weights_he)
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.decoder.deep_supervision
+
+    def forward(self, x: torch.Tensor) -> NetworkOutput:
+        return self.decoder(self.encoder(x))
+
+
+def init_weights_he(module: nn.Module, negative_slope: float = 1e-2) -> None:
+    """nnU-Net's ``InitWeights_He``: ``kaiming_normal_(a=negative_slope)`` on (transposed) conv weights, bias 0.
+
+    Use as ``net.apply(init_weights_he)``; other modules are left unchanged.
+    """
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=negative_slope)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0)
+
+
+def build_network(plans: Plans, config_name: str, num_input_channels: int, num_classes: int,
+                  deep_supervision: bool = True) -> PlainConvUNet:
+    """The network of configuration ``config_name`` (nnU-Net's ``get_network_from_plans`` with ``allow_init=True``).
+
+    Parameters
+    ----------
+    plans : Plans
+        Plans of the dataset.
+    config_name : str
+        Configuration name (``2d``, ``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres``); inheritance is resolved.
+    num_input_channels : int
+        Image channels (for the cascade's full-resolution stage nnU-Net adds one channel per foreground label; the
+        caller decides).
+    num_classes : int
+        Segmentation heads (labels including background without the ignore label, or the number of regions).
+    deep_supervision : bool
+        See :class:`PlainConvUNet`.
+
+    Raises
+    ------
+    PlanError
+        If the configuration does not exist or the counts are invalid.
+    """
+    return PlainConvUNet(plans.configuration(config_name).architecture, num_input_channels, num_classes,
+                         deep_supervision)
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The plain module behind ``torch.compile`` (``_orig_mod``) and DDP/DataParallel (``module``) wrappers."""
+    while True:
+        if hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        elif isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            net = net.module
+        else:
+            return net
+
+
+def set_deep_supervision(net: nn.Module, on: bool) -> None:
+    """Switch deep supervision on or off (nnU-Net's ``set_deep_supervision_enabled``); works through
+    ``torch.compile`` and DDP wrappers.
+
+    Raises
+    ------
+    TypeError
+        If ``net`` is not a U-Net with a ``decoder.deep_supervision`` switch.
+    """
+    mod = unwrap(net)
+    decoder = getattr(mod, "decoder", None)
+    if decoder is None or not hasattr(decoder, "deep_supervision"):
+        raise TypeError(f"set_deep_supervision needs a PlainConvUNet-like module with decoder.deep_supervision, "
+                        f"got {type(mod).__name__}")
+    decoder.deep_supervision = bool(on)
