@@ -291,6 +291,8 @@ def _worker_main(conn, payload: bytes, workers: int, threads: int | None) -> Non
 def _send_error(conn, index: int, exc: BaseException) -> bool:
     """Send ``exc`` (pickled if possible) with its traceback; False when the parent is gone."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if not isinstance(exc, Exception):  # SystemExit / KeyboardInterrupt must not end the parent quietly
+        exc = RuntimeError(f"the task raised {type(exc).__name__}({exc})")
     try:
         blob = pickle.dumps(exc)
         pickle.loads(blob)
@@ -350,6 +352,9 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
                         slot.conn.send((slot.task, items[slot.task]))
                     except (BrokenPipeError, OSError):
                         pass  # it died: its sentinel says so below
+                    except Exception as exc:
+                        raise TypeError(f"the item of case {case_keys[slot.task]} cannot be sent to a worker "
+                                        f"process: {type(exc).__name__}: {exc}") from exc
             ready = set(wait([s.conn for s in slots] + [s.proc.sentinel for s in slots], timeout=_SAMPLE_EVERY_S))
             for slot in list(slots):
                 msg = None
@@ -575,7 +580,11 @@ def _run_dask(func, items, order, case_keys, scheduler, progress, initializer, i
     futures: list = []
     try:
         slots_by_host: dict[str, int] = {}
-        for info in client.scheduler_info(n_workers=-1)["workers"].values():
+        try:
+            workers_info = client.scheduler_info(n_workers=-1)["workers"]
+        except TypeError:  # distributed < 2025 lists every worker without being asked
+            workers_info = client.scheduler_info()["workers"]
+        for info in workers_info.values():
             slots_by_host[info["host"]] = slots_by_host.get(info["host"], 0) + int(info.get("nthreads", 1))
         token = uuid.uuid4().hex[:12]
         n = len(items)

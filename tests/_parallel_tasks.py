@@ -43,6 +43,8 @@ def misbehave(item: tuple[str, str]) -> str:
         raise ValueError("intensities are all NaN")
     elif key == "case_odd":
         raise OddError(7, "odd failure")
+    elif key == "case_sysexit":
+        raise SystemExit(2)
     time.sleep(0.3)
     return key
 

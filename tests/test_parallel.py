@@ -3,6 +3,7 @@ and the dask.distributed path."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,27 +21,31 @@ import _parallel_tasks as tasks  # noqa: E402
 
 from nnfast import native  # noqa: E402
 from nnfast.errors import WorkerDiedError  # noqa: E402
-from nnfast.parallel import format_bytes, peak_rss_bytes, run_tasks  # noqa: E402
+from nnfast.parallel import _raise_task_error, _send_error, format_bytes, peak_rss_bytes, run_tasks  # noqa: E402
 
 
 def _assert_no_workers_left(pid_dir: Path) -> None:
     pids = [int(p.name) for p in pid_dir.iterdir()]
     assert pids, "the tasks did not run in any worker"
-    assert os_pid() not in pids, "the tasks ran in the test process, not in workers"
+    assert os.getpid() not in pids, "the tasks ran in the test process, not in workers"
     alive = [pid for pid in pids if psutil.pid_exists(pid)]
     assert alive == [], f"worker processes left running: {alive}"
     assert multiprocessing.active_children() == []
 
 
-def os_pid() -> int:
-    import os
-
-    return os.getpid()
-
-
 def _misbehaving_items(tmp_path: Path, bad: str) -> tuple[list, list[str]]:
     keys = ["case_a", "case_b", bad, "case_c", "case_d"]
     return [(k, str(tmp_path)) for k in keys], keys
+
+
+def test_import_is_light():
+    """Spawned workers import nnfast.parallel first: it must not pull in torch, zarr, dask or numba."""
+    import subprocess
+
+    code = ("import sys, nnfast.parallel; "
+            "print(sorted(m for m in ('torch', 'zarr', 'dask', 'distributed', 'numba', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------- in-process
@@ -97,7 +102,7 @@ def test_pool_results_in_order_threads_initializer_and_warmup_first(monkeypatch)
 def test_pool_hands_out_largest_first():
     sizes = [3, 1, 6, 2, 5, 4]
     keys = [f"case_{s}" for s in sizes]
-    out = run_tasks(tasks.timed, [(k, 0.15) for k in keys], keys=keys, sizes=sizes, workers=2, warmup=False)
+    out = run_tasks(tasks.timed, [(k, 0.2) for k in keys], keys=keys, sizes=sizes, workers=2, warmup=False)
     assert [k for k, _, _ in out] == keys  # results in the order of items
     assert len({pid for _, _, pid in out}) == 2
     start = {k: t for k, t, _ in out}
@@ -120,14 +125,35 @@ def test_pool_exception_names_case_and_stops_workers(tmp_path):
     _assert_no_workers_left(tmp_path)
 
 
-@pytest.mark.timeout(60)
-def test_pool_exception_with_custom_constructor_keeps_type_and_attributes(tmp_path):
-    items, keys = _misbehaving_items(tmp_path, "case_odd")
+def test_worker_error_round_trip_keeps_type_and_attributes():
+    """What a worker sends for an exception (``_send_error``) and how the parent re-raises it, over a pipe."""
+    parent, child = multiprocessing.Pipe()
+    try:
+        raise tasks.OddError(7, "odd failure")
+    except tasks.OddError as exc:
+        assert _send_error(child, 0, exc)
+    kind, index, value, _ = parent.recv()
+    assert (kind, index) == ("error", 0)
     with pytest.raises(tasks.OddError) as info:
-        run_tasks(tasks.misbehave, items[2:4], keys=keys[2:4], workers=2, warmup=False)
+        _raise_task_error(value, "case_odd")
     assert (info.value.code, info.value.detail) == (7, "odd failure")
     assert any("case_odd" in note for note in getattr(info.value, "__notes__", [])) or "case_odd" in str(info.value)
-    _assert_no_workers_left(tmp_path)
+    assert "OddError" in str(info.value.__cause__)  # the worker's traceback
+
+    # SystemExit in a task must not end the parent quietly
+    assert _send_error(child, 1, SystemExit(2))
+    with pytest.raises(RuntimeError, match=r"SystemExit\(2\) \[case case_exit\]"):
+        _raise_task_error(parent.recv()[2], "case_exit")
+
+    # an exception that cannot be pickled arrives as RuntimeError with its type name and message
+    class Local(Exception):
+        pass
+
+    assert _send_error(child, 2, Local("not importable"))
+    with pytest.raises(RuntimeError, match=r"Local: not importable \[case case_local\]"):
+        _raise_task_error(parent.recv()[2], "case_local")
+    parent.close()
+    child.close()
 
 
 @pytest.mark.timeout(60)
