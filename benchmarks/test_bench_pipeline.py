@@ -1,0 +1,110 @@
+"""Whole commands side by side with nnU-Net v2, as users run them (fresh processes, 2 workers).
+
+- fingerprint + plan: ``nnUNetv2_plan_and_preprocess --no_pp -npfp 2`` vs ``nnfast plan --workers 2``
+- fingerprint + plan + 3d_fullres: ``nnUNetv2_plan_and_preprocess -c 3d_fullres -np 2 -npfp 2`` vs
+  ``nnfast preprocess --workers 2``
+- the floor: reading every input NIfTI file once with SimpleITK, 2 processes.
+
+Peak memory is the summed RSS of the process tree, sampled every 50 ms; recorded in ``extra_info``.
+"""
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import nnfast_cmd, nnunet_cmd, run_measured
+
+pytestmark = pytest.mark.slow
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _bench(benchmark, cmd, env, reset):
+    info = {}
+
+    def setup():
+        reset()
+        return (), {}
+
+    def run():
+        dt, peak, _ = run_measured(cmd, env)
+        info["peak_rss_mib"] = round(peak / 2**20, 1)
+        info["wall_s"] = round(dt, 3)
+
+    benchmark.pedantic(run, setup=setup, rounds=1 if benchmark.disabled else 2, iterations=1)
+    benchmark.extra_info.update(info)
+
+
+def _env(raw, pre):
+    return {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(pre.parent / "res"),
+            "NNFAST_RAW": str(raw), "NNFAST_PREPROCESSED": str(pre), "nnUNet_compile": "f"}
+
+
+@pytest.mark.compat
+@pytest.mark.benchmark(group="fingerprint+plan")
+def test_plan_nnunet(benchmark, ct_task, tmp_path):
+    raw, did, _ = ct_task
+    pre = tmp_path / "pre"
+    _bench(benchmark, nnunet_cmd("plan_and_preprocess_entry", "-d", str(did), "-npfp", "2", "--no_pp"),
+           _env(raw, pre), lambda: _fresh(pre))
+
+
+@pytest.mark.benchmark(group="fingerprint+plan")
+def test_plan_nnfast(benchmark, ct_task, tmp_path):
+    raw, did, _ = ct_task
+    pre = tmp_path / "pre"
+    _bench(benchmark, nnfast_cmd("plan", "--task", str(did), "--workers", "2", "-q"), _env(raw, pre),
+           lambda: _fresh(pre))
+
+
+@pytest.mark.benchmark(group="fingerprint+plan")
+def test_plan_nnfast_no_verify(benchmark, ct_task, tmp_path):
+    raw, did, _ = ct_task
+    pre = tmp_path / "pre"
+    _bench(benchmark, nnfast_cmd("plan", "--task", str(did), "--workers", "2", "--no-verify", "-q"), _env(raw, pre),
+           lambda: _fresh(pre))
+
+
+@pytest.mark.compat
+@pytest.mark.benchmark(group="preprocess-3d_fullres")
+def test_preprocess_nnunet(benchmark, ct_task, tmp_path):
+    raw, did, _ = ct_task
+    pre = tmp_path / "pre"
+    _bench(benchmark, nnunet_cmd("plan_and_preprocess_entry", "-d", str(did), "-c", "3d_fullres", "-np", "2",
+                                 "-npfp", "2"), _env(raw, pre), lambda: _fresh(pre))
+
+
+@pytest.mark.benchmark(group="preprocess-3d_fullres")
+def test_preprocess_nnfast(benchmark, ct_task, tmp_path):
+    raw, did, _ = ct_task
+    pre = tmp_path / "pre"
+    _bench(benchmark, nnfast_cmd("preprocess", "--task", str(did), "--workers", "2", "-q"), _env(raw, pre),
+           lambda: _fresh(pre))
+
+
+def _read_all(paths):
+    import SimpleITK as sitk
+
+    n = 0
+    for p in paths:
+        n += sitk.GetArrayFromImage(sitk.ReadImage(str(p))).size
+    return n
+
+
+@pytest.mark.benchmark(group="preprocess-3d_fullres")
+def test_floor_read_inputs(benchmark, ct_task):
+    raw, did, _ = ct_task
+    files = sorted((raw / f"Dataset{did:03d}_BenchCT").glob("*/*.nii.gz"))
+    halves = [files[0::2], files[1::2]]
+
+    def run():
+        with ProcessPoolExecutor(2) as ex:
+            return sum(ex.map(_read_all, halves))
+
+    benchmark.pedantic(run, rounds=1 if benchmark.disabled else 2, iterations=1)

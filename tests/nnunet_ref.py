@@ -1,0 +1,51 @@
+"""Run nnU-Net v2 itself (the installed ``nnunetv2``) in a subprocess, on temporary data folders.
+
+nnU-Net reads its data folders from environment variables at import time, so each call runs in a fresh interpreter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_RUNNER = """
+import sys
+from nnunetv2.experiment_planning import plan_and_preprocess_entrypoints as e
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+getattr(e, sys.argv[0])()
+"""
+
+
+def run_nnunet(entry: str, args: list[str], raw: Path, preprocessed: Path, results: Path | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """Call an nnU-Net entry point function of ``plan_and_preprocess_entrypoints`` with CLI ``args``."""
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(raw), nnUNet_preprocessed=str(preprocessed),
+               nnUNet_results=str(results or preprocessed.parent / "results"), nnUNet_compile="f",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _RUNNER, entry, *args], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"nnU-Net {entry} {args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def nnunet_fingerprint(dataset_id: int, raw: Path, preprocessed: Path, workers: int = 1) -> dict:
+    run_nnunet("extract_fingerprint_entry", ["-d", str(dataset_id), "-np", str(workers)], raw, preprocessed)
+    folder = next(preprocessed.glob(f"Dataset{dataset_id:03d}_*"))
+    return json.loads((folder / "dataset_fingerprint.json").read_text())
+
+
+def load_nnunet_case(folder: Path, case_id: str):
+    """Data, seg and properties of a case preprocessed by nnU-Net (blosc2 + pickle, read only in tests)."""
+    import pickle
+
+    import blosc2
+
+    data = blosc2.open(str(folder / f"{case_id}.b2nd"), mode="r")[:]
+    seg = blosc2.open(str(folder / f"{case_id}_seg.b2nd"), mode="r")[:]
+    with open(folder / f"{case_id}.pkl", "rb") as f:
+        props = pickle.load(f)  # nnU-Net's own file format; nnfast never writes pickles
+    return data, seg, props

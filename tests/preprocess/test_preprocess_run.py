@@ -1,0 +1,137 @@
+"""``nnfast preprocess`` as users run it: resume after a crash, worker death, worker-count and dask independence."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from factories import make_raw_dataset
+from nnfast.io.store import is_complete, load_case
+from nnfast.preprocess.api import preprocess_dataset
+from nnfast.settings import Settings
+
+NAME = "Dataset031_Run"
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("raw")
+    shapes = [(14, 56 + 4 * i, 60) for i in range(6)]
+    spacings = [(3.0 + 0.5 * (i % 3), 0.8, 0.8) for i in range(6)]
+    make_raw_dataset(raw, 31, "Run", shapes, spacings, seed=11, empty_cases=[5])
+    return raw
+
+
+def _settings(raw, tmp):
+    return Settings(raw=raw, preprocessed=tmp / "pre", results=tmp / "res")
+
+
+def _stores(settings):
+    return sorted((settings.preprocessed / NAME / "nnfast_3d_fullres").glob("*.zarr"))
+
+
+def _assert_same(a_stores, b_stores):
+    assert [p.name for p in a_stores] == [p.name for p in b_stores]
+    for pa, pb in zip(a_stores, b_stores):
+        ia, sa, pra, la = load_case(pa)
+        ib, sb, prb, lb = load_case(pb)
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(sa, sb)
+        assert la.keys() == lb.keys()
+        for k in la:
+            np.testing.assert_array_equal(la[k], lb[k])
+        assert pra["bbox_used_for_cropping"] == prb["bbox_used_for_cropping"]
+
+
+@pytest.fixture(scope="module")
+def reference(raw, tmp_path_factory):
+    """An uninterrupted single-worker run."""
+    tmp = tmp_path_factory.mktemp("ref")
+    s = _settings(raw, tmp)
+    summary = preprocess_dataset(NAME, s, workers=1, verify=False)
+    assert summary.configs[0].computed == 6
+    return _stores(s)
+
+
+def test_rerun_skips_current_cases_and_redoes_changed_ones(raw, reference, tmp_path):
+    s = _settings(raw, tmp_path)
+    first = preprocess_dataset(NAME, s, workers=1, verify=False)
+    assert first.configs[0].computed == 6
+    second = preprocess_dataset(NAME, s, workers=1, verify=False)
+    assert (second.configs[0].computed, second.configs[0].skipped) == (0, 6)
+    # touching one input file invalidates that case only
+    img = raw / NAME / "imagesTr" / "case_002_0000.nii.gz"
+    os.utime(img, ns=(time.time_ns(), time.time_ns()))
+    third = preprocess_dataset(NAME, s, workers=1, verify=False)
+    assert (third.configs[0].computed, third.configs[0].skipped) == (1, 5)
+    forced = preprocess_dataset(NAME, s, workers=1, verify=False, force=True)
+    assert forced.configs[0].computed == 6
+    _assert_same(reference, _stores(s))
+
+
+def test_two_workers_and_dask_give_identical_stores(raw, reference, tmp_path):
+    s2 = _settings(raw, tmp_path / "w2")
+    preprocess_dataset(NAME, s2, workers=2, verify=False)
+    _assert_same(reference, _stores(s2))
+    sd = _settings(raw, tmp_path / "dask")
+    preprocess_dataset(NAME, sd, workers=2, scheduler="local:2", verify=False)
+    _assert_same(reference, _stores(sd))
+
+
+def _cli(raw, pre, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "nnfast.cli", "preprocess", "--task", "31", "--raw", str(raw), "--preprocessed", str(pre),
+         "--no-verify", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+
+@pytest.mark.timeout(300)
+def test_killed_run_resumes_to_the_uninterrupted_result(raw, reference, tmp_path):
+    pre = tmp_path / "pre"
+    folder = pre / NAME / "nnfast_3d_fullres"
+    proc = _cli(raw, pre, "--workers", "1")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if folder.is_dir() and len(list(folder.glob("*.zarr"))) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted: " + proc.stderr.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = list(folder.glob("*.zarr"))
+    assert 2 <= len(done) < 6
+    # what looks finished is finished
+    for p in done:
+        load_case(p)
+    proc = _cli(raw, pre, "--workers", "2")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert "already current" in out
+    _assert_same(reference, sorted(folder.glob("*.zarr")))
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary stores left behind"
+
+
+@pytest.mark.timeout(300)
+def test_killed_worker_is_a_clear_error(raw, tmp_path):
+    import psutil
+
+    proc = _cli(raw, tmp_path / "pre", "--workers", "2", "--force")
+    parent = psutil.Process(proc.pid)
+    victim = None
+    deadline = time.monotonic() + 240
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        kids = [c for c in parent.children(recursive=True) if "spawn" in " ".join(c.cmdline())]
+        if len(kids) >= 2 and list((tmp_path / "pre" / NAME).glob("nnfast_3d_fullres")):
+            victim = kids[0]
+        time.sleep(0.05)
+    assert victim is not None, "no worker processes seen"
+    victim.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    assert "SIGKILL" in err and "--workers 1" in err
+    assert "case_0" in err or "while starting" in err or "between tasks" in err
