@@ -24,13 +24,17 @@ from nnfast.errors import WorkerDiedError  # noqa: E402
 from nnfast.parallel import _raise_task_error, _send_error, format_bytes, peak_rss_bytes, run_tasks  # noqa: E402
 
 
+def _our_workers() -> list:
+    return [p for p in multiprocessing.active_children() if p.name == "nnfast-worker"]
+
+
 def _assert_no_workers_left(pid_dir: Path) -> None:
     pids = [int(p.name) for p in pid_dir.iterdir()]
     assert pids, "the tasks did not run in any worker"
     assert os.getpid() not in pids, "the tasks ran in the test process, not in workers"
     alive = [pid for pid in pids if psutil.pid_exists(pid)]
     assert alive == [], f"worker processes left running: {alive}"
-    assert multiprocessing.active_children() == []
+    assert _our_workers() == []
 
 
 def _misbehaving_items(tmp_path: Path, bad: str) -> tuple[list, list[str]]:
@@ -73,14 +77,14 @@ def test_argument_validation():
         run_tasks(tasks.square, [1, 2, 3], sizes=[1])
     with pytest.raises(TypeError, match="module-level"):
         run_tasks(lambda x: x, [1, 2], workers=2, warmup=False)
-    assert multiprocessing.active_children() == []
+    assert _our_workers() == []
 
 
 # ------------------------------------------------------------------------------------------ process pool
 @pytest.mark.timeout(60)
 def test_pool_results_in_order_threads_initializer_and_warmup_first(monkeypatch):
     warmed = []
-    monkeypatch.setattr(native, "warmup", lambda: warmed.append(multiprocessing.active_children()))
+    monkeypatch.setattr(native, "warmup", lambda: warmed.append(_our_workers()))
     calls = []
     items = [5, 3, 8, 1, 9, 2, 7]
     out = run_tasks(tasks.read_state, items, workers=2, initializer=tasks.set_state, initargs=({"k": 1},),
@@ -92,7 +96,7 @@ def test_pool_results_in_order_threads_initializer_and_warmup_first(monkeypatch)
     assert [d for d, _, _ in calls] == list(range(1, 8)) and {t for _, t, _ in calls} == {7}
     assert sorted(k for _, _, k in calls) == sorted(str(i) for i in items)
     assert warmed == [[]], "warm-up must run once, before any worker is started"
-    assert multiprocessing.active_children() == []
+    assert _our_workers() == []
     own, children = peak_rss_bytes()
     assert own > 10 * 2**20 and children > 10 * 2**20  # joined workers are counted
     assert format_bytes(3 * 2**30) == "3.0 GiB"
@@ -188,7 +192,7 @@ def test_pool_keyboard_interrupt_leaves_no_workers(tmp_path):
 def test_pool_failing_initializer_is_reported():
     with pytest.raises(RuntimeError, match="failed to start: TypeError"):
         run_tasks(tasks.square, [1, 2], workers=2, initializer=tasks.square, initargs=("x",), warmup=False)
-    assert multiprocessing.active_children() == []
+    assert _our_workers() == []
 
 
 # ------------------------------------------------------------------------------------------------- dask
