@@ -14,20 +14,40 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["nifti_integrity_problem", "nifti_header_info"]
+import numpy as np
+
+__all__ = ["nifti_integrity_problem", "nifti_header_info", "nifti_nonfinite_counts", "NiftiHeader"]
 
 _CHUNK = 1 << 20
 
 
-def nifti_header_info(raw: bytes) -> tuple[int, tuple[int, ...], int, int] | None:
-    """Parse the start of an (uncompressed) NIfTI-1/2 stream.
+class NiftiHeader(NamedTuple):
+    """The fields of a single-file NIfTI-1/2 header that size and type the data block."""
 
-    Returns
-    -------
-    (ndim, dims, bitpix, vox_offset) or None when ``raw`` is not a single-file NIfTI-1/2 header
-    (``dims`` are the ``dim[1..ndim]`` entries, in file order x, y, z, t, ...).
-    """
+    ndim: int
+    dims: tuple[int, ...]  # dim[1..ndim], file order (x, y, z, t, ...)
+    datatype: int
+    bitpix: int
+    vox_offset: int
+    byteorder: str  # "<" or ">"
+
+    @property
+    def data_bytes(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= d
+        return (n * self.bitpix + 7) // 8
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes the (uncompressed) file must hold: header, extensions and data."""
+        return self.vox_offset + self.data_bytes
+
+
+def nifti_header_info(raw: bytes) -> NiftiHeader | None:
+    """Parse the start of an (uncompressed) NIfTI-1/2 stream; None when it is not a single-file NIfTI-1/2 header."""
     if len(raw) < 348:
         return None
     for end in ("<", ">"):
@@ -36,13 +56,13 @@ def nifti_header_info(raw: bytes) -> tuple[int, tuple[int, ...], int, int] | Non
             if raw[344:347] != b"n+1":
                 return None
             dim = struct.unpack(end + "8h", raw[40:56])
-            (bitpix,) = struct.unpack(end + "h", raw[72:74])
+            datatype, bitpix = struct.unpack(end + "hh", raw[70:74])
             (vox_offset,) = struct.unpack(end + "f", raw[108:112])
             break
         if sizeof_hdr == 540 and len(raw) >= 540:
             if raw[4:7] != b"n+2":
                 return None
-            (bitpix,) = struct.unpack(end + "h", raw[14:16])
+            datatype, bitpix = struct.unpack(end + "hh", raw[12:16])
             dim = struct.unpack(end + "8q", raw[16:80])
             (vox_offset,) = struct.unpack(end + "q", raw[168:176])
             break
@@ -54,15 +74,7 @@ def nifti_header_info(raw: bytes) -> tuple[int, tuple[int, ...], int, int] | Non
     dims = tuple(int(d) for d in dim[1 : ndim + 1])
     if any(d < 1 for d in dims):
         return None
-    return ndim, dims, int(bitpix), int(vox_offset)
-
-
-def _expected_bytes(info: tuple[int, tuple[int, ...], int, int]) -> int:
-    _, dims, bitpix, vox_offset = info
-    n = 1
-    for d in dims:
-        n *= d
-    return vox_offset + (n * bitpix + 7) // 8
+    return NiftiHeader(ndim, dims, int(datatype), int(bitpix), int(vox_offset), end)
 
 
 def _stream_size(path: Path) -> tuple[int, str | None]:
@@ -124,7 +136,7 @@ def nifti_integrity_problem(path: str | os.PathLike) -> str | None:
             info = nifti_header_info(head)
             if info is None:
                 return None
-            need = _expected_bytes(info)
+            need = info.file_bytes
             if size < need:
                 return f"the file is truncated: it has {size} bytes but its header needs {need}"
             return None
@@ -136,7 +148,7 @@ def nifti_integrity_problem(path: str | os.PathLike) -> str | None:
         info = nifti_header_info(raw)
         if info is None:
             return None
-        need = _expected_bytes(info)
+        need = info.file_bytes
         if size >= 18:
             f.seek(-4, os.SEEK_END)
             (isize,) = struct.unpack("<I", f.read(4))
@@ -148,3 +160,58 @@ def nifti_integrity_problem(path: str | os.PathLike) -> str | None:
     if total < need:
         return f"the file is truncated: it decompresses to {total} bytes but its header needs {need}"
     return None
+
+
+_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64
+
+
+def nifti_nonfinite_counts(path: str | os.PathLike) -> tuple[int, int] | None:
+    """Count NaN and infinite voxels stored in a float NIfTI file, reading its raw data block.
+
+    SimpleITK cannot show them: libnifti's ``nifti_read_buffer`` (used by ITK's NIfTI reader) replaces every
+    non-finite float with 0 while reading. This decompresses the file once more, in 1 MiB pieces.
+
+    Returns
+    -------
+    (n_nan, n_inf), or None when ``path`` is not a readable single-file float32/float64 NIfTI.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if not (name.endswith(".nii.gz") or name.endswith(".nii")):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        gz = head[:2] == b"\x1f\x8b"
+        try:
+            raw = zlib.decompressobj(31).decompress(head, 544) if gz else head[:544]
+        except zlib.error:
+            return None
+        info = nifti_header_info(raw)
+        if info is None or info.datatype not in _FLOAT_TYPES:
+            return None
+        dtype = np.dtype(info.byteorder + _FLOAT_TYPES[info.datatype])
+        f.seek(0)
+        d = zlib.decompressobj(31) if gz else None
+        skip, left = info.vox_offset, info.data_bytes
+        carry = b""
+        n_nan = n_inf = 0
+        while left > 0:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            if d is not None:
+                try:
+                    chunk = d.decompress(chunk)
+                except zlib.error:
+                    return None
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+            chunk = carry + chunk[:left]
+            usable = len(chunk) - len(chunk) % dtype.itemsize
+            carry = chunk[usable:]
+            values = np.frombuffer(chunk[:usable], dtype=dtype)
+            left -= usable
+            n_nan += int(np.count_nonzero(np.isnan(values)))
+            n_inf += int(np.count_nonzero(np.isinf(values)))
+    return n_nan, n_inf

@@ -1,0 +1,286 @@
+"""Verify a raw dataset before anything else touches it, collecting every problem into one report.
+
+Reproduces and extends nnU-Net v2's ``verify_dataset_integrity`` (reference §1.0, §2.8). nnU-Net stops at the
+first failing assertion, prints, and only warns about origin/direction; :func:`verify_dataset` never stops early
+and returns a :class:`~nnfast.verify.report.VerifyReport` with one :class:`~nnfast.verify.report.Problem` per
+finding (case, file, expected, found).
+
+Dataset-wide checks (this module):
+
+- ``dataset.json`` exists, is valid JSON, has no key twice in one object (JSON readers keep only the last one, so
+  a case listed twice in ``dataset`` silently disappears), and passes
+  :func:`nnfast.io.dataset.dataset_json_problems` (required keys, consecutive labels from 0, ...).
+- ``numTraining`` equals the number of training cases found.
+- ``imagesTr``/``labelsTr`` exist (unless ``dataset`` lists the files); every file in them is accounted for: an
+  image named without the 4-digit channel suffix or with a channel index that ``channel_names`` does not declare
+  is an error (nnU-Net would add it to the case as an extra channel); a file with another image ending is a warning
+  (ignored), or an error when it duplicates a case's file with the declared ending (``a_0000.nii`` beside
+  ``a_0000.nii.gz``: which one is meant?); a label file without images is a warning.
+- Duplicate cases: the same id twice in ``dataset`` (see above), two ids pointing at the same file (the same
+  data would land in training and validation folds), ids differing only in letter case (their files collide on
+  case-insensitive file systems: warning).
+- A declared foreground label that no case contains is a warning.
+
+Per-case checks run in worker processes (:mod:`nnfast.verify.case`), one case per worker at a time, each file
+read once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..io.dataset import CaseFiles, dataset_json_problems, list_training_cases
+from ..io.image import file_suffix
+from ..parallel import run_tasks
+from .case import CaseResult, CaseTask, check_case
+from .report import Problem, VerifyReport
+
+__all__ = ["verify_dataset"]
+
+logger = logging.getLogger(__name__)
+
+_CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
+_SCHEMA = "nnU-Net v2's dataset.json format (channel_names, labels, numTraining, file_ending)"
+
+
+def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
+    """Check the raw dataset at ``root`` and return every problem found.
+
+    Parameters
+    ----------
+    root : path
+        A raw dataset folder (``DatasetNNN_Name`` with ``dataset.json``, ``imagesTr/``, ``labelsTr/``).
+    workers : int
+        Worker processes for the per-case checks (spawned; 1 checks in this process). Peak memory is one case
+        per worker.
+
+    Returns
+    -------
+    VerifyReport
+        ``.ok`` is False when there is any error; ``.format()`` gives the text report.
+    """
+    root = Path(root)
+    report = VerifyReport(root=root)
+    problems = report.problems
+    if not root.is_dir():
+        problems.append(Problem("error", None, root, "dataset folder does not exist", "a folder", "nothing"))
+        return report
+    djson = root / "dataset.json"
+    d = _load_dataset_json(djson, problems)
+    if d is None:
+        return report
+    for msg in dataset_json_problems(d):
+        problems.append(Problem("error", None, djson, "dataset.json is malformed", _SCHEMA, msg))
+
+    channel_names, ending = d.get("channel_names"), d.get("file_ending")
+    if not (isinstance(channel_names, dict) and channel_names and isinstance(ending, str) and ending):
+        problems.append(Problem("error", None, djson, "cannot list the cases", "usable `channel_names` and "
+                                "`file_ending`", "see the dataset.json problems above; case checks skipped"))
+        return report
+    n_channels = len(channel_names)
+    has_list = isinstance(d.get("dataset"), dict)
+    if not has_list:
+        for sub in ("imagesTr", "labelsTr"):
+            if not (root / sub).is_dir():
+                problems.append(Problem("error", None, root / sub, f"{sub} folder is missing", "a folder", "nothing"))
+    try:
+        cases = list_training_cases(root, d)
+    except (AttributeError, TypeError, KeyError) as e:
+        problems.append(Problem("error", None, djson, "cannot list the cases", "`dataset` entries like "
+                                '{"images": ["imagesTr/a_0000.nii.gz"], "label": "labelsTr/a.nii.gz"}',
+                                f"{type(e).__name__}: {e}; case checks skipped"))
+        return report
+    report.num_cases = len(cases)
+    logger.info("verifying %s: %d training case(s), %d channel(s)", root, len(cases), n_channels)
+
+    num_training = d.get("numTraining")
+    if isinstance(num_training, int) and num_training != len(cases):
+        problems.append(Problem("error", None, djson, "numTraining does not match the training cases",
+                                f"{num_training} case(s)", f"{len(cases)} case(s) in "
+                                f"{'`dataset`' if has_list else 'imagesTr'}"))
+    if has_list:
+        _check_listed_files(cases, problems)
+    else:
+        _check_folder_files(root, cases, n_channels, ending, problems)
+    _check_case_ids(cases, problems)
+
+    expected, background = _label_sets(d)
+    tasks = [
+        CaseTask(c.case_id, tuple(str(p) for p in c.image_files), None if c.label_file is None else str(c.label_file),
+                 expected, background)
+        for c in cases
+    ]
+    results: list[CaseResult] = run_tasks(
+        check_case,
+        tasks,
+        workers=min(max(1, workers), max(1, len(tasks))),
+        keys=[t.case_id for t in tasks],
+        sizes=[_size(t) for t in tasks],
+        desc="cases",
+        warmup=False,
+    ) if tasks else []
+    seen: set[int] = set()
+    for r in results:
+        problems.extend(r.problems)
+        seen.update(r.labels_found)
+    if expected is not None and results:
+        never = [v for v in expected if v not in seen and v not in background]
+        if never:
+            problems.append(Problem("warning", None, djson, "declared labels never occur in any case",
+                                    "every declared foreground label in some case", f"labels {never} absent"))
+    logger.info("verified %s: %d error(s), %d warning(s)", root, len(report.errors), len(report.warnings))
+    return report
+
+
+def _size(t: CaseTask) -> float:
+    total = 0
+    for p in (*t.image_files, t.label_file):
+        try:
+            total += os.path.getsize(p) if p else 0
+        except OSError:
+            pass
+    return float(total)
+
+
+def _label_sets(d: dict) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
+    """Declared label values (regions flattened, ignore included) and the non-foreground ones."""
+    labels = d.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        return None, (0,)
+    vals: set[int] = set()
+    for v in labels.values():
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if not isinstance(x, int) or isinstance(x, bool):
+                return None, (0,)
+            vals.add(x)
+    background = {0}
+    if isinstance(labels.get("ignore"), int):
+        background.add(labels["ignore"])
+    return tuple(sorted(vals)), tuple(sorted(background))
+
+
+def _load_dataset_json(path: Path, problems: list[Problem]) -> dict | None:
+    """Parse dataset.json, reporting keys that occur twice in one object; None when unusable."""
+    if not path.is_file():
+        problems.append(Problem("error", None, path, "dataset.json is missing", "a dataset.json file (" + _SCHEMA
+                                + ")", "no such file"))
+        return None
+    keep: list[Any] = []
+    dups: dict[int, list[str]] = {}
+
+    def hook(pairs):
+        obj: dict = {}
+        keep.append(obj)  # keep every object alive so that ids stay unique while parsing
+        for k, v in pairs:
+            if k in obj:
+                dups.setdefault(id(obj), []).append(k)
+            obj[k] = v
+        return obj
+
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=hook)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problems.append(Problem("error", None, path, "dataset.json is not valid JSON", "valid JSON", str(e)))
+        return None
+    if not isinstance(d, dict):
+        problems.append(Problem("error", None, path, "dataset.json is malformed", "a JSON object",
+                                type(d).__name__))
+        return None
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            for k in dups.get(id(node), []):
+                if where == "dataset":
+                    problems.append(Problem("error", k, path, "case is listed twice in `dataset`", "each case id "
+                                            "once", f"`{k}` twice; JSON keeps only the last entry"))
+                else:
+                    problems.append(Problem("error", None, path, "dataset.json has a key twice in one object",
+                                            "unique keys", f"`{k}` twice in {where or 'the top level'}; JSON "
+                                            "keeps only the last value"))
+            for k, v in node.items():
+                walk(v, f"{where}.{k}" if where else k)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    if dups:
+        walk(d, "")
+    return d
+
+
+def _check_listed_files(cases: list[CaseFiles], problems: list[Problem]) -> None:
+    """With an explicit ``dataset`` list: no file may belong to two cases."""
+    owners: dict[Path, list[str]] = defaultdict(list)
+    for c in cases:
+        for p in (*c.image_files, c.label_file):
+            if p is not None:
+                owners[Path(os.path.normpath(p))].append(c.case_id)
+    for p, ids in owners.items():
+        if len(set(ids)) > 1:
+            for cid in sorted(set(ids)):
+                problems.append(Problem("error", cid, p, "file is used by more than one case",
+                                        "each file in one case", f"used by cases {sorted(set(ids))}"))
+
+
+def _check_folder_files(root: Path, cases: list[CaseFiles], n_channels: int, ending: str,
+                        problems: list[Problem]) -> None:
+    """Account for every file in imagesTr and labelsTr."""
+    case_ids = {c.case_id for c in cases}
+    images, labels = root / "imagesTr", root / "labelsTr"
+    expected_images = {p.name for c in cases for p in c.image_files}
+    declared = f"channel_names declares {n_channels} channel(s): _0000..._{n_channels - 1:04d}"
+    if images.is_dir():
+        for p in sorted(images.iterdir()):
+            name = p.name
+            if name.startswith((".", "_")) or not p.is_file():
+                continue
+            if name.endswith(ending):
+                m = _CHANNEL_RE.match(name[: -len(ending)])
+                if not m:
+                    problems.append(Problem("error", None, p, "image file name lacks the channel suffix",
+                                            f"<case>_XXXX{ending} (4-digit channel index)", name))
+                elif int(m.group(2)) >= n_channels:
+                    problems.append(Problem("error", m.group(1), p, "image file matches no declared channel",
+                                            declared, f"channel {m.group(2)}"))
+                continue
+            _other_ending(p, file_suffix(p), ending, expected_images, "image", problems)
+    if labels.is_dir():
+        expected_labels = {c.case_id + ending for c in cases}
+        for p in sorted(labels.iterdir()):
+            name = p.name
+            if name.startswith((".", "_")) or not p.is_file():
+                continue
+            if name.endswith(ending):
+                if name[: -len(ending)] not in case_ids:
+                    problems.append(Problem("warning", None, p, "label file has no images", f"images "
+                                            f"imagesTr/{name[:-len(ending)]}_XXXX{ending}", "none (ignored)"))
+                continue
+            _other_ending(p, file_suffix(p), ending, expected_labels, "label", problems)
+
+
+def _other_ending(p: Path, suffix: str, ending: str, expected: set[str], kind: str, problems: list[Problem]) -> None:
+    stem = p.name[: -len(suffix)] if suffix and p.name.endswith(suffix) else p.name
+    twin = stem + ending
+    if twin in expected and (p.parent / twin).exists():
+        m = _CHANNEL_RE.match(stem)
+        case = (m.group(1) if m else stem) if kind == "image" else stem
+        problems.append(Problem("error", case, p, f"duplicate {kind} file with another ending",
+                                f"one file: `{twin}` (file_ending {ending})", f"also `{p.name}`; remove one"))
+    else:
+        problems.append(Problem("warning", None, p, f"file in {p.parent.name} is ignored",
+                                f"files ending in {ending}", p.name))
+
+
+def _check_case_ids(cases: list[CaseFiles], problems: list[Problem]) -> None:
+    folded = Counter(c.case_id.casefold() for c in cases)
+    for c in cases:
+        if folded[c.case_id.casefold()] > 1:
+            others = sorted(o.case_id for o in cases if o.case_id.casefold() == c.case_id.casefold())
+            problems.append(Problem("warning", c.case_id, None, "case ids differ only in letter case",
+                                    "ids that stay distinct on case-insensitive file systems (macOS, Windows)",
+                                    f"{others}"))
