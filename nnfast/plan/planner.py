@@ -217,11 +217,14 @@ class _Planner:
             # step by the divisor of the tentatively shrunk patch so that e.g. 224 is not skipped on the way 256 -> 192
             trial = list(patch_size)
             trial[axis] -= divisible_by[axis]
-            step = get_pool_and_conv_props(spacing, trial, FEATUREMAP_MIN_EDGE_LENGTH,
-                                           MAX_NUMPOOL).shape_must_be_divisible_by[axis]
-            shrunk = list(patch_size)
-            shrunk[axis] -= step
-            topo = get_pool_and_conv_props(spacing, shrunk, FEATUREMAP_MIN_EDGE_LENGTH, MAX_NUMPOOL)
+            trial_topo = get_pool_and_conv_props(spacing, trial, FEATUREMAP_MIN_EDGE_LENGTH, MAX_NUMPOOL)
+            step = trial_topo.shape_must_be_divisible_by[axis]
+            if step == divisible_by[axis]:
+                topo = trial_topo  # same input as the recompute below: reuse it
+            else:
+                shrunk = list(patch_size)
+                shrunk[axis] -= step
+                topo = get_pool_and_conv_props(spacing, shrunk, FEATUREMAP_MIN_EDGE_LENGTH, MAX_NUMPOOL)
             patch_size = topo.patch_size
             divisible_by = topo.shape_must_be_divisible_by
             arch = _architecture(topo.strides, topo.kernel_sizes, max_features)

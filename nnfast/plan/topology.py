@@ -1,7 +1,7 @@
 """U-Net topology from spacing and patch size: nnU-Net v2's ``get_pool_and_conv_props`` rule.
 
 Reproduces ``nnunetv2/experiment_planning/experiment_planners/network_topology.py`` (``get_pool_and_conv_props``,
-``pad_shape``, ``get_shape_must_be_divisible_by``) value for value, in plain Python (no torch, no numpy needed).
+``pad_shape``, ``get_shape_must_be_divisible_by``) value for value, in plain Python (no torch).
 
 Axis order: spacing and patch size in nnU-Net's axis order after transposition (the low-resolution axis first), spacing
 in mm, sizes in voxels.
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from typing import NamedTuple, Sequence
+
+import numpy as np
 
 __all__ = ["Topology", "get_pool_and_conv_props", "pad_shape", "get_shape_must_be_divisible_by"]
 
@@ -27,6 +29,11 @@ class Topology(NamedTuple):
     """The input patch size padded up to a multiple of ``shape_must_be_divisible_by``."""
     shape_must_be_divisible_by: tuple[int, ...]
     """``2 ** num_pool_per_axis``."""
+
+
+def _py_number(v: float) -> float:
+    """``v`` as a Python int (integral types) or float, exactly."""
+    return int(v) if isinstance(v, (int, np.integer)) else float(v)
 
 
 def get_shape_must_be_divisible_by(num_pool_per_axis: Sequence[int]) -> tuple[int, ...]:
@@ -64,7 +71,7 @@ def pad_shape(shape: Sequence[float], must_be_divisible_by: int | Sequence[int])
             raise ValueError(f"pad_shape: must_be_divisible_by has {len(factors)} entries but shape {tuple(shape)} has "
                              f"{len(shape)} axes")
     out = []
-    for s, f in zip(shape, factors):
+    for s, f in zip(map(_py_number, shape), factors):
         rem = s % f
         padded = s if rem == 0 else s + f - rem
         out.append(int(padded))
@@ -105,6 +112,7 @@ def get_pool_and_conv_props(
     """
     dim = len(spacing)
     cur_spacing = [float(s) for s in spacing]
+    patch_size = [_py_number(s) for s in patch_size]  # numpy scalars are exact as Python numbers, and faster
     cur_size = list(patch_size)
     strides: list[tuple[int, ...]] = [(1,) * dim]
     kernels: list[tuple[int, ...]] = []
