@@ -50,7 +50,6 @@ import math
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -343,7 +342,7 @@ def _install(tmp: Path, path: Path) -> None:
     if _rename_exchange(tmp, path):
         old = tmp  # now holds the previous store
     else:
-        old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        old = temporary_sibling(path)  # hidden ".<name>.tmp-*": cleaned up like any temporary if we crash
         os.replace(path, old)
         try:
             os.replace(tmp, path)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from numcodecs.blosc import decompress as _decompress
 
 from ..errors import StoreError
 from .store import read_case_metadata
@@ -134,14 +135,16 @@ class _LeanArray:
         self._strides = [int(np.prod(self.grid[d + 1:], dtype=np.int64)) for d in range(len(self.grid))]
         self._chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
         self._scratch = np.empty(self.chunks, dtype=self.disk_dtype)
-        self._buffers: list = []
+        self._scratch_bytes = memoryview(self._scratch).cast("B")  # numcodecs decodes into it fastest
+        self._buffers: list = []  # (mmap, memoryview) per shard file
+        self._views: list = []
         n = int(np.prod(self.grid, dtype=np.int64))
-        # per chunk (flat C index over the chunk grid): buffer id (-1 = missing), offset, length
-        self._buf_id = [-1] * n
-        self._offset = [0] * n
-        self._length = [0] * n
+        # per chunk (flat C index over the chunk grid): buffer id (-1 = not stored), offset, length
+        self._buf_id: list[int] = []
+        self._offset: list[int] = []
+        self._length: list[int] = []
         if self.shard_shape is not None:
-            self._load_shards()
+            self._load_shards(n)
         # unsharded chunks are read from their own files on demand (see _chunk_bytes)
 
     # -- shards -------------------------------------------------------------------------------------
@@ -151,11 +154,17 @@ class _LeanArray:
             parts = ["0"]
         return self.dir / self._sep.join(parts)
 
-    def _load_shards(self) -> None:
+    def _load_shards(self, n: int) -> None:
         cps = tuple(s // c for s, c in zip(self.shard_shape, self.chunks))
         n_inner = int(np.prod(cps, dtype=np.int64))
         index_nbytes = 16 * n_inner + (4 if self._index_crc else 0)
         shard_grid = tuple(-(-s // c) for s, c in zip(self.shape, self.shard_shape))
+        buf_id = np.full(n, -1, np.int64)
+        offset = np.zeros(n, np.int64)
+        length = np.zeros(n, np.int64)
+        inner = np.indices(cps).reshape(len(cps), -1)
+        strides = np.array(self._strides, np.int64)[:, None]
+        grid = np.array(self.grid, np.int64)[:, None]
         for shard in itertools.product(*(range(g) for g in shard_grid)):
             file = self._key(shard)
             try:
@@ -171,28 +180,25 @@ class _LeanArray:
             finally:
                 os.close(fd)
             view = memoryview(mm)
+            self._buffers.append((mm, view))
+            self._views.append(view)
             start = size - index_nbytes if self._index_at_end else 0
             raw = view[start:start + index_nbytes]
             if self._index_crc:
                 self._check_crc(raw[:-4], raw[-4:], file)
-            index = np.frombuffer(raw[: 16 * n_inner], dtype="<u8").reshape(*cps, 2)
-            buf_id = len(self._buffers)
-            self._buffers.append((mm, view))
-            base = [s * c for s, c in zip(shard, cps)]
-            for inner in itertools.product(*(range(c) for c in cps)):
-                off, length = (int(v) for v in index[inner])
-                if off == _MISSING and length == _MISSING:
-                    continue
-                if off + length > size:
-                    raise StoreError(f"shard {file}: chunk {inner} at {off}+{length} lies beyond the file end "
-                                     f"({size}); the store is damaged, rerun preprocessing for this case")
-                g = [b + i for b, i in zip(base, inner)]
-                if any(gi >= n for gi, n in zip(g, self.grid)):
-                    continue
-                flat = sum(gi * st for gi, st in zip(g, self._strides))
-                self._buf_id[flat] = buf_id
-                self._offset[flat] = off
-                self._length[flat] = length
+            index = np.frombuffer(raw[: 16 * n_inner], dtype="<u8").reshape(n_inner, 2)
+            present = ~((index[:, 0] == _MISSING) & (index[:, 1] == _MISSING))
+            if np.any(index[present, 0] + index[present, 1] > size):
+                raise StoreError(f"shard {file}: its index points beyond the file end ({size} bytes); the store "
+                                 f"is damaged, rerun preprocessing for this case")
+            coords = inner + (np.array(shard, np.int64) * np.array(cps, np.int64))[:, None]
+            sel = present & np.all(coords < grid, axis=0)
+            flat = (coords[:, sel] * strides).sum(axis=0)
+            buf_id[flat] = len(self._views) - 1
+            offset[flat] = index[sel, 0].astype(np.int64)
+            length[flat] = index[sel, 1].astype(np.int64)
+        # plain lists: indexing them with Python ints is several times faster than indexing numpy arrays
+        self._buf_id, self._offset, self._length = buf_id.tolist(), offset.tolist(), length.tolist()
 
     @staticmethod
     def _check_crc(payload: memoryview, stored: memoryview, file: Path) -> None:
@@ -207,11 +213,11 @@ class _LeanArray:
     def _chunk_bytes(self, flat: int, coords: tuple[int, ...]):
         """Encoded bytes of one chunk, or None if it is not stored (equal to the fill value)."""
         if self.shard_shape is not None:
-            buf_id = self._buf_id[flat]
-            if buf_id < 0:
+            b = self._buf_id[flat]
+            if b < 0:
                 return None
             off = self._offset[flat]
-            return self._buffers[buf_id][1][off:off + self._length[flat]]
+            return self._views[b][off:off + self._length[flat]]
         try:
             with open(self._key(coords), "rb") as f:
                 return f.read()
@@ -219,27 +225,30 @@ class _LeanArray:
             return None
 
     def _decode(self, raw) -> np.ndarray:
+        """The decoded chunk (the scratch buffer, or a read-only view of ``raw`` if uncompressed)."""
         if self._blosc:
-            from numcodecs.blosc import decompress
-
-            decompress(raw, self._scratch)
-        else:
-            if len(raw) != self._chunk_nbytes:
-                raise StoreError(f"{self.dir}: chunk has {len(raw)} bytes, expected {self._chunk_nbytes}")
-            self._scratch.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
-        return self._scratch
+            _decompress(raw, self._scratch_bytes)
+            return self._scratch
+        if len(raw) != self._chunk_nbytes:
+            raise StoreError(f"{self.dir}: a chunk has {len(raw)} bytes, expected {self._chunk_nbytes}; the "
+                             f"store is damaged, rerun preprocessing for this case")
+        return np.frombuffer(raw, dtype=self.disk_dtype).reshape(self.chunks)
 
     # -- reading ------------------------------------------------------------------------------------
     def read_into(self, lo: Sequence[int], hi: Sequence[int], out: np.ndarray) -> None:
         """Copy ``array[lo:hi]`` (in bounds, non-empty) into ``out`` (shape ``hi - lo``)."""
         parts = []
         for d, (a, b, c) in enumerate(zip(lo, hi, self.chunks)):
+            stride = self._strides[d]
             axis = []
             for ci in range(a // c, (b - 1) // c + 1):
                 o = ci * c
                 s, e = max(a, o), min(b, o + c)
-                axis.append((ci * self._strides[d], ci, slice(s - a, e - a), slice(s - o, e - o)))
+                axis.append((ci * stride, ci, slice(s - a, e - a), slice(s - o, e - o)))
             parts.append(axis)
+        if self.shard_shape is not None and self._blosc and len(parts) == 4:
+            self._read_sharded_4d(parts, out)
+            return
         for combo in itertools.product(*parts):
             flat = 0
             for p in combo:
@@ -251,7 +260,28 @@ class _LeanArray:
             else:
                 out[out_sl] = self._decode(raw)[tuple(p[3] for p in combo)]
 
+    def _read_sharded_4d(self, parts: list, out: np.ndarray) -> None:
+        """The hot loop of :meth:`read_into` for (c, x, y, z) blosc shards, with everything inlined."""
+        buf_id, offset, length, views = self._buf_id, self._offset, self._length, self._views
+        scratch, dest, fill = self._scratch, self._scratch_bytes, self.fill_value
+        p0, p1, p2, p3 = parts
+        for f0, _, o0, c0 in p0:
+            for f1, _, o1, c1 in p1:
+                f01 = f0 + f1
+                for f2, _, o2, c2 in p2:
+                    f012 = f01 + f2
+                    for f3, _, o3, c3 in p3:
+                        flat = f012 + f3
+                        b = buf_id[flat]
+                        if b < 0:
+                            out[o0, o1, o2, o3] = fill
+                        else:
+                            off = offset[flat]
+                            _decompress(views[b][off:off + length[flat]], dest)
+                            out[o0, o1, o2, o3] = scratch[c0, c1, c2, c3]
+
     def close(self) -> None:
+        self._views = []
         for mm, view in self._buffers:
             view.release()
             mm.close()
