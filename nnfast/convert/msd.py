@@ -24,8 +24,9 @@ Deliberate differences, all stricter or more robust:
 - Only ``raw_root`` is searched for a dataset already using the id (nnU-Net also searches preprocessed/results).
 - Everything is written into a hidden temporary folder in ``raw_root`` that is renamed when complete, so a crash
   never leaves a half-converted dataset that looks finished.
-- ``workers == 1`` converts in-process (no pool start-up); ``workers > 1`` uses :func:`nnfast.parallel.run_tasks`
-  (a watched spawn pool: a dead worker becomes :class:`~nnfast.errors.WorkerDiedError` naming the file).
+- 3D files are copied in this process; only 4D files are split in workers (:func:`nnfast.parallel.run_tasks`, a
+  watched spawn pool: a dead worker becomes :class:`~nnfast.errors.WorkerDiedError` naming the file), and only
+  when ``workers > 1`` and there are at least :data:`POOL_MIN_BYTES` of them; otherwise in this process.
 """
 from __future__ import annotations
 
@@ -44,11 +45,14 @@ from ..parallel import run_tasks
 from ..settings import dataset_folder_name
 from ..verify.integrity import nifti_integrity_problem
 
-__all__ = ["convert_msd", "split_4d_image", "parse_msd_folder_name"]
+__all__ = ["convert_msd", "split_4d_image", "parse_msd_folder_name", "POOL_MIN_BYTES"]
 
 logger = logging.getLogger(__name__)
 
 _TASK_RE = re.compile(r"^Task(\d+)_(.+)$")
+#: Below this many compressed bytes of 4D images, splitting runs in this process even when ``workers > 1``:
+#: starting spawn workers (~1-2 s each on a busy machine) costs more than decoding that much.
+POOL_MIN_BYTES = 64 << 20
 _ENDING = ".nii.gz"
 
 
@@ -132,18 +136,26 @@ def convert_msd(
     try:
         for sub in ("imagesTr", "imagesTs", "labelsTr"):
             (tmp / sub).mkdir(parents=True)
-        tasks = [(str(f), str(tmp / sub)) for f, sub in jobs]
         for f, sub in copies:
             problem = nifti_integrity_problem(f)
             if problem:
                 raise ImageReadError(f"label file `{f}` is unusable: {problem}; re-extract or re-download it")
             shutil.copyfile(f, tmp / sub / f.name)
+        tasks = []
+        for f, sub in jobs:
+            if _probe(f) == 3:  # a byte copy: not worth a worker
+                shutil.copyfile(f, tmp / sub / f"{f.name[: -len(_ENDING)]}_0000{_ENDING}")
+            else:
+                tasks.append((str(f), str(tmp / sub)))
+        sizes = [os.path.getsize(t[0]) for t in tasks]
+        use = workers if len(tasks) > 1 and sum(sizes) >= POOL_MIN_BYTES else 1
+        logger.info("splitting %d 4D image(s) with %d worker(s)", len(tasks), use)
         run_tasks(
             _split_task,
             tasks,
-            workers=min(workers, len(tasks)),
+            workers=min(use, len(tasks)),
             keys=[Path(t[0]).name for t in tasks],
-            sizes=[os.path.getsize(t[0]) for t in tasks],
+            sizes=sizes,
             desc="images",
             warmup=False,
         )
@@ -171,30 +183,14 @@ def split_4d_image(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[
     import SimpleITK as sitk
 
     path, out_dir = Path(path), Path(out_dir)
-    problem = nifti_integrity_problem(path)
-    if problem:
-        raise ImageReadError(f"image file `{path}` is unusable: {problem}; re-extract or re-download it")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise ImageReadError(
-            f"cannot read image file `{path}`: it is corrupt or not a NIfTI image; re-extract or re-download it"
-        ) from None
-    dim = reader.GetDimension()
+    dim = _probe(path)
     case = path.name[: -len(_ENDING)]
     if dim == 3:
         out = f"{case}_0000{_ENDING}"
         shutil.copyfile(path, out_dir / out)
         return [out]
-    if dim != 4:
-        raise ImageReadError(
-            f"image file `{path}` has {dim} dimensions (size {reader.GetSize()}); a Decathlon image must be 3D, or 4D "
-            "with the channels (modalities) on the last axis; split it into 3D channel files yourself"
-        )
     try:
-        img = reader.Execute()
+        img = sitk.ReadImage(str(path))
     except RuntimeError:
         raise ImageReadError(f"cannot read image file `{path}`: it is corrupt; re-extract or re-download it") from None
     arr = sitk.GetArrayFromImage(img)  # (t, z, y, x)
@@ -213,6 +209,30 @@ def split_4d_image(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[
         written.append(out)
     logger.debug("split %s into %d channel files", path.name, len(written))
     return written
+
+
+def _probe(path: Path) -> int:
+    """Check ``path`` for truncation and read its header; returns its dimension (3 or 4)."""
+    import SimpleITK as sitk
+
+    problem = nifti_integrity_problem(path)
+    if problem:
+        raise ImageReadError(f"image file `{path}` is unusable: {problem}; re-extract or re-download it")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise ImageReadError(
+            f"cannot read image file `{path}`: it is corrupt or not a NIfTI image; re-extract or re-download it"
+        ) from None
+    dim = reader.GetDimension()
+    if dim not in (3, 4):
+        raise ImageReadError(
+            f"image file `{path}` has {dim} dimensions (size {reader.GetSize()}); a Decathlon image must be 3D, or 4D "
+            "with the channels (modalities) on the last axis; split it into 3D channel files yourself"
+        )
+    return dim
 
 
 def _split_task(task: tuple[str, str]) -> list[str]:

@@ -40,10 +40,13 @@ from ..parallel import run_tasks
 from .case import CaseResult, CaseTask, check_case
 from .report import Problem, VerifyReport
 
-__all__ = ["verify_dataset"]
+__all__ = ["verify_dataset", "POOL_MIN_BYTES"]
 
 logger = logging.getLogger(__name__)
 
+#: Below this many bytes of case files, cases are checked in this process even when ``workers > 1``: starting
+#: spawn workers (~1-2 s each on a busy machine) costs more than reading that much.
+POOL_MIN_BYTES = 32 << 20
 _CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
 _SCHEMA = "nnU-Net v2's dataset.json format (channel_names, labels, numTraining, file_ending)"
 
@@ -56,8 +59,8 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
     root : path
         A raw dataset folder (``DatasetNNN_Name`` with ``dataset.json``, ``imagesTr/``, ``labelsTr/``).
     workers : int
-        Worker processes for the per-case checks (spawned; 1 checks in this process). Peak memory is one case
-        per worker.
+        Worker processes for the per-case checks (spawned; 1 checks in this process, as does a dataset smaller
+        than :data:`POOL_MIN_BYTES`). Peak memory is one case per worker.
 
     Returns
     -------
@@ -115,12 +118,14 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
                  expected, background)
         for c in cases
     ]
+    sizes = [_size(t) for t in tasks]
+    use = workers if sum(sizes) >= POOL_MIN_BYTES else 1
     results: list[CaseResult] = run_tasks(
         check_case,
         tasks,
-        workers=min(max(1, workers), max(1, len(tasks))),
+        workers=min(max(1, use), max(1, len(tasks))),
         keys=[t.case_id for t in tasks],
-        sizes=[_size(t) for t in tasks],
+        sizes=sizes,
         desc="cases",
         warmup=False,
     ) if tasks else []

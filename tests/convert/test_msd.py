@@ -93,7 +93,8 @@ def test_4d_split_geometry(mri_msd, tmp_path):
     assert d["labels"] == {"background": 0, "edema": 1, "tumour": 2}
 
 
-def test_workers_give_the_same_result(mri_msd, tmp_path):
+def test_workers_give_the_same_result(mri_msd, tmp_path, monkeypatch):
+    monkeypatch.setattr("nnfast.convert.msd.POOL_MIN_BYTES", 0)  # use the worker pool even for tiny files
     a = convert_msd(mri_msd, tmp_path / "a", workers=1)
     b = convert_msd(mri_msd, tmp_path / "b", workers=2)
     assert _files(a) == _files(b)

@@ -397,7 +397,8 @@ def test_corrupt_middle_of_label(ds):
 # ------------------------------------------------------------------------------------------------ whole datasets
 
 
-def test_several_problems_are_all_reported(tmp_path):
+def test_several_problems_are_all_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr("nnfast.verify.checks.POOL_MIN_BYTES", 0)  # use the worker pool even for tiny files
     ds = make_dataset(tmp_path, n_cases=4, n_channels=2)
     set_json(ds, numTraining=3)
     (ds / "imagesTr" / "c0_0001.nii.gz").unlink()
