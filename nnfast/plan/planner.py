@@ -202,6 +202,11 @@ class _Planner:
 
         topo = get_pool_and_conv_props(spacing, initial, FEATUREMAP_MIN_EDGE_LENGTH, MAX_NUMPOOL)
         patch_size = topo.patch_size
+        if 0 in patch_size:  # nnU-Net dies here with OverflowError (batch size from a zero VRAM estimate)
+            raise PlanError(
+                f"configuration `{name}`: the median image size at spacing {[float(s) for s in spacing]} mm is "
+                f"{[float(m) for m in median_shape[:ndim]]} voxels, which has an empty axis; choose a finer "
+                "overwrite_target_spacing")
         arch = _architecture(topo.strides, topo.kernel_sizes, max_features)
         estimate = self._estimate(patch_size, arch)
 

@@ -154,3 +154,10 @@ def test_planning_does_not_import_torch():
     code = ("import sys, nnfast.plan.planner, nnfast.plan.nnunet_compat, nnfast.plan.schema; "
             "assert 'torch' not in sys.modules, 'nnfast.plan imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_empty_median_axis_is_a_plan_error(tmp_path):
+    info = dataset_info(tmp_path, make_dataset_json(["CT"], 2, 3))
+    fp = make_fingerprint([(1.0, 1.0, 1.0)] * 3, [(1, 60, 60)] * 3)
+    with pytest.raises(PlanError, match="empty axis"):  # nnU-Net: OverflowError
+        plan_experiment(fp, info, overwrite_target_spacing=[3.0, 1.0, 1.0])
