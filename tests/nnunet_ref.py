@@ -11,20 +11,30 @@ import sys
 from pathlib import Path
 
 _RUNNER = """
-import sys
+import os, sys
 from nnunetv2.experiment_planning import plan_and_preprocess_entrypoints as e
+budget = os.environ.get("NNFAST_TEST_FP_SAMPLES")
+if budget:  # nnU-Net samples 1e8 foreground voxels; a smaller budget keeps tests fast (sampling noise << tolerance)
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor as fe
+    _init = fe.DatasetFingerprintExtractor.__init__
+    def _patched(self, *a, **k):
+        _init(self, *a, **k)
+        self.num_foreground_voxels_for_intensitystats = float(budget)
+    fe.DatasetFingerprintExtractor.__init__ = _patched
 sys.argv = [sys.argv[1]] + sys.argv[2:]
 getattr(e, sys.argv[0])()
 """
 
 
 def run_nnunet(entry: str, args: list[str], raw: Path, preprocessed: Path, results: Path | None = None,
-               timeout: float = 600) -> subprocess.CompletedProcess:
+               timeout: float = 600, fingerprint_samples: float | None = 4e6) -> subprocess.CompletedProcess:
     """Call an nnU-Net entry point function of ``plan_and_preprocess_entrypoints`` with CLI ``args``."""
     env = dict(os.environ)
     env.update(nnUNet_raw=str(raw), nnUNet_preprocessed=str(preprocessed),
                nnUNet_results=str(results or preprocessed.parent / "results"), nnUNet_compile="f",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if fingerprint_samples:
+        env["NNFAST_TEST_FP_SAMPLES"] = str(fingerprint_samples)
     r = subprocess.run([sys.executable, "-c", _RUNNER, entry, *args], env=env, capture_output=True, text=True,
                        timeout=timeout)
     if r.returncode != 0:
