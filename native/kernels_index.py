@@ -1,0 +1,6 @@
+"""Imports every kernel module so that their warm-ups register (used by :func:`nnfast.native.warmup`)."""
+# Each kernel module is imported here as it is added; keep this list in sync with native/__init__.py.
+from . import normalize  # noqa: F401
+from . import resample, resample_seg  # noqa: F401
+from . import augment  # noqa: F401
+from . import crop, intensity, class_locations  # noqa: F401
