@@ -437,15 +437,20 @@ def _check_representable(label: int, dtype: np.dtype, what: str) -> None:
 
 @register_warmup
 def _warmup() -> None:
-    """Compile the signatures the pipeline uses: float32 images, contiguous and as views; bool masks."""
+    """Compile the signatures the pipeline uses.
+
+    Images reach cropping in their file dtype (float32, int16, uint8, uint16, float64), contiguous; float32
+    also as a view. Label maps: float32/int8/int16/int32, contiguous and cropped views; bool masks.
+    """
     tiny = np.zeros((1, 3, 4, 5), np.float32)
     tiny[0, 1, 1:3, 1:4] = 1.0
-    nonzero_mask_and_bbox(tiny)
+    for dtype in (np.float32, np.int16, np.uint8, np.uint16, np.float64):
+        nonzero_mask_and_bbox(tiny.astype(dtype))
     nonzero_mask_and_bbox(tiny[:, :, 1:, :])
     m = nonzero_mask(tiny)
     bbox_from_mask(m)
     bbox_from_mask(m[:, 1:, :])
-    for dtype in (np.float32, np.int8, np.int16):
+    for dtype in (np.float32, np.int8, np.int16, np.int32):
         label_outside_mask(np.zeros((1, 3, 4, 5), dtype)[:, :, 1:], m[:, 1:])
         label_outside_mask(np.zeros((1, 3, 4, 5), dtype), m)
     seg_from_mask(m[:, 1:])

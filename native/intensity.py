@@ -401,10 +401,11 @@ def mixture_statistics(summaries: Sequence[ForegroundSummary]) -> dict[str, floa
 
 @register_warmup
 def _warmup() -> None:
-    """Compile the pipeline's signatures: float32 images (contiguous and cropped views), int16, bool masks."""
+    """Compile the pipeline's signatures: cropped views (and contiguous arrays) of the image dtypes files hold
+    (float32, int16, uint8, uint16, float64) with a contiguous bool mask."""
     mask = np.zeros((3, 4, 5), bool)
     mask[1, 1:3, 1:4] = True
-    for dtype in (np.float32, np.int16):
+    for dtype in (np.float32, np.int16, np.uint8, np.uint16, np.float64):
         image = np.arange(3 * 4 * 10, dtype=dtype).reshape(3, 4, 10)
         foreground_summary(image[:, :, ::2], mask, 4)
         foreground_summary(np.ascontiguousarray(image[:, :, ::2]), mask, 8)
