@@ -157,7 +157,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"[1-2/5] reusing {raw_ds}")
     print("[3/5] verifying, [4/5] fingerprinting and planning")
     res = plan_dataset(task_id, settings, workers=args.workers)
-    print(f"      verification: {len(res.verify_report.errors)} errors, {len(res.verify_report.warnings)} warnings")
+    if res.verify_report is not None:
+        print(f"      verification: {len(res.verify_report.errors)} errors, {len(res.verify_report.warnings)} warnings")
+    else:
+        print("      verification: current (inputs unchanged since it passed)")
     print()
     print(format_plans_table(res.plans))
     print()

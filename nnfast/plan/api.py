@@ -88,8 +88,14 @@ def plan_dataset(
     out = settings.require("preprocessed") / info.name
     out.mkdir(parents=True, exist_ok=True)
 
+    if not cases:
+        raise DatasetError(f"dataset `{info.root}` has no training cases in imagesTr")
+    signature = source_signature(info, cases)
+    state_file = out / STATE_FILE
+    state = read_json(state_file) if state_file.is_file() else {}
+
     report = None
-    if verify:
+    if verify and (force or state.get("verified_signature") != signature):
         from ..verify import verify_dataset
 
         report = verify_dataset(info.root, workers=workers)
@@ -99,10 +105,10 @@ def plan_dataset(
             raise DatasetError(
                 f"dataset `{info.root}` failed verification with {len(report.errors)} error(s):\n{report.format()}"
             )
-    if not cases:
-        raise DatasetError(f"dataset `{info.root}` has no training cases in imagesTr")
-
-    signature = source_signature(info, cases)
+        state["verified_signature"] = signature
+        write_json_atomic(state_file, state)
+    elif verify:
+        log.info("%s: verification is current (inputs unchanged since it passed)", info.name)
     fp_file = fingerprint_path(out)
     fingerprint = None
     fp_reused = False
@@ -121,19 +127,22 @@ def plan_dataset(
 
     plan_args = {"gpu_memory_gb": float(gpu_memory_gb), "fingerprint": _hash_json(fingerprint.to_json()),
                  "dataset_json": _hash_json(info.raw)}
-    state_file = out / STATE_FILE
     p_file = plans_path(out)
     plans = None
     plans_reused = False
-    if p_file.is_file() and state_file.is_file() and not force:
-        if read_json(state_file).get("plan_args") == plan_args:
+    if p_file.is_file() and not force:
+        if state.get("plan_args") == plan_args:
             plans = load_plans(p_file)
             plans_reused = True
     if plans is None:
         plans = plan_experiment(fingerprint, info, gpu_memory_target_in_gb=gpu_memory_gb)
         write_plans(plans, p_file)
-        write_json_atomic(state_file, {"plan_args": plan_args})
-    shutil.copyfile(info.root / "dataset.json", out / "dataset.json")
+        state["plan_args"] = plan_args
+        write_json_atomic(state_file, state)
+    from ..io.atomic import atomic_target
+
+    with atomic_target(out / "dataset.json") as tmp:
+        shutil.copyfile(info.root / "dataset.json", tmp)
     if export_nnunet:
         from .nnunet_compat import to_nnunet_plans
 
