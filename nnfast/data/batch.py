@@ -1,0 +1,297 @@
+"""One training or validation batch, built deterministically from ``(base_seed, batch_index)``.
+
+Every random choice of batch ``i`` comes from ``np.random.default_rng(np.random.SeedSequence([base_seed, i]))``,
+drawn in a fixed order (cases, forced-foreground flags, then per sample: patch box, spatial parameters,
+intensity parameters, noise). A batch is therefore the same whichever process builds it and whatever the number
+of loader workers, and a run can resume at any batch index.
+
+Per sample (nnU-Net v2's ``nnUNetDataLoader.generate_train_batch`` + ``nnUNetTrainer.get_training_transforms``,
+reference §1.5/§1.6):
+
+1. case uniform with replacement; the last ``round(bs * 0.33)`` samples are forced to contain foreground
+   (:mod:`nnfast.data.sampler`);
+2. nnU-Net's enlarged box (``initial_patch_size``) from ``get_bbox``; its centre is the patch centre;
+3. spatial parameters first (rotation/scaling p 0.2 each, mirroring), then only the stored region the final
+   patch needs is read (:func:`~nnfast.data.augment_params.needed_region`): exactly the patch when no rotation or
+   scaling fires, instead of nnU-Net's 4-5x larger box;
+4. augmentation (:func:`~nnfast.data.transforms.augment_sample`) written straight into the batch array, labels
+   -1 -> 0, deep-supervision targets (``nearest-exact`` downsampling).
+
+Validation batches (``train=False``) read the final patch (no enlargement), with the same foreground
+oversampling as nnU-Net's validation loader, and apply only the validation transforms (labels -1 -> 0,
+deep-supervision targets).
+
+2D configurations sample a box ``(1, y, z)`` in the 3D case (a random slice) and squeeze the singleton axis.
+
+Batch layout (nnU-Net's): ``data`` float32 ``(b, c, *patch_size)``; ``target`` one int16 ``(b, 1, *shape_k)``
+array per deep-supervision scale (highest resolution first), or one ``(b, 1, *patch_size)`` array without deep
+supervision; ``keys`` the case ids. Axes are nnU-Net's ``(x, y, z)`` after transposition.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .augment_params import AugmentConfig, box_center, needed_region, sample_spatial
+from .dataset import CaseSource
+from .sampler import SamplerConfig, forced_foreground, get_bbox, sample_batch_cases
+from .transforms import augment_sample, deep_supervision_targets
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..plan.schema import ConfigurationPlan
+
+__all__ = ["BatchSpec", "BatchArrays", "BatchBuilder", "batch_rng", "allocate_batch"]
+
+TARGET_DTYPE = np.int16  # nnU-Net's loader crops labels to int16 and its transforms keep that dtype
+_ALIGN = 64
+
+
+def batch_rng(base_seed: int, batch_index: int) -> np.random.Generator:
+    """The generator of batch ``batch_index``: ``default_rng(SeedSequence([base_seed, batch_index]))``."""
+    return np.random.default_rng(np.random.SeedSequence([int(base_seed), int(batch_index)]))
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Everything that decides the shape and content of a batch (picklable; sent to loader workers).
+
+    Attributes
+    ----------
+    augment : AugmentConfig
+        Final patch size (2 or 3 axes), nnU-Net's enlarged ``initial_patch_size``, rotation/mirroring and the
+        deep-supervision scales (``augment.ds_scales``, None without deep supervision).
+    batch_size : int
+    num_channels : int
+        Image channels of the cases.
+    train : bool
+        Training transforms and enlarged boxes (True) or validation (False).
+    oversample_foreground_percent, probabilistic_oversampling : nnU-Net's oversampling settings.
+    annotated_classes_key : tuple or None
+        ``(-1, *all_labels)`` when the dataset has an ignore label (nnU-Net's ``annotated_classes_key``).
+    clip_to_sampled_box : bool
+        Treat voxels outside nnU-Net's enlarged box as padding even where the case has data, as nnU-Net's
+        ``SpatialTransform`` does (it only sees that box). Matters only for strong rotation + scaling.
+    """
+
+    augment: AugmentConfig
+    batch_size: int
+    num_channels: int
+    train: bool = True
+    oversample_foreground_percent: float = 0.33
+    probabilistic_oversampling: bool = False
+    annotated_classes_key: tuple[int, ...] | None = None
+    clip_to_sampled_box: bool = True
+    sampler: SamplerConfig = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1:
+            raise ValueError(f"BatchSpec: batch_size must be >= 1, got {self.batch_size}")
+        if int(self.num_channels) < 1:
+            raise ValueError(f"BatchSpec: num_channels must be >= 1, got {self.num_channels}")
+        ps = tuple(int(p) for p in self.augment.patch_size)
+        initial = tuple(int(p) for p in (self.augment.initial_patch_size if self.train else ps))
+        if len(ps) == 2:
+            ps, initial = (1, *ps), (1, *initial)
+        object.__setattr__(self, "sampler", SamplerConfig(
+            patch_size=ps, initial_patch_size=initial, batch_size=int(self.batch_size),
+            oversample_foreground_percent=float(self.oversample_foreground_percent),
+            probabilistic_oversampling=bool(self.probabilistic_oversampling),
+            annotated_classes_key=self.annotated_classes_key))
+
+    def __getstate__(self) -> dict:
+        return {k: getattr(self, k) for k in ("augment", "batch_size", "num_channels", "train",
+                                              "oversample_foreground_percent", "probabilistic_oversampling",
+                                              "annotated_classes_key", "clip_to_sampled_box")}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        self.__post_init__()
+
+    @property
+    def is_2d(self) -> bool:
+        return self.augment.ndim == 2
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.augment.patch_size)
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """``(b, c, *patch_size)``."""
+        return (int(self.batch_size), int(self.num_channels), *self.patch_size)
+
+    @property
+    def target_shapes(self) -> list[tuple[int, ...]]:
+        """``(b, 1, *shape)`` per deep-supervision scale (``round(patch * scale)``), or the patch's alone."""
+        scales = self.augment.ds_scales
+        if scales is None:
+            return [(int(self.batch_size), 1, *self.patch_size)]
+        return [(int(self.batch_size), 1, *(round(p * s) for p, s in zip(self.patch_size, sc))) for sc in scales]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one batch in the :func:`allocate_batch` layout (each array 64-byte aligned)."""
+        return sum(_aligned(math.prod(s) * np.dtype(d).itemsize) for s, d in self._arrays())
+
+    def _arrays(self) -> list[tuple[tuple[int, ...], Any]]:
+        return [(self.data_shape, np.float32), *((s, TARGET_DTYPE) for s in self.target_shapes)]
+
+    def with_train(self, train: bool) -> "BatchSpec":
+        return replace(self, train=bool(train))
+
+    @classmethod
+    def from_configuration(cls, conf: "ConfigurationPlan", num_channels: int, *, train: bool = True,
+                           deep_supervision: bool = True, batch_size: int | None = None,
+                           **kwargs) -> "BatchSpec":
+        """nnU-Net's loader settings for a plan configuration (its patch/batch size, ``use_mask_for_norm``,
+        deep-supervision scales from the architecture's strides); ``kwargs`` are further fields."""
+        aug = AugmentConfig.from_configuration(conf, deep_supervision=deep_supervision)
+        return cls(augment=aug, batch_size=int(batch_size if batch_size is not None else conf.batch_size),
+                   num_channels=int(num_channels), train=train, **kwargs)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+@dataclass
+class BatchArrays:
+    """The arrays of one batch (see the module docstring for shapes and dtypes)."""
+
+    data: np.ndarray
+    targets: list[np.ndarray]
+
+
+def allocate_batch(spec: BatchSpec, buffer: memoryview | bytearray | None = None, offset: int = 0) -> BatchArrays:
+    """Arrays of one batch: fresh ones, or views into ``buffer`` starting at ``offset`` (``spec.nbytes`` bytes,
+    e.g. a shared-memory slot)."""
+    arrays = []
+    pos = int(offset)
+    for shape, dtype in spec._arrays():
+        if buffer is None:
+            arrays.append(np.empty(shape, dtype))
+        else:
+            n = math.prod(shape)
+            arrays.append(np.frombuffer(buffer, dtype=dtype, count=n, offset=pos).reshape(shape))
+            pos += _aligned(n * np.dtype(dtype).itemsize)
+    return BatchArrays(arrays[0], arrays[1:])
+
+
+class _Scratch:
+    """Growable flat buffers for the region a sample reads (reused: fresh arrays cost page faults)."""
+
+    def __init__(self) -> None:
+        self._img = np.empty(0, np.float32)
+        self._seg = np.empty(0, TARGET_DTYPE)
+
+    def views(self, c: int, box: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        n = math.prod(box)
+        if self._img.size < c * n:
+            self._img = np.empty(int(c * n * 1.25) + 1, np.float32)
+        if self._seg.size < n:
+            self._seg = np.empty(int(n * 1.25) + 1, TARGET_DTYPE)
+        return self._img[:c * n].reshape(c, *box), self._seg[:n].reshape(1, *box)
+
+
+class BatchBuilder:
+    """Builds batches of ``spec`` from ``source``.
+
+    Parameters
+    ----------
+    source : CaseSource
+        The cases to sample from (``source.case_ids``).
+    spec : BatchSpec
+
+    Notes
+    -----
+    Not thread-safe (it reuses scratch buffers); use one builder per thread or process.
+    """
+
+    def __init__(self, source: CaseSource, spec: BatchSpec):
+        if not source.case_ids:
+            raise ValueError("BatchBuilder: the source has no cases")
+        self.source = source
+        self.spec = spec
+        self._case_ids = list(source.case_ids)
+        self._scratch = _Scratch()
+        sc = spec.augment.ds_scales
+        self._first_is_full = sc is None or all(v == 1 for v in sc[0])
+
+    def allocate(self) -> BatchArrays:
+        return allocate_batch(self.spec)
+
+    def build(self, base_seed: int, batch_index: int, out: BatchArrays | None = None) -> tuple[BatchArrays, list[str]]:
+        """Build batch ``batch_index`` into ``out`` (allocated when None).
+
+        Returns
+        -------
+        (arrays, keys) : the filled :class:`BatchArrays` and the case id of each sample.
+        """
+        spec = self.spec
+        if out is None:
+            out = self.allocate()
+        elif out.data.shape != spec.data_shape or [t.shape for t in out.targets] != spec.target_shapes:
+            raise ValueError(f"BatchBuilder.build: out has data {out.data.shape} and targets "
+                             f"{[t.shape for t in out.targets]}, expected {spec.data_shape} and {spec.target_shapes}")
+        rng = batch_rng(base_seed, batch_index)
+        keys = sample_batch_cases(self._case_ids, spec.batch_size, rng)
+        force = forced_foreground(spec.sampler, rng)
+        for j, case_id in enumerate(keys):
+            shape = self.source.shape(case_id)
+            need_locs = force[j] or spec.sampler.has_ignore
+            locs = self.source.class_locations(case_id) if need_locs else None
+            lbs, ubs = get_bbox(spec.sampler, shape, force[j], locs, rng)
+            if spec.train:
+                self._train_sample(case_id, lbs, ubs, rng, out, j)
+            else:
+                self._val_sample(case_id, lbs, ubs, out, j)
+        return out, keys
+
+    # -- per sample ---------------------------------------------------------------------------------
+    def _train_sample(self, case_id, lbs, ubs, rng, out: BatchArrays, j: int) -> None:
+        spec = self.spec
+        aug = spec.augment
+        params = sample_spatial(rng, aug)
+        first = 1 if spec.is_2d else 0  # 2D: axis 0 of the case is the slice axis
+        centre = box_center(lbs[first:], ubs[first:])
+        clip = [[lb, ub] for lb, ub in zip(lbs[first:], ubs[first:])] if spec.clip_to_sampled_box else None
+        region = needed_region(params, aug.patch_size, centre, clip_to=clip)
+        bbox = ([[lbs[0], lbs[0] + 1]] if spec.is_2d else []) + region.bbox
+        box = [u - lb for lb, u in bbox]
+        img, seg = self._scratch.views(spec.num_channels, box)
+        self.source.read(case_id, bbox, img, seg)
+        if spec.is_2d:
+            img, seg = img[:, 0], seg[:, 0]
+        out_seg = out.targets[0][j] if self._first_is_full else None
+        res = augment_sample(img, seg, params, rng, aug, region, out_image=out.data[j], out_seg=out_seg)
+        self._store_targets(res.seg, res.targets, out, j)
+
+    def _val_sample(self, case_id, lbs, ubs, out: BatchArrays, j: int) -> None:
+        spec = self.spec
+        bbox = [[lb, ub] for lb, ub in zip(lbs, ubs)]
+        box = [u - lb for lb, u in bbox]
+        if self._first_is_full:
+            seg = out.targets[0][j]
+        else:
+            seg = self._scratch.views(spec.num_channels, box)[1]
+            seg = seg[:, 0] if spec.is_2d else seg
+        if spec.is_2d:
+            self.source.read(case_id, bbox, out.data[j][:, None], seg[:, None])
+        else:
+            self.source.read(case_id, bbox, out.data[j], seg)
+        seg[seg == -1] = 0  # RemoveLabelTansform(-1, 0); no MaskImageTransform in nnU-Net's validation pipeline
+        self._store_targets(seg, deep_supervision_targets(seg, spec.augment.ds_scales), out, j)
+
+    def _store_targets(self, seg: np.ndarray, targets: list[np.ndarray] | None, out: BatchArrays, j: int) -> None:
+        if targets is None:
+            if not np.shares_memory(seg, out.targets[0][j]):
+                out.targets[0][j] = seg
+            return
+        for k, t in enumerate(targets):
+            dst = out.targets[k][j]
+            if not np.shares_memory(t, dst):
+                dst[...] = t

@@ -1,0 +1,450 @@
+"""Where training patches come from: nnfast case stores or nnU-Net v2's preprocessed folder.
+
+A *case source* answers the three questions the batch builder asks about a case: its spatial shape, its
+foreground class locations, and the voxels of a box (``read``). Boxes may stick out of the case on any side;
+what lies outside is padded with 0 (image) and -1 (labels), nnU-Net's ``crop_and_pad_nd`` rule. Both sources
+below give identical answers for identical data, so the loader does not care which one it reads.
+
+* :class:`ZarrCaseSource` reads nnfast's zarr v3 case stores (``<folder>/<case_id>.zarr``) through the lean
+  :class:`~nnfast.io.store_reader.CaseReader`.
+* :class:`NnunetCaseSource` reads nnU-Net v2's preprocessed configuration folder (``<case>.b2nd``,
+  ``<case>_seg.b2nd``, ``<case>.pkl``), so that nnU-Net users can train from the data they already have. It needs
+  ``blosc2`` (nnfast's ``compat`` extra), imported only when such a source opens a case.
+
+Sources pickle as their folder and case list only and reopen lazily, so the loader can send them to spawned
+worker processes. Each keeps a bounded number of cases open and a bounded cache of class locations (nnU-Net keeps
+up to ~10 000 locations per class and case; a dataset of 1 000 cases would otherwise cost a worker ~1 GB).
+
+Not supported: the cascade's previous-stage segmentation as an extra input channel (``3d_cascade_fullres``), and
+nnU-Net's unpacked ``.npy``/``.npz`` folders (nnU-Net < 2.6).
+
+Array conventions: image ``(c, x, y, z)`` float32 (nnU-Net axis order, low-resolution axis first), labels
+``(1, x, y, z)`` read as int16 by default (nnU-Net's loader casts crops to int16), -1 outside the nonzero region.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from ..errors import CaseNotFoundError, DatasetError
+from ..io.store import list_case_ids, store_path
+from ..io.store_reader import CaseReader
+
+__all__ = ["CaseSource", "ZarrCaseSource", "NnunetCaseSource", "open_case_source"]
+
+logger = logging.getLogger(__name__)
+
+#: Cases a source keeps open at once (file handles / memory maps).
+DEFAULT_MAX_OPEN = 64
+#: Bytes of class locations a source keeps in memory (least recently used cases are dropped).
+DEFAULT_LOCATION_CACHE_BYTES = 256 * 2**20
+
+
+@runtime_checkable
+class CaseSource(Protocol):
+    """What the batch builder needs from a dataset (see the module docstring).
+
+    ``case_ids`` are the cases to sample from, sorted. Implementations must pickle cheaply (folder + ids) and
+    reopen their files lazily in the process that unpickles them.
+    """
+
+    case_ids: tuple[str, ...]
+
+    @property
+    def num_channels(self) -> int:
+        """Number of image channels."""
+
+    def shape(self, case_id: str) -> tuple[int, ...]:
+        """Spatial shape ``(x, y, z)`` of a case."""
+
+    def class_locations(self, case_id: str) -> Mapping[Any, np.ndarray]:
+        """``{label or region tuple: (n, 4) integer array of (0, x, y, z)}`` (nnU-Net's format)."""
+
+    def read(self, case_id: str, bbox: Sequence[Sequence[int]], out_image: np.ndarray | None = None,
+             out_seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``(c, *box)`` and labels ``(1, *box)`` of the half-open box ``bbox`` (``[[lb, ub], ...]`` per
+        spatial axis), padded with 0 / -1 outside the case; written into ``out_*`` when given."""
+
+    def subset(self, case_ids: Sequence[str]) -> "CaseSource":
+        """The same source restricted to ``case_ids`` (e.g. one fold's training cases)."""
+
+    def close(self) -> None:
+        """Release open files (the source reopens on next use)."""
+
+
+# ----------------------------------------------------------------------------------------------- caches
+class _LRU:
+    """A small least-recently-used cache with a count and a byte budget; evicted values get ``on_evict``."""
+
+    def __init__(self, max_items: int, max_bytes: int | None = None, on_evict=None):
+        self.max_items = max(1, int(max_items))
+        self.max_bytes = max_bytes
+        self.on_evict = on_evict
+        self._d: OrderedDict = OrderedDict()
+        self._sizes: dict = {}
+        self.nbytes = 0
+
+    def get(self, key):
+        v = self._d.get(key)
+        if v is not None:
+            self._d.move_to_end(key)
+        return v
+
+    def put(self, key, value, nbytes: int = 0) -> None:
+        if key in self._d:
+            self._drop(key)
+        self._d[key] = value
+        self._sizes[key] = nbytes
+        self.nbytes += nbytes
+        while len(self._d) > 1 and (len(self._d) > self.max_items
+                                    or (self.max_bytes is not None and self.nbytes > self.max_bytes)):
+            self._drop(next(iter(self._d)))
+
+    def _drop(self, key) -> None:
+        v = self._d.pop(key)
+        self.nbytes -= self._sizes.pop(key)
+        if self.on_evict is not None:
+            self.on_evict(v)
+
+    def clear(self) -> None:
+        while self._d:
+            self._drop(next(iter(self._d)))
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def _compact_locations(locs: Mapping[Any, Any]) -> tuple[dict, int]:
+    """Class locations as int32 ``(n, 4)`` arrays (half of nnU-Net's int64) and their byte count."""
+    out = {}
+    total = 0
+    for k, v in locs.items():
+        a = np.asarray(v)
+        if a.size == 0:
+            a = np.zeros((0, 4), np.int32)
+        else:
+            a = np.ascontiguousarray(a.reshape(-1, a.shape[-1]), dtype=np.int32)
+        a.setflags(write=False)
+        key = tuple(int(i) for i in k) if isinstance(k, (tuple, list)) else int(k)
+        out[key] = a
+        total += a.nbytes
+    return out, total
+
+
+def _check_bbox(bbox: Sequence[Sequence[int]], ndim: int, where: str) -> tuple[list[int], list[int]]:
+    if len(bbox) != ndim:
+        raise DatasetError(f"{where}: bbox needs {ndim} [lb, ub) pairs, got {bbox!r}")
+    lbs = [int(b[0]) for b in bbox]
+    ubs = [int(b[1]) for b in bbox]
+    if any(u < lb for lb, u in zip(lbs, ubs)):
+        raise DatasetError(f"{where}: bbox {bbox!r} has an upper bound below its lower bound")
+    return lbs, ubs
+
+
+def _out(out: np.ndarray | None, shape: tuple[int, ...], dtype, name: str, where: str) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype)
+    if not isinstance(out, np.ndarray) or out.shape != shape:
+        raise DatasetError(f"{where}: {name} must be an ndarray of shape {shape}, got "
+                           f"{getattr(out, 'shape', type(out).__name__)}")
+    return out
+
+
+def _resolve_ids(available: Sequence[str], case_ids: Sequence[str] | None, folder: Path, what: str) -> tuple[str, ...]:
+    if case_ids is None:
+        ids = sorted(available)
+    else:
+        have = set(available)
+        ids = sorted(str(c) for c in case_ids)
+        missing = [c for c in ids if c not in have]
+        if missing:
+            raise CaseNotFoundError(f"{folder}: no {what} for case(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                                    f" ({len(have)} cases there); check the split or the folder")
+    if not ids:
+        raise DatasetError(f"{folder}: no {what} found; preprocess the dataset first or point to the folder that "
+                           f"holds them")
+    return tuple(ids)
+
+
+# ------------------------------------------------------------------------------------------- nnfast stores
+class ZarrCaseSource:
+    """Cases of an nnfast preprocessed folder (``<folder>/<case_id>.zarr`` stores).
+
+    Parameters
+    ----------
+    folder : path-like
+        The configuration's folder of case stores.
+    case_ids : sequence of str, optional
+        Cases to use (all stores in ``folder`` by default).
+    max_open : int
+        Readers kept open at once.
+    location_cache_bytes : int
+        Budget of the class-location cache.
+
+    Raises
+    ------
+    DatasetError
+        ``folder`` holds no case store.
+    CaseNotFoundError
+        A requested case has no store.
+    """
+
+    def __init__(self, folder: str | os.PathLike, case_ids: Sequence[str] | None = None, *,
+                 max_open: int = DEFAULT_MAX_OPEN, location_cache_bytes: int = DEFAULT_LOCATION_CACHE_BYTES):
+        self.folder = Path(folder)
+        self.case_ids = _resolve_ids(list_case_ids(self.folder), case_ids, self.folder, "case store (*.zarr)")
+        self.max_open = int(max_open)
+        self.location_cache_bytes = int(location_cache_bytes)
+        self._init_caches()
+
+    def _init_caches(self) -> None:
+        self._readers = _LRU(self.max_open, on_evict=lambda r: r.close())
+        self._locations = _LRU(1 << 30, self.location_cache_bytes)
+        self._num_channels: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {"folder": str(self.folder), "case_ids": self.case_ids, "max_open": self.max_open,
+                "location_cache_bytes": self.location_cache_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.folder = Path(state["folder"])
+        self.case_ids = tuple(state["case_ids"])
+        self.max_open = state["max_open"]
+        self.location_cache_bytes = state["location_cache_bytes"]
+        self._init_caches()
+
+    def __repr__(self) -> str:
+        return f"ZarrCaseSource({str(self.folder)!r}, {len(self.case_ids)} cases)"
+
+    def reader(self, case_id: str) -> CaseReader:
+        """The (cached, open) :class:`CaseReader` of a case."""
+        r = self._readers.get(case_id)
+        if r is None:
+            r = CaseReader(store_path(self.folder, case_id)).open()
+            self._readers.put(case_id, r)
+        return r
+
+    @property
+    def num_channels(self) -> int:
+        if self._num_channels is None:
+            self._num_channels = self.reader(self.case_ids[0]).num_channels
+        return self._num_channels
+
+    def shape(self, case_id: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.reader(case_id).shape)
+
+    def class_locations(self, case_id: str) -> Mapping[Any, np.ndarray]:
+        locs = self._locations.get(case_id)
+        if locs is None:
+            locs, nbytes = _compact_locations(self.reader(case_id).class_locations())
+            self._locations.put(case_id, locs, nbytes)
+        return locs
+
+    def read(self, case_id: str, bbox: Sequence[Sequence[int]], out_image: np.ndarray | None = None,
+             out_seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        r = self.reader(case_id)
+        where = f"{r.path}"
+        lbs, ubs = _check_bbox(bbox, 3, where)
+        box = tuple(u - lb for lb, u in zip(lbs, ubs))
+        out_image = _out(out_image, (r.num_channels, *box), np.float32, "out_image", where)
+        out_seg = _out(out_seg, (1, *box), np.int16, "out_seg", where)
+        return r.read(bbox, out_image, out_seg)
+
+    def subset(self, case_ids: Sequence[str]) -> "ZarrCaseSource":
+        return ZarrCaseSource(self.folder, case_ids, max_open=self.max_open,
+                              location_cache_bytes=self.location_cache_bytes)
+
+    def close(self) -> None:
+        self._readers.clear()
+
+
+# --------------------------------------------------------------------------------- nnU-Net's preprocessed
+def _import_blosc2():
+    try:
+        import blosc2
+    except ImportError as e:  # pragma: no cover - blosc2 is installed where nnU-Net is
+        raise ImportError("reading nnU-Net's preprocessed folders (.b2nd files) needs blosc2: pip install blosc2 "
+                          "(or pip install 'nnfast[compat]')") from e
+    return blosc2
+
+
+class _B2Case:
+    """One nnU-Net case: its two blosc2 arrays, opened read-only (memory-mapped where the OS allows)."""
+
+    def __init__(self, folder: Path, case_id: str):
+        blosc2 = _import_blosc2()
+        kw = {} if os.name == "nt" else {"mmap_mode": "r"}  # nnU-Net: no mmap on Windows (its issue #2723)
+        dparams = {"nthreads": 1}
+        img_path, seg_path = folder / f"{case_id}.b2nd", folder / f"{case_id}_seg.b2nd"
+        for p in (img_path, seg_path):
+            if not p.is_file():
+                raise CaseNotFoundError(f"{p} does not exist; is {folder} an nnU-Net v2 preprocessed folder "
+                                        f"(nnUNetv2_preprocess output)?")
+        self.image = blosc2.open(urlpath=str(img_path), mode="r", dparams=dparams, **kw)
+        self.seg = blosc2.open(urlpath=str(seg_path), mode="r", dparams=dparams, **kw)
+        if len(self.image.shape) != 4 or len(self.seg.shape) != 4 or self.image.shape[1:] != self.seg.shape[1:]:
+            raise DatasetError(f"{folder}/{case_id}: image {self.image.shape} and seg {self.seg.shape} must be "
+                               f"(c, x, y, z) and (1, x, y, z) with equal spatial shape")
+
+
+def _fill_box(arr, out: np.ndarray, lbs: Sequence[int], ubs: Sequence[int], pad) -> None:
+    """``out[:] = arr[:, lbs:ubs]`` with ``pad`` outside ``arr`` (``arr`` is sliced once, for the overlap)."""
+    shape = arr.shape[1:]
+    v_lo = [max(lb, 0) for lb in lbs]
+    v_hi = [min(ub, s) for ub, s in zip(ubs, shape)]
+    if any(h <= lo for lo, h in zip(v_lo, v_hi)):
+        out[...] = pad
+        return
+    inner = tuple(slice(lo - lb, h - lb) for lo, h, lb in zip(v_lo, v_hi, lbs))
+    if any(lb < 0 for lb in lbs) or any(ub > s for ub, s in zip(ubs, shape)):
+        out[...] = pad
+    chunk = arr[(slice(None), *(slice(lo, h) for lo, h in zip(v_lo, v_hi)))]
+    np.copyto(out[(slice(None), *inner)], chunk, casting="same_kind")
+
+
+class NnunetCaseSource:
+    """Cases of nnU-Net v2's preprocessed configuration folder (e.g. ``nnUNet_preprocessed/Dataset001_X/
+    nnUNetPlans_3d_fullres``), read as ``nnUNetDatasetBlosc2.load_case`` + ``crop_and_pad_nd`` would.
+
+    Parameters
+    ----------
+    folder : path-like
+        The folder with ``<case>.b2nd``, ``<case>_seg.b2nd`` and ``<case>.pkl`` per case.
+    case_ids : sequence of str, optional
+        Cases to use (all in ``folder`` by default).
+    max_open, location_cache_bytes : see :class:`ZarrCaseSource`.
+
+    Notes
+    -----
+    Class locations come from nnU-Net's per-case ``.pkl`` (its ``properties['class_locations']``): loading that
+    pickle is the only way to read nnU-Net's own format, and is done here only. nnfast itself never writes
+    pickles.
+
+    Raises
+    ------
+    DatasetError
+        ``folder`` holds no ``.b2nd`` case (or only nnU-Net's old unpacked ``.npy``/``.npz`` files).
+    CaseNotFoundError
+        A requested case is missing.
+    ImportError
+        ``blosc2`` is not installed (on first read).
+    """
+
+    def __init__(self, folder: str | os.PathLike, case_ids: Sequence[str] | None = None, *,
+                 max_open: int = DEFAULT_MAX_OPEN, location_cache_bytes: int = DEFAULT_LOCATION_CACHE_BYTES):
+        self.folder = Path(folder)
+        available = self.list_cases(self.folder)
+        if not available and self.folder.is_dir() and any(p.suffix in (".npz", ".npy") for p in self.folder.iterdir()):
+            raise DatasetError(f"{self.folder} holds nnU-Net's old .npz/.npy format; nnfast reads nnU-Net v2.6+ "
+                               f"blosc2 folders (.b2nd): rerun nnUNetv2_preprocess with a current nnU-Net")
+        self.case_ids = _resolve_ids(available, case_ids, self.folder, "nnU-Net case (<case>.b2nd)")
+        self.max_open = int(max_open)
+        self.location_cache_bytes = int(location_cache_bytes)
+        self._init_caches()
+
+    @staticmethod
+    def list_cases(folder: str | os.PathLike) -> list[str]:
+        """Sorted case ids of an nnU-Net v2 preprocessed folder (``<case>.b2nd`` files)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            return []
+        return sorted(p.name[:-5] for p in folder.iterdir()
+                      if p.name.endswith(".b2nd") and not p.name.endswith("_seg.b2nd"))
+
+    def _init_caches(self) -> None:
+        self._cases = _LRU(self.max_open)
+        self._locations = _LRU(1 << 30, self.location_cache_bytes)
+        self._num_channels: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {"folder": str(self.folder), "case_ids": self.case_ids, "max_open": self.max_open,
+                "location_cache_bytes": self.location_cache_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.folder = Path(state["folder"])
+        self.case_ids = tuple(state["case_ids"])
+        self.max_open = state["max_open"]
+        self.location_cache_bytes = state["location_cache_bytes"]
+        self._init_caches()
+
+    def __repr__(self) -> str:
+        return f"NnunetCaseSource({str(self.folder)!r}, {len(self.case_ids)} cases)"
+
+    def _case(self, case_id: str) -> _B2Case:
+        c = self._cases.get(case_id)
+        if c is None:
+            c = _B2Case(self.folder, case_id)
+            self._cases.put(case_id, c)
+        return c
+
+    @property
+    def num_channels(self) -> int:
+        if self._num_channels is None:
+            self._num_channels = int(self._case(self.case_ids[0]).image.shape[0])
+        return self._num_channels
+
+    def shape(self, case_id: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._case(case_id).image.shape[1:])
+
+    def properties(self, case_id: str) -> dict:
+        """nnU-Net's per-case properties (its ``.pkl``), uncached."""
+        import pickle
+
+        path = self.folder / f"{case_id}.pkl"
+        if not path.is_file():
+            raise CaseNotFoundError(f"{path} does not exist; nnU-Net writes it next to {case_id}.b2nd")
+        with open(path, "rb") as f:
+            # nnU-Net's own file format (written by nnUNetv2_preprocess); the only place nnfast loads a pickle.
+            return pickle.load(f)
+
+    def class_locations(self, case_id: str) -> Mapping[Any, np.ndarray]:
+        locs = self._locations.get(case_id)
+        if locs is None:
+            props = self.properties(case_id)
+            if "class_locations" not in props:
+                raise DatasetError(f"{self.folder / (case_id + '.pkl')} has no 'class_locations'; preprocess the "
+                                   f"dataset with nnU-Net v2")
+            locs, nbytes = _compact_locations(props["class_locations"])
+            self._locations.put(case_id, locs, nbytes)
+        return locs
+
+    def read(self, case_id: str, bbox: Sequence[Sequence[int]], out_image: np.ndarray | None = None,
+             out_seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        c = self._case(case_id)
+        where = f"{self.folder / case_id}"
+        lbs, ubs = _check_bbox(bbox, 3, where)
+        box = tuple(u - lb for lb, u in zip(lbs, ubs))
+        out_image = _out(out_image, (int(c.image.shape[0]), *box), np.float32, "out_image", where)
+        out_seg = _out(out_seg, (1, *box), np.int16, "out_seg", where)
+        _fill_box(c.image, out_image, lbs, ubs, 0)
+        _fill_box(c.seg, out_seg, lbs, ubs, -1)
+        return out_image, out_seg
+
+    def subset(self, case_ids: Sequence[str]) -> "NnunetCaseSource":
+        return NnunetCaseSource(self.folder, case_ids, max_open=self.max_open,
+                                location_cache_bytes=self.location_cache_bytes)
+
+    def close(self) -> None:
+        self._cases.clear()
+
+
+def open_case_source(folder: str | os.PathLike, case_ids: Sequence[str] | None = None) -> CaseSource:
+    """The right source for ``folder``: nnfast stores if it holds any ``*.zarr``, else nnU-Net's ``.b2nd`` files.
+
+    Raises
+    ------
+    DatasetError
+        ``folder`` holds neither.
+    """
+    folder = Path(folder)
+    if list_case_ids(folder):
+        return ZarrCaseSource(folder, case_ids)
+    if NnunetCaseSource.list_cases(folder):
+        return NnunetCaseSource(folder, case_ids)
+    raise DatasetError(f"{folder} holds neither nnfast case stores (*.zarr) nor nnU-Net preprocessed cases (*.b2nd); "
+                       f"run `nnfast preprocess` or nnUNetv2_preprocess for this configuration")
