@@ -94,7 +94,9 @@ class SoftDiceLoss(nn.Module):
             else:
                 labels = _label_map(target, x.ndim).long()
                 classes = torch.arange(first, x.shape[1], device=x.device).view(1, -1, *([1] * len(axes)))
-                y = labels == classes  # bool one-hot of the kept classes, (b, c - first, *spatial)
+                # one-hot of the kept classes, (b, c - first, *spatial): a comparison is cheaper than nnU-Net's
+                # zeros + scatter, and float32 avoids mixed-dtype casts in the products below
+                y = (labels == classes).to(torch.float32)
             if loss_mask is not None:
                 y = y * loss_mask
             sum_gt = y.sum(axes, dtype=torch.float32)
@@ -134,7 +136,7 @@ class DiceCELoss(nn.Module):
         self.ignore_label = ignore_label
         self.weight_ce = float(weight_ce)
         self.weight_dice = float(weight_dice)
-        self.dc = SoftDiceLoss(batch_dice=batch_dice, do_bg=False, smooth=smooth)
+        self.dc = SoftDiceLoss(batch_dice=batch_dice, do_bg=False, smooth=smooth, apply_softmax=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``logits`` ``(b, c, *spatial)`` against the label map ``target`` ``(b, 1, *spatial)``."""
@@ -142,20 +144,22 @@ class DiceCELoss(nn.Module):
         if target.shape[1] != 1:
             raise ValueError(f"DiceCELoss needs a label map of shape (b, 1, *spatial), got {tuple(target.shape)}")
         labels = target[:, 0].long()
+        # one log-softmax feeds both terms (nnU-Net runs softmax and log-softmax separately): p = exp(log p)
+        log_p = torch.log_softmax(logits, 1)
         loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         if self.ignore_label is None:
             if self.weight_dice != 0:
-                loss = loss + self.weight_dice * self.dc(logits, target)
+                loss = loss + self.weight_dice * self.dc(log_p.exp(), target)
             if self.weight_ce != 0:
-                loss = loss + self.weight_ce * F.cross_entropy(logits, labels)
+                loss = loss + self.weight_ce * F.nll_loss(log_p, labels)
             return loss
         mask = target != self.ignore_label
         if self.weight_dice != 0:
-            loss = loss + self.weight_dice * self.dc(logits, torch.where(mask, target, 0), loss_mask=mask)
+            loss = loss + self.weight_dice * self.dc(log_p.exp(), torch.where(mask, target, 0), loss_mask=mask)
         if self.weight_ce != 0:
             # mean over the voxels that count; 0 when none does (nnU-Net skips CE then). Written without a
             # data-dependent branch so that it neither synchronises the GPU nor breaks a compiled graph.
-            ce = F.cross_entropy(logits, labels, ignore_index=int(self.ignore_label), reduction="sum")
+            ce = F.nll_loss(log_p, labels, ignore_index=int(self.ignore_label), reduction="sum")
             loss = loss + self.weight_ce * ce / mask.sum(dtype=torch.float32).clamp_min(1.0)
         return loss
 
