@@ -106,18 +106,23 @@ def _taps(n_in, n_out, order):
 
 
 @serial
-def _spline_filter_cols(buf, n, nb, acc):
-    """In-place cubic B-spline prefilter of the first ``nb`` columns of ``buf[:n]`` (each column is a line).
-
-    Same operations per line as scipy's ``apply_filter`` for order 3 and ``NI_EXTEND_NEAREST``; vectorised
-    across columns. ``acc`` is scratch of at least ``nb`` float64.
-    """
+def _filter_gain():
+    """scipy's filter gain for order 3, ``1.0 * (1 - z) * (1 - 1/z)``; lines are multiplied by it as they load."""
     z = _POLE
     gain = 1.0
     gain *= (1.0 - z) * (1.0 - 1.0 / z)
-    for i in range(n):
-        for j in range(nb):
-            buf[i, j] *= gain
+    return gain
+
+
+@serial
+def _spline_filter_cols(buf, n, nb, acc):
+    """In-place cubic B-spline prefilter of the first ``nb`` columns of ``buf[:n]`` (each column is a line).
+
+    Same operations per line as scipy's ``apply_filter`` for order 3 and ``NI_EXTEND_NEAREST``, except that
+    the gain (:func:`_filter_gain`) must already have been applied while loading; vectorised across columns.
+    ``acc`` is scratch of at least ``nb`` float64.
+    """
+    z = _POLE
     # causal initialisation ('reflect'); scipy accumulates into c[0] in place, so its last term reads the
     # running sum where it meant the original c[0]
     z_n = math.pow(z, float(n))
@@ -160,20 +165,21 @@ def _eval_row(buf, idx, w, k, nb, acc):
 def _resize_mid(src, dst, idx, w, pad, prefilter, sub, add, buf, acc):
     """Resize axis 1 of ``src`` (p, n, m) into ``dst`` (p, n_out, m) float32, lines vectorised along axis 2.
 
-    Lines are loaded in blocks of ``buf.shape[1]`` columns, minus ``sub``, edge-padded by ``pad`` rows,
-    optionally prefiltered, evaluated with the tap table (``idx``, ``w``), plus ``add``, stored as float32.
+    Lines are loaded in blocks of ``buf.shape[1]`` columns, minus ``sub`` (times the filter gain when
+    prefiltering), edge-padded by ``pad`` rows, optionally prefiltered, evaluated with the tap table (``idx``, ``w``), plus ``add``, stored as float32.
     """
     n_p, n, m = src.shape
     n_out = dst.shape[1]
     n_buf = n + 2 * pad
     block = buf.shape[1]
+    scale = _filter_gain() if prefilter else 1.0
     for p in range(n_p):
         for j0 in range(0, m, block):
             nb = min(block, m - j0)
             for i in range(n_buf):
                 si = min(max(i - pad, 0), n - 1)
                 for j in range(nb):
-                    buf[i, j] = src[p, si, j0 + j] - sub
+                    buf[i, j] = (src[p, si, j0 + j] - sub) * scale
             if prefilter:
                 _spline_filter_cols(buf, n_buf, nb, acc)
             for k in range(n_out):
@@ -193,16 +199,17 @@ def _resize_last(src, dst, idx, w, pad, prefilter, sub, add, buf, acc):
     n_out = dst.shape[1]
     n_buf = n + 2 * pad
     block = buf.shape[1]
+    scale = _filter_gain() if prefilter else 1.0
     for r0 in range(0, n_r, block):
         nb = min(block, n_r - r0)
         for j in range(nb):
-            lo = src[r0 + j, 0] - sub
-            hi = src[r0 + j, n - 1] - sub
+            lo = (src[r0 + j, 0] - sub) * scale
+            hi = (src[r0 + j, n - 1] - sub) * scale
             for i in range(pad):
                 buf[i, j] = lo
                 buf[n + pad + i, j] = hi
             for i in range(n):
-                buf[pad + i, j] = src[r0 + j, i] - sub
+                buf[pad + i, j] = (src[r0 + j, i] - sub) * scale
         if prefilter:
             _spline_filter_cols(buf, n_buf, nb, acc)
         for k in range(n_out):
