@@ -26,8 +26,8 @@ The rules (nnU-Net v2.8.1):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -393,8 +393,6 @@ def plan_experiment(
 
 
 def _with(conf: ConfigurationPlan, **changes: Any) -> ConfigurationPlan:
-    import dataclasses
-
     return dataclasses.replace(conf, **changes)
 
 
