@@ -564,16 +564,22 @@ def resize_image_separate_z(data: np.ndarray, new_shape, axis: int, order: int =
 
 @register_warmup
 def _warmup() -> None:
-    """Compile every signature: float32/float64 C-contiguous sources, all passes, orders 3/1/0, separate z."""
-    for dtype in (np.float32, np.float64):
-        tiny = np.arange(2 * 3 * 4 * 5, dtype=dtype).reshape(2, 3, 4, 5)
-        resize_image(tiny, (4, 3, 6))
-        resize_image(tiny, (2, 5, 3), order=1)
-        resize_image(tiny, (2, 5, 3), order=0)
-        resize_image_separate_z(tiny, (5, 3, 6), axis=0)
-        resize_image_separate_z(tiny, (2, 5, 3), axis=2)
-        resize_image_separate_z(tiny, (4, 5, 3), axis=2, order=1, order_z=1)
+    """Compile every signature: each pass kernel for float32/float64 sources and destinations (C-contiguous),
+    min/max and clipping for both dtypes, and the public functions on tiny inputs (orders 3/1/0, separate z)."""
+    for src_dtype in (np.float32, np.float64):
+        src = np.arange(3 * 4 * 5, dtype=src_dtype).reshape(3, 4, 5)
+        for dst_dtype in (np.float32, np.float64):
+            for axis in (0, 1, 2):
+                _resize_axis(src, axis, 2, 3, 0.0, 0.0, None, dst_dtype)
+            lo = np.empty(3, np.float64)
+            hi = np.empty(3, np.float64)
+            _slice_minmax(src, 0, lo, hi)
+            _clip_slices(src.astype(dst_dtype), 0, lo, hi)
+        tiny = np.arange(2 * 3 * 4 * 5, dtype=src_dtype).reshape(2, 3, 4, 5)
         for precise in (False, True):
             resize_image(tiny, (4, 3, 6), precise=precise)
-            resize_image(tiny, (4, 3, 6), order=1, precise=precise)
-            resize_image_separate_z(tiny, (2, 5, 3), axis=2, order_z=1, precise=precise)
+            resize_image(tiny, (2, 5, 3), order=1, precise=precise)
+            resize_image(tiny, (2, 5, 3), order=0, precise=precise)
+            resize_image_separate_z(tiny, (5, 3, 6), axis=0, precise=precise)
+            resize_image_separate_z(tiny, (2, 5, 3), axis=2, precise=precise)
+            resize_image_separate_z(tiny, (4, 5, 3), axis=2, order=1, order_z=1, precise=precise)
