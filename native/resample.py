@@ -163,10 +163,11 @@ def _eval_row(buf, idx, w, k, nb, acc):
 
 @serial
 def _resize_mid(src, dst, idx, w, pad, prefilter, sub, add, buf, acc):
-    """Resize axis 1 of ``src`` (p, n, m) into ``dst`` (p, n_out, m) float32, lines vectorised along axis 2.
+    """Resize axis 1 of ``src`` (p, n, m) into ``dst`` (p, n_out, m) (float32/64), lines vectorised along axis 2.
 
     Lines are loaded in blocks of ``buf.shape[1]`` columns, minus ``sub`` (times the filter gain when
-    prefiltering), edge-padded by ``pad`` rows, optionally prefiltered, evaluated with the tap table (``idx``, ``w``), plus ``add``, stored as float32.
+    prefiltering), edge-padded by ``pad`` rows, optionally prefiltered, evaluated with the tap table
+    (``idx``, ``w``), plus ``add``, stored in ``dst``'s dtype.
     """
     n_p, n, m = src.shape
     n_out = dst.shape[1]
@@ -190,7 +191,7 @@ def _resize_mid(src, dst, idx, w, pad, prefilter, sub, add, buf, acc):
 
 @serial
 def _resize_last(src, dst, idx, w, pad, prefilter, sub, add, buf, acc):
-    """Resize axis 1 of ``src`` (r, n) into ``dst`` (r, n_out) float32: lines are contiguous rows.
+    """Resize axis 1 of ``src`` (r, n) into ``dst`` (r, n_out) (float32/64): lines are contiguous rows.
 
     Blocks of rows are loaded transposed into ``buf`` (lines become columns) so that the prefilter
     recursions run vectorised across lines, as in :func:`_resize_mid`.
