@@ -80,27 +80,27 @@ def _nonzero_mask_bbox(data, mask):
 
 
 @serial
-def _push(stack, sp, value):
-    """Push ``value`` onto the growable int64 stack; returns the (possibly reallocated) stack and new size."""
-    if sp == stack.shape[0]:
-        grown = np.empty(2 * sp, np.int64)
-        grown[:sp] = stack
-        stack = grown
-    stack[sp] = value
-    return stack, sp + 1
+def _grow(stack):
+    """A stack buffer twice as large holding the same entries."""
+    grown = np.empty(2 * stack.shape[0], np.int64)
+    grown[: stack.shape[0]] = stack
+    return grown
 
 
 @serial
 def _flood(mask, stack, sp, x0, x1, y0, y1, z0, z1):
     """Scanline flood fill of background (0) voxels with ``_REACHED`` inside the box, from the seeds on the stack.
 
-    Seeds are flat indices into ``mask`` (C order). Each popped background voxel is extended to its full run
-    along z; the four neighbouring rows (x +- 1, y +- 1) inside the box get one seed per background run that
-    overlaps the filled run. Returns the stack (it may have grown) so that its buffer is reused.
+    Seeds are flat indices into ``mask`` (C order); ``sp`` of them are on ``stack``. Each popped background voxel
+    is extended to its full run along z; the four neighbouring rows (x +- 1, y +- 1) inside the box get one seed
+    per background run that overlaps the filled run. Returns 0 when done, or the number of seeds still on the
+    stack when it is too small for the next run's seeds: the caller then grows it and calls again. (Growing
+    the array inside this loop would make Numba reload it at every access, ~10x slower.)
     """
     n_y = mask.shape[1]
     n_z = mask.shape[2]
     plane = n_y * n_z
+    capacity = stack.shape[0]
     while sp > 0:
         sp -= 1
         idx = stack[sp]
@@ -116,6 +116,8 @@ def _flood(mask, stack, sp, x0, x1, y0, y1, z0, z1):
         hi = z
         while hi < z1 - 1 and mask[x, y, hi + 1] == 0:
             hi += 1
+        if sp + 2 * (hi - lo + 2) > capacity:  # at most ceil(len / 2) run starts in each of 4 rows
+            return sp + 1  # the popped seed is still in place
         for k in range(lo, hi + 1):
             mask[x, y, k] = _REACHED
         for nb in range(4):
@@ -136,22 +138,24 @@ def _flood(mask, stack, sp, x0, x1, y0, y1, z0, z1):
             for k in range(lo, hi + 1):
                 is_bg = mask[nx, ny, k] == 0
                 if is_bg and not prev_bg:
-                    stack, sp = _push(stack, sp, base + k)
+                    stack[sp] = base + k
+                    sp += 1
                 prev_bg = is_bg
-    return stack
+    return 0
 
 
 @serial
-def _fill_holes(mask, x0, x1, y0, y1, z0, z1):
+def _fill_holes(mask, x0, x1, y0, y1, z0, z1, capacity):
     """Fill the holes of the 0/1 ``mask`` inside the half-open box, in place (6-connectivity, like scipy).
 
     Background voxels inside the box that are not 6-connected to a face of the box become 1. Voxels
-    outside the box are not touched (they must all be background). Returns the number of filled voxels.
+    outside the box are not touched (they must all be background). ``capacity`` is the initial seed-stack
+    size (it grows as needed). Returns the number of filled voxels.
     """
     n_y = mask.shape[1]
     n_z = mask.shape[2]
     plane = n_y * n_z
-    stack = np.empty(1024, np.int64)
+    stack = np.empty(max(capacity, 1), np.int64)
     for x in range(x0, x1):
         for y in range(y0, y1):
             side = x == x0 or x == x1 - 1 or y == y0 or y == y1 - 1
@@ -160,7 +164,10 @@ def _fill_holes(mask, x0, x1, y0, y1, z0, z1):
             for z in range(z0, z1, step):
                 if mask[x, y, z] == 0:
                     stack[0] = base + z
-                    stack = _flood(mask, stack, 1, x0, x1, y0, y1, z0, z1)
+                    left = _flood(mask, stack, 1, x0, x1, y0, y1, z0, z1)
+                    while left > 0:
+                        stack = _grow(stack)
+                        left = _flood(mask, stack, left, x0, x1, y0, y1, z0, z1)
     filled = 0
     for x in range(x0, x1):
         for y in range(y0, y1):
@@ -294,7 +301,7 @@ def nonzero_mask_and_bbox(data: np.ndarray) -> tuple[np.ndarray, list[list[int]]
     if box[0] < 0:
         bbox_p = [[0, s] for s in work.shape]
     else:
-        _fill_holes(work, *box)
+        _fill_holes(work, *box, max(4096, 4 * (work.shape[2] + 2)))
         bbox_p = [[int(box[2 * a]), int(box[2 * a + 1])] for a in range(3)]
     inv = _inverse(perm)
     mask = work.view(np.bool_).transpose(inv)

@@ -186,6 +186,19 @@ def test_large_enclosed_cavity_and_spiral_do_not_overflow():
     np.testing.assert_array_equal(out, binary_fill_holes(m))
 
 
+def test_tiny_stack_grows_and_gives_the_same_result():
+    from nnfast.native.crop import _fill_holes
+
+    rng = np.random.default_rng(6)
+    for trial in range(10):
+        m = rng.random((9, 23, 31)) < 0.55
+        m[4, 5:20, 5:25] = True
+        m[3:6, 10, 10:20] = False
+        work = m.astype(np.uint8)
+        _fill_holes(work, 0, 9, 0, 23, 0, 31, 1)  # starts with a one-entry stack: grows many times
+        np.testing.assert_array_equal(work.view(bool), binary_fill_holes(m), err_msg=str(trial))
+
+
 def test_input_not_modified():
     rng = np.random.default_rng(4)
     data = random_blobs(rng, (6, 7, 8), 2, 0.5, np.int16)
