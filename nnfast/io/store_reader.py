@@ -18,10 +18,12 @@ fork-aware). One reader must not be used by two threads at once (it reuses one s
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +36,29 @@ from .store import read_case_metadata
 __all__ = ["CaseReader"]
 
 _MISSING = (1 << 64) - 1
+_BLOSC_HEADER = struct.Struct("<I4xI")  # blosc1 header from byte 4: nbytes, (blocksize), cbytes
+
+
+def _load_blosc_decompress_ctx():
+    """c-blosc's ``blosc_decompress_ctx`` from numcodecs' own extension module, or None.
+
+    Calling it through ctypes skips numcodecs' per-call buffer checks (~5 us per chunk, ~10 % of a patch
+    read), never starts blosc threads and takes no global lock (one thread, safe after fork). The chunk
+    header is validated against the shard index before each call. If the symbol is not exported (another
+    numcodecs build), ``numcodecs.blosc.decompress`` is used instead.
+    """
+    try:
+        import numcodecs.blosc
+
+        fn = ctypes.CDLL(numcodecs.blosc.__file__).blosc_decompress_ctx
+    except (OSError, AttributeError):  # pragma: no cover - depends on the numcodecs build
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_BLOSC_DECOMPRESS_CTX = _load_blosc_decompress_ctx()
 
 
 class _Unsupported(Exception):
@@ -136,8 +161,10 @@ class _LeanArray:
         self._chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
         self._scratch = np.empty(self.chunks, dtype=self.disk_dtype)
         self._scratch_bytes = memoryview(self._scratch).cast("B")  # numcodecs decodes into it fastest
+        self._scratch_addr = self._scratch.ctypes.data
         self._buffers: list = []  # (mmap, memoryview) per shard file
         self._views: list = []
+        self._addrs: list[int] = []  # start address of each mapped shard (valid until close())
         n = int(np.prod(self.grid, dtype=np.int64))
         # per chunk (flat C index over the chunk grid): buffer id (-1 = not stored), offset, length
         self._buf_id: list[int] = []
@@ -182,6 +209,9 @@ class _LeanArray:
             view = memoryview(mm)
             self._buffers.append((mm, view))
             self._views.append(view)
+            probe = np.frombuffer(view, dtype=np.uint8)
+            self._addrs.append(probe.ctypes.data)
+            del probe  # releases its buffer export, so that close() can unmap
             start = size - index_nbytes if self._index_at_end else 0
             raw = view[start:start + index_nbytes]
             if self._index_crc:
@@ -264,6 +294,8 @@ class _LeanArray:
         """The hot loop of :meth:`read_into` for (c, x, y, z) blosc shards, with everything inlined."""
         buf_id, offset, length, views = self._buf_id, self._offset, self._length, self._views
         scratch, dest, fill = self._scratch, self._scratch_bytes, self.fill_value
+        ctx, addrs, dest_addr, nbytes = _BLOSC_DECOMPRESS_CTX, self._addrs, self._scratch_addr, self._chunk_nbytes
+        header = _BLOSC_HEADER.unpack_from
         p0, p1, p2, p3 = parts
         for f0, _, o0, c0 in p0:
             for f1, _, o1, c1 in p1:
@@ -277,11 +309,17 @@ class _LeanArray:
                             out[o0, o1, o2, o3] = fill
                         else:
                             off = offset[flat]
-                            _decompress(views[b][off:off + length[flat]], dest)
+                            if ctx is None:
+                                _decompress(views[b][off:off + length[flat]], dest)
+                            elif header(views[b], off + 4) != (nbytes, length[flat]) or ctx(
+                                    addrs[b] + off, dest_addr, nbytes, 1) != nbytes:
+                                raise StoreError(f"{self.dir}: chunk {flat} does not decode to {nbytes} bytes; "
+                                                 f"the store is damaged, rerun preprocessing for this case")
                             out[o0, o1, o2, o3] = scratch[c0, c1, c2, c3]
 
     def close(self) -> None:
         self._views = []
+        self._addrs = []
         for mm, view in self._buffers:
             view.release()
             mm.close()

@@ -239,6 +239,19 @@ def test_other_layouts(tmp_path, stores, layout, fallback):
     check(reader, path, random_box(rng), channels=[2, 0])
 
 
+def test_numcodecs_decode_path_equals_direct_path(stores, monkeypatch):
+    """Without c-blosc's exported ``blosc_decompress_ctx`` the reader decodes through numcodecs: same bytes."""
+    import nnfast.io.store_reader as store_reader
+
+    assert store_reader._BLOSC_DECOMPRESS_CTX is not None  # the fast path is what the other tests exercised
+    monkeypatch.setattr(store_reader, "_BLOSC_DECOMPRESS_CTX", None)
+    path = stores["multichannel_int8"]
+    reader = CaseReader(path)
+    rng = np.random.default_rng(8)
+    for _ in range(10):
+        check(reader, path, random_box(rng))
+
+
 def test_force_zarr(stores):
     path = stores["int16_seg"]
     reader = CaseReader(path, force_zarr=True)
@@ -257,6 +270,17 @@ def test_damaged_shard_index_is_reported(tmp_path, stores):
     shard.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match="crc32c"):
         CaseReader(path).open()
+
+
+def test_damaged_chunk_is_reported(tmp_path, stores):
+    path = tmp_path / "damaged.zarr"
+    shutil.copytree(stores["one_chunk"], path)
+    shard = path / "image" / "c" / "0" / "0" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[5] ^= 0x01  # the blosc header's uncompressed size of the first chunk
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="damaged"):
+        CaseReader(path).read([[0, 4]] * 3)
 
 
 def test_missing_store(tmp_path):
