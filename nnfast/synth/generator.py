@@ -258,9 +258,15 @@ def _smooth_field(shape, spacing, rng: np.random.Generator, scale_mm: float) -> 
         mats.append(w.astype(np.float32))
         norms.append((1.0 / np.sqrt((w**2).sum(axis=1))).astype(np.float32))  # unit variance at every voxel
     mz, my, mx = mats
-    f = (mz @ coarse.reshape(nodes[0], -1)).reshape(shape[0], nodes[1], nodes[2])
-    f = np.matmul(my, f) @ mx.T
-    f *= norms[0][:, None, None] * norms[1][None, :, None] * norms[2][None, None, :]
+    nz, ny, nx = shape
+    # three plain 2D GEMMs: x on the coarse grid, then y, then z (the largest output) last
+    f = coarse.reshape(-1, nodes[2]) @ mx.T  # (Nz*Ny, nx)
+    f = f.reshape(nodes[0], nodes[1], nx).transpose(1, 0, 2).reshape(nodes[1], -1)
+    f = (my * norms[1][:, None]) @ f  # (ny, Nz*nx)
+    f = f.reshape(ny, nodes[0], nx).transpose(1, 0, 2).reshape(nodes[0], -1)
+    f = (mz * norms[0][:, None]) @ f  # (nz, ny*nx)
+    f = f.reshape(nz, ny, nx)
+    f *= norms[2][None, None, :]
     return np.ascontiguousarray(f, dtype=np.float32)
 
 

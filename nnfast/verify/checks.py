@@ -107,7 +107,7 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
                                 f"{num_training} case(s)", f"{len(cases)} case(s) in "
                                 f"{'`dataset`' if has_list else 'imagesTr'}"))
     if has_list:
-        _check_listed_files(cases, problems)
+        _check_listed_files(cases, n_channels, problems)
     else:
         _check_folder_files(root, cases, n_channels, ending, problems)
     _check_case_ids(cases, problems)
@@ -218,10 +218,13 @@ def _load_dataset_json(path: Path, problems: list[Problem]) -> dict | None:
     return d
 
 
-def _check_listed_files(cases: list[CaseFiles], problems: list[Problem]) -> None:
-    """With an explicit ``dataset`` list: no file may belong to two cases."""
+def _check_listed_files(cases: list[CaseFiles], n_channels: int, problems: list[Problem]) -> None:
+    """With an explicit ``dataset`` list: one image per declared channel, and no file in two cases."""
     owners: dict[Path, list[str]] = defaultdict(list)
     for c in cases:
+        if len(c.image_files) != n_channels:
+            problems.append(Problem("error", c.case_id, None, "case lists the wrong number of image files",
+                                    f"{n_channels} (one per entry of channel_names)", f"{len(c.image_files)}"))
         for p in (*c.image_files, c.label_file):
             if p is not None:
                 owners[Path(os.path.normpath(p))].append(c.case_id)

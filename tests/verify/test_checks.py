@@ -218,6 +218,16 @@ def test_two_cases_share_a_file(ds):
     assert {p.case for p in shared} == {"c0", "copy"} and len(report.errors) == 2, report.format()
 
 
+def test_dataset_key_entry_with_wrong_channel_count(tmp_path):
+    ds = make_dataset(tmp_path, n_channels=2)
+    set_json(ds, dataset={
+        "c0": {"images": ["imagesTr/c0_0000.nii.gz", "imagesTr/c0_0001.nii.gz"], "label": "labelsTr/c0.nii.gz"},
+        "c1": {"images": ["imagesTr/c1_0000.nii.gz"], "label": "labelsTr/c1.nii.gz"},
+    })
+    p = only(verify_dataset(ds), "wrong number of image files")
+    assert p.case == "c1" and p.found == "1"
+
+
 def test_case_ids_differing_only_in_letter_case(ds):
     shutil.copyfile(ds / "imagesTr" / "c0_0000.nii.gz", ds / "imagesTr" / "C0_0000.nii.gz")
     shutil.copyfile(ds / "labelsTr" / "c0.nii.gz", ds / "labelsTr" / "C0.nii.gz")
