@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import nnfast_cmd, nnunet_cmd, run_measured
+from bench_utils import nnfast_cmd, nnunet_cmd, run_measured
 
 pytestmark = pytest.mark.slow
 
