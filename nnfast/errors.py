@@ -14,6 +14,7 @@ __all__ = [
     "PlanError",
     "WorkerDiedError",
     "StoreError",
+    "UnsupportedResamplingError",
 ]
 
 
@@ -59,3 +60,7 @@ class StoreError(NnfastError, ValueError):
 
 class WorkerDiedError(NnfastError, RuntimeError):
     """A worker process died (often killed by the out-of-memory killer)."""
+
+
+class UnsupportedResamplingError(NnfastError, NotImplementedError):
+    """A resampling order / data kind combination that nnfast does not implement (nnU-Net never uses it)."""

@@ -19,7 +19,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from nnfast.errors import GeometryError, NnfastError
+from nnfast.errors import GeometryError, UnsupportedResamplingError
 from nnfast.native.resample import resize_image, resize_image_separate_z
 from nnfast.native.resample_seg import resize_labels, resize_labels_separate_z
 
@@ -41,9 +41,6 @@ ANISO_THRESHOLD = 3  # nnunetv2.configuration.ANISO_THRESHOLD
 Spacing = Union[Sequence[float], np.ndarray]
 Shape = Union[Sequence[int], np.ndarray]
 
-
-class UnsupportedResamplingError(NnfastError, NotImplementedError):
-    """A resampling order / data kind combination that nnfast does not implement (nnU-Net never uses it)."""
 
 
 # --------------------------------------------------------------------------------------------- decisions
