@@ -59,7 +59,12 @@ from nnfast.errors import DatasetError
 from ._jit import register_warmup, serial
 
 __all__ = [
-    "ForegroundSummary", "foreground_summary", "mixture_statistics", "mixture_quantiles", "sketch_levels", "sketch_ranks",
+    "ForegroundSummary",
+    "foreground_summary",
+    "mixture_statistics",
+    "mixture_quantiles",
+    "sketch_levels",
+    "sketch_ranks",
 ]
 
 log = logging.getLogger(__name__)
@@ -300,7 +305,7 @@ def _empty_summary() -> ForegroundSummary:
 
 
 def _cdf_events(summaries: Sequence[ForegroundSummary]):
-    """Knots of the mixture CDF: positions, jumps and slope changes contributed by every case (weight 1/k)."""
+    """Knots of the mixture CDF, one event per summary value: position, jump and change of slope (weight 1/k)."""
     k = len(summaries)
     xs, jumps, dslopes = [], [], []
     for s in summaries:
@@ -315,10 +320,11 @@ def _cdf_events(summaries: Sequence[ForegroundSummary]):
         dx = np.diff(x)
         dl = np.diff(level) / k
         ramp = dx > 0
-        slope = dl[ramp] / dx[ramp]
-        xs += [x[:-1][ramp], x[1:][ramp], x[:-1][~ramp]]
-        dslopes += [slope, -slope, np.zeros(int((~ramp).sum()))]
-        jumps += [np.zeros(slope.shape[0]), np.zeros(slope.shape[0]), dl[~ramp]]
+        slope = np.zeros(m + 1)
+        slope[ramp] = dl[ramp] / dx[ramp]  # segment t joins knots t and t + 1; vertical ones jump at knot t
+        xs.append(x)
+        jumps.append(np.concatenate((np.where(ramp, 0.0, dl), [0.0])))
+        dslopes.append(np.diff(slope, prepend=0.0, append=0.0))
     return np.concatenate(xs), np.concatenate(jumps), np.concatenate(dslopes)
 
 
@@ -340,7 +346,8 @@ def mixture_quantiles(summaries: Sequence[ForegroundSummary], quantiles: Sequenc
     x, jump, dslope = _cdf_events(summaries)
     order = np.argsort(x, kind="stable")
     x = x[order]
-    knots, first = np.unique(x, return_index=True)
+    first = np.flatnonzero(np.concatenate(([True], x[1:] != x[:-1])))
+    knots = x[first]
     jump = np.add.reduceat(jump[order], first).astype(np.longdouble)
     slope = np.cumsum(np.add.reduceat(dslope[order], first).astype(np.longdouble))  # on (knot_r, knot_r+1)
     rise = np.zeros(knots.shape[0], np.longdouble)

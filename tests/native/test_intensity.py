@@ -1,4 +1,4 @@
-"""Foreground summaries and equal-weight mixture statistics against nnU-Net's sampling procedure and the exact mixture."""
+"""Foreground summaries and equal-weight mixture statistics vs nnU-Net's sampling procedure and the exact mixture."""
 from __future__ import annotations
 
 import logging
@@ -111,7 +111,7 @@ def mixture_rank_error(cases, x, q):
     return max(below - q, q - upto, 0.0)
 
 
-# tolerances in levels: nnU-Net's own 1e8 draws have a level noise of sqrt(q (1 - q) / 1e8) = 7e-6 (tails), 5e-5 (median)
+# tolerances in levels: nnU-Net's own 1e8 draws have a level noise sqrt(q (1 - q) / 1e8) = 7e-6 (tails), 5e-5 (median)
 RANK_TOL = {"percentile_00_5": (0.005, 2.5e-5), "median": (0.5, 1e-4), "percentile_99_5": (0.995, 2.5e-5)}
 
 
@@ -223,6 +223,21 @@ def test_summary_matches_numpy(dtype, order):
     a = foreground_summary(view_img, view_mask, 64)
     b = foreground_summary(np.ascontiguousarray(view_img), np.ascontiguousarray(view_mask), 64)
     assert a.n == b.n and a.mean == b.mean and np.array_equal(a.sketch, b.sketch)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 5, 7), (6, 1, 4), (3, 4, 1)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_summary_edge_shapes(shape, dtype):
+    rng = np.random.default_rng(8)
+    image = rng.integers(0, 200, shape).astype(dtype)
+    mask = np.ones(shape, bool)
+    s = foreground_summary(image, mask, 4)
+    values = np.sort(image.ravel().astype(np.float64))
+    assert s.n == values.size and s.min == values[0] and s.max == values[-1]
+    stats = mixture_statistics([s])
+    assert stats["min"] <= stats["percentile_00_5"] <= stats["median"] <= stats["percentile_99_5"] <= stats["max"]
+    if values.size == 1:
+        assert s.exact and stats["median"] == values[0] and stats["std"] == 0.0
 
 
 def test_sketch_levels_and_ranks():
