@@ -134,7 +134,7 @@ def test_mri_single_channel_is_3d(tmp_path):
 def test_fast_enough(tmp_path):
     t0 = time.perf_counter()
     synthesize_msd(tmp_path, num_cases=8, num_test=0, shape_range=((40, 48), (96, 112), (96, 112)))
-    assert time.perf_counter() - t0 < 6.0  # ~1 s on an idle core; generous for a busy 2-core CI machine
+    assert time.perf_counter() - t0 < 15.0  # ~1 s on an idle core, 3 s at load 8 on 2 cores; per-voxel loops: minutes
 
 
 def test_bad_arguments_and_existing_folder(tmp_path):
