@@ -17,7 +17,7 @@ Deliberate differences, all stricter or more robust:
 - Errors are :mod:`nnfast.errors` exceptions naming the file/folder and what to do, instead of ``assert``.
 - The dimension of each image is read from its header only (SimpleITK ``ReadImageInformation``), so 3D files are
   copied without being decompressed (nnU-Net decodes every file).
-- Every input file is checked for truncation first (:func:`nnfast.verify.integrity.nifti_integrity_problem`):
+- Every input file is checked for truncation first (:func:`nnfast.io.nifti_integrity.nifti_integrity_problem`):
   SimpleITK reads truncated ``.nii.gz`` files silently, which would bake zeros into the split channels.
 - The task name may contain ``_`` (nnU-Net's ``split('_')`` fails on it); a missing ``imagesTs`` is allowed
   (an empty one is created); ``training``/``test`` keys may be absent.
@@ -43,7 +43,7 @@ from ..errors import DatasetError, ImageReadError
 from ..io.atomic import temporary_sibling
 from ..parallel import run_tasks
 from ..settings import dataset_folder_name
-from ..verify.integrity import nifti_integrity_problem
+from ..io.nifti_integrity import nifti_integrity_problem
 
 __all__ = ["convert_msd", "split_4d_image", "parse_msd_folder_name", "POOL_MIN_BYTES"]
 

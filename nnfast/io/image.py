@@ -58,9 +58,15 @@ def file_suffix(path: Path) -> str:
 def _read_sitk(path: Path):
     import SimpleITK as sitk
 
+    from .nifti_integrity import nifti_integrity_problem
+
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image file `{path}` does not exist")
+    # SimpleITK reads a truncated .nii.gz without complaint (zeros or garbage): check the header against the data first
+    problem = nifti_integrity_problem(path)
+    if problem:
+        raise ImageReadError(f"cannot read image file `{path}`: {problem}; re-export or re-download it")
     try:
         img = sitk.ReadImage(str(path))
         arr = sitk.GetArrayFromImage(img)

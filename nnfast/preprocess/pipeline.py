@@ -96,18 +96,8 @@ def case_hash(config_hash: str, case: CaseFiles) -> str:
 
 
 def _resampling_kwargs(cfg) -> dict:
-    """Resampling settings of a configuration (nnU-Net's defaults where the plan does not say)."""
-    data = dict(order=3, order_z=0, force_separate_z=None)
-    seg = dict(order=1, order_z=0, force_separate_z=None)
-    for attr, target in (("resampling_data", data), ("resampling_seg", seg)):
-        spec = getattr(cfg, attr, None)
-        if spec is None:
-            continue
-        spec = spec if isinstance(spec, dict) else getattr(spec, "__dict__", {})
-        for k in ("order", "order_z", "force_separate_z"):
-            if k in spec:
-                target[k] = spec[k]
-    return {"data": data, "seg": seg}
+    """The configuration's resampling settings for images and label maps (nnU-Net: order 3 / order 1, order_z 0)."""
+    return {"data": cfg.resampling_data.to_json(), "seg": cfg.resampling_seg.to_json()}
 
 
 def preprocess_arrays(
@@ -227,17 +217,8 @@ def run_case_task(task: CaseTask) -> CaseResult:
     data, seg, props, locs = preprocess_case(task.case, plans, task.config_name)
     cfg = plans.configuration(task.config_name)
     voxels_in = int(np.prod(props["shape_before_cropping"]))
-    write_case(Path(task.out_path), data, seg, _locations_for_store(locs), props, task.case_hash, tuple(cfg.patch_size))
+    write_case(Path(task.out_path), data, seg, locs, props, task.case_hash, tuple(cfg.patch_size))
     return CaseResult(task.case.case_id, tuple(data.shape), voxels_in, int(np.prod(data.shape[1:])), _dir_size(task.out_path))
-
-
-def _locations_for_store(locs: dict) -> dict:
-    out = {}
-    for k, v in locs.items():
-        key = "_".join(str(int(x)) for x in k) if isinstance(k, tuple) else str(int(k))
-        arr = np.asarray(v, dtype=np.int64)
-        out[key] = arr.reshape(-1, 4) if arr.size else np.zeros((0, 4), np.int64)
-    return out
 
 
 def _dir_size(path: str) -> int:

@@ -4,7 +4,7 @@
 :func:`nifti_integrity_problem` detects truncated NIfTI files, which SimpleITK reads without complaint.
 """
 from .checks import verify_dataset
-from .integrity import nifti_integrity_problem
+from ..io.nifti_integrity import nifti_integrity_problem
 from .report import Problem, VerifyReport
 
 __all__ = ["verify_dataset", "VerifyReport", "Problem", "nifti_integrity_problem"]

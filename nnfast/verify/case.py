@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ImageReadError
 from ..io.image import ImageGeometry, read_image
-from .integrity import nifti_integrity_problem, nifti_nonfinite_counts
+from ..io.nifti_integrity import nifti_integrity_problem, nifti_nonfinite_counts
 from .report import Problem
 
 __all__ = ["CaseTask", "CaseResult", "check_case", "GEOMETRY_TOL"]
@@ -119,7 +119,7 @@ def _check(task: CaseTask, problems: list[Problem]) -> tuple[int, ...]:
 
 def _stored_nonfinite(data: np.ndarray, path: str) -> tuple[int, int]:
     """NaN/inf counts that a float NIfTI file stores but SimpleITK turned into 0 (see
-    :func:`~nnfast.verify.integrity.nifti_nonfinite_counts`); only scanned when the array read holds a 0."""
+    :func:`~nnfast.io.nifti_integrity.nifti_nonfinite_counts`); only scanned when the array read holds a 0."""
     if data.dtype.kind != "f" or not np.any(data == 0):
         return 0, 0
     return nifti_nonfinite_counts(path) or (0, 0)

@@ -51,9 +51,10 @@ def test_channels_must_share_the_grid(tmp_path):
 def test_truncated_file_is_a_clear_error(tmp_path):
     p = _img(tmp_path, "t.nii.gz", np.ones((8, 16, 16), np.int16))
     raw = p.read_bytes()
-    p.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(ImageReadError, match="t.nii.gz"):
-        read_images([p])
+    for cut in (len(raw) // 2, len(raw) - 20):  # SimpleITK itself reads both without an error
+        p.write_bytes(raw[:cut])
+        with pytest.raises(ImageReadError, match="t.nii.gz"):
+            read_images([p])
 
 
 def test_float_labels_are_rejected(tmp_path):
