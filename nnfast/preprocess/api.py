@@ -86,7 +86,7 @@ def preprocess_dataset(
     from ..io.store import is_complete
     from ..parallel import peak_rss_bytes, run_tasks
     from ..plan.api import plan_dataset, plans_path
-    from .pipeline import CaseTask, case_hash, configuration_hash, run_case_task
+    from .pipeline import CaseTask, case_hash, configuration_hash, dir_size, run_case_task
 
     t0 = time.perf_counter()
     res = plan_dataset(task, settings, workers=workers, scheduler=scheduler, gpu_memory_gb=gpu_memory_gb, verify=verify)
@@ -121,7 +121,7 @@ def preprocess_dataset(
             cs.computed = len(results)
             cs.voxels_in = sum(r.voxels_in for r in results)
         cs.wall_s = time.perf_counter() - t1
-        cs.bytes_on_disk = _dir_size(folder)
+        cs.bytes_on_disk = dir_size(folder)
         summary.configs.append(cs)
     summary.wall_s = time.perf_counter() - t0
     summary.peak_rss_parent, summary.peak_rss_children = peak_rss_bytes()
@@ -149,15 +149,8 @@ def _remove_stale_temporaries(folder: Path) -> None:
     for p in folder.iterdir():
         if p.name.startswith(".") and ".tmp-" in p.name:
             log.info("removing %s left by an interrupted run", p.name)
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
-
-def _dir_size(path: Path) -> int:
-    total = 0
-    for root, _d, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
-    return total

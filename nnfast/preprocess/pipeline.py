@@ -36,6 +36,7 @@ __all__ = [
     "configuration_hash",
     "case_hash",
     "class_location_keys",
+    "dir_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -218,10 +219,11 @@ def run_case_task(task: CaseTask) -> CaseResult:
     cfg = plans.configuration(task.config_name)
     voxels_in = int(np.prod(props["shape_before_cropping"]))
     write_case(Path(task.out_path), data, seg, locs, props, task.case_hash, tuple(cfg.patch_size))
-    return CaseResult(task.case.case_id, tuple(data.shape), voxels_in, int(np.prod(data.shape[1:])), _dir_size(task.out_path))
+    return CaseResult(task.case.case_id, tuple(data.shape), voxels_in, int(np.prod(data.shape[1:])), dir_size(task.out_path))
 
 
-def _dir_size(path: str) -> int:
+def dir_size(path: str | os.PathLike) -> int:
+    """Bytes of all files below ``path``."""
     total = 0
     for root, _dirs, files in os.walk(path):
         for f in files:
