@@ -311,43 +311,28 @@ class PatchLoader:
         self._released = True
         self._closed = True
         workers, self._workers = self._workers, []
-        for w in workers:
-            try:
-                w.conn.send(None)
-            except (BrokenPipeError, OSError, ValueError):
-                pass
-        deadline = time.monotonic() + _JOIN_S
-        for w in workers:
-            w.proc.join(max(0.0, deadline - time.monotonic()))
-        for w in workers:
-            if w.proc.is_alive():
-                w.proc.terminate()
-        deadline = time.monotonic() + _JOIN_S
-        for w in workers:
-            w.proc.join(max(0.0, deadline - time.monotonic()))
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join()
-            w.conn.close()
-            w.proc.close()
-        self._slots = []
-        shm, self._shm = self._shm, None
-        if shm is not None:
-            try:
-                shm.close()
-            except BufferError:  # a view is still referenced somewhere; unlinking still frees the name
-                logger.debug("PatchLoader.close: shared memory still has exported views")
-            try:
-                shm.unlink()
-            except FileNotFoundError:
-                pass
-        if self._builder is not None:
-            self._builder = None
         try:
-            self.source.close()
-        except Exception:  # pragma: no cover
-            pass
-        _LIVE.discard(self)
+            _stop_workers(workers)
+        finally:  # also when a second Ctrl-C interrupts the joins: never leave the shared memory behind
+            for w in workers:
+                w.conn.close()
+            self._slots = []
+            shm, self._shm = self._shm, None
+            if shm is not None:
+                try:
+                    shm.close()
+                except BufferError:  # a view is still referenced somewhere; unlinking still frees the name
+                    logger.debug("PatchLoader.close: shared memory still has exported views")
+                try:
+                    shm.unlink()
+                except FileNotFoundError:
+                    pass
+            self._builder = None
+            try:
+                self.source.close()
+            except Exception:  # pragma: no cover
+                pass
+            _LIVE.discard(self)
 
     def __enter__(self) -> "PatchLoader":
         return self
@@ -505,6 +490,32 @@ class PatchLoader:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _stop_workers(workers: list[_Worker]) -> None:
+    """Ask politely (``None``), then SIGTERM, then SIGKILL; join and release every worker."""
+    for w in workers:
+        try:
+            while not w.ready and w.conn.poll():  # did it finish starting?
+                w.ready = w.conn.recv()[0] == "ready" or w.ready
+            w.conn.send(None)
+        except (BrokenPipeError, EOFError, OSError, ValueError):
+            pass
+        if not w.ready:  # still importing: nobody reads the pipe yet, no point in waiting
+            w.proc.terminate()
+    deadline = time.monotonic() + _JOIN_S
+    for w in workers:
+        w.proc.join(max(0.0, deadline - time.monotonic()))
+    for w in workers:
+        if w.proc.is_alive():
+            w.proc.terminate()
+    deadline = time.monotonic() + _JOIN_S
+    for w in workers:
+        w.proc.join(max(0.0, deadline - time.monotonic()))
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join()
+        w.proc.close()
+
+
 def _batch_dict(data, targets, keys, spec: BatchSpec) -> dict:
     return {"data": data, "target": targets if spec.augment.ds_scales is not None else targets[0], "keys": keys}
 
