@@ -4,3 +4,5 @@ from . import normalize  # noqa: F401
 from . import resample, resample_seg  # noqa: F401
 from . import augment  # noqa: F401
 from . import crop, intensity, class_locations  # noqa: F401
+from . import components  # noqa: F401
+from . import confusion  # noqa: F401
