@@ -1,0 +1,403 @@
+"""From predicted logits back to a segmentation in the original image geometry (nnU-Net v2's export).
+
+nnU-Net rule (``convert_predicted_logits_to_segmentation_with_correct_shape`` in
+``nnunetv2/inference/export_prediction.py``, v2.8.1): resample the logits ``(C, x, y, z)`` from the configuration's
+spacing back to ``shape_after_cropping_and_before_resampling`` with the plan's probabilities resampling (order 1,
+separate-z with order 0 along the low-resolution axis when anisotropic), take the argmax over classes (regions: sigmoid
+> 0.5, later regions in ``regions_class_order`` win), insert the result into zeros of ``shape_before_cropping`` at the
+crop box, and transpose back to the reader's axis order. With probabilities: softmax (sigmoid for regions) of the
+resampled logits, the crop reverted with probability 1 for background outside the box, transposed back.
+
+nnU-Net resamples every class in float64 and keeps all of them: ``C x V`` float64 intermediates for a ``V``-voxel
+image, hundreds of GB and many minutes for TotalSegmentator-like cases (reference §2.3). Here the classes are
+resampled in small groups (float32, :mod:`nnfast.native.resample` kernels) and reduced on the fly into a running
+maximum and its class index, so memory is ``O(V)`` whatever ``C``; groups of classes run on threads (the kernels
+release the GIL). The running argmax keeps the first maximal class, as ``np.argmax`` does. The resampled logits equal
+nnU-Net's to float32 rounding, so labels can differ from nnU-Net's only where two classes tie within that rounding.
+
+Axis order: ``logits`` are ``(C, x, y, z)`` in nnU-Net's order after transposition (on the preprocessed grid); the
+returned segmentation is in the reader's order ``(z, y, x)`` on the original grid.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import GeometryError, PlanError
+from ..native._jit import serial
+from ..preprocess.resampling import resample_data_or_seg_to_shape
+
+__all__ = [
+    "LabelInfo",
+    "label_info",
+    "logits_to_segmentation",
+    "export_prediction",
+    "argmax_channels",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 4  # classes resampled together before they are folded into the running argmax
+
+
+# --------------------------------------------------------------------------------------------- kernels
+@serial
+def _argmax_update(chunk, first, best, label):
+    """Fold ``chunk`` (k, n) of classes ``first .. first + k - 1`` into the running ``best`` (n,) / ``label`` (n,).
+
+    Strict ``>``: on ties the lower class index stays (``np.argmax`` semantics when called in class order)."""
+    k, n = chunk.shape
+    for i in range(n):
+        b = best[i]
+        lab = label[i]
+        for c in range(k):
+            v = chunk[c, i]
+            if v > b:
+                b = v
+                lab = first + c
+        best[i] = b
+        label[i] = lab
+
+
+@serial
+def _argmax_merge(best, label, best2, label2):
+    """Merge a running argmax of higher classes (``best2``/``label2``) into ``best``/``label`` (strict ``>``)."""
+    for i in range(best.shape[0]):
+        if best2[i] > best[i]:
+            best[i] = best2[i]
+            label[i] = label2[i]
+
+
+@serial
+def _softmax_inplace(x):
+    """Softmax over axis 0 of ``x`` (k, n) float32, in place; float64 per-voxel sums."""
+    k, n = x.shape
+    for i in range(n):
+        m = x[0, i]
+        for c in range(1, k):
+            if x[c, i] > m:
+                m = x[c, i]
+        s = 0.0
+        for c in range(k):
+            e = np.exp(np.float32(x[c, i] - m))
+            x[c, i] = e
+            s += e
+        inv = 1.0 / s
+        for c in range(k):
+            x[c, i] = np.float32(x[c, i] * inv)
+
+
+# --------------------------------------------------------------------------------------------- labels
+class LabelInfo:
+    """What the network's output channels mean (nnU-Net's ``LabelManager``, the parts export needs).
+
+    Attributes
+    ----------
+    num_heads : int
+        Output channels: labels including background without the ignore label, or the number of regions.
+    has_regions : bool
+        Region-based training (sigmoid per region) instead of softmax over labels.
+    regions_class_order : tuple of int or None
+        Label written for each region channel, in the order they are painted.
+    foreground_labels : tuple of int
+        Labels other than background and ignore (regions: every label occurring in a region, without 0).
+    """
+
+    def __init__(self, labels: Mapping[str, Any], regions_class_order: Sequence[int] | None = None) -> None:
+        ignore = labels.get("ignore")
+        values = {k: v for k, v in labels.items() if k != "ignore"}
+        self.has_regions = any(isinstance(v, (list, tuple)) and len(v) > 1 for v in values.values())
+        if self.has_regions:
+            regions = [tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v])) for v in values.values()]
+            regions = [r for r in regions if r != (0,)]
+            if regions_class_order is None:
+                raise PlanError("the labels define regions but no `regions_class_order` was given (dataset.json "
+                                "`regions_class_order`); it says which label each region channel paints")
+            if len(regions_class_order) != len(regions):
+                raise PlanError(f"regions_class_order {tuple(regions_class_order)} has {len(regions_class_order)} "
+                                f"entries but the labels define {len(regions)} regions")
+            self.num_heads = len(regions)
+            self.regions_class_order = tuple(int(c) for c in regions_class_order)
+            self.foreground_labels = tuple(sorted({x for r in regions for x in r if x != 0}))
+        else:
+            ints = sorted({int(v[0] if isinstance(v, (list, tuple)) else v) for v in values.values()})
+            self.num_heads = len(ints)
+            self.regions_class_order = None
+            self.foreground_labels = tuple(v for v in ints if v != 0)
+        self.ignore_label = None if ignore is None else int(ignore)
+
+    @property
+    def seg_dtype(self) -> np.dtype:
+        """uint8 below 255 foreground labels, else uint16 (nnU-Net's rule)."""
+        return np.dtype(np.uint8 if len(self.foreground_labels) < 255 else np.uint16)
+
+
+def label_info(plans, regions_class_order: Sequence[int] | None = None) -> LabelInfo:
+    """:class:`LabelInfo` of ``plans.labels``."""
+    return LabelInfo(plans.labels, regions_class_order)
+
+
+# --------------------------------------------------------------------------------------------- argmax
+def argmax_channels(x: np.ndarray, dtype=np.uint8) -> np.ndarray:
+    """``np.argmax(x, axis=0)`` for float32 ``x`` (C, ...) in one pass, as ``dtype``."""
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    x = np.ascontiguousarray(x)
+    flat = x.reshape(x.shape[0], -1)
+    best = np.full(flat.shape[1], -np.inf, np.float32)
+    label = np.zeros(flat.shape[1], dtype)
+    _argmax_update(flat, 0, best, label)
+    return label.reshape(x.shape[1:])
+
+
+# --------------------------------------------------------------------------------------------- export
+def _resampling_args(properties: Mapping[str, Any], plans, config_name: str) -> tuple:
+    cfg = plans.configuration(config_name)
+    target = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
+    original = [float(s) for s in properties["original_spacing"]]
+    current = [float(s) for s in cfg.spacing]
+    if len(current) < len(target):  # 2D configuration: the first axis keeps its original spacing
+        current = [original[0], *current]
+    r = cfg.resampling_probabilities
+    return target, current, original, dict(order=r.order, order_z=r.order_z, force_separate_z=r.force_separate_z)
+
+
+def _groups(n: int, parts: int) -> list[tuple[int, int]]:
+    parts = max(1, min(parts, n))
+    edges = [round(i * n / parts) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _resample(logits: np.ndarray, a: int, b: int, target, current, original, kw) -> np.ndarray:
+    out = resample_data_or_seg_to_shape(logits[a:b], target, current, original, is_seg=False, **kw)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _streaming_labels(logits, info: LabelInfo, target, current, original, kw, chunk: int, threads: int):
+    """Resample ``logits`` class group by class group and reduce to labels; O(V) memory."""
+    n_vox = int(np.prod(target))
+    n_c = logits.shape[0]
+
+    def run(span: tuple[int, int]):
+        a, b = span
+        if info.has_regions:
+            seg = np.zeros(n_vox, np.uint16)
+            for c0 in range(a, b, chunk):
+                part = _resample(logits, c0, min(b, c0 + chunk), target, current, original, kw).reshape(-1, n_vox)
+                for j in range(part.shape[0]):
+                    with np.errstate(over="ignore"):
+                        prob = 1.0 / (1.0 + np.exp(-part[j]))
+                    seg[prob > 0.5] = info.regions_class_order[c0 + j]
+            return seg
+        best = np.full(n_vox, -np.inf, np.float32)
+        label = np.zeros(n_vox, info.seg_dtype)
+        for c0 in range(a, b, chunk):
+            part = _resample(logits, c0, min(b, c0 + chunk), target, current, original, kw)
+            _argmax_update(part.reshape(part.shape[0], n_vox), c0, best, label)
+        return best, label
+
+    if info.has_regions:  # later regions overwrite earlier ones: keep it sequential
+        return run((0, n_c)).reshape(target).astype(info.seg_dtype, copy=False)
+    spans = _groups(n_c, threads)
+    if len(spans) == 1:
+        return run(spans[0])[1].reshape(target)
+    with ThreadPoolExecutor(len(spans)) as pool:
+        results = list(pool.map(run, spans))
+    best, label = results[0]
+    for best2, label2 in results[1:]:
+        _argmax_merge(best, label, best2, label2)
+    return label.reshape(target)
+
+
+def _probabilities(logits, info: LabelInfo, target, current, original, kw, chunk: int, threads: int) -> np.ndarray:
+    """Resampled probabilities (C, *target) float32: softmax, or sigmoid per region."""
+    n_c = logits.shape[0]
+    probs = np.empty((n_c, *target), np.float32)
+
+    def run(span):
+        for c0 in range(span[0], span[1], chunk):
+            c1 = min(span[1], c0 + chunk)
+            probs[c0:c1] = _resample(logits, c0, c1, target, current, original, kw)
+
+    spans = _groups(n_c, threads)
+    if len(spans) == 1:
+        run(spans[0])
+    else:
+        with ThreadPoolExecutor(len(spans)) as pool:
+            list(pool.map(run, spans))
+    flat = probs.reshape(n_c, -1)
+    if info.has_regions:
+        with np.errstate(over="ignore"):
+            np.negative(flat, out=flat)
+            np.exp(flat, out=flat)
+            flat += 1
+            np.reciprocal(flat, out=flat)
+    else:
+        _softmax_inplace(flat)
+    return probs
+
+
+def _labels_from_probabilities(probs: np.ndarray, info: LabelInfo) -> np.ndarray:
+    if info.has_regions:
+        seg = np.zeros(probs.shape[1:], np.uint16)
+        for i, c in enumerate(info.regions_class_order):
+            seg[probs[i] > 0.5] = c
+        return seg.astype(info.seg_dtype, copy=False)
+    return argmax_channels(probs, info.seg_dtype)
+
+
+def logits_to_segmentation(
+    logits: np.ndarray,
+    properties: Mapping[str, Any],
+    plans,
+    config_name: str,
+    *,
+    return_probabilities: bool = False,
+    probabilities_dtype=np.float32,
+    regions_class_order: Sequence[int] | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    threads: int = 1,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Segmentation (and probabilities) in the original geometry from logits on the preprocessed grid.
+
+    Parameters
+    ----------
+    logits : ndarray, shape (C, x, y, z), float32 (float16 is accepted)
+        Network output for the whole case in nnU-Net axis order on the preprocessed grid
+        (``properties['shape_after_resampling']``). Not modified.
+    properties : mapping
+        The case's preprocessing properties (:func:`nnfast.preprocess.pipeline.preprocess_arrays`):
+        ``original_spacing``, ``shape_after_cropping_and_before_resampling``, ``shape_before_cropping``,
+        ``bbox_used_for_cropping``, ``transpose_forward`` (else the plan's).
+    plans : Plans
+        The dataset's plans (labels, transposition, the configuration's probabilities resampling).
+    config_name : str
+        Configuration that produced ``logits``.
+    return_probabilities : bool
+        Also return softmax (sigmoid for regions) probabilities on the original grid; this needs ``C x V`` memory.
+    probabilities_dtype : numpy dtype
+        float32 or float16 for the returned probabilities.
+    regions_class_order : sequence of int, optional
+        Required for region-based labels (dataset.json ``regions_class_order``).
+    chunk : int
+        Classes resampled together before they are folded into the running argmax (memory ``chunk x V`` float32
+        per thread).
+    threads : int
+        Threads resampling class groups concurrently.
+
+    Returns
+    -------
+    seg : ndarray, reader axis order (z, y, x), uint8 (uint16 with 255+ foreground labels)
+        A transposed view of a C-contiguous array.
+    probabilities : ndarray (C, z, y, x) of ``probabilities_dtype`` or None
+        Background is 1 outside the crop box (regions: 0).
+
+    Raises
+    ------
+    GeometryError
+        If the logits do not match the label count or are not 4D.
+    PlanError
+        For region-based labels without ``regions_class_order``.
+    """
+    if isinstance(logits, np.ndarray) is False:  # torch tensors
+        logits = np.asarray(logits)
+    if logits.ndim != 4:
+        raise GeometryError(f"logits must have shape (C, x, y, z); got {logits.shape}")
+    info = label_info(plans, regions_class_order)
+    if logits.shape[0] != info.num_heads:
+        raise GeometryError(f"logits have {logits.shape[0]} channels but the labels define {info.num_heads} "
+                            "segmentation heads")
+    if logits.dtype != np.float32:
+        logits = logits.astype(np.float32)
+    target, current, original, kw = _resampling_args(properties, plans, config_name)
+    chunk = max(1, int(chunk))
+    threads = max(1, int(threads))
+    probs_out = None
+    if return_probabilities:
+        probs = _probabilities(logits, info, target, current, original, kw, chunk, threads)
+        seg_crop = _labels_from_probabilities(probs, info)
+    else:
+        seg_crop = _streaming_labels(logits, info, target, current, original, kw, chunk, threads)
+
+    shape_before = tuple(int(s) for s in properties["shape_before_cropping"])
+    bbox = [(int(a), int(b)) for a, b in properties["bbox_used_for_cropping"]]
+    box = tuple(slice(a, b) for a, b in bbox)
+    if tuple(b - a for a, b in bbox) != tuple(seg_crop.shape):
+        raise GeometryError(f"crop box {bbox} does not match the resampled shape {seg_crop.shape}")
+    tf = [int(a) for a in properties.get("transpose_forward", plans.transpose_forward)]
+    tb = [int(i) for i in np.argsort(tf)]
+    seg = np.zeros(shape_before, info.seg_dtype)
+    seg[box] = seg_crop
+    seg = seg.transpose(tb)
+    if return_probabilities:
+        full = np.zeros((probs.shape[0], *shape_before), probabilities_dtype)
+        if not info.has_regions:
+            full[0] = 1
+        full[(slice(None), *box)] = probs
+        del probs
+        probs_out = full.transpose([0, *[a + 1 for a in tb]])
+    return seg, probs_out
+
+
+def export_prediction(
+    logits: np.ndarray,
+    properties: Mapping[str, Any],
+    plans,
+    config_name: str,
+    output_file: Path | str,
+    *,
+    save_probabilities: bool = False,
+    probabilities_dtype=np.float16,
+    regions_class_order: Sequence[int] | None = None,
+    threads: int = 1,
+) -> Path:
+    """Write the segmentation of ``logits`` to ``output_file`` with the case's original geometry (atomically).
+
+    With ``save_probabilities`` also ``<case>.npz`` (key ``probabilities``, (C, z, y, x) of ``probabilities_dtype``)
+    and ``<case>.json`` (the properties) next to it, where ``<case>`` is ``output_file`` without its image suffix.
+    ``properties['geometry']`` (:meth:`nnfast.io.image.ImageGeometry.to_json`) gives spacing, origin, direction.
+
+    Returns
+    -------
+    Path
+        ``output_file``.
+    """
+    from ..io.atomic import atomic_target, write_json_atomic
+    from ..io.image import ImageGeometry, file_suffix, write_segmentation
+
+    output_file = Path(output_file)
+    seg, probs = logits_to_segmentation(logits, properties, plans, config_name,
+                                        return_probabilities=save_probabilities,
+                                        probabilities_dtype=probabilities_dtype,
+                                        regions_class_order=regions_class_order, threads=threads)
+    geometry = ImageGeometry.from_json(properties["geometry"])
+    if tuple(seg.shape) != tuple(geometry.shape):
+        raise GeometryError(f"exported segmentation has shape {seg.shape} but the input image has {geometry.shape}")
+    if probs is not None:
+        stem = output_file.name[: -len(file_suffix(output_file))] if file_suffix(output_file) else output_file.stem
+        npz = output_file.with_name(stem + ".npz")
+        with atomic_target(npz, suffix=".npz") as tmp:
+            np.savez_compressed(tmp, probabilities=np.ascontiguousarray(probs))
+        write_json_atomic(output_file.with_name(stem + ".json"), _json_safe(properties))
+        del probs
+    write_segmentation(seg, geometry, output_file)
+    return output_file
+
+
+def _json_safe(obj):
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+

@@ -1,0 +1,264 @@
+"""Trained models for inference: the trainer's folder layout, checkpoints and the network they fit.
+
+Layout written by :mod:`nnfast.train.trainer` (``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>/``)::
+
+    nnfast_plans.json            the plans the networks were built from
+    dataset.json                 the dataset's dataset.json (file ending, labels, regions_class_order)
+    fold_<k>/<checkpoint>.pt     torch.save of plain containers and tensors (loads with ``weights_only=True``):
+                                 ``network_weights`` (state dict), ``configuration``, ``num_input_channels``,
+                                 ``num_classes``, ``inference_allowed_mirroring_axes``, ...
+    fold_<k>/<checkpoint>.json   the same metadata without tensors
+
+Checkpoints are read with ``torch.load(weights_only=True)``: no pickled code runs. A bare state dict (tests, external
+tools) is accepted too; the metadata then comes from the sidecar or the plans.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import CaseNotFoundError, PlanError, SettingsError, StoreError
+from .export import LabelInfo
+
+__all__ = [
+    "TRAINER_NAME",
+    "PLANS_IDENTIFIER",
+    "TrainedModel",
+    "model_folder_for",
+    "available_folds",
+    "load_model",
+]
+
+log = logging.getLogger(__name__)
+
+#: Must match :mod:`nnfast.train.trainer` (``trainer_folder``).
+TRAINER_NAME = "nnfastTrainer"
+PLANS_IDENTIFIER = "nnfast_plans"
+_PLANS_FILES = ("nnfast_plans.json", "plans.json")
+
+
+@dataclass
+class TrainedModel:
+    """Everything inference needs from a trained configuration: plans, labels, one state dict per fold.
+
+    Attributes
+    ----------
+    folder : Path
+        The trainer folder (holding ``fold_<k>``).
+    plans : Plans
+        The plans the network was built from.
+    config_name : str
+        Configuration the folds were trained for.
+    dataset_json : dict
+        The dataset's dataset.json (``file_ending``, ``labels``, ``regions_class_order``).
+    folds : tuple
+        Fold names in the order of ``weights``.
+    weights : list of dict
+        State dicts (CPU tensors), one per fold.
+    mirror_axes : tuple of int
+        Test-time mirroring axes allowed by training (patch axes).
+    num_input_channels, num_classes : int
+        Network input channels (image channels, plus one per foreground label for the cascade's second stage) and
+        segmentation heads.
+    labels : LabelInfo
+        Meaning of the output channels.
+    """
+
+    folder: Path
+    plans: Any
+    config_name: str
+    dataset_json: dict
+    folds: tuple
+    weights: list = field(repr=False)
+    mirror_axes: tuple[int, ...]
+    num_input_channels: int
+    num_classes: int
+    labels: LabelInfo = field(repr=False)
+
+    @property
+    def configuration(self):
+        return self.plans.configuration(self.config_name)
+
+    @property
+    def file_ending(self) -> str:
+        return str(self.dataset_json.get("file_ending", ".nii.gz"))
+
+    @property
+    def num_image_channels(self) -> int:
+        return self.plans.num_input_channels
+
+    def build_network(self):
+        """A fresh network of this configuration (deep supervision off) holding the first fold's weights."""
+        from ..train.network import build_network
+
+        net = build_network(self.plans, self.config_name, self.num_input_channels, self.num_classes,
+                            deep_supervision=False)
+        net.load_state_dict(self.weights[0])
+        return net
+
+
+def model_folder_for(results_root: Path | str, task: str | int, config_name: str) -> Path:
+    """``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>`` of ``task``.
+
+    Raises
+    ------
+    DatasetNotFoundError
+        No dataset folder of ``task`` in the results root.
+    """
+    from ..settings import find_dataset_folder
+
+    ds = find_dataset_folder(task, Path(results_root))
+    return ds / f"{TRAINER_NAME}__{PLANS_IDENTIFIER}__{config_name}"
+
+
+def _checkpoint_path(fold_dir: Path, checkpoint_name: str) -> Path | None:
+    name = checkpoint_name
+    for suffix in (".pt", ".pth"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    for suffix in (".pt", ".pth"):
+        p = fold_dir / f"{name}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def available_folds(model_folder: Path | str, checkpoint_name: str = "checkpoint_final") -> list:
+    """Folds of ``model_folder`` that hold ``checkpoint_name`` (``fold_all`` excluded, as nnU-Net does)."""
+    out = []
+    for d in sorted(Path(model_folder).glob("fold_*")):
+        m = re.fullmatch(r"fold_(\d+)", d.name)
+        if m and d.is_dir() and _checkpoint_path(d, checkpoint_name) is not None:
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def _load_plans(folder: Path):
+    from ..plan.planner import load_plans
+
+    for name in _PLANS_FILES:
+        p = folder / name
+        if p.is_file():
+            try:
+                return load_plans(p)
+            except PlanError:
+                from ..plan.nnunet_compat import from_nnunet_plans
+
+                dj = folder / "dataset.json"
+                d = json.loads(p.read_text())
+                return from_nnunet_plans(d, json.loads(dj.read_text()) if dj.is_file() else None)
+    raise PlanError(f"model folder `{folder}` has no plans ({' or '.join(_PLANS_FILES)}); it is not a trained "
+                    "nnfast model folder (train with `nnfast train`, or copy the plans next to the folds)")
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(state dict, metadata) of a checkpoint file; metadata from the file or its JSON sidecar."""
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StoreError(f"checkpoint `{path}` cannot be read safely ({type(e).__name__}: {e}); it is truncated, "
+                         "or holds pickled objects other than tensors and plain containers") from e
+    if not isinstance(data, dict):
+        raise StoreError(f"checkpoint `{path}` holds a {type(data).__name__}, expected a dict")
+    meta: dict = {}
+    side = path.with_suffix(".json")
+    if side.is_file():
+        try:
+            meta.update(json.loads(side.read_text()))
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable checkpoint sidecar %s", side)
+    if "network_weights" in data:
+        meta.update({k: v for k, v in data.items() if k != "network_weights" and not hasattr(v, "shape")
+                     and k not in ("optimizer_state", "grad_scaler_state", "lr_scheduler_state", "rng")})
+        weights = data["network_weights"]
+    else:  # a bare state dict
+        weights = data
+    if not all(hasattr(v, "shape") for v in weights.values()):
+        raise StoreError(f"checkpoint `{path}` does not hold a network state dict (`network_weights`)")
+    return weights, meta
+
+
+def load_model(model_folder: Path | str, folds: Sequence | None = None,
+               checkpoint_name: str = "checkpoint_final", config_name: str | None = None) -> TrainedModel:
+    """Load the plans, dataset.json and per-fold weights of a trained configuration.
+
+    Parameters
+    ----------
+    model_folder : path
+        The trainer folder (``.../nnfastTrainer__nnfast_plans__<config>``).
+    folds : sequence of int or "all", optional
+        Folds to ensemble; None: every ``fold_<k>`` holding the checkpoint.
+    checkpoint_name : str
+        ``checkpoint_final`` (default), ``checkpoint_best`` or ``checkpoint_latest`` (``.pt``/``.pth`` optional).
+    config_name : str, optional
+        Expected configuration; default: the checkpoint's (or the folder name's ``__<config>`` suffix).
+
+    Raises
+    ------
+    CaseNotFoundError
+        The folder, a fold or its checkpoint is missing.
+    PlanError
+        Plans are missing or do not hold the configuration; folds were trained for different configurations.
+    StoreError
+        A checkpoint is unreadable or its weights do not fit the network.
+    """
+    folder = Path(model_folder)
+    if not folder.is_dir():
+        raise CaseNotFoundError(f"model folder `{folder}` does not exist; train the configuration first "
+                                "(`nnfast train`) or pass the right --model-folder / --task / --config")
+    if folds is None:
+        folds = available_folds(folder, checkpoint_name)
+        if not folds:
+            raise CaseNotFoundError(f"no fold in `{folder}` holds `{checkpoint_name}`; finish training or pick "
+                                    "another --checkpoint")
+    folds = tuple("all" if str(f) == "all" else int(f) for f in folds)
+    plans = _load_plans(folder)
+    dj_path = folder / "dataset.json"
+    dataset_json = json.loads(dj_path.read_text()) if dj_path.is_file() else {
+        "labels": dict(plans.labels), "channel_names": dict(plans.channel_names), "file_ending": ".nii.gz"}
+    weights, metas = [], []
+    for f in folds:
+        fold_dir = folder / f"fold_{f}"
+        path = _checkpoint_path(fold_dir, checkpoint_name)
+        if path is None:
+            raise CaseNotFoundError(f"fold {f}: `{fold_dir / (checkpoint_name + '.pt')}` does not exist; train that "
+                                    f"fold or choose folds from {available_folds(folder, checkpoint_name)}")
+        w, meta = _read_checkpoint(path)
+        weights.append(w)
+        metas.append(meta)
+    cfgs = {m.get("configuration") for m in metas} - {None}
+    if len(cfgs) > 1:
+        raise PlanError(f"folds {folds} of `{folder}` were trained for different configurations {sorted(cfgs)}")
+    name = config_name or (cfgs.pop() if cfgs else folder.name.rsplit("__", 1)[-1])
+    conf = plans.configuration(name)  # raises PlanError naming the available ones
+    labels = LabelInfo(plans.labels, dataset_json.get("regions_class_order"))
+    n_in_default = plans.num_input_channels + (len(labels.foreground_labels) if conf.previous_stage else 0)
+    meta = metas[0]
+    n_in = int(meta.get("num_input_channels") or n_in_default)
+    if conf.previous_stage and n_in == plans.num_input_channels:
+        n_in = n_in_default  # the trainer records image channels only
+    n_classes = int(meta.get("num_classes") or labels.num_heads)
+    if n_classes != labels.num_heads:
+        raise PlanError(f"checkpoint of `{folder}` has {n_classes} outputs but the labels define {labels.num_heads}")
+    axes = meta.get("inference_allowed_mirroring_axes")
+    mirror_axes = tuple(int(a) for a in axes) if axes is not None else tuple(range(conf.ndim))
+    model = TrainedModel(folder=folder, plans=plans, config_name=name, dataset_json=dataset_json, folds=folds,
+                         weights=weights, mirror_axes=mirror_axes, num_input_channels=n_in, num_classes=n_classes,
+                         labels=labels)
+    from ..train.network import build_network
+
+    net = build_network(plans, name, n_in, n_classes, deep_supervision=False)
+    for f, w in zip(folds, weights):
+        try:
+            net.load_state_dict(w)
+        except RuntimeError as e:
+            raise StoreError(f"fold {f} of `{folder}`: weights do not fit the `{name}` network ({e})") from e
+    if any(a >= conf.ndim for a in mirror_axes):
+        raise SettingsError(f"mirror axes {mirror_axes} do not exist for the {conf.ndim}D configuration `{name}`")
+    return model

@@ -1,0 +1,366 @@
+"""``nnfast predict``: segment raw images with a trained configuration (nnU-Net v2's ``nnUNetv2_predict``).
+
+Per case: read the channel files (:mod:`nnfast.infer.inputs`), preprocess exactly as for training, predict the
+logits with every fold by sliding window (:mod:`nnfast.infer.sliding_window`) and average them (nnU-Net's logit
+averaging), then export them to the original geometry (:mod:`nnfast.infer.export`) and write ``<case><ending>`` with
+the input's spacing, origin and direction.
+
+Concurrency: a background thread reads and preprocesses the next case while the current one is predicted (at most
+one case waits), and exports run on ``workers`` threads while the next cases are predicted (at most ``workers``
+exports are pending, which bounds memory). Threads, not processes: the preprocessing and export kernels and torch
+release the GIL, and the logits (``C x V`` float32) are not copied between processes as nnU-Net's export pool does.
+
+Failures are per case: a case whose files are missing, unreadable, on different grids or hold NaNs is reported with
+the reason and the others are still written (:class:`PredictionReport`; the CLI exits non-zero).
+
+Cascade (``3d_cascade_fullres``): the previous stage (``3d_lowres``) is predicted first, into
+``<output>/previous_stage_<config>/`` unless ``previous_stage_folder`` holds its predictions; its segmentations are
+fed to the second stage as one extra input channel per foreground label.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import CaseNotFoundError, NnfastError, PlanError
+from .inputs import CaseInput, cases_from_file_lists, list_cases, preprocess_input
+from .model import TrainedModel, load_model, model_folder_for
+
+__all__ = ["PredictionReport", "predict_folder", "predict_logits", "load_model"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class PredictionReport:
+    """What :func:`predict_folder` did.
+
+    Attributes
+    ----------
+    written : dict
+        case id -> output file.
+    failed : dict
+        case id -> reason (one line, naming the file).
+    seconds : dict
+        Wall time of the stages summed over cases: ``preprocess``, ``predict``, ``export``, and ``total``.
+    """
+
+    output_folder: Path
+    written: dict[str, Path] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def format(self) -> str:
+        lines = [f"{len(self.written)} case(s) written to {self.output_folder}"
+                 + (f", {len(self.failed)} failed:" if self.failed else "")]
+        lines += [f"  {cid}: {msg}" for cid, msg in sorted(self.failed.items())]
+        if self.seconds:
+            lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"output_folder": str(self.output_folder), "written": {k: str(v) for k, v in self.written.items()},
+                "failed": dict(self.failed), "seconds": dict(self.seconds)}
+
+
+def _default_batch_tiles(ndim: int, device) -> int:
+    if ndim == 2:
+        return 8 if device.type == "cuda" else 4
+    return 2 if device.type == "cuda" else 1
+
+
+def predict_logits(model: TrainedModel, data: np.ndarray, network=None, *, use_tta: bool = True,
+                   step: float = 0.5, device="auto", batch_tiles: int | None = None) -> np.ndarray:
+    """Fold-averaged logits ``(C, x, y, z)`` float32 of one preprocessed case (nnU-Net's
+    ``predict_logits_from_preprocessed_data``: the folds' logits are summed, then divided by their number).
+
+    ``network`` is reused when given (its weights are replaced fold by fold).
+    """
+    from .sliding_window import _resolve_device, predict_sliding_window
+
+    dev = _resolve_device(device)
+    conf = model.configuration
+    net = network if network is not None else model.build_network()
+    bt = batch_tiles or _default_batch_tiles(conf.ndim, dev)
+    out = np.zeros((model.num_classes, *data.shape[1:]), np.float32)
+    for w in model.weights:
+        net.load_state_dict(w)
+        predict_sliding_window(net, data, conf.patch_size, model.num_classes, step=step, use_gaussian=True,
+                               mirror_axes=model.mirror_axes if use_tta else None, device=dev, batch_tiles=bt,
+                               out=out)
+    if len(model.weights) > 1:
+        out /= len(model.weights)
+    return out
+
+
+def _resolve_model(model_folder, task, config, settings, folds, checkpoint_name) -> TrainedModel:
+    if model_folder is None:
+        if task is None or config is None:
+            raise PlanError("pass a model folder, or a task and a configuration")
+        from ..settings import resolve_settings
+
+        settings = settings or resolve_settings()
+        model_folder = model_folder_for(settings.require("results"), task, config)
+    return load_model(model_folder, folds, checkpoint_name, config_name=config)
+
+
+def predict_folder(
+    inputs: Path | str | Sequence[Sequence[Path | str]],
+    output_folder: Path | str,
+    model_folder: Path | str | None = None,
+    *,
+    task: str | int | None = None,
+    config: str | None = None,
+    settings=None,
+    folds: Sequence | None = None,
+    checkpoint_name: str = "checkpoint_final",
+    use_tta: bool = True,
+    step: float = 0.5,
+    save_probabilities: bool = False,
+    device="auto",
+    workers: int = 1,
+    batch_tiles: int | None = None,
+    previous_stage_folder: Path | str | None = None,
+    previous_stage_model_folder: Path | str | None = None,
+    progress: Progress | None = None,
+) -> PredictionReport:
+    """Predict every case of ``inputs`` and write ``<case><ending>`` to ``output_folder``.
+
+    Parameters
+    ----------
+    inputs : path or list of lists of paths
+        A folder of ``<case>_XXXX<ending>`` files, or the channel files of each case.
+    output_folder : path
+        Created if needed. Segmentations ``<case><ending>``; with ``save_probabilities`` also ``<case>.npz``
+        (``probabilities`` (C, z, y, x) float16, softmax) and ``<case>.json`` (the case's properties).
+    model_folder : path, optional
+        Trainer folder; default ``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>`` of ``task``.
+    task, config : optional
+        Dataset and configuration, used to find the model folder (and, for ``config``, to check it).
+    settings : Settings, optional
+        Data roots (default: resolved from the environment).
+    folds : sequence, optional
+        Folds to ensemble (default: every fold holding the checkpoint).
+    checkpoint_name : str
+        ``checkpoint_final``, ``checkpoint_best`` or ``checkpoint_latest``.
+    use_tta : bool
+        Mirroring test-time augmentation over the axes training allowed.
+    step : float
+        Tile step as a fraction of the patch size (nnU-Net: 0.5).
+    device : str
+        ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+    workers : int
+        Export threads (and cases exported concurrently).
+    batch_tiles : int, optional
+        Tiles per forward pass (default: 1 for 3D on CPU, 2 on CUDA; 2D: 4 / 8).
+    previous_stage_folder : path, optional
+        Cascade only: folder with the previous stage's ``<case><ending>`` segmentations.
+    previous_stage_model_folder : path, optional
+        Cascade only: trainer folder of the previous stage (default: beside the model folder).
+    progress : callable, optional
+        ``progress(done, total, case_id)`` after each case.
+
+    Returns
+    -------
+    PredictionReport
+        Written and failed cases; also saved as ``<output>/nnfast_predict.json``.
+
+    Raises
+    ------
+    NnfastError
+        Problems that concern every case: model or input folder missing, plans inconsistent.
+    """
+    from ..io.atomic import write_json_atomic
+
+    t_start = time.perf_counter()
+    model = _resolve_model(model_folder, task, config, settings, folds, checkpoint_name)
+    out_dir = Path(output_folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ending = model.file_ending
+    if isinstance(inputs, (str, Path)):
+        cases = list_cases(Path(inputs), ending, model.num_image_channels, list(model.plans.channel_names.values()))
+    else:
+        cases = cases_from_file_lists(inputs, ending)
+    report = PredictionReport(out_dir)
+
+    conf = model.configuration
+    if conf.previous_stage is not None:
+        cases = _attach_previous_stage(cases, model, out_dir, previous_stage_folder, previous_stage_model_folder,
+                                       folds, checkpoint_name, use_tta, step, device, workers, batch_tiles, report)
+    for c in cases:
+        if c.problem is not None:
+            report.failed[c.case_id] = c.problem
+    todo = [c for c in cases if c.problem is None]
+    log.info("predicting %d case(s) with %s (%s, folds %s, TTA %s) into %s", len(todo), model.folder.name,
+             model.config_name, list(model.folds), use_tta, out_dir)
+    _run(model, todo, out_dir, ending, report, use_tta=use_tta, step=step, save_probabilities=save_probabilities,
+         device=device, workers=workers, batch_tiles=batch_tiles, progress=progress)
+    report.seconds["total"] = time.perf_counter() - t_start
+    write_json_atomic(out_dir / "nnfast_predict.json", {
+        "model_folder": str(model.folder), "configuration": model.config_name, "folds": list(model.folds),
+        "checkpoint": checkpoint_name, "use_tta": use_tta, "step": step, **report.to_json()})
+    if report.failed:
+        log.error("%d case(s) failed: %s", len(report.failed), ", ".join(sorted(report.failed)))
+    return report
+
+
+def _attach_previous_stage(cases, model, out_dir, prev_folder, prev_model_folder, folds, checkpoint_name, use_tta,
+                           step, device, workers, batch_tiles, report) -> list[CaseInput]:
+    prev = model.configuration.previous_stage
+    ending = model.file_ending
+    if prev_folder is None:
+        prev_model = Path(prev_model_folder) if prev_model_folder else \
+            model.folder.with_name(model.folder.name.rsplit("__", 1)[0] + f"__{prev}")
+        if not prev_model.is_dir():
+            raise CaseNotFoundError(
+                f"configuration `{model.config_name}` is the second stage of a cascade and needs the `{prev}` "
+                f"predictions: no model folder `{prev_model}` (train `{prev}` first) and no previous-stage "
+                "predictions given (previous_stage_folder / --prev-stage-folder)")
+        prev_folder = out_dir / f"previous_stage_{prev}"
+        lists = [list(c.image_files) for c in cases if c.problem is None]
+        log.info("cascade: predicting the %s stage into %s", prev, prev_folder)
+        sub = predict_folder(lists, prev_folder, prev_model, folds=folds, checkpoint_name=checkpoint_name,
+                             use_tta=use_tta, step=step, device=device, workers=workers, batch_tiles=batch_tiles)
+        for cid, msg in sub.failed.items():
+            report.failed.setdefault(cid, f"previous stage ({prev}): {msg}")
+    prev_folder = Path(prev_folder)
+    out = []
+    for c in cases:
+        if c.problem is not None or c.case_id in report.failed:
+            out.append(c if c.problem is not None else CaseInput(c.case_id, c.image_files, problem="skipped"))
+            continue
+        f = prev_folder / f"{c.case_id}{ending}"
+        problem = None if f.is_file() else f"previous-stage segmentation `{f}` is missing"
+        out.append(CaseInput(c.case_id, c.image_files, previous_stage_file=f, problem=problem))
+    return [c for c in out if c.problem != "skipped"]
+
+
+_DONE = object()
+
+
+def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str, report: PredictionReport, *,
+         use_tta, step, save_probabilities, device, workers, batch_tiles, progress) -> None:
+    from ..native._jit import available_cores
+    from .export import export_prediction
+    from .sliding_window import _resolve_device
+
+    dev = _resolve_device(device)
+    workers = max(1, int(workers))
+    export_threads = max(1, available_cores() // workers)
+    fg = model.labels.foreground_labels
+    stop = threading.Event()
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    secs = {"preprocess": 0.0, "predict": 0.0, "export": 0.0}
+    lock = threading.Lock()
+
+    def producer() -> None:
+        for case in cases:
+            if stop.is_set():
+                break
+            t0 = time.perf_counter()
+            try:
+                item = (case, *preprocess_input(case, model.plans, model.config_name, fg), None)
+            except Exception as e:  # reported per case
+                item = (case, None, None, e)
+            with lock:
+                secs["preprocess"] += time.perf_counter() - t0
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+        while not stop.is_set():
+            try:
+                ready.put(_DONE, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+
+    def export(case: CaseInput, logits: np.ndarray, props: dict) -> Path:
+        t0 = time.perf_counter()
+        path = export_prediction(logits, props, model.plans, model.config_name, out_dir / f"{case.case_id}{ending}",
+                                 save_probabilities=save_probabilities,
+                                 regions_class_order=model.labels.regions_class_order, threads=export_threads)
+        with lock:
+            secs["export"] += time.perf_counter() - t0
+        return path
+
+    pending: dict[str, Future] = {}
+    done = 0
+
+    def collect(block_until: int) -> None:
+        nonlocal done
+        while len(pending) > block_until:
+            cid = next(iter(pending))
+            try:
+                report.written[cid] = pending.pop(cid).result()
+            except Exception as e:
+                report.failed[cid] = _reason(e)
+            done += 1
+            if progress is not None:
+                progress(done, len(cases), cid)
+
+    import torch
+
+    thread = threading.Thread(target=producer, name="nnfast-preprocess", daemon=True)
+    net = model.build_network()
+    torch_threads = torch.get_num_threads()
+    if dev.type == "cpu":  # leave a core to the preprocessing/export threads: OpenMP barriers stall when oversubscribed
+        torch.set_num_threads(max(1, min(torch_threads, available_cores() - 1)))
+    thread.start()
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="nnfast-export") as pool:
+            while True:
+                item = ready.get()
+                if item is _DONE:
+                    break
+                case, data, props, err = item
+                if err is not None:
+                    report.failed[case.case_id] = _reason(err)
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(cases), case.case_id)
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    logits = predict_logits(model, data, net, use_tta=use_tta, step=step, device=dev,
+                                            batch_tiles=batch_tiles)
+                except Exception as e:  # e.g. out of memory: reported, the next case still runs
+                    report.failed[case.case_id] = _reason(e)
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(cases), case.case_id)
+                    continue
+                finally:
+                    secs["predict"] += time.perf_counter() - t0
+                del data
+                log.info("%s: predicted %s in %.1f s", case.case_id, tuple(logits.shape[1:]), time.perf_counter() - t0)
+                collect(workers - 1)  # bound the exports in flight (and the logits they hold)
+                pending[case.case_id] = pool.submit(export, case, logits, props)
+                del logits
+            collect(0)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        torch.set_num_threads(torch_threads)
+    report.seconds.update(secs)
+
+
+def _reason(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    return msg if isinstance(e, NnfastError) else f"{type(e).__name__}: {msg}"
