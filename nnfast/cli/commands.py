@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["cmd_demo", "cmd_synth", "cmd_convert", "cmd_verify", "cmd_plan", "cmd_preprocess"]
+__all__ = ["cmd_demo", "cmd_synth", "cmd_convert", "cmd_verify", "cmd_plan", "cmd_preprocess", "cmd_train"]
 
 
 def _settings(args: argparse.Namespace):
@@ -171,4 +171,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = preprocess_dataset(task_id, settings, config="3d_fullres", workers=args.workers)
         print(summary.format())
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; data in {root}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..settings import find_dataset_folder
+    from ..train.config import TrainConfig
+    from ..train.trainer import fold_folder, load_saved_train_config, train
+
+    settings = _settings(args)
+    overrides = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations,
+                 "num_val_iterations_per_epoch": args.val_iterations, "amp": args.amp,
+                 "compile": "off" if args.no_compile else None, "seed": args.seed, "save_every": args.save_every}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    fold = args.fold if args.fold == "all" else args.fold.strip()
+    cfg = None
+    if args.resume:
+        if overrides:  # the resumed run's settings, changed only where a flag says so
+            dataset = find_dataset_folder(args.task, settings.require("preprocessed")).name
+            saved = load_saved_train_config(fold_folder(settings.require("results"), dataset, args.config, fold))
+            cfg = (saved or TrainConfig()).replace(**overrides)
+    else:
+        cfg = TrainConfig(**overrides)
+    quiet = args.quiet
+
+    def report(rec) -> None:
+        if quiet:
+            return
+        dice = ", ".join(f"{v:.4f}" for v in rec.dice_per_class)
+        best = "  *best*" if rec.new_best else ""
+        print(f"epoch {rec.epoch + 1}/{rec.num_epochs}: loss {rec.train_loss:.4f} (val {rec.val_loss:.4f}), "
+              f"pseudo dice [{dice}] EMA {rec.ema_fg_dice:.4f}, lr {rec.lr:.2e}, {rec.epoch_time:.1f} s"
+              f" (data wait {rec.train_wait_s:.1f} s){best}", flush=True)
+
+    res = train(args.task, settings, args.config, fold, cfg, device=args.device, resume=args.resume,
+                num_workers=args.workers, progress=report, stop_after_epoch=args.stop_after_epoch,
+                final_validation=not args.no_val)
+    if not quiet:
+        state = "finished" if res.finished else f"stopped after {res.epochs_completed} of {res.num_epochs} epochs"
+        best = "n/a" if res.best_ema is None else f"{res.best_ema:.4f}"
+        print(f"training {state} in {res.wall_s:.1f} s ({res.epochs_run} epochs this run); best EMA pseudo dice "
+              f"{best}; output in {res.output_folder}")
+        if res.validation_skipped:
+            print(f"final validation skipped: {res.validation_skipped}")
     return 0

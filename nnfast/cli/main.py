@@ -96,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute every case even if its store is current")
     _add_roots(p)
     _add_common(p)
+
+    p = sub.add_parser("train", help="train one configuration and fold (nnU-Net's trainer; DDP via torchrun)",
+                       allow_abbrev=False)
+    p.add_argument("--task", required=True)
+    p.add_argument("--config", default="3d_fullres", choices=("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"))
+    p.add_argument("--fold", default="0", help="cross-validation fold 0..4 (nnU-Net's split) or 'all' (default 0)")
+    p.add_argument("--epochs", type=_positive_int, help="number of epochs (nnU-Net: 1000)")
+    p.add_argument("--iterations", type=_positive_int, help="training batches per epoch (nnU-Net: 250)")
+    p.add_argument("--val-iterations", type=int, help="validation batches per epoch (nnU-Net: 50; 0 disables)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--resume", action="store_true", help="continue from the fold's last checkpoint")
+    p.add_argument("--workers", type=int, help="data loader processes (default: NNFAST_LOADER_WORKERS, "
+                                               "nnUNet_n_proc_DA, else up to 12 per GPU; 0 = in-process)")
+    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the network (CUDA only anyway)")
+    p.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"),
+                   help="mixed precision on CUDA (auto = fp16 with a GradScaler, nnU-Net's)")
+    p.add_argument("--seed", type=int, help="seed of the network initialisation and of the batch streams")
+    p.add_argument("--save-every", type=_positive_int, help="write checkpoint_latest every N epochs (50)")
+    p.add_argument("--stop-after-epoch", type=_positive_int, metavar="N",
+                   help="stop once N epochs are done (checkpoint_latest written; continue later with --resume)")
+    p.add_argument("--no-val", action="store_true", help="skip the final validation after training")
+    _add_roots(p)
+    _add_common(p)
     return parser
 
 

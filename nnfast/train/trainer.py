@@ -1,0 +1,723 @@
+"""``nnfast train``: one training run of one configuration and fold (nnU-Net v2's ``nnUNetTrainer.run_training``).
+
+Output layout (``<results>`` = the results root, ``<Dataset>`` = e.g. ``Dataset004_Hippocampus``)::
+
+    <results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>/
+        nnfast_plans.json         copy of the plans the network was built from (inference reads it)
+        dataset.json              copy of the dataset's dataset.json
+        nnfast_fingerprint.json   copy of the fingerprint (when present)
+        fold_<k>/                 k = 0..4 or "all"
+            train_config.json     the resolved TrainConfig of the last start
+            checkpoint_latest.pt/.json   every save_every epochs and when a run stops early (resume point)
+            checkpoint_best.pt/.json     whenever the EMA pseudo-Dice improves
+            checkpoint_final.pt/.json    at the end (checkpoint_latest is then removed)
+            training_log.txt      human-readable log, appended
+            progress.json / progress.csv / progress.png   per-epoch history and its plot
+
+The cross-validation split is ``<preprocessed>/<Dataset>/splits_final.json`` (nnU-Net's, created when missing, a
+user-written file honoured). Training data: ``<preprocessed>/<Dataset>/<data_identifier>/<case>.zarr``.
+
+One epoch (nnU-Net's order): the learning rate of the epoch is set (poly schedule), ``num_iterations_per_epoch``
+training steps, ``num_val_iterations_per_epoch`` validation batches (loss and pseudo-Dice from global TP/FP/FN
+counts over all of them, foreground classes), EMA update, logs/plot, checkpoints.
+
+Reproducibility and exact resume: batch ``i`` of the training stream is a pure function of ``(seed, i)`` (see
+:mod:`nnfast.data.loader`), with ``i = epoch * iterations + step``; the validation stream likewise. A checkpoint
+stores the network, optimiser, GradScaler, LR scheduler, epoch, history, best EMA, torch's generator states and
+the index of the next batch of both streams, so ``resume=True`` continues exactly where the checkpoint was taken
+(bit-identical weights on CPU; CUDA kernels themselves may be non-deterministic with ``cudnn.benchmark``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Union
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import DatasetError, NnfastError, PlanError, SettingsError
+from ..io.atomic import atomic_target, read_json, write_json_atomic
+from ..settings import Settings, find_dataset_folder
+from .checkpoint import (capture_rng_state, checkpoint_file, find_resume_checkpoint, load_checkpoint,
+                         restore_rng_state, save_checkpoint)
+from .config import TrainConfig
+from .ddp import DistContext, all_reduce_sum, split_batch
+from .progress import EpochRecord, TrainingHistory, TrainingLogFile, plot_progress, write_progress_files
+
+__all__ = ["TRAINER_NAME", "PLANS_IDENTIFIER", "TrainResult", "InferenceUnavailableError", "trainer_folder",
+           "fold_folder", "train", "run_final_validation", "load_saved_train_config"]
+
+log = logging.getLogger(__name__)
+
+TRAINER_NAME = "nnfastTrainer"
+PLANS_IDENTIFIER = "nnfast_plans"
+Fold = Union[int, Literal["all"]]
+DeviceChoice = Literal["auto", "cuda", "cpu"]
+_VAL_STREAM, _TRAIN_STREAM = 1, 0
+_FOLD_ALL_KEY = 1000  # seed key of fold "all"
+
+
+class InferenceUnavailableError(NnfastError, NotImplementedError):
+    """The final validation needs nnfast's inference (``nnfast.infer``), which is not available."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    Attributes
+    ----------
+    output_folder : Path
+        The fold folder.
+    epochs_completed, num_epochs : int
+        Epochs done in total (across resumed runs) and planned.
+    epochs_run : int
+        Epochs run by this call.
+    finished : bool
+        ``epochs_completed == num_epochs`` (``checkpoint_final`` written).
+    checkpoint : Path or None
+        ``checkpoint_final.pt`` when finished, else the latest checkpoint written.
+    best_ema, last_ema : float or None
+        Best and last EMA pseudo-Dice.
+    history : TrainingHistory
+    network : torch.nn.Module
+        The trained plain module (not compiled, not DDP-wrapped), on the training device.
+    validation : object
+        What the final validation returned (None when skipped; ``validation_skipped`` says why).
+    """
+
+    output_folder: Path
+    dataset: str
+    configuration: str
+    fold: Fold
+    train_config: TrainConfig
+    device: str
+    epochs_completed: int
+    num_epochs: int
+    epochs_run: int
+    finished: bool
+    checkpoint: Path | None
+    best_ema: float | None
+    last_ema: float | None
+    history: TrainingHistory
+    network: torch.nn.Module
+    wall_s: float
+    validation: Any = None
+    validation_skipped: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ folders
+def _fold_name(fold: Fold) -> str:
+    return "fold_all" if fold == "all" else f"fold_{int(fold)}"
+
+
+def trainer_folder(results_root: Path | str, dataset_name: str, config_name: str) -> Path:
+    """``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>``."""
+    return Path(results_root) / dataset_name / f"{TRAINER_NAME}__{PLANS_IDENTIFIER}__{config_name}"
+
+
+def fold_folder(results_root: Path | str, dataset_name: str, config_name: str, fold: Fold) -> Path:
+    """``trainer_folder(...)/fold_<k>`` (``fold_all`` for fold ``"all"``)."""
+    return trainer_folder(results_root, dataset_name, config_name) / _fold_name(_check_fold(fold))
+
+
+def _check_fold(fold: Any) -> Fold:
+    if fold == "all":
+        return "all"
+    try:
+        f = int(fold)
+    except (TypeError, ValueError):
+        raise SettingsError(f"fold must be 0..4 (or another non-negative integer) or 'all', got {fold!r}") from None
+    if f < 0 or isinstance(fold, bool) or str(f) != str(fold).strip():
+        raise SettingsError(f"fold must be a non-negative integer or 'all', got {fold!r}")
+    return f
+
+
+def load_saved_train_config(folder: Path | str) -> TrainConfig | None:
+    """The ``train_config.json`` of a fold folder, or None when there is none."""
+    p = Path(folder) / "train_config.json"
+    return TrainConfig.from_json(read_json(p)) if p.is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------ set-up helpers
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device not in ("auto", "cuda", "cpu"):
+        raise SettingsError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError("device 'cuda' was requested but torch sees no CUDA device (CPU-only torch build, "
+                                "or no GPU visible: check CUDA_VISIBLE_DEVICES); use --device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _labels(plans) -> tuple[int, int | None]:
+    """(number of segmentation heads, ignore label) of label (non-region) training."""
+    labels = dict(plans.labels)
+    regions = [k for k, v in labels.items() if isinstance(v, (list, tuple)) and len(v) > 1]
+    if regions:
+        raise SettingsError(f"dataset {plans.dataset_name} defines regions ({', '.join(regions)}); nnfast trains "
+                            "label maps only (region-based training is not implemented in nnfast.data / "
+                            "nnfast.train.loss)")
+    ignore = labels.pop("ignore", None)
+    values = sorted(int(v[0] if isinstance(v, (list, tuple)) else v) for v in labels.values())
+    if values != list(range(len(values))):
+        raise PlanError(f"labels of {plans.dataset_name} must be 0..{len(values) - 1}, got {values}")
+    return len(values), (None if ignore is None else int(ignore))
+
+
+def _check_cascade(conf, trainer_root: Path, config_name: str) -> None:
+    if conf.previous_stage is None:
+        return
+    prev = trainer_root.parent / f"{TRAINER_NAME}__{PLANS_IDENTIFIER}__{conf.previous_stage}"
+    raise SettingsError(
+        f"configuration `{config_name}` is the second stage of nnU-Net's cascade: it trains on the image plus the "
+        f"`{conf.previous_stage}` predictions as extra input channels (one per foreground label). Missing: (1) "
+        f"nnfast.data's loader cannot read a previous-stage segmentation (CaseSource/BatchBuilder have no such "
+        f"channel), and (2) the `{conf.previous_stage}` predictions of every training case "
+        f"(`{prev}/predicted_next_stage/{config_name}/`), which the final validation of all five "
+        f"`{conf.previous_stage}` folds writes through nnfast.infer. Train `3d_fullres` or `{conf.previous_stage}` "
+        "instead.")
+
+
+def _stream_seeds(seed: int, fold: Fold, rank: int) -> tuple[int, int]:
+    """Base seeds of the training and validation batch streams of ``(seed, fold, rank)``."""
+    key = _FOLD_ALL_KEY if fold == "all" else int(fold)
+    out = []
+    for stream in (_TRAIN_STREAM, _VAL_STREAM):
+        s = np.random.SeedSequence([int(seed), key, int(rank), stream]).generate_state(2, np.uint64)
+        out.append(int((int(s[0]) << 1 ^ int(s[1])) % (2 ** 62)))
+    return out[0], out[1]
+
+
+def _default_workers(device: torch.device, world_size: int) -> int:
+    for var in ("NNFAST_LOADER_WORKERS", "nnUNet_n_proc_DA"):
+        v = os.environ.get(var)
+        if v:
+            try:
+                return max(0, int(v))
+            except ValueError:
+                raise SettingsError(f"{var}={v!r} is not an integer; set a whole number or unset it") from None
+    cpus = max(1, (os.cpu_count() or 1) // max(1, world_size))
+    if device.type == "cuda":
+        return min(12, max(1, cpus - 1))
+    return min(2, max(0, cpus // 2 - 1))
+
+
+def _copy_into(src: Path, dst: Path) -> None:
+    with atomic_target(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _prepare_trainer_folder(root: Path, pre_dir: Path, plans_file: Path, plans, config_name: str,
+                            resume: bool) -> None:
+    """Copy plans, dataset.json and fingerprint next to the folds; refuse to resume on changed plans."""
+    from ..plan.planner import load_plans
+
+    root.mkdir(parents=True, exist_ok=True)
+    copy = root / plans_file.name
+    if resume and copy.is_file():
+        old = load_plans(copy)
+        if config_name in old.configurations and \
+                old.configuration(config_name).to_json() != plans.configuration(config_name).to_json():
+            raise PlanError(f"the plans of `{config_name}` changed since this training started (compare `{copy}` "
+                            f"with `{plans_file}`): the checkpoint does not fit the new network; train without "
+                            "--resume into a fresh folder or restore the old plans")
+    _copy_into(plans_file, copy)
+    for name in ("dataset.json", "nnfast_fingerprint.json"):
+        if (pre_dir / name).is_file():
+            _copy_into(pre_dir / name, root / name)
+
+
+def _config_diff(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return {k: (da[k], db[k]) for k in da if da[k] != db[k]}
+
+
+# ------------------------------------------------------------------------------------------------ final validation
+def run_final_validation(fold_dir: Path | str, *, settings: Settings, device: torch.device | str = "auto",
+                         checkpoint_name: str = "checkpoint_final") -> Any:
+    """Predict the fold's validation cases with the final checkpoint and score them (nnU-Net's
+    ``perform_actual_validation``), through nnfast's inference.
+
+    Calls ``nnfast.infer.predict.validate_fold(fold_dir, settings=..., device=..., checkpoint_name=...)`` and
+    returns what it returns (expected: metrics written to ``<fold_dir>/validation/summary.json``).
+
+    Raises
+    ------
+    InferenceUnavailableError
+        When ``nnfast.infer.predict`` (or its ``validate_fold``) does not exist in this installation.
+    """
+    import importlib
+
+    try:
+        infer_predict = importlib.import_module("nnfast.infer.predict")
+    except ModuleNotFoundError as e:
+        if e.name not in ("nnfast.infer", "nnfast.infer.predict"):
+            raise
+        raise InferenceUnavailableError(
+            "the final validation needs nnfast's inference (nnfast.infer.predict), which this installation does "
+            f"not have; the trained checkpoints in `{fold_dir}` are complete, predict the validation cases later"
+        ) from e
+    fn = getattr(infer_predict, "validate_fold", None)
+    if fn is None:
+        raise InferenceUnavailableError("nnfast.infer.predict has no validate_fold(fold_dir, ...); the final "
+                                        "validation cannot run with this version of nnfast.infer")
+    return fn(Path(fold_dir), settings=settings, device=device, checkpoint_name=checkpoint_name)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def train(
+    task: str | int,
+    settings: Settings,
+    config_name: str = "3d_fullres",
+    fold: Fold = 0,
+    train_config: TrainConfig | None = None,
+    *,
+    device: DeviceChoice = "auto",
+    resume: bool = False,
+    num_workers: int | None = None,
+    num_workers_val: int | None = None,
+    progress: Callable[[EpochRecord], None] | None = None,
+    stop_after_epoch: int | None = None,
+    final_validation: bool = True,
+) -> TrainResult:
+    """Train ``config_name`` on ``fold`` of ``task`` (see the module docstring for files and semantics).
+
+    Parameters
+    ----------
+    task : str or int
+        Dataset id or folder name (``4``, ``Dataset004_Hippocampus``).
+    settings : Settings
+        Needs the preprocessed and results roots.
+    config_name : str
+        ``2d``, ``3d_fullres``, ``3d_lowres`` (``3d_cascade_fullres`` raises: see :func:`_check_cascade`).
+    fold : int or "all"
+        Cross-validation fold (0..4 with nnU-Net's split; higher: a seeded 80:20 split) or ``"all"``.
+    train_config : TrainConfig, optional
+        Hyperparameters; None means the saved config of the run being resumed (``resume=True``), else nnU-Net's
+        defaults. Batch and patch size left None come from the plan.
+    device : "auto", "cuda" or "cpu"
+        "auto": CUDA when available. CPU runs in float32 without ``torch.compile``.
+    resume : bool
+        Continue from the fold's newest checkpoint (final > latest > best); without one, start fresh (warning).
+    num_workers, num_workers_val : int, optional
+        Loader processes (0: in this process). Default: ``NNFAST_LOADER_WORKERS`` / ``nnUNet_n_proc_DA``, else 12
+        per GPU (fewer on small machines), 0-2 on CPU; validation ``max(1, n // 2)``.
+    progress : callable, optional
+        Called with each epoch's :class:`EpochRecord` (rank 0 only).
+    stop_after_epoch : int, optional
+        End this call once this many epochs are completed (in total), writing ``checkpoint_latest`` so that a
+        later ``resume=True`` continues exactly (e.g. for time-limited cluster jobs). The LR schedule still follows
+        ``num_epochs``.
+    final_validation : bool
+        After the last epoch, run :func:`run_final_validation` (skipped with a warning when inference is not
+        available).
+
+    Raises
+    ------
+    SettingsError
+        Bad fold/device/settings, the cascade, region labels, or a DDP launch without rendezvous variables.
+    PlanError
+        No plans, or plans changed since the run being resumed.
+    DatasetError
+        The configuration was not preprocessed.
+    """
+    run = _Run(task, settings, config_name, fold, train_config, device, resume, num_workers, num_workers_val,
+               progress, stop_after_epoch, final_validation)
+    try:
+        return run.execute()
+    finally:
+        run.close()
+
+
+class _Run:
+    """State of one :func:`train` call (a class only to keep the steps readable)."""
+
+    def __init__(self, task, settings, config_name, fold, train_config, device, resume, num_workers,
+                 num_workers_val, progress, stop_after_epoch, final_validation):
+        self.t_start = time.perf_counter()
+        self.settings = settings
+        self.config_name = config_name
+        self.fold = _check_fold(fold)
+        self.resume = bool(resume)
+        self.progress = progress
+        self.stop_after_epoch = stop_after_epoch
+        self.final_validation = final_validation
+        self.loaders: list = []
+        self.ctx = DistContext()
+
+        from ..plan.api import plans_path
+        from ..plan.planner import load_plans
+
+        self.pre_dir = find_dataset_folder(task, settings.require("preprocessed"))
+        self.dataset = self.pre_dir.name
+        self.plans_file = plans_path(self.pre_dir)
+        if not self.plans_file.is_file():
+            raise PlanError(f"no plans for {self.dataset} at `{self.plans_file}`; run `nnfast preprocess --task "
+                            f"{task} --config {config_name}` first")
+        self.plans = load_plans(self.plans_file)
+        self.conf = self.plans.configuration(config_name)
+        self.root = trainer_folder(settings.require("results"), self.dataset, config_name)
+        self.out = self.root / _fold_name(self.fold)
+        _check_cascade(self.conf, self.root, config_name)
+        self.num_classes, self.ignore_label = _labels(self.plans)
+        self.data_dir = self.pre_dir / self.conf.data_identifier
+        from ..io.store import list_case_ids
+
+        self.case_ids = list_case_ids(self.data_dir) if self.data_dir.is_dir() else []
+        if not self.case_ids:
+            raise DatasetError(f"`{self.data_dir}` holds no preprocessed cases; run `nnfast preprocess --task {task} "
+                               f"--config {config_name}` first")
+
+        self.device_choice = device
+        self.train_config_arg = train_config
+        self.num_workers_arg = num_workers
+        self.num_workers_val_arg = num_workers_val
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        for ld in self.loaders:
+            try:
+                ld.close()
+            except Exception:  # pragma: no cover
+                log.debug("closing a loader failed", exc_info=True)
+        self.loaders = []
+        self.ctx.teardown()
+
+    def execute(self) -> TrainResult:
+        self._setup()
+        start = self.current_epoch
+        end = self.cfg.num_epochs
+        if self.stop_after_epoch is not None:
+            end = max(start, min(end, int(self.stop_after_epoch)))
+        last_ckpt = None
+        for epoch in range(start, end):
+            rec = self._epoch(epoch)
+            self.current_epoch = epoch + 1
+            last_ckpt = self._after_epoch(rec, is_last_of_call=(epoch == end - 1)) or last_ckpt
+        finished = self.current_epoch >= self.cfg.num_epochs
+        if finished and end > start:
+            last_ckpt = self._finish()
+        elif finished:
+            last_ckpt = checkpoint_file(self.out, "checkpoint_final")
+            self.logfile.write(f"training was already complete ({self.current_epoch} epochs)")
+        for ld in self.loaders:
+            ld.close()
+        self.loaders = []
+        result = TrainResult(
+            output_folder=self.out, dataset=self.dataset, configuration=self.config_name, fold=self.fold,
+            train_config=self.cfg, device=str(self.device), epochs_completed=self.current_epoch,
+            num_epochs=self.cfg.num_epochs, epochs_run=self.current_epoch - start, finished=finished,
+            checkpoint=last_ckpt if last_ckpt is not None and last_ckpt.is_file() else None,
+            best_ema=self.best_ema, last_ema=self.history.last_ema, history=self.history,
+            network=self.plain_net, wall_s=0.0)
+        if finished and self.final_validation and self.ctx.is_main:
+            self._final_validation(result)
+        result.wall_s = time.perf_counter() - self.t_start
+        return result
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from ..data.dataset import ZarrCaseSource
+        from ..data.loader import PatchLoader
+        from .loss import build_loss
+        from .network import build_network
+        from .optim import PolyLRScheduler, build_optimizer
+        from .splits import SPLITS_FILE_NAME, fold_cases, load_or_create_splits
+        from .step import make_grad_scaler, resolve_amp, resolve_compile
+
+        want = self.device_choice
+        self.ctx = DistContext.setup("cuda" if (want == "cuda" or (want == "auto" and torch.cuda.is_available()))
+                                     else "cpu")
+        self.device = _resolve_device(want, self.ctx.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.deterministic = False
+        main = self.ctx.is_main
+        self.logfile = TrainingLogFile(self.out / "training_log.txt", enabled=main)
+
+        ckpt_path = find_resume_checkpoint(self.out) if self.resume else None
+        if self.resume and ckpt_path is None:
+            log.warning("--resume: no checkpoint in %s, starting a new training", self.out)
+        if not self.resume and main and find_resume_checkpoint(self.out) is not None:
+            log.warning("%s already holds checkpoints; starting over (they are replaced as training goes); "
+                        "use --resume to continue instead", self.out)
+        ckpt = load_checkpoint(ckpt_path, map_location=self.device) if ckpt_path is not None else None
+
+        # hyperparameters: given > the resumed run's > defaults; batch/patch size from the plan when unset
+        cfg = self.train_config_arg
+        if cfg is None:
+            cfg = TrainConfig.from_json(ckpt["train_config"]) if ckpt is not None else TrainConfig()
+        elif ckpt is not None:
+            diff = _config_diff(TrainConfig.from_json(ckpt["train_config"]), cfg)
+            if diff:
+                log.warning("resuming with changed settings (checkpoint -> now): %s", diff)
+        cfg = TrainConfig.from_plan(self.plans, self.config_name, **dataclasses.asdict(cfg))
+        self.cfg = cfg
+
+        if main:
+            _prepare_trainer_folder(self.root, self.pre_dir, self.plans_file, self.plans, self.config_name,
+                                    self.resume and ckpt is not None)
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "train_config.json", cfg.to_json())
+        # the split: rank 0 creates splits_final.json, the others read it
+        splits = []
+        if self.fold != "all":
+            if main:
+                splits = load_or_create_splits(self.pre_dir / SPLITS_FILE_NAME, self.case_ids)
+            self.ctx.barrier()
+            if not main:
+                splits = load_or_create_splits(self.pre_dir / SPLITS_FILE_NAME, self.case_ids)
+        tr_ids, val_ids = fold_cases(splits, self.fold, self.case_ids)
+        if not tr_ids:
+            raise DatasetError(f"fold {self.fold} of {self.dataset} has no training cases")
+
+        # precision, compilation
+        amp_dtype = resolve_amp(cfg.amp, self.device)
+        if amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            log.warning("amp=bf16 requested but this GPU does not support bfloat16; using float16")
+            amp_dtype = torch.float16
+        self.amp_dtype = amp_dtype
+        self.scaler = make_grad_scaler(amp_dtype, self.device)
+        do_compile = resolve_compile(cfg.compile, self.device) and self.device.type == "cuda"
+        if cfg.compile == "on" and self.device.type != "cuda":
+            log.warning("torch.compile is only used on CUDA; training on %s without it", self.device)
+
+        # network, loss, optimiser (seeded: a fresh run is reproducible; a resumed one restores the state below)
+        torch.manual_seed(cfg.seed)
+        in_ch = self.plans.num_input_channels
+        net = build_network(self.plans, self.config_name, in_ch, self.num_classes,
+                            deep_supervision=cfg.deep_supervision).to(self.device)
+        lowest = 1e-6 if (self.ctx.is_ddp and not do_compile) else 0.0  # nnU-Net: DDP needs a grad for every param
+        self.loss_fn = build_loss(self.conf, self.ignore_label, deep_supervision=cfg.deep_supervision,
+                                  lowest_weight=lowest)
+        self.optimizer = build_optimizer(net.parameters(), cfg)
+        self.scheduler = PolyLRScheduler.from_config(self.optimizer, cfg)
+        self.current_epoch = 0
+        self.best_ema: float | None = None
+        self.history = TrainingHistory()
+        next_train, next_val = 0, 0
+        if ckpt is not None:
+            net.load_state_dict(ckpt["network_weights"])
+            self.optimizer.load_state_dict(ckpt["optimizer_state"])
+            if self.scaler is not None and ckpt.get("grad_scaler_state") is not None:
+                self.scaler.load_state_dict(ckpt["grad_scaler_state"])
+            if ckpt.get("lr_scheduler_state"):
+                self.scheduler.load_state_dict(ckpt["lr_scheduler_state"])
+                # the schedule follows the current settings (num_epochs may have been raised on resume)
+                self.scheduler.initial_lr, self.scheduler.max_steps = cfg.initial_lr, cfg.num_epochs
+                self.scheduler.exponent = cfg.poly_exponent
+            self.current_epoch = int(ckpt["current_epoch"])
+            self.best_ema = None if ckpt.get("best_ema") is None else float(ckpt["best_ema"])
+            self.history = TrainingHistory.from_dict(ckpt.get("history") or {})
+            self.history.truncate(self.current_epoch)
+            next_train = int(ckpt["loader"]["next_train_batch"])
+            next_val = int(ckpt["loader"]["next_val_batch"])
+            restore_rng_state(ckpt.get("rng"))
+            if self.current_epoch > cfg.num_epochs:
+                raise SettingsError(f"the checkpoint `{ckpt_path}` has {self.current_epoch} epochs, more than "
+                                    f"num_epochs={cfg.num_epochs}; pass a larger --epochs")
+        if self.ctx.is_ddp:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # a no-op for nnU-Net's InstanceNorm nets
+        self.plain_net = net
+        if do_compile:
+            net = torch.compile(net)
+        if self.ctx.is_ddp:
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.net = net
+
+        # loaders (per rank: its share of the global batch and of the oversampled samples)
+        bs, oversample = split_batch(cfg.batch_size, self.ctx.world_size, self.ctx.rank,
+                                     cfg.oversample_foreground_percent)
+        seed_tr, seed_val = _stream_seeds(cfg.seed, self.fold, self.ctx.rank)
+        nw = _default_workers(self.device, self.ctx.world_size) if self.num_workers_arg is None \
+            else max(0, int(self.num_workers_arg))
+        nwv = (0 if nw == 0 else max(1, nw // 2)) if self.num_workers_val_arg is None \
+            else max(0, int(self.num_workers_val_arg))
+        key = None
+        if self.ignore_label is not None:
+            key = tuple([-1] + list(range(self.num_classes)))
+        source = ZarrCaseSource(self.data_dir)
+        common = dict(config=self.conf, patch_size=cfg.patch_size, batch_size=bs,
+                      deep_supervision_scales="auto" if cfg.deep_supervision else None,
+                      oversample_foreground_percent=oversample, annotated_classes_key=key,
+                      pin_memory=self.device.type == "cuda")
+        self.train_loader = PatchLoader(source.subset(tr_ids), num_workers=nw, base_seed=seed_tr, train=True,
+                                        start_batch=next_train, **common)
+        self.loaders.append(self.train_loader)
+        self.val_loader = None
+        if cfg.num_val_iterations_per_epoch > 0 and val_ids:
+            self.val_loader = PatchLoader(source.subset(val_ids), num_workers=nwv, base_seed=seed_val, train=False,
+                                          start_batch=next_val, **common)
+            self.loaders.append(self.val_loader)
+        elif cfg.num_val_iterations_per_epoch > 0:
+            log.warning("fold %s has no validation cases: no pseudo-Dice, no best checkpoint", self.fold)
+        self._next_val = next_val
+        self.mirror_axes = tuple(int(a) for a in self.train_loader.spec.augment.mirror_axes)
+
+        self.logfile.write(
+            "",
+            f"nnfast {__version__} training {self.dataset} {self.config_name} fold {self.fold} on {self.device}"
+            + (f" ({self.ctx.world_size} processes)" if self.ctx.is_ddp else ""),
+            f"{'resuming from ' + ckpt_path.name + ' at epoch ' + str(self.current_epoch) if ckpt else 'new run'}",
+            f"{len(tr_ids)} training / {len(val_ids)} validation cases; batch {cfg.batch_size}"
+            + (f" ({bs} per rank)" if self.ctx.is_ddp else "") + f", patch {cfg.patch_size}, "
+            f"{cfg.num_epochs} epochs x {cfg.num_iterations_per_epoch} + {cfg.num_val_iterations_per_epoch} batches",
+            f"amp {amp_dtype or 'off'}, compile {do_compile}, loader workers {nw} + {nwv}, seed {cfg.seed}",
+            "train config: " + json.dumps(cfg.to_json()),
+        )
+        log.info("training %s %s fold %s on %s: %d train / %d val cases, %d epochs (starting at %d), amp %s, "
+                 "compile %s, %d loader workers", self.dataset, self.config_name, self.fold, self.device,
+                 len(tr_ids), len(val_ids), cfg.num_epochs, self.current_epoch, amp_dtype, do_compile, nw)
+
+    # -- one epoch ----------------------------------------------------------------------------------
+    def _epoch(self, epoch: int) -> EpochRecord:
+        from .step import train_step
+
+        cfg = self.cfg
+        t_start = time.time()
+        self.net.train()
+        self.scheduler.step(epoch)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        wait = 0.0
+        t0 = time.perf_counter()
+        for _ in range(cfg.num_iterations_per_epoch):
+            tw = time.perf_counter()
+            batch = next(self.train_loader)
+            wait += time.perf_counter() - tw
+            loss_sum += train_step(self.net, batch, self.loss_fn, self.optimizer, self.scaler, self.amp_dtype,
+                                   cfg.grad_clip)
+        loss_sum = all_reduce_sum(loss_sum, self.ctx)
+        train_loss = float(loss_sum) / (cfg.num_iterations_per_epoch * self.ctx.world_size)
+        if not math.isfinite(train_loss):
+            log.warning("epoch %d: the training loss is %s", epoch, train_loss)
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        val_loss, dice = self._validate()
+        val_s = time.perf_counter() - t1
+        mean, ema = self.history.append(train_loss=train_loss, val_loss=val_loss, dice_per_class=dice, lr=lr,
+                                        start=t_start, end=time.time(), train_wait_s=wait, train_s=train_s,
+                                        val_s=val_s)
+        new_best = self.history.last_ema is not None and (self.best_ema is None or ema > self.best_ema)
+        if new_best:
+            self.best_ema = float(ema)
+        return EpochRecord(epoch=epoch, num_epochs=cfg.num_epochs, train_loss=train_loss, val_loss=val_loss,
+                           dice_per_class=tuple(float(v) for v in dice), mean_fg_dice=mean, ema_fg_dice=ema, lr=lr,
+                           epoch_time=self.history.epoch_times()[-1], train_wait_s=wait, new_best=new_best)
+
+    def _validate(self) -> tuple[float, list[float]]:
+        """Validation loss and global pseudo-Dice per foreground class over this epoch's validation batches."""
+        from .step import pseudo_dice, validation_step
+
+        n_fg = self.num_classes - 1
+        if self.val_loader is None:
+            return float("nan"), [float("nan")] * n_fg
+        self.net.eval()
+        counts = torch.zeros((3, n_fg), dtype=torch.int64, device=self.device)
+        loss_sum = torch.zeros((2,), dtype=torch.float64, device=self.device)  # (sum of losses, batches)
+        for _ in range(self.cfg.num_val_iterations_per_epoch):
+            r = validation_step(self.net, next(self.val_loader), self.loss_fn, self.amp_dtype, self.ignore_label)
+            counts[0] += r.tp
+            counts[1] += r.fp
+            counts[2] += r.fn
+            loss_sum[0] += r.loss.double()
+            loss_sum[1] += 1
+        self._next_val = self.val_loader.next_batch_index
+        counts = all_reduce_sum(counts, self.ctx).cpu()
+        loss_sum = all_reduce_sum(loss_sum, self.ctx).cpu()
+        dice = pseudo_dice(counts[0], counts[1], counts[2])
+        return float(loss_sum[0] / loss_sum[1]), [float(v) for v in dice]
+
+    # -- bookkeeping after an epoch -----------------------------------------------------------------
+    def _after_epoch(self, rec: EpochRecord, is_last_of_call: bool) -> Path | None:
+        written = None
+        if self.ctx.is_main:
+            self.logfile.epoch(rec)
+            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, pseudo dice %s (EMA %.4f), lr %.3g, %.1f s",
+                     rec.epoch, rec.num_epochs, rec.train_loss, rec.val_loss,
+                     [round(v, 4) for v in rec.dice_per_class], rec.ema_fg_dice, rec.lr, rec.epoch_time)
+            write_progress_files(self.out, self.history)
+            try:
+                plot_progress(self.history, self.out / "progress.png")
+            except Exception as e:  # a plotting problem must not end a training
+                log.warning("could not draw progress.png: %s", e)
+            final_epoch = self.current_epoch == self.cfg.num_epochs
+            periodic = self.current_epoch % self.cfg.save_every == 0
+            if (periodic or is_last_of_call) and not final_epoch:
+                written = self._save("checkpoint_latest")
+            if rec.new_best:
+                self._save("checkpoint_best")
+            if self.progress is not None:
+                self.progress(rec)
+        return written
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "network_weights": self.plain_net.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.scaler.state_dict() if self.scaler is not None else None,
+            "lr_scheduler_state": self.scheduler.state_dict(),
+            "current_epoch": int(self.current_epoch),
+            "best_ema": self.best_ema,
+            "history": self.history.to_dict(),
+            "rng": capture_rng_state(),
+            "loader": {"next_train_batch": int(self.train_loader.next_batch_index),
+                       "next_val_batch": int(self._next_val)},
+            "train_config": self.cfg.to_json(),
+            "dataset": self.dataset,
+            "configuration": self.config_name,
+            "fold": self.fold,
+            "trainer_name": TRAINER_NAME,
+            "plans_name": PLANS_IDENTIFIER,
+            "inference_allowed_mirroring_axes": list(self.mirror_axes),
+            "num_input_channels": int(self.plans.num_input_channels),
+            "num_classes": int(self.num_classes),
+            "patch_size": list(self.cfg.patch_size),
+            "nnfast_version": __version__,
+            "torch_version": str(torch.__version__),
+        }
+
+    def _save(self, name: str) -> Path:
+        path = checkpoint_file(self.out, name)
+        save_checkpoint(path, self._payload())
+        log.debug("wrote %s (epoch %d)", path, self.current_epoch)
+        return path
+
+    def _finish(self) -> Path | None:
+        path = None
+        if self.ctx.is_main:
+            path = self._save("checkpoint_final")
+            for suffix in (".pt", ".json"):
+                checkpoint_file(self.out, "checkpoint_latest").with_suffix(suffix).unlink(missing_ok=True)
+            self.logfile.write(f"training done: {self.current_epoch} epochs, best EMA pseudo Dice "
+                               f"{self.best_ema if self.best_ema is not None else float('nan'):.4f}")
+        self.ctx.barrier()
+        return path
+
+    def _final_validation(self, result: TrainResult) -> None:
+        from .network import set_deep_supervision
+
+        set_deep_supervision(self.plain_net, False)
+        try:
+            result.validation = run_final_validation(self.out, settings=self.settings, device=self.device)
+        except InferenceUnavailableError as e:
+            log.warning("final validation skipped: %s", e)
+            self.logfile.write(f"final validation skipped: {e}")
+            result.validation_skipped = str(e)
+        finally:
+            set_deep_supervision(self.plain_net, self.cfg.deep_supervision)
