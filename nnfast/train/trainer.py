@@ -1,21 +1,9 @@
 """``nnfast train``: one training run of one configuration and fold (nnU-Net v2's ``nnUNetTrainer.run_training``).
 
-Output layout (``<results>`` = the results root, ``<Dataset>`` = e.g. ``Dataset004_Hippocampus``)::
-
-    <results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>/
-        nnfast_plans.json         copy of the plans the network was built from (inference reads it)
-        dataset.json              copy of the dataset's dataset.json
-        nnfast_fingerprint.json   copy of the fingerprint (when present)
-        fold_<k>/                 k = 0..4 or "all"
-            train_config.json     the resolved TrainConfig of the last start
-            checkpoint_latest.pt/.json   every save_every epochs and when a run stops early (resume point)
-            checkpoint_best.pt/.json     whenever the EMA pseudo-Dice improves
-            checkpoint_final.pt/.json    at the end (checkpoint_latest is then removed)
-            training_log.txt      human-readable log, appended
-            progress.json / progress.csv / progress.png   per-epoch history and its plot
-
-The cross-validation split is ``<preprocessed>/<Dataset>/splits_final.json`` (nnU-Net's, created when missing, a
-user-written file honoured). Training data: ``<preprocessed>/<Dataset>/<data_identifier>/<case>.zarr``.
+Files: ``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>/fold_<k>/`` (checkpoints, logs, progress plot;
+see :mod:`nnfast.train.layout`). The cross-validation split is ``<preprocessed>/<Dataset>/splits_final.json``
+(nnU-Net's, created when missing, a user-written file honoured). Training data:
+``<preprocessed>/<Dataset>/<data_identifier>/<case>.zarr``.
 
 One epoch (nnU-Net's order): the learning rate of the epoch is set (poly schedule), ``num_iterations_per_epoch``
 training steps, ``num_val_iterations_per_epoch`` validation batches (loss and pseudo-Dice from global TP/FP/FN
@@ -34,40 +22,36 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import DatasetError, NnfastError, PlanError, SettingsError
-from ..io.atomic import atomic_target, read_json, write_json_atomic
+from ..errors import DatasetError, PlanError, SettingsError
+from ..io.atomic import write_json_atomic
 from ..settings import Settings, find_dataset_folder
 from .checkpoint import (capture_rng_state, checkpoint_file, find_resume_checkpoint, load_checkpoint,
                          restore_rng_state, save_checkpoint)
 from .config import TrainConfig
 from .ddp import DistContext, all_reduce_sum, split_batch
+from .final_validation import InferenceUnavailableError, run_final_validation
+from .layout import (PLANS_IDENTIFIER, TRAINER_NAME, Fold, check_fold, fold_folder, fold_name,
+                     load_saved_train_config, prepare_trainer_folder, trainer_folder)
 from .progress import EpochRecord, TrainingHistory, TrainingLogFile, plot_progress, write_progress_files
 
-__all__ = ["TRAINER_NAME", "PLANS_IDENTIFIER", "TrainResult", "InferenceUnavailableError", "trainer_folder",
-           "fold_folder", "train", "run_final_validation", "load_saved_train_config"]
+# layout / final-validation names re-exported for convenience
+__all__ = ["train", "TrainResult", "TRAINER_NAME", "PLANS_IDENTIFIER", "trainer_folder", "fold_folder",
+           "load_saved_train_config", "InferenceUnavailableError", "run_final_validation"]
 
 log = logging.getLogger(__name__)
 
-TRAINER_NAME = "nnfastTrainer"
-PLANS_IDENTIFIER = "nnfast_plans"
-Fold = Union[int, Literal["all"]]
 DeviceChoice = Literal["auto", "cuda", "cpu"]
 _VAL_STREAM, _TRAIN_STREAM = 1, 0
 _FOLD_ALL_KEY = 1000  # seed key of fold "all"
-
-
-class InferenceUnavailableError(NnfastError, NotImplementedError):
-    """The final validation needs nnfast's inference (``nnfast.infer``), which is not available."""
 
 
 @dataclass
@@ -91,6 +75,8 @@ class TrainResult:
     history : TrainingHistory
     network : torch.nn.Module
         The trained plain module (not compiled, not DDP-wrapped), on the training device.
+    world_size : int
+        Number of processes that trained together (DDP).
     validation : object
         What the final validation returned (None when skipped; ``validation_skipped`` says why).
     """
@@ -111,41 +97,9 @@ class TrainResult:
     history: TrainingHistory
     network: torch.nn.Module
     wall_s: float
+    world_size: int = 1
     validation: Any = None
     validation_skipped: str | None = None
-
-
-# ------------------------------------------------------------------------------------------------ folders
-def _fold_name(fold: Fold) -> str:
-    return "fold_all" if fold == "all" else f"fold_{int(fold)}"
-
-
-def trainer_folder(results_root: Path | str, dataset_name: str, config_name: str) -> Path:
-    """``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>``."""
-    return Path(results_root) / dataset_name / f"{TRAINER_NAME}__{PLANS_IDENTIFIER}__{config_name}"
-
-
-def fold_folder(results_root: Path | str, dataset_name: str, config_name: str, fold: Fold) -> Path:
-    """``trainer_folder(...)/fold_<k>`` (``fold_all`` for fold ``"all"``)."""
-    return trainer_folder(results_root, dataset_name, config_name) / _fold_name(_check_fold(fold))
-
-
-def _check_fold(fold: Any) -> Fold:
-    if fold == "all":
-        return "all"
-    try:
-        f = int(fold)
-    except (TypeError, ValueError):
-        raise SettingsError(f"fold must be 0..4 (or another non-negative integer) or 'all', got {fold!r}") from None
-    if f < 0 or isinstance(fold, bool) or str(f) != str(fold).strip():
-        raise SettingsError(f"fold must be a non-negative integer or 'all', got {fold!r}")
-    return f
-
-
-def load_saved_train_config(folder: Path | str) -> TrainConfig | None:
-    """The ``train_config.json`` of a fold folder, or None when there is none."""
-    p = Path(folder) / "train_config.json"
-    return TrainConfig.from_json(read_json(p)) if p.is_file() else None
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
@@ -215,66 +169,9 @@ def _default_workers(device: torch.device, world_size: int) -> int:
     return min(2, max(0, cpus // 2 - 1))
 
 
-def _copy_into(src: Path, dst: Path) -> None:
-    with atomic_target(dst) as tmp:
-        shutil.copyfile(src, tmp)
-
-
-def _prepare_trainer_folder(root: Path, pre_dir: Path, plans_file: Path, plans, config_name: str,
-                            resume: bool) -> None:
-    """Copy plans, dataset.json and fingerprint next to the folds; refuse to resume on changed plans."""
-    from ..plan.planner import load_plans
-
-    root.mkdir(parents=True, exist_ok=True)
-    copy = root / plans_file.name
-    if resume and copy.is_file():
-        old = load_plans(copy)
-        if config_name in old.configurations and \
-                old.configuration(config_name).to_json() != plans.configuration(config_name).to_json():
-            raise PlanError(f"the plans of `{config_name}` changed since this training started (compare `{copy}` "
-                            f"with `{plans_file}`): the checkpoint does not fit the new network; train without "
-                            "--resume into a fresh folder or restore the old plans")
-    _copy_into(plans_file, copy)
-    for name in ("dataset.json", "nnfast_fingerprint.json"):
-        if (pre_dir / name).is_file():
-            _copy_into(pre_dir / name, root / name)
-
-
 def _config_diff(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:
     da, db = dataclasses.asdict(a), dataclasses.asdict(b)
     return {k: (da[k], db[k]) for k in da if da[k] != db[k]}
-
-
-# ------------------------------------------------------------------------------------------------ final validation
-def run_final_validation(fold_dir: Path | str, *, settings: Settings, device: torch.device | str = "auto",
-                         checkpoint_name: str = "checkpoint_final") -> Any:
-    """Predict the fold's validation cases with the final checkpoint and score them (nnU-Net's
-    ``perform_actual_validation``), through nnfast's inference.
-
-    Calls ``nnfast.infer.predict.validate_fold(fold_dir, settings=..., device=..., checkpoint_name=...)`` and
-    returns what it returns (expected: metrics written to ``<fold_dir>/validation/summary.json``).
-
-    Raises
-    ------
-    InferenceUnavailableError
-        When ``nnfast.infer.predict`` (or its ``validate_fold``) does not exist in this installation.
-    """
-    import importlib
-
-    try:
-        infer_predict = importlib.import_module("nnfast.infer.predict")
-    except ModuleNotFoundError as e:
-        if e.name not in ("nnfast.infer", "nnfast.infer.predict"):
-            raise
-        raise InferenceUnavailableError(
-            "the final validation needs nnfast's inference (nnfast.infer.predict), which this installation does "
-            f"not have; the trained checkpoints in `{fold_dir}` are complete, predict the validation cases later"
-        ) from e
-    fn = getattr(infer_predict, "validate_fold", None)
-    if fn is None:
-        raise InferenceUnavailableError("nnfast.infer.predict has no validate_fold(fold_dir, ...); the final "
-                                        "validation cannot run with this version of nnfast.infer")
-    return fn(Path(fold_dir), settings=settings, device=device, checkpoint_name=checkpoint_name)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -350,7 +247,7 @@ class _Run:
         self.t_start = time.perf_counter()
         self.settings = settings
         self.config_name = config_name
-        self.fold = _check_fold(fold)
+        self.fold = check_fold(fold)
         self.resume = bool(resume)
         self.progress = progress
         self.stop_after_epoch = stop_after_epoch
@@ -370,7 +267,7 @@ class _Run:
         self.plans = load_plans(self.plans_file)
         self.conf = self.plans.configuration(config_name)
         self.root = trainer_folder(settings.require("results"), self.dataset, config_name)
-        self.out = self.root / _fold_name(self.fold)
+        self.out = self.root / fold_name(self.fold)
         _check_cascade(self.conf, self.root, config_name)
         self.num_classes, self.ignore_label = _labels(self.plans)
         self.data_dir = self.pre_dir / self.conf.data_identifier
@@ -422,7 +319,7 @@ class _Run:
             num_epochs=self.cfg.num_epochs, epochs_run=self.current_epoch - start, finished=finished,
             checkpoint=last_ckpt if last_ckpt is not None and last_ckpt.is_file() else None,
             best_ema=self.best_ema, last_ema=self.history.last_ema, history=self.history,
-            network=self.plain_net, wall_s=0.0)
+            network=self.plain_net, wall_s=0.0, world_size=self.ctx.world_size)
         if finished and self.final_validation and self.ctx.is_main:
             self._final_validation(result)
         result.wall_s = time.perf_counter() - self.t_start
@@ -469,8 +366,8 @@ class _Run:
         self.cfg = cfg
 
         if main:
-            _prepare_trainer_folder(self.root, self.pre_dir, self.plans_file, self.plans, self.config_name,
-                                    self.resume and ckpt is not None)
+            prepare_trainer_folder(self.root, self.pre_dir, self.plans_file, self.plans, self.config_name,
+                                   self.resume and ckpt is not None)
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.out / "train_config.json", cfg.to_json())
         # the split: rank 0 creates splits_final.json, the others read it

@@ -27,4 +27,4 @@ def ddp_train(rank: int, world: int, port: int, roots: dict, task: int, config: 
                Path(out_dir) / f"rank{rank}.pt")
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
         {"train_losses": res.history.data["train_losses"], "mean_fg_dice": res.history.data["mean_fg_dice"],
-         "epochs": res.epochs_completed}))
+         "epochs": res.epochs_completed, "world_size": res.world_size}))

@@ -289,15 +289,15 @@ def test_ddp_gloo_two_processes(dataset, tmp_path):
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert _state_equal(w0, w1) == []  # DDP kept the replicas identical
-    fresh = {k: v for k, v in w0.items()}
     from nnfast.plan.planner import load_plans
     from nnfast.train.network import build_network
 
     torch.manual_seed(cfg.seed)
     init = build_network(load_plans(dataset.preprocessed / DATASET / "nnfast_plans.json"), "3d_fullres", 1, 3)
-    assert _state_equal(init.state_dict(), fresh) != []  # ... and they did train
+    assert _state_equal(init.state_dict(), w0) != []  # ... and they did train
     h0, h1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert h0 == h1 and h0["epochs"] == 1  # reduced losses / pseudo-Dice agree across ranks
+    assert h0 == h1 and h0["epochs"] == 1 and h0["world_size"] == 2  # reduced losses / pseudo-Dice agree
+    assert "(2 processes)" in (fold_folder(settings.results, DATASET, "3d_fullres", 0) / "training_log.txt").read_text()
     out = fold_folder(settings.results, DATASET, "3d_fullres", 0)
     ck = load_checkpoint(out / "checkpoint_final.pt")  # written by rank 0
     assert _state_equal(ck["network_weights"], w0) == []
