@@ -103,19 +103,26 @@ def list_cases(folder: Path | str, file_ending: str, num_channels: int,
     return cases
 
 
-def cases_from_file_lists(file_lists: Sequence[Sequence[Path | str]], file_ending: str) -> list[CaseInput]:
+def cases_from_file_lists(file_lists: Sequence[Sequence[Path | str]], file_ending: str,
+                          num_channels: int | None = None) -> list[CaseInput]:
     """Cases from explicit channel file lists (nnU-Net's list-of-lists input); the case id is the first file's
-    name without ``_XXXX<ending>`` (or without the ending)."""
-    pat = _case_pattern(file_ending)
+    name without its image suffix and ``_XXXX``."""
+    from ..io.image import file_suffix
+
     cases = []
     for files in file_lists:
         files = tuple(Path(f) for f in files)
         if not files:
             raise CaseNotFoundError("an input case has no image files")
-        m = pat.match(files[0].name)
         name = files[0].name
-        case_id = m.group("case") if m else (name[: -len(file_ending)] if name.endswith(file_ending) else name)
-        cases.append(CaseInput(case_id, files))
+        suffix = file_ending if name.endswith(file_ending) else file_suffix(files[0])
+        stem = name[: -len(suffix)] if suffix else name
+        m = re.fullmatch(r"(.+)_\d{4}", stem)
+        problem = None
+        if num_channels is not None and len(files) != num_channels:
+            problem = (f"{len(files)} image file(s) given ({', '.join(f'`{f}`' for f in files)}) but the model expects "
+                       f"{num_channels} channel(s)")
+        cases.append(CaseInput(m.group(1) if m else stem, files, problem=problem))
     return cases
 
 

@@ -232,6 +232,9 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
         w, meta = _read_checkpoint(path)
         weights.append(w)
         metas.append(meta)
+    for m in metas:  # nnU-Net's checkpoints keep the configuration in init_args
+        if m.get("configuration") is None and isinstance(m.get("init_args"), dict):
+            m["configuration"] = m["init_args"].get("configuration")
     cfgs = {m.get("configuration") for m in metas} - {None}
     if len(cfgs) > 1:
         raise PlanError(f"folds {folds} of `{folder}` were trained for different configurations {sorted(cfgs)}")

@@ -194,7 +194,7 @@ def predict_folder(
     if isinstance(inputs, (str, Path)):
         cases = list_cases(Path(inputs), ending, model.num_image_channels, list(model.plans.channel_names.values()))
     else:
-        cases = cases_from_file_lists(inputs, ending)
+        cases = cases_from_file_lists(inputs, ending, model.num_image_channels)
     report = PredictionReport(out_dir)
 
     conf = model.configuration
