@@ -247,8 +247,7 @@ def _nearest_idx(n_in: int, n_out: int, flipped: bool) -> np.ndarray:
     idx = K.nearest_exact_indices(n_in, n_out)
     if flipped:  # the map of the mirrored axis: flip o down o flip
         idx = (n_in - 1 - idx[::-1]).copy()
-    idx.setflags(write=False)
-    return idx
+    return idx  # shared by the cache: never modified (read-only flags would compile new kernel signatures)
 
 
 @functools.lru_cache(maxsize=512)
@@ -256,9 +255,7 @@ def _linear_taps(n_in: int, n_out: int, flipped: bool) -> tuple[np.ndarray, np.n
     i0, i1, lam = K.linear_taps(n_in, n_out)
     if flipped:
         i0, i1, lam = (n_in - 1 - i0[::-1]).copy(), (n_in - 1 - i1[::-1]).copy(), lam[::-1].copy()
-    for t in (i0, i1, lam):
-        t.setflags(write=False)
-    return i0, i1, lam
+    return i0, i1, lam  # shared by the cache: never modified
 
 
 def _as3d(x: np.ndarray) -> np.ndarray:
