@@ -426,7 +426,11 @@ class PatchLoader:
         while self._dispatched < limit:
             w = min(self._workers, key=lambda w: len(w.pending))
             i = self._dispatched
-            w.conn.send((i, i % self.num_cached))
+            try:
+                w.conn.send((i, i % self.num_cached))
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                w.proc.join(_POLL_S)
+                raise self._died(w) from None
             w.pending.append(i)
             self._dispatched += 1
 

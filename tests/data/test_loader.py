@@ -103,15 +103,18 @@ def test_resume_at_a_batch_index(source):
 @pytest.mark.timeout(300)
 def test_same_batches_with_0_1_2_workers_then_ctrl_c(source, monkeypatch):
     n = 7
-    with PatchLoader(source, num_workers=0, num_batches=n, **SETTINGS) as loader:
-        ref = list(loader)
     before = our_shm()
-    with PatchLoader(source, num_workers=1, num_batches=n, num_cached=3, **SETTINGS) as loader:
-        assert loader.shm_name in our_shm()
-        one = list(loader)
-    assert our_shm() == before  # unlinked on normal close
-    assert_same(one, ref)
+    # start both worker loaders first: their start-up (spawn, imports) overlaps the in-process reference
+    one_loader = PatchLoader(source, num_workers=1, num_batches=n, num_cached=3, **SETTINGS)
     loader = PatchLoader(source, num_workers=2, **SETTINGS)  # infinite
+    with PatchLoader(source, num_workers=0, num_batches=n, **SETTINGS) as ref_loader:
+        ref = list(ref_loader)
+    with one_loader:
+        assert one_loader.shm_name in our_shm()
+        one_name = one_loader.shm_name
+        one = list(one_loader)
+    assert one_name not in our_shm()  # unlinked on normal close
+    assert_same(one, ref)
     two = [next(loader) for _ in range(n)]
     assert_same(two, ref)
     assert loader.shm_name in our_shm()
