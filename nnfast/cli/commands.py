@@ -7,7 +7,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["cmd_demo", "cmd_synth", "cmd_convert", "cmd_verify", "cmd_plan", "cmd_preprocess", "cmd_train"]
+__all__ = ["cmd_demo", "cmd_synth", "cmd_convert", "cmd_verify", "cmd_plan", "cmd_preprocess", "cmd_train",
+           "cmd_predict"]
 
 
 def _settings(args: argparse.Namespace):
@@ -214,4 +215,99 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{best}; output in {res.output_folder}")
         if res.validation_skipped:
             print(f"final validation skipped: {res.validation_skipped}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..infer.predict import predict_folder
+
+    if args.model_folder is None and args.task is None:
+        raise SystemExit("nnfast predict: give --task (with --config) or --model-folder")
+    with progress_bar("predict", args.quiet) as prog:
+        report = predict_folder(Path(args.input), Path(args.output), args.model_folder, task=args.task,
+                                config=args.config, settings=_settings(args), folds=args.folds,
+                                checkpoint_name=args.checkpoint, use_tta=not args.no_tta, step=args.step,
+                                save_probabilities=args.save_probabilities, device=args.device, workers=args.workers,
+                                previous_stage_folder=args.prev_stage_folder, progress=prog)
+    if not args.quiet or report.failed:
+        print(report.format(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
+# ------------------------------------------------------------------------------- evaluation and model selection
+__all__ += ["cmd_evaluate", "cmd_find_best", "cmd_ensemble", "cmd_apply_postprocessing"]
+
+
+def _evaluation_labels(args: argparse.Namespace):
+    """What ``nnfast evaluate`` evaluates: --labels, --dataset-json, --task's dataset.json, or <pred>/dataset.json."""
+    from ..errors import CaseNotFoundError
+    from ..settings import find_dataset_folder
+
+    if args.labels:
+        return list(args.labels)
+    if args.dataset_json:
+        return Path(args.dataset_json)
+    if args.task:
+        s = _settings(args)
+        for root in (s.preprocessed, s.raw):
+            if root is not None:
+                try:
+                    candidate = find_dataset_folder(args.task, root) / "dataset.json"
+                except FileNotFoundError:
+                    continue
+                if candidate.is_file():
+                    return candidate
+        raise CaseNotFoundError(f"no dataset.json for task {args.task} in the preprocessed or raw folder")
+    if (Path(args.pred) / "dataset.json").is_file():
+        return Path(args.pred) / "dataset.json"
+    raise CaseNotFoundError("say what to evaluate: --dataset-json FILE, --task N or --labels L [L ...] "
+                            f"(`{args.pred}` holds no dataset.json)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..evaluate.metrics import evaluate_folder
+
+    labels = _evaluation_labels(args)
+    output = Path(args.output) if args.output else True
+    with progress_bar("evaluate", args.quiet) as prog:
+        summary = evaluate_folder(Path(args.pred), Path(args.ref), labels, args.workers,
+                                  ignore_label=args.ignore_label, output_file=output, progress=prog)
+    if not args.quiet:
+        print(summary.format())
+        print(f"written to {output if output is not True else Path(args.pred) / 'summary.json'}")
+    return 0
+
+
+def cmd_find_best(args: argparse.Namespace) -> int:
+    from ..evaluate.find_best import find_best_configuration
+
+    with progress_bar("find-best", args.quiet) as prog:
+        best = find_best_configuration(args.task, _settings(args), args.configs, tuple(args.folds),
+                                       workers=args.workers, allow_ensembling=not args.no_ensembles, progress=prog)
+    print(best.format())
+    print(f"\nwritten to {best.info_file}")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from ..evaluate.ensemble import ensemble_folders
+
+    with progress_bar("ensemble", args.quiet) as prog:
+        written = ensemble_folders([Path(f) for f in args.input], Path(args.output), args.workers,
+                                   dataset_json=Path(args.dataset_json) if args.dataset_json else None,
+                                   save_probabilities=args.save_probabilities, progress=prog)
+    if not args.quiet:
+        print(f"ensembled {len(written)} case(s) from {len(args.input)} folders into {args.output}")
+    return 0
+
+
+def cmd_apply_postprocessing(args: argparse.Namespace) -> int:
+    from ..evaluate.postprocessing import PostprocessingPlan, apply_postprocessing
+
+    plan = PostprocessingPlan.load(Path(args.plan))
+    with progress_bar("postprocess", args.quiet) as prog:
+        written = apply_postprocessing(Path(args.input), Path(args.output), plan, args.workers, progress=prog)
+    if not args.quiet:
+        steps = "; ".join(s.describe() for s in plan.steps) or "no steps (files copied)"
+        print(f"postprocessed {len(written)} case(s) into {args.output}: {steps}")
     return 0

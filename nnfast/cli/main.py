@@ -119,6 +119,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-val", action="store_true", help="skip the final validation after training")
     _add_roots(p)
     _add_common(p)
+
+    p = sub.add_parser("predict", help="segment raw images with a trained configuration (nnU-Net's nnUNetv2_predict)",
+                       allow_abbrev=False)
+    p.add_argument("-i", "--input", required=True, help="folder of <case>_XXXX<ending> images (one file per channel)")
+    p.add_argument("-o", "--output", required=True, help="output folder for <case><ending> segmentations")
+    p.add_argument("--task", help="dataset of the trained model (with --config; or give --model-folder)")
+    p.add_argument("--config", choices=("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"),
+                   help="configuration (default 3d_fullres; with --model-folder: the checkpoint's)")
+    p.add_argument("--model-folder", help="trainer folder (default <results>/<Dataset>/nnfastTrainer__nnfast_plans__"
+                                          "<config>); nnU-Net model folders are read too")
+    p.add_argument("--folds", nargs="+", help="folds to ensemble (default: every fold with the checkpoint)")
+    p.add_argument("--checkpoint", default="checkpoint_final", help="checkpoint name (checkpoint_final/_best/_latest)")
+    p.add_argument("--no-tta", action="store_true", help="disable mirroring test-time augmentation (8x faster in 3D)")
+    p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch size (nnU-Net: 0.5)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <case>.npz (softmax probabilities, float16) and <case>.json (properties)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=_positive_int, default=2, help="export threads (cases exported concurrently)")
+    p.add_argument("--prev-stage-folder", help="cascade: the previous stage's predictions (default: predicted first)")
+    _add_roots(p)
+    _add_common(p)
+
+    configs = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+    p = sub.add_parser("evaluate", help="Dice/IoU of predicted segmentations against references (summary.json)",
+                       allow_abbrev=False)
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted segmentations")
+    p.add_argument("--ref", required=True, metavar="DIR", help="folder of reference segmentations (same file names)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--dataset-json", metavar="FILE",
+                   help="labels/regions, ignore label and file ending (default: <pred>/dataset.json if present)")
+    g.add_argument("--task", help="use the dataset.json of this dataset (preprocessed folder, else raw)")
+    g.add_argument("--labels", nargs="+", type=int, metavar="L", help="evaluate these labels (no dataset.json)")
+    p.add_argument("--ignore-label", type=int, help="with --labels: reference value whose voxels are not counted")
+    p.add_argument("-o", "--output", metavar="FILE", help="summary file (default: <pred>/summary.json)")
+    p.add_argument("--workers", type=_positive_int, default=2)
+    _add_roots(p)
+    _add_common(p)
+
+    p = sub.add_parser("find-best", help="rank the cross-validation of every trained configuration and pairwise "
+                                         "ensemble, decide postprocessing, print the inference commands",
+                       allow_abbrev=False)
+    p.add_argument("--task", required=True)
+    p.add_argument("--configs", nargs="+", choices=configs, help="configurations to consider (default: every "
+                                                                 "trained one; the order breaks ties)")
+    p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds of the cross-validation")
+    p.add_argument("--no-ensembles", action="store_true", help="do not ensemble pairs of configurations")
+    p.add_argument("--workers", type=_positive_int, default=2)
+    _add_roots(p)
+    _add_common(p)
+
+    p = sub.add_parser("ensemble", help="average the saved probabilities of several predictions of the same cases",
+                       allow_abbrev=False)
+    p.add_argument("-i", "--input", nargs="+", required=True, metavar="DIR",
+                   help="prediction folders made with --save-probabilities")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--dataset-json", metavar="FILE", help="labels (default: dataset.json of the first folder)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write the averaged probabilities")
+    p.add_argument("--workers", type=_positive_int, default=2)
+    _add_common(p)
+
+    p = sub.add_parser("apply-postprocessing", help="apply a postprocessing plan (from find-best) to segmentations",
+                       allow_abbrev=False)
+    p.add_argument("-i", "--input", required=True, metavar="DIR", help="folder of segmentations")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the postprocessed segmentations")
+    p.add_argument("--plan", required=True, metavar="FILE",
+                   help="postprocessing.json written by `nnfast find-best` (nnU-Net's postprocessing.json works too)")
+    p.add_argument("--workers", type=_positive_int, default=2)
+    _add_common(p)
     return parser
 
 

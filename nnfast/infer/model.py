@@ -238,7 +238,11 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
     cfgs = {m.get("configuration") for m in metas} - {None}
     if len(cfgs) > 1:
         raise PlanError(f"folds {folds} of `{folder}` were trained for different configurations {sorted(cfgs)}")
-    name = config_name or (cfgs.pop() if cfgs else folder.name.rsplit("__", 1)[-1])
+    recorded = next(iter(cfgs), None)
+    trained = recorded or folder.name.rsplit("__", 1)[-1]
+    if config_name is not None and recorded is not None and config_name != recorded:
+        raise PlanError(f"`{folder}` holds `{trained}` checkpoints, not `{config_name}`")
+    name = config_name or trained
     conf = plans.configuration(name)  # raises PlanError naming the available ones
     labels = LabelInfo(plans.labels, dataset_json.get("regions_class_order"))
     n_in_default = plans.num_input_channels + (len(labels.foreground_labels) if conf.previous_stage else 0)

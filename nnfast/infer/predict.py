@@ -109,12 +109,12 @@ def predict_logits(model: TrainedModel, data: np.ndarray, network=None, *, use_t
 
 def _resolve_model(model_folder, task, config, settings, folds, checkpoint_name) -> TrainedModel:
     if model_folder is None:
-        if task is None or config is None:
-            raise PlanError("pass a model folder, or a task and a configuration")
+        if task is None:
+            raise PlanError("pass a model folder, or a task (and a configuration, default 3d_fullres)")
         from ..settings import resolve_settings
 
         settings = settings or resolve_settings()
-        model_folder = model_folder_for(settings.require("results"), task, config)
+        model_folder = model_folder_for(settings.require("results"), task, config or "3d_fullres")
     return load_model(model_folder, folds, checkpoint_name, config_name=config)
 
 

@@ -284,3 +284,23 @@ p.predict_from_files_sequential({str(tmp_path / 'in')!r}, {str(tmp_path / 'nn_ou
             assert _geometry(out / f"{cid}.nii.gz") == _geometry(ref) == geom
             np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{cid}.nii.gz"))),
                                           sitk.GetArrayFromImage(sitk.ReadImage(str(ref))))
+
+
+def test_cli_predict_exit_codes(tmp_path, capsys):
+    from nnfast.cli.main import main
+
+    plans = tiny_plans()
+    model = make_model_folder(tmp_path / "results" / "Dataset999_TrainTest", plans, "3d_fullres")
+    _inputs(tmp_path / "in")
+    args = ["-i", str(tmp_path / "in"), "--no-tta", "--device", "cpu", "--workers", "1"]
+    assert main(["predict", *args, "-o", str(tmp_path / "out1"), "--task", "999", "--results",
+                 str(tmp_path / "results"), "--folds", "0"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out1").glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz"]
+    assert "2 case(s) written" in capsys.readouterr().out
+    write_image(np.zeros((4, 5, 6), np.float32), tmp_path / "in" / "c_0001.nii.gz", (1.0, 1.0, 1.0))
+    assert main(["predict", *args, "-o", str(tmp_path / "out2"), "--model-folder", str(model), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "c: channel 0" in err and "c_0000.nii.gz" in err and (tmp_path / "out2" / "a.nii.gz").is_file()
+    assert main(["predict", *args, "-o", str(tmp_path / "out3"), "--model-folder", str(model),
+                 "--config", "2d"]) == 2
+    assert "holds `3d_fullres` checkpoints" in capsys.readouterr().err
