@@ -126,23 +126,16 @@ class BestConfiguration:
 
 
 # --------------------------------------------------------------------------------------------- commands
-def predict_commands(task: str, configs: Sequence[str], folds: Sequence, postprocessing_file: Path,
-                     previous_stage: Mapping[str, str] | None = None) -> list[str]:
-    """The commands that reproduce a candidate on new images: ``nnfast predict`` per member (with probabilities for
-    an ensemble; the previous stage first for a cascade), ``nnfast ensemble``, ``nnfast apply-postprocessing``."""
-    previous_stage = previous_stage or {}
+def predict_commands(task: str, configs: Sequence[str], folds: Sequence, postprocessing_file: Path) -> list[str]:
+    """The commands that reproduce a candidate on new images: ``nnfast predict`` per member (keeping probabilities
+    for an ensemble; a cascade predicts its previous stage itself), ``nnfast ensemble``, ``nnfast
+    apply-postprocessing``."""
     fold_str = " ".join(str(f) for f in folds)
     ensemble = len(configs) > 1
     cmds, outputs = [], []
     for j, c in enumerate(configs):
         out = f"OUTPUT_FOLDER_MODEL_{j + 1}" if ensemble else "OUTPUT_FOLDER"
-        prev = previous_stage.get(c)
-        extra = ""
-        if prev:
-            prev_out = f"OUTPUT_FOLDER_PREV_STAGE_{j + 1}" if ensemble else "OUTPUT_FOLDER_PREV_STAGE"
-            cmds.append(f"nnfast predict --task {task} --config {prev} -i INPUT_FOLDER -o {prev_out} --folds {fold_str}")
-            extra = f" --prev-stage {prev_out}"
-        cmds.append(f"nnfast predict --task {task} --config {c} -i INPUT_FOLDER -o {out} --folds {fold_str}{extra}"
+        cmds.append(f"nnfast predict --task {task} --config {c} -i INPUT_FOLDER -o {out} --folds {fold_str}"
                     + (" --save-probabilities" if ensemble else ""))
         outputs.append(out)
     if ensemble:
@@ -240,25 +233,6 @@ def _ground_truth(settings: Settings, name: str) -> Path:
             return root / name / sub
     raise CaseNotFoundError(f"no ground truth for {name}: expected `<preprocessed>/{name}/gt_segmentations` "
                             f"(written by `nnfast preprocess`) or `<raw>/{name}/labelsTr`")
-
-
-def _previous_stages(trained: list[Path]) -> dict[str, str]:
-    """``{config: previous stage}`` from the plans copied into the trainer folders (cascade)."""
-    from ..io.atomic import read_json
-
-    out = {}
-    for folder in trained:
-        plans = folder / "nnfast_plans.json"
-        if not plans.is_file():
-            continue
-        config = folder.name.split("__")[-1]
-        try:
-            conf = read_json(plans).get("configurations", {}).get(config, {})
-        except (OSError, ValueError):
-            continue
-        if isinstance(conf, dict) and conf.get("previous_stage"):
-            out[config] = str(conf["previous_stage"])
-    return out
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -371,7 +345,7 @@ def find_best_configuration(
             best = c
     plan = determine_postprocessing(best.folder, gt, dataset_json, workers, progress=progress)
     pp_file = best.folder / PLAN_FILE
-    commands = predict_commands(task_str, best.configs, folds, pp_file, _previous_stages([f for _, f in trained]))
+    commands = predict_commands(task_str, best.configs, folds, pp_file)
     info_file = ds_folder / INFO_FILE
     result = BestConfiguration(name, task_str, folds, tuple(candidates), best, plan, pp_file, tuple(commands),
                                skipped, info_file)

@@ -153,3 +153,39 @@ def test_model_folder_matches_the_trainer_layout(tmp_path):
     from nnfast.train.trainer import trainer_folder
 
     assert model_folder(tmp_path, NAME, "3d_lowres") == trainer_folder(tmp_path, NAME, "3d_lowres")
+
+
+def test_cli_evaluate_find_best_ensemble_apply(tmp_path, capsys):
+    from nnfast.cli.main import main
+
+    settings = _tree(tmp_path, {"2d": _misses("left"), "3d_fullres": _good_with_spurious})
+    roots = ["--preprocessed", str(settings.preprocessed), "--results", str(settings.results)]
+    val = model_folder(settings.results, NAME, "3d_fullres") / "fold_0" / "validation"
+    gt = settings.preprocessed / NAME / "gt_segmentations"
+    assert main(["evaluate", "--pred", str(val), "--ref", str(gt), "--task", "1", "--workers", "1", *roots]) == 0
+    out = capsys.readouterr().out
+    assert "organ" in out and (val / "summary.json").is_file()
+    assert main(["evaluate", "--pred", str(val), "--ref", str(gt), "--labels", "1", "2", "-o",
+                 str(tmp_path / "s.json"), "--workers", "1", "-q"]) == 0
+    assert (tmp_path / "s.json").is_file()
+    assert main(["evaluate", "--pred", str(val), "--ref", str(tmp_path), "--labels", "1"]) == 2  # no references
+    assert "no reference" in capsys.readouterr().err
+
+    assert main(["find-best", "--task", "1", "--folds", "0", "1", "--workers", "1", *roots]) == 0
+    out = capsys.readouterr().out
+    assert "<- best" in out and "nnfast apply-postprocessing" in out
+
+    members = [model_folder(settings.results, NAME, c) / "fold_1" / "validation" for c in ("2d", "3d_fullres")]
+    assert main(["ensemble", "-i", *map(str, members), "-o", str(tmp_path / "ens"), "--workers", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ens").glob("*.nii.gz")) == ["case_2.nii.gz", "case_3.nii.gz"]
+
+    plan = tmp_path / "plan.json"
+    from nnfast.evaluate.postprocessing import KeepLargestStep, PostprocessingPlan
+
+    PostprocessingPlan((KeepLargestStep((1, 2)),)).write(plan)
+    assert main(["apply-postprocessing", "-i", str(val), "-o", str(tmp_path / "pp"), "--plan", str(plan),
+                 "--workers", "1"]) == 0
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pp" / "case_0.nii.gz")))
+    np.testing.assert_array_equal(seg, _reference(0))  # the spurious blob is gone
+    with pytest.raises(SystemExit):
+        main(["find-best", "--task", "1", "--configs", "4d"])
