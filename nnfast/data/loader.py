@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
 import pickle
 import signal
-import threading
 import time
 import traceback
 import uuid
@@ -51,9 +49,7 @@ from .batch import BatchArrays, BatchBuilder, BatchSpec, allocate_batch
 from .dataset import CaseSource
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-    from ..plan.schema import ConfigurationPlan
+    from ..plan.schema import ConfigurationPlan, Plans
 
 __all__ = ["PatchLoader", "SHM_PREFIX"]
 
@@ -169,6 +165,8 @@ class PatchLoader:
         The cases to sample from (e.g. one fold's training cases: ``source.subset(ids)``).
     config : ConfigurationPlan, optional
         A plan configuration: patch size, batch size, ``use_mask_for_norm`` and deep-supervision scales from it.
+    plans, configuration : alternatively nnfast :class:`~nnfast.plan.schema.Plans` and a configuration name
+        (``config = plans.configuration(configuration)``).
     patch_size, batch_size : explicit settings (override ``config``); ``patch_size`` has 2 or 3 axes.
     augment : AugmentConfig, optional
         Full augmentation settings (overrides what ``config``/``patch_size`` would give, e.g. an nnU-Net trainer's
@@ -214,6 +212,8 @@ class PatchLoader:
         source: CaseSource,
         *,
         config: "ConfigurationPlan | None" = None,
+        plans: "Plans | None" = None,
+        configuration: str | None = None,
         patch_size: Sequence[int] | None = None,
         batch_size: int | None = None,
         augment: AugmentConfig | None = None,
@@ -237,6 +237,10 @@ class PatchLoader:
         self._shm = None
         self._slots: list[BatchArrays] = []
         self.source = source
+        if plans is not None:
+            if config is not None or configuration is None:
+                raise ValueError("PatchLoader: give either config= or plans= with configuration=")
+            config = plans.configuration(configuration)
         self.spec = _make_spec(source, config, patch_size, batch_size, augment, train, deep_supervision_scales,
                                oversample_foreground_percent, probabilistic_oversampling, annotated_classes_key,
                                use_mask_for_norm, clip_to_sampled_box)

@@ -165,7 +165,8 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
     aug = _augment_config(trainer)
     key = tuple([-1] + list(lm.all_labels)) if lm.has_ignore_label else None
     pin = trainer.device.type == "cuda"
-    common = dict(batch_size=int(trainer.batch_size), augment=aug, pin_memory=pin, num_batches=None,
+    batch_size = int(getattr(trainer, "batch_size", None) or trainer.configuration_manager.batch_size)
+    common = dict(batch_size=batch_size, augment=aug, pin_memory=pin, num_batches=None,
                   oversample_foreground_percent=float(trainer.oversample_foreground_percent),
                   probabilistic_oversampling=bool(trainer.probabilistic_oversampling),
                   annotated_classes_key=key, deep_supervision_scales="auto", num_cached=num_cached)
@@ -183,7 +184,7 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
     if hasattr(trainer, "print_to_log_file"):
         trainer.print_to_log_file(
             f"nnfast loader: seed {int(base_seed)}, {num_workers} train / {num_workers_val} val workers, "
-            f"patch {aug.patch_size} (initial {aug.initial_patch_size}), batch {trainer.batch_size}, reading "
+            f"patch {aug.patch_size} (initial {aug.initial_patch_size}), batch {batch_size}, reading "
             f"{type(base).__name__}({base.folder})")
     return train, val
 

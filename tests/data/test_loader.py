@@ -88,6 +88,15 @@ def test_settings_from_a_plan_configuration(source):
     with pytest.raises(ValueError, match="config"):
         PatchLoader(source, patch_size=(8, 16, 16))
 
+    class FakePlans:  # nnfast Plans resolve a configuration by name
+        def configuration(self, name):
+            assert name == "3d_fullres"
+            return conf
+
+    with PatchLoader(source, plans=FakePlans(), configuration="3d_fullres", base_seed=0) as loader:
+        c = next(loader)
+    np.testing.assert_array_equal(c["data"].numpy(), b["data"].numpy())
+
 
 def test_resume_at_a_batch_index(source):
     with PatchLoader(source, num_batches=4, **SETTINGS) as full:
