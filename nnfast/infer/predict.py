@@ -34,7 +34,7 @@ from ..errors import CaseNotFoundError, NnfastError, PlanError
 from .inputs import CaseInput, cases_from_file_lists, list_cases, preprocess_input
 from .model import TrainedModel, load_model, model_folder_for
 
-__all__ = ["PredictionReport", "predict_folder", "predict_logits", "load_model"]
+__all__ = ["PredictionReport", "predict_folder", "predict_logits", "load_model", "validate_fold"]
 
 log = logging.getLogger(__name__)
 
@@ -364,3 +364,6 @@ def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str
 def _reason(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     return msg if isinstance(e, NnfastError) else f"{type(e).__name__}: {msg}"
+
+
+from .validation import validate_fold  # noqa: E402  (nnfast.train's final validation looks it up here)

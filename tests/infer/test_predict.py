@@ -304,3 +304,23 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
     assert main(["predict", *args, "-o", str(tmp_path / "out3"), "--model-folder", str(model),
                  "--config", "2d"]) == 2
     assert "holds `3d_fullres` checkpoints" in capsys.readouterr().err
+
+
+def test_validate_fold_predicts_and_scores_the_validation_cases(tmp_path):
+    from factories import make_raw_dataset
+
+    from nnfast.infer.predict import validate_fold
+    from nnfast.settings import Settings
+
+    settings = Settings(raw=tmp_path / "raw", preprocessed=tmp_path / "pre", results=tmp_path / "results")
+    make_raw_dataset(settings.raw, 999, "TrainTest", [(20, 22, 8)] * 3, [(1.0, 1.0, 3.0)] * 3)
+    (settings.preprocessed / "Dataset999_TrainTest").mkdir(parents=True)
+    splits = [{"train": ["case_002"], "val": ["case_000", "case_001"]}]
+    (settings.preprocessed / "Dataset999_TrainTest" / "splits_final.json").write_text(json.dumps(splits))
+    model = make_model_folder(settings.results / "Dataset999_TrainTest", tiny_plans(), "3d_fullres")
+    summary = validate_fold(model / "fold_0", settings=settings, device="cpu")
+    val = model / "fold_0" / "validation"
+    assert sorted(p.name for p in val.glob("*.nii.gz")) == ["case_000.nii.gz", "case_001.nii.gz"]
+    data = json.loads((val / "summary.json").read_text())
+    assert len(data["metric_per_case"]) == 2 and "foreground_mean" in data
+    assert summary is not None
