@@ -1,0 +1,11 @@
+"""Inference: segment raw images with trained models, as nnU-Net v2's ``nnUNetPredictor`` does.
+
+- :mod:`nnfast.infer.sliding_window`  tile steps, Gaussian importance map, sliding-window logits with mirror TTA.
+- :mod:`nnfast.infer.export`          logits -> segmentation/probabilities in the original geometry (streaming argmax).
+- :mod:`nnfast.infer.model`           trained model folders (nnfast's and nnU-Net's), checkpoints, fold weights.
+- :mod:`nnfast.infer.inputs`          listing, reading, checking and preprocessing the cases to predict.
+- :mod:`nnfast.infer.predict`         ``predict_folder`` (``nnfast predict``): pipelined, per-case error reports.
+- :mod:`nnfast.infer.validation`      ``validate_fold``: the trainer's final validation.
+
+Importing this package imports nothing heavy (torch is imported where it is used).
+"""

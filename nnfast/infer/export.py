@@ -303,7 +303,7 @@ def logits_to_segmentation(
     PlanError
         For region-based labels without ``regions_class_order``.
     """
-    if isinstance(logits, np.ndarray) is False:  # torch tensors
+    if not isinstance(logits, np.ndarray):  # torch CPU tensors
         logits = np.asarray(logits)
     if logits.ndim != 4:
         raise GeometryError(f"logits must have shape (C, x, y, z); got {logits.shape}")

@@ -27,6 +27,7 @@ Axis order: ``data`` is ``(c, x, y, z)`` in nnU-Net's axis order after transposi
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from functools import lru_cache
@@ -298,7 +299,7 @@ def predict_sliding_window(
     network.eval()
     flip_dims = [tuple(a + 2 for a in comb) for comb in mirror]
     with torch.inference_mode():
-        autocast = torch.autocast(dev.type, dtype=torch.float16) if use_amp else _null()
+        autocast = torch.autocast(dev.type, dtype=torch.float16) if use_amp else contextlib.nullcontext()
         with autocast:
             for b0 in range(0, len(corners), batch_tiles):
                 batch_corners = corners[b0:b0 + batch_tiles]
@@ -334,11 +335,3 @@ def _spatial_slicer(corner: tuple[int, ...], patch: tuple[int, ...]) -> tuple:
 
 def _tile(source, corner: tuple[int, ...], patch: tuple[int, ...]):
     return source[(slice(None), *_spatial_slicer(corner, patch))]
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
