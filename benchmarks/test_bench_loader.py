@@ -22,6 +22,13 @@ Plans (``NNFAST_BENCH_SCALE=1``; the default divides every axis by 4 so CI runs 
 * ``3d_fullres_iso``: patch 128^3, bs 2, cases (192, 192, 192) (full 3D, +-30 deg);
 * ``2d``: patch 256x256, bs 12, cases (40, 320, 320) (+-180 deg).
 
+Measured (scale 1, 4 cases, busy shared 2-core machine with load ~6, so ratios matter more than ms; two runs):
+one core, ms per batch, nnU-Net -> nnfast on its b2nd folder / on zarr stores: 3d_fullres_aniso 657-1023 ->
+202-225 / 162-181 (3.3-5.6x), 3d_fullres_iso 2269-2750 -> 254-270 / 229-277 (8.4-11x), 2d (bs 12) 144-150 ->
+48-69 / 43-65 (2.2-3.4x). Cores to feed a 130 ms step: nnU-Net 5-8 / 17-21 / 1.1, nnfast 1.2-1.7 / 1.8-2.1 / 0.3-0.5.
+Worker RSS ~600 MiB (USS 260-320 MiB) in 3D, ~450 MiB (USS ~230) in 2D, mostly torch and Numba; the scaling from 1
+to 2 workers cannot be seen on that machine.
+
 Run the real sizes and print the table (``-s``)::
 
     NNFAST_BENCH_SCALE=1 pytest benchmarks/test_bench_loader.py -s --benchmark-enable \
