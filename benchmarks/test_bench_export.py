@@ -26,8 +26,14 @@ Run::
     NNFAST_BENCH_SCALE=1 pytest benchmarks/test_bench_export.py --benchmark-enable -p no:cacheprovider \\
         --benchmark-columns=min,median,rounds --benchmark-group-by=group
 
-Measured at scale 1 on the 2-core development machine (load ~8, one round each), see the report in the commit that
-added this file and ``benchmarks/README.md``.
+Measured at scale 1 on the 2-core development machine (load 3-6, one round each, one thread each):
+
+=====================  ==================  =====  ======================
+case                   seconds             ratio  peak traced MiB
+=====================  ==================  =====  ======================
+export (24 classes)    92.7 -> 4.02        23.1x  5467 -> 377
+sliding window         5.87 -> 5.75        1.0x   (network-bound; 0.40 -> 0.41 Mvoxel/s)
+=====================  ==================  =====  ======================
 """
 from __future__ import annotations
 
