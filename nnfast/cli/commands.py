@@ -207,7 +207,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     res = train(args.task, settings, args.config, fold, cfg, device=args.device, resume=args.resume,
                 num_workers=args.workers, progress=report, stop_after_epoch=args.stop_after_epoch,
-                final_validation=not args.no_val)
+                final_validation=not args.no_val, save_probabilities=args.npz)
     if not quiet:
         state = "finished" if res.finished else f"stopped after {res.epochs_completed} of {res.num_epochs} epochs"
         best = "n/a" if res.best_ema is None else f"{res.best_ema:.4f}"
@@ -215,6 +215,10 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{best}; output in {res.output_folder}")
         if res.validation_skipped:
             print(f"final validation skipped: {res.validation_skipped}")
+        elif res.validation is not None:
+            dice = "n/a" if res.validation_dice is None else f"{res.validation_dice:.4f}"
+            print(f"final validation: foreground mean Dice {dice}; metrics in "
+                  f"{res.output_folder / 'validation' / 'summary.json'}")
     return 0
 
 

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after-epoch", type=_positive_int, metavar="N",
                    help="stop once N epochs are done (checkpoint_latest written; continue later with --resume)")
     p.add_argument("--no-val", action="store_true", help="skip the final validation after training")
+    p.add_argument("--npz", action="store_true", help="the final validation also saves softmax probabilities "
+                                                     "(needed to ensemble configurations)")
     _add_roots(p)
     _add_common(p)
 

@@ -78,7 +78,8 @@ class TrainResult:
     world_size : int
         Number of processes that trained together (DDP).
     validation : object
-        What the final validation returned (None when skipped; ``validation_skipped`` says why).
+        What the final validation returned (a :class:`nnfast.evaluate.metrics.Summary`; None when skipped,
+        ``validation_skipped`` says why); ``validation_dice`` is its foreground mean Dice.
     """
 
     output_folder: Path
@@ -99,6 +100,7 @@ class TrainResult:
     wall_s: float
     world_size: int = 1
     validation: Any = None
+    validation_dice: float | None = None
     validation_skipped: str | None = None
 
 
@@ -189,6 +191,7 @@ def train(
     progress: Callable[[EpochRecord], None] | None = None,
     stop_after_epoch: int | None = None,
     final_validation: bool = True,
+    save_probabilities: bool = False,
 ) -> TrainResult:
     """Train ``config_name`` on ``fold`` of ``task`` (see the module docstring for files and semantics).
 
@@ -219,8 +222,12 @@ def train(
         later ``resume=True`` continues exactly (e.g. for time-limited cluster jobs). The LR schedule still follows
         ``num_epochs``.
     final_validation : bool
-        After the last epoch, run :func:`run_final_validation` (skipped with a warning when inference is not
-        available).
+        After the last epoch, predict and score the validation cases (:func:`run_final_validation`, nnU-Net's
+        ``validation/`` folder with ``summary.json``); skipped with a warning when inference is not available,
+        and a failure there is logged without failing the training (the checkpoints are complete).
+    save_probabilities : bool
+        The final validation also saves softmax probabilities (nnU-Net's ``--npz``, needed to ensemble
+        configurations).
 
     Raises
     ------
@@ -232,7 +239,7 @@ def train(
         The configuration was not preprocessed.
     """
     run = _Run(task, settings, config_name, fold, train_config, device, resume, num_workers, num_workers_val,
-               progress, stop_after_epoch, final_validation)
+               progress, stop_after_epoch, final_validation, save_probabilities)
     try:
         return run.execute()
     finally:
@@ -243,7 +250,7 @@ class _Run:
     """State of one :func:`train` call (a class only to keep the steps readable)."""
 
     def __init__(self, task, settings, config_name, fold, train_config, device, resume, num_workers,
-                 num_workers_val, progress, stop_after_epoch, final_validation):
+                 num_workers_val, progress, stop_after_epoch, final_validation, save_probabilities):
         self.t_start = time.perf_counter()
         self.settings = settings
         self.config_name = config_name
@@ -252,6 +259,7 @@ class _Run:
         self.progress = progress
         self.stop_after_epoch = stop_after_epoch
         self.final_validation = final_validation
+        self.save_probabilities = bool(save_probabilities)
         self.loaders: list = []
         self.ctx = DistContext()
 
@@ -379,6 +387,7 @@ class _Run:
             if not main:
                 splits = load_or_create_splits(self.pre_dir / SPLITS_FILE_NAME, self.case_ids)
         tr_ids, val_ids = fold_cases(splits, self.fold, self.case_ids)
+        self.val_ids = list(val_ids)
         if not tr_ids:
             raise DatasetError(f"fold {self.fold} of {self.dataset} has no training cases")
 
@@ -445,6 +454,7 @@ class _Run:
             else max(0, int(self.num_workers_arg))
         nwv = (0 if nw == 0 else max(1, nw // 2)) if self.num_workers_val_arg is None \
             else max(0, int(self.num_workers_val_arg))
+        self.num_workers = nw
         key = None
         if self.ignore_label is not None:
             key = tuple([-1] + list(range(self.num_classes)))
@@ -607,14 +617,26 @@ class _Run:
         return path
 
     def _final_validation(self, result: TrainResult) -> None:
-        from .network import set_deep_supervision
+        from ..errors import NnfastError
 
-        set_deep_supervision(self.plain_net, False)
+        if not self.val_ids:
+            result.validation_skipped = "the fold has no validation cases"
+            return
+        self.logfile.write(f"final validation of {len(self.val_ids)} case(s)")
         try:
-            result.validation = run_final_validation(self.out, settings=self.settings, device=self.device)
+            result.validation = run_final_validation(
+                self.out, settings=self.settings, device=self.device, save_probabilities=self.save_probabilities,
+                workers=max(1, min(8, self.num_workers)))
         except InferenceUnavailableError as e:
             log.warning("final validation skipped: %s", e)
             self.logfile.write(f"final validation skipped: {e}")
             result.validation_skipped = str(e)
-        finally:
-            set_deep_supervision(self.plain_net, self.cfg.deep_supervision)
+        except NnfastError as e:  # the training itself is complete: report, do not fail
+            log.error("final validation failed: %s", e)
+            self.logfile.write(f"final validation failed: {e}")
+            result.validation_skipped = f"failed: {e}"
+        else:
+            fg = (getattr(result.validation, "foreground_mean", None) or {}).get("Dice")
+            result.validation_dice = None if fg is None else float(fg)
+            self.logfile.write(f"final validation done: foreground mean Dice {fg} "
+                               f"({self.out / 'validation' / 'summary.json'})")

@@ -213,6 +213,26 @@ def test_final_validation_hook_without_inference(tmp_path, monkeypatch):
     assert issubclass(InferenceUnavailableError, NotImplementedError)
 
 
+@pytest.mark.slow
+def test_final_validation_predicts_and_scores_the_validation_cases(dataset, tmp_path, monkeypatch):
+    predict = pytest.importorskip("nnfast.infer.predict")
+    if not hasattr(predict, "validate_fold"):
+        pytest.skip("nnfast.infer.predict has no validate_fold")
+    real = predict.predict_folder
+    monkeypatch.setattr(predict, "predict_folder", lambda *a, **kw: real(*a, **{**kw, "use_tta": False}))  # speed
+    settings = _settings(dataset, tmp_path)
+    cfg = TrainConfig(num_epochs=1, num_iterations_per_epoch=1, num_val_iterations_per_epoch=1, **TINY)
+    res = train(TASK, settings, "3d_fullres", 0, cfg, device="cpu", num_workers=0)
+    assert res.validation_skipped is None and 0 <= res.validation_dice <= 1
+    splits = json.loads((dataset.preprocessed / DATASET / "splits_final.json").read_text())
+    out = res.output_folder / "validation"
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in splits[0]["val"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == len(splits[0]["val"])
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(res.validation_dice)
+    assert "final validation done" in (res.output_folder / "training_log.txt").read_text()
+
+
 def test_history_ema_and_nan_epochs():
     h = TrainingHistory()
     assert h.append(train_loss=1, val_loss=1, dice_per_class=[0.5, float("nan")], lr=0.01, start=0, end=1) == (0.5, 0.5)
@@ -256,7 +276,7 @@ def test_cli_train_then_extend_with_resume(dataset, tmp_path, capsys):
 
     roots = ["--preprocessed", str(dataset.preprocessed), "--results", str(tmp_path / "results")]
     base = ["train", "--task", str(TASK), "--config", "3d_lowres", "--fold", "2", "--iterations", "2",
-            "--val-iterations", "1", "--device", "cpu", "--workers", "0", *roots]
+            "--val-iterations", "1", "--device", "cpu", "--workers", "0", "--no-val", *roots]
     assert main([*base, "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/1" in out and "training finished" in out
