@@ -27,10 +27,11 @@ import numpy as np
 
 from ._jit import register_warmup, serial
 
-__all__ = ["label_components", "keep_largest_component", "remove_all_but_largest_component"]
+__all__ = ["label_components", "keep_largest_component", "remove_all_but_largest_component",
+           "runs_outside_largest_component", "erase_runs"]
 
 
-_SKIP = 32  # voxels tested at once while skipping background
+_SKIP = 32  # voxels per block tested for a single value at once
 
 # --------------------------------------------------------------------------------------------- kernels
 @serial
@@ -43,36 +44,42 @@ def _find_runs(a, lut, lo, starts, ends, row_ptr):
     """
     nz, ny, nx = a.shape
     n_lut = lut.shape[0]
-    zero_is_member = lo <= 0 and -lo < n_lut and lut[-lo] != 0
     n = 0
     for z in range(nz):
         for y in range(ny):
             row_ptr[z * ny + y] = n
             row = a[z, y]
             inside = False
-            x = 0
-            while x < nx:
-                if not inside and not zero_is_member:
-                    # skip blocks of zeros (the background of a label map) with a vectorisable OR
-                    while x + _SKIP <= nx:
-                        nonzero = False
-                        for k in range(_SKIP):
-                            nonzero |= row[x + k] != 0
-                        if nonzero:
-                            break
-                        x += _SKIP
-                    if x >= nx:
-                        break
-                v = row[x] - lo
-                member = v >= 0 and v < n_lut and lut[v] != 0
-                if member and not inside:
-                    starts[n] = x
-                    inside = True
-                elif inside and not member:
-                    ends[n] = x
-                    n += 1
-                    inside = False
-                x += 1
+            # blocks of _SKIP voxels: a block holding one value is handled at once (label maps are piecewise
+            # constant; the equality test vectorises), any other block voxel by voxel
+            for x0 in range(0, nx, _SKIP):
+                x1 = min(x0 + _SKIP, nx)
+                if x1 - x0 == _SKIP:
+                    first = row[x0]
+                    differs = False
+                    for k in range(_SKIP):
+                        differs |= row[x0 + k] != first
+                    if not differs:
+                        v = first - lo
+                        member = v >= 0 and v < n_lut and lut[v] != 0
+                        if member and not inside:
+                            starts[n] = x0
+                            inside = True
+                        elif inside and not member:
+                            ends[n] = x0
+                            n += 1
+                            inside = False
+                        continue
+                for x in range(x0, x1):
+                    v = row[x] - lo
+                    member = v >= 0 and v < n_lut and lut[v] != 0
+                    if member and not inside:
+                        starts[n] = x
+                        inside = True
+                    elif inside and not member:
+                        ends[n] = x
+                        n += 1
+                        inside = False
             if inside:
                 ends[n] = nx
                 n += 1
@@ -188,6 +195,36 @@ def _erase_smaller(starts, ends, row_ptr, comp, sizes, nz, ny, a, background):
     return erased
 
 
+@serial
+def _collect_smaller(starts, ends, row_ptr, comp, sizes, nz, ny, out):
+    """Write (z, y, x_start, x_end) of every run of a component smaller than the largest into ``out`` (n, 4);
+    returns the number written."""
+    if sizes.shape[0] == 0:
+        return 0
+    biggest = sizes.max()
+    m = 0
+    for z in range(nz):
+        for y in range(ny):
+            for i in range(row_ptr[z * ny + y], row_ptr[z * ny + y + 1]):
+                if sizes[comp[i]] < biggest:
+                    out[m, 0] = z
+                    out[m, 1] = y
+                    out[m, 2] = starts[i]
+                    out[m, 3] = ends[i]
+                    m += 1
+    return m
+
+
+@serial
+def _erase_runs(a, runs, background):
+    """a[z, y, x0:x1] = background for every row (z, y, x0, x1) of ``runs``."""
+    for r in range(runs.shape[0]):
+        z = runs[r, 0]
+        y = runs[r, 1]
+        for x in range(runs[r, 2], runs[r, 3]):
+            a[z, y, x] = background
+
+
 # --------------------------------------------------------------------------------------------- wrappers
 _MASK_LUT = np.array([0, 1], np.uint8)
 
@@ -286,6 +323,28 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     return out.reshape(shape)
 
 
+def _value_lut(values: Iterable[int], dtype) -> tuple[np.ndarray | None, int]:
+    """Membership table of ``values`` (those a ``dtype`` voxel can hold) and its offset; (None, 0) if none can."""
+    vals = sorted({int(v) for v in values})
+    if not vals:
+        raise ValueError("values must name at least one label")
+    info = np.iinfo(dtype)
+    vals = [v for v in vals if info.min <= v <= info.max]
+    if not vals:
+        return None, 0
+    lo = vals[0]
+    lut = np.zeros(vals[-1] - lo + 1, np.uint8)
+    lut[np.asarray(vals) - lo] = 1
+    return lut, lo
+
+
+def _check_seg(seg: np.ndarray) -> np.ndarray:
+    a = _as_zyx(seg, "seg")
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"seg must be an integer label map; got dtype {a.dtype}")
+    return a
+
+
 def remove_all_but_largest_component(seg: np.ndarray, values: Iterable[int], background: int = 0) -> int:
     """In place: voxels of ``seg`` whose value is in ``values`` and that lie outside the largest connected
     component(s) of the union of those values become ``background``.
@@ -313,21 +372,12 @@ def remove_all_but_largest_component(seg: np.ndarray, values: Iterable[int], bac
     TypeError, ValueError
         ``seg`` is not a writeable 2D/3D integer array, or ``values`` is empty.
     """
-    a = _as_zyx(seg, "seg")
-    if a.dtype.kind not in "iu":
-        raise ValueError(f"seg must be an integer label map; got dtype {a.dtype}")
+    a = _check_seg(seg)
     if not a.flags.writeable:
         raise ValueError("seg must be writeable (the removal happens in place); pass a copy")
-    vals = sorted({int(v) for v in values})
-    if not vals:
-        raise ValueError("values must name at least one label")
-    info = np.iinfo(a.dtype)
-    vals = [v for v in vals if info.min <= v <= info.max]
-    if not vals:
+    lut, lo = _value_lut(values, a.dtype)
+    if lut is None:
         return 0
-    lo = vals[0]
-    lut = np.zeros(vals[-1] - lo + 1, np.uint8)
-    lut[np.asarray(vals) - lo] = 1
     work, perm = a, None
     if not a.flags.c_contiguous:
         if a.flags.f_contiguous:
@@ -343,6 +393,46 @@ def remove_all_but_largest_component(seg: np.ndarray, values: Iterable[int], bac
     return int(erased)
 
 
+def runs_outside_largest_component(seg: np.ndarray, values: Iterable[int]) -> np.ndarray:
+    """The voxels :func:`remove_all_but_largest_component` would erase, as runs along the last axis, without
+    modifying ``seg`` (to score a removal from counts of the erased voxels only).
+
+    Parameters
+    ----------
+    seg : ndarray, 2D or 3D, integer dtype, C-contiguous (other layouts are copied)
+    values : iterable of int
+
+    Returns
+    -------
+    ndarray of int64, shape (n, 4)
+        Rows ``(z, y, x_start, x_end)`` (half-open in x) in the 3D view of ``seg`` (a 2D array is ``(1, y, x)``),
+        in raster order.
+    """
+    a = _check_seg(seg)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    lut, lo = _value_lut(values, a.dtype)
+    if lut is None:
+        return np.zeros((0, 4), np.int64)
+    starts, ends, row_ptr, comp, sizes = _runs(a, lut, lo)
+    out = np.empty((comp.shape[0], 4), np.int64)
+    m = _collect_smaller(starts, ends, row_ptr, comp, sizes, a.shape[0], a.shape[1], out)
+    return out[:m]
+
+
+def erase_runs(seg: np.ndarray, runs: np.ndarray, background: int = 0) -> int:
+    """In place: ``seg[z, y, x_start:x_end] = background`` for every row of ``runs`` (from
+    :func:`runs_outside_largest_component`); returns the number of voxels written."""
+    a = _check_seg(seg)
+    runs = np.ascontiguousarray(runs, np.int64).reshape(-1, 4)
+    if runs.shape[0]:
+        if runs[:, :2].min() < 0 or runs[:, 0].max() >= a.shape[0] or runs[:, 1].max() >= a.shape[1] \
+                or runs[:, 2].min() < 0 or runs[:, 3].max() > a.shape[2]:
+            raise ValueError(f"runs reach outside seg of shape {a.shape}")
+        _erase_runs(a, runs, a.dtype.type(background))
+    return int((runs[:, 3] - runs[:, 2]).sum())
+
+
 @register_warmup
 def _warmup() -> None:
     m = np.zeros((2, 3, 4), np.bool_)
@@ -353,3 +443,4 @@ def _warmup() -> None:
     for dt in (np.uint8, np.int16, np.int32):
         s = m.astype(dt)
         remove_all_but_largest_component(s, [1])
+        erase_runs(s, runs_outside_largest_component(s, [1]))

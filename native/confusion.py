@@ -14,7 +14,7 @@ import numpy as np
 
 from ._jit import register_warmup, serial
 
-__all__ = ["joint_histogram"]
+__all__ = ["joint_histogram", "joint_histogram_runs"]
 
 
 _BLOCK = 32  # voxels compared at once for uniform blocks
@@ -62,6 +62,22 @@ def _joint_histogram(ref, pred, lut, lo, out):
         out[br, bp] += 1
 
 
+@serial
+def _joint_histogram_runs(ref, pred, runs, lut, lo, out):
+    """Like :func:`_joint_histogram` over the voxels of ``runs`` (rows z, y, x_start, x_end) of 3D ``ref``/``pred``."""
+    n_lut = lut.shape[0]
+    other = out.shape[0] - 1
+    for r in range(runs.shape[0]):
+        z = runs[r, 0]
+        y = runs[r, 1]
+        for x in range(runs[r, 2], runs[r, 3]):
+            a = ref[z, y, x] - lo
+            b = pred[z, y, x] - lo
+            br = lut[a] if a >= 0 and a < n_lut else other
+            bp = lut[b] if b >= 0 and b < n_lut else other
+            out[br, bp] += 1
+
+
 def _flat_pair(ref: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """1D views of two equally shaped arrays that enumerate the voxels in the same order (no copy when possible)."""
     if ref.flags.c_contiguous and pred.flags.c_contiguous:
@@ -69,6 +85,29 @@ def _flat_pair(ref: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if ref.flags.f_contiguous and pred.flags.f_contiguous:
         return ref.ravel(order="F"), pred.ravel(order="F")
     return np.ascontiguousarray(ref).reshape(-1), np.ascontiguousarray(pred).reshape(-1)
+
+
+def _prepare(ref, pred, values):
+    if not isinstance(ref, np.ndarray) or not isinstance(pred, np.ndarray):
+        raise TypeError("ref and pred must be numpy arrays")
+    if ref.shape != pred.shape:
+        raise ValueError(f"ref and pred must have the same shape; got {ref.shape} and {pred.shape}")
+    for name, a in (("ref", ref), ("pred", pred)):
+        if a.dtype.kind not in "iub":
+            raise ValueError(f"{name} must be an integer label map; got dtype {a.dtype}")
+    vals = [int(v) for v in values]
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"values must be distinct; got {vals}")
+    if ref.dtype == np.bool_:
+        ref = ref.view(np.uint8)
+    if pred.dtype == np.bool_:
+        pred = pred.view(np.uint8)
+    lo = min(vals) if vals else 0
+    lut = np.full(max(vals) - lo + 1 if vals else 1, len(vals), np.int64)
+    for k, v in enumerate(vals):
+        lut[v - lo] = k
+    out = np.zeros((len(vals) + 1, len(vals) + 1), np.int64)
+    return ref, pred, lut, np.int64(lo), out
 
 
 def joint_histogram(ref: np.ndarray, pred: np.ndarray, values: Sequence[int]) -> np.ndarray:
@@ -92,30 +131,38 @@ def joint_histogram(ref: np.ndarray, pred: np.ndarray, values: Sequence[int]) ->
     TypeError, ValueError
         Non-array input, differing shapes, non-integer dtypes, repeated values.
     """
-    if not isinstance(ref, np.ndarray) or not isinstance(pred, np.ndarray):
-        raise TypeError("ref and pred must be numpy arrays")
-    if ref.shape != pred.shape:
-        raise ValueError(f"ref and pred must have the same shape; got {ref.shape} and {pred.shape}")
-    for name, a in (("ref", ref), ("pred", pred)):
-        if a.dtype.kind not in "iub":
-            raise ValueError(f"{name} must be an integer label map; got dtype {a.dtype}")
-    vals = [int(v) for v in values]
-    if len(set(vals)) != len(vals):
-        raise ValueError(f"values must be distinct; got {vals}")
-    out = np.zeros((len(vals) + 1, len(vals) + 1), np.int64)
-    if ref.dtype == np.bool_:
-        ref = ref.view(np.uint8)
-    if pred.dtype == np.bool_:
-        pred = pred.view(np.uint8)
-    if not vals:
-        out[0, 0] = ref.size
-        return out
-    lo = min(vals)
-    lut = np.full(max(vals) - lo + 1, len(vals), np.int64)
-    for k, v in enumerate(vals):
-        lut[v - lo] = k
+    ref, pred, lut, lo, out = _prepare(ref, pred, values)
     r, p = _flat_pair(ref, pred)
-    _joint_histogram(r, p, lut, np.int64(lo), out)
+    _joint_histogram(r, p, lut, lo, out)
+    return out
+
+
+def joint_histogram_runs(ref: np.ndarray, pred: np.ndarray, runs: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """:func:`joint_histogram` restricted to the voxels of ``runs``.
+
+    Parameters
+    ----------
+    ref, pred : ndarray, 2D or 3D, same shape, integer/boolean dtypes, any layout (2D arrays count as (1, y, x))
+    runs : ndarray of int, shape (n, 4)
+        Rows ``(z, y, x_start, x_end)``, half-open in x, as
+        :func:`nnfast.native.components.runs_outside_largest_component` returns them.
+    values : sequence of int, distinct
+
+    Returns
+    -------
+    ndarray of int64, shape (len(values) + 1, len(values) + 1)
+    """
+    ref, pred, lut, lo, out = _prepare(ref, pred, values)
+    if ref.ndim == 2:
+        ref, pred = ref[None], pred[None]
+    if ref.ndim != 3:
+        raise ValueError(f"ref and pred must be 2D or 3D; got shape {ref.shape}")
+    runs = np.ascontiguousarray(runs, np.int64).reshape(-1, 4)
+    if runs.shape[0]:
+        if runs[:, :3].min() < 0 or runs[:, 0].max() >= ref.shape[0] or runs[:, 1].max() >= ref.shape[1] \
+                or runs[:, 3].max() > ref.shape[2]:
+            raise ValueError(f"runs reach outside the arrays of shape {ref.shape}")
+        _joint_histogram_runs(ref, pred, runs, lut, lo, out)
     return out
 
 
@@ -124,3 +171,4 @@ def _warmup() -> None:
     for dr in (np.uint8, np.int16, np.int32):
         for dp in (np.uint8, np.int16, np.int32):
             joint_histogram(np.zeros(3, dr), np.ones(3, dp), [0, 1])
+            joint_histogram_runs(np.zeros((1, 1, 3), dr), np.ones((1, 1, 3), dp), np.array([[0, 0, 0, 2]]), [0, 1])

@@ -37,20 +37,24 @@ from ..errors import DatasetError
 from .metrics import (
     EvaluationLabels,
     Summary,
-    count_matrix,
+    counts_from_histogram,
     label_key,
     list_segmentations,
     match_cases,
+    pool_workers,
     read_pair,
     resolve_labels,
 )
 
 __all__ = ["KeepLargestStep", "Decision", "PostprocessingPlan", "determine_postprocessing", "apply_postprocessing",
-           "PLAN_FILE"]
+           "PLAN_FILE", "POSTPROCESSING_POOL_MIN_VOXELS"]
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "postprocessing.json"
+#: Below this many prediction voxels the decision runs in this process whatever ``workers`` says (~8 ns per voxel
+#: for reading and scoring every candidate, against seconds to start worker processes).
+POSTPROCESSING_POOL_MIN_VOXELS = 500_000_000
 PLAN_SCHEMA_VERSION = 1
 _NNUNET_FN = "remove_all_but_largest_component_from_segmentation"
 
@@ -240,39 +244,74 @@ class _CaseTask:
     candidate: KeepLargestStep | None = None
 
 
+def _after_removal(hist: np.ndarray, ref: np.ndarray, seg: np.ndarray, runs: np.ndarray,
+                   values: tuple[int, ...]) -> np.ndarray:
+    """The joint histogram of ``(ref, seg)`` once the voxels of ``runs`` are set to 0, from ``hist`` (that of
+    ``(ref, seg)``) and a histogram of the erased voxels only."""
+    from ..native.confusion import joint_histogram_runs
+
+    erased = joint_histogram_runs(ref, seg, runs, values)
+    out = hist - erased
+    out[:, values.index(0)] += erased.sum(axis=1)
+    return out
+
+
 def _label_mode_counts(task: _CaseTask) -> np.ndarray:
     """Counts (4, n_targets, 4) of one case: [prediction, after step 1, per-label step alone, step 1 + per-label step];
-    rows 2 and 3 hold, for target k, the counts of target k after that target's own step."""
+    rows 2 and 3 hold, for target k, the counts of target k after that target's own step.
+
+    Every candidate is scored from the histogram of the prediction and histograms of the voxels it would erase; only
+    the result of step 1 is materialised (the per-label steps are tried on it)."""
+    from ..native.components import erase_runs, runs_outside_largest_component
+    from ..native.confusion import joint_histogram
+
     pred, ref = read_pair(Path(task.pred), Path(task.ref), task.case_id)
     labels = task.labels
+    values = labels.bin_values
     n_t = len(labels.targets)
     out = np.zeros((4, n_t, 4), np.int64)
-    out[0] = count_matrix(pred, ref, labels)
-    fg = pred.copy()
-    fg_removed = KeepLargestStep(labels.foreground_labels).apply(fg)
-    out[1] = count_matrix(fg, ref, labels) if fg_removed else out[0]
+    hist = joint_histogram(ref, pred, values)
+    out[0] = counts_from_histogram(hist, values, labels)
+    fg_runs = runs_outside_largest_component(pred, labels.foreground_labels)
+    fg = None
+    if len(fg_runs):
+        hist_fg = _after_removal(hist, ref, pred, fg_runs, values)
+        out[1] = counts_from_histogram(hist_fg, values, labels)
+        fg = pred.copy()
+        erase_runs(fg, fg_runs)
+    else:
+        out[1] = out[0]
     for k, t in enumerate(labels.targets):
         if n_t == 1:
             break
-        step = KeepLargestStep(t)
-        work = pred.copy()
-        out[2, k] = count_matrix(work, ref, labels)[k] if step.apply(work) else out[0, k]
-        if fg_removed:
-            work = fg.copy()
-            out[3, k] = count_matrix(work, ref, labels)[k] if step.apply(work) else out[1, k]
-        else:
+        members = KeepLargestStep(t).values
+        runs = runs_outside_largest_component(pred, members)
+        out[2, k] = counts_from_histogram(_after_removal(hist, ref, pred, runs, values), values, labels)[k] \
+            if len(runs) else out[0, k]
+        if fg is None:
             out[3, k] = out[2, k]
+            continue
+        runs = runs_outside_largest_component(fg, members)
+        out[3, k] = counts_from_histogram(_after_removal(hist_fg, ref, fg, runs, values), values, labels)[k] \
+            if len(runs) else out[1, k]
     return out
 
 
 def _round_counts(task: _CaseTask) -> np.ndarray:
     """Counts (2, n_targets, 4) of one case: after the applied steps, and after those plus the candidate step."""
+    from ..native.components import runs_outside_largest_component
+    from ..native.confusion import joint_histogram
+
     pred, ref = read_pair(Path(task.pred), Path(task.ref), task.case_id)
     for step in task.applied:
         step.apply(pred)
+    values = task.labels.bin_values
+    hist = joint_histogram(ref, pred, values)
+    runs = runs_outside_largest_component(pred, task.candidate.values)
     out = np.zeros((2, len(task.labels.targets), 4), np.int64)
-    out[0] = count_matrix(pred, ref, task.labels)
-    out[1] = count_matrix(pred, ref, task.labels) if task.candidate.apply(pred) else out[0]
+    out[0] = counts_from_histogram(hist, values, task.labels)
+    out[1] = counts_from_histogram(_after_removal(hist, ref, pred, runs, values), values, task.labels) \
+        if len(runs) else out[0]
     return out
 
 
@@ -304,7 +343,7 @@ def determine_postprocessing(
     dataset_json : dataset.json path or dict (or EvaluationLabels)
         Labels/regions, ignore label and file ending.
     workers : int
-        Worker processes, one case each at a time.
+        Worker processes, one case each at a time (in this process below :data:`POSTPROCESSING_POOL_MIN_VOXELS`).
     output_file : path, True, or None/False
         Where to write the plan; True (default): ``pred_dir/postprocessing.json``. ``pred_dir/summary.json`` (the
         predictions' metrics) is written whenever the plan is.
@@ -331,7 +370,7 @@ def determine_postprocessing(
     ids = tuple(c for c, _, _ in cases)
     refs = tuple(str(r) for _, _, r in cases)
     preds = tuple(str(p) for _, p, _ in cases)
-    sizes = [p.stat().st_size for _, p, _ in cases]
+    workers, sizes = pool_workers(workers, [p for _, p, _ in cases], POSTPROCESSING_POOL_MIN_VOXELS)
 
     def summary(counts) -> Summary:
         return Summary(labels, ids, refs, preds, counts)

@@ -124,7 +124,10 @@ def test_nan_when_absent_everywhere_and_ignore_excluded():
     assert m[1]["Dice"] == 0.0 and m[1]["FP"] == 12 and m[1]["n_pred"] == 12 and m[1]["n_ref"] == 0
 
 
-def test_summary_json_round_trip_and_table(folders):
+def test_summary_json_round_trip_and_table(folders, monkeypatch):
+    import nnfast.evaluate.metrics as metrics
+
+    monkeypatch.setattr(metrics, "EVALUATE_POOL_MIN_VOXELS", 0)  # small folders are otherwise evaluated in-process
     pred_dir, ref_dir = folders
     d = {"labels": {"background": 0, "liver": 1, "tumour": 2, "ignore": 3}, "file_ending": ".nii.gz"}
     s = evaluate_folder(pred_dir, ref_dir, d, workers=2)
@@ -171,3 +174,12 @@ def test_labels_from_dataset_json_like_label_manager():
         assert ev.ignore_label == lm.ignore_label
         assert list(ev.foreground_labels) == [int(x) for x in lm.foreground_labels]
     assert EvaluationLabels.from_labels([[1, 2], 3]).targets == ((1, 2), 3)
+
+
+def test_pool_only_for_large_folders(tmp_path):
+    from nnfast.evaluate.metrics import pool_workers
+
+    files = [write_seg(np.zeros((4, 5, 6)), tmp_path / f"{i}.nii.gz") for i in range(3)]
+    assert pool_workers(4, files, 10**9) == (1, [120, 120, 120])
+    assert pool_workers(4, files, 100) == (4, [120, 120, 120])
+    assert pool_workers(1, files, 0)[0] == 1

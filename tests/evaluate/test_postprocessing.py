@@ -122,10 +122,16 @@ def test_decisions_equal_nnunet(tmp_path, nnunet_inline, scenario, labels, expec
 
 
 @pytest.mark.parametrize("make", [_helps, _hurts])
-def test_label_fast_path_equals_rounds(tmp_path, make):
+def test_label_fast_path_equals_rounds(tmp_path, make, monkeypatch):
+    import nnfast.evaluate.postprocessing as pp
+
     pred_dir, ref_dir = _write(tmp_path, make, seed=1)
     dj = _dataset_json(LABELS)
-    fast = determine_postprocessing(pred_dir, ref_dir, dj, output_file=None)
+    workers = 1
+    if make is _helps:  # once through worker processes
+        monkeypatch.setattr(pp, "POSTPROCESSING_POOL_MIN_VOXELS", 0)
+        workers = 2
+    fast = determine_postprocessing(pred_dir, ref_dir, dj, workers, output_file=None)
     rounds = determine_postprocessing(pred_dir, ref_dir, dj, output_file=None, _rounds=True)
     assert fast.steps == rounds.steps
     assert [(d.target, d.accepted) for d in fast.decisions] == [(d.target, d.accepted) for d in rounds.decisions]

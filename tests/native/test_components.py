@@ -7,7 +7,13 @@ import pytest
 import scipy.ndimage as ndi
 from skimage.measure import label as sk_label
 
-from nnfast.native.components import keep_largest_component, label_components, remove_all_but_largest_component
+from nnfast.native.components import (
+    erase_runs,
+    keep_largest_component,
+    label_components,
+    remove_all_but_largest_component,
+    runs_outside_largest_component,
+)
 
 
 def _random_masks(n, seed=0):
@@ -167,3 +173,32 @@ def test_large_blob_with_noise():
     noise = (rng.random(shape) < 0.002) & ~ndi.binary_dilation(organ, np.ones((3, 3, 3)))
     out = keep_largest_component(organ | noise)
     np.testing.assert_array_equal(out, organ)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_runs_outside_largest_then_erase_equals_removal(ndim):
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        shape = tuple(int(s) for s in rng.integers(1, 12, ndim))
+        seg = rng.integers(0, 4, shape).astype(np.int16)
+        seg[rng.random(shape) < 0.4] = 0
+        values = [[1], [2, 3], [1, 2, 3]][trial % 3]
+        expected = seg.copy()
+        n = remove_all_but_largest_component(expected, values)
+        runs = runs_outside_largest_component(seg, values)
+        assert runs.shape[1] == 4 and runs.dtype == np.int64
+        assert int((runs[:, 3] - runs[:, 2]).sum()) == n
+        work = seg.copy()
+        assert erase_runs(work, runs) == n
+        np.testing.assert_array_equal(work, expected)
+        # rows are sorted in raster order and runs do not overlap
+        flat = runs[:, 0] * 10**6 + runs[:, 1] * 10**3 + runs[:, 2]
+        assert np.all(np.diff(flat) > 0)
+
+
+def test_erase_runs_rejects_out_of_range_runs():
+    seg = np.zeros((2, 3, 4), np.int16)
+    with pytest.raises(ValueError):
+        erase_runs(seg, np.array([[0, 3, 0, 1]]))
+    with pytest.raises(ValueError):
+        erase_runs(seg, np.array([[0, 0, 2, 5]]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nnfast.native.confusion import joint_histogram
+from nnfast.native.confusion import joint_histogram, joint_histogram_runs
 
 
 def _reference(ref, pred, values):
@@ -54,3 +54,26 @@ def test_negative_values_and_out_of_table_values():
     pred = np.array([-1, 0, 0, 5, 2, 300], np.int16)
     values = [-1, 0, 2]
     np.testing.assert_array_equal(joint_histogram(ref, pred, values), _reference(ref, pred, values))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_runs_histogram_equals_masked_histogram(order):
+    from nnfast.native.components import runs_outside_largest_component
+
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        shape = tuple(int(s) for s in rng.integers(1, 10, 3))
+        ref = rng.integers(0, 4, shape).astype(np.int16, order=order)
+        pred = rng.integers(0, 4, shape).astype(np.int16)
+        pred[rng.random(shape) < 0.5] = 0
+        runs = runs_outside_largest_component(pred, [1, 2])
+        mask = np.zeros(shape, bool)
+        for z, y, x0, x1 in runs:
+            mask[z, y, x0:x1] = True
+        values = [0, 1, 2, 3]
+        np.testing.assert_array_equal(joint_histogram_runs(ref, np.asarray(pred, order=order), runs, values),
+                                      _reference(ref[mask], pred[mask], values))
+    two_d = np.array([[1, 0, 2]], np.int16)
+    assert joint_histogram_runs(two_d, two_d, np.array([[0, 0, 0, 3]]), [0, 1, 2]).trace() == 3
+    with pytest.raises(ValueError):
+        joint_histogram_runs(two_d, two_d, np.array([[0, 1, 0, 1]]), [1])
