@@ -53,7 +53,7 @@ def _patch(name: str) -> tuple[int, ...]:
 class Setup:
     """A synthetic case larger than the enlarged patch, both pipelines' transforms, and per-sample inputs."""
 
-    def __init__(self, name: str, mode: str, seed: int = 0):
+    def __init__(self, name: str, mode: str, seed: int = 0, n_channels: int = 1, n_labels: int = 3):
         torch.set_num_threads(1)
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -61,10 +61,11 @@ class Setup:
         strides = CASES[name][1] if bench_scale() >= 1 else CASES[name][1][:4]
         ds = deep_supervision_scales(strides)
         over = {"p_rotation": 1.0} if mode == "spatial" else {}
-        self.cfg = AugmentConfig.from_patch_size(patch, use_mask_for_norm=(False,), ds_scales=ds, **over)
+        mask = (False,) * n_channels
+        self.cfg = AugmentConfig.from_patch_size(patch, use_mask_for_norm=mask, ds_scales=ds, **over)
         cfg = self.cfg
         self.nnunet = nnUNetTrainer.get_training_transforms(
-            patch, cfg.rotation, [list(s) for s in ds], cfg.mirror_axes, cfg.do_dummy_2d, use_mask_for_norm=[False])
+            patch, cfg.rotation, [list(s) for s in ds], cfg.mirror_axes, cfg.do_dummy_2d, use_mask_for_norm=list(mask))
         if mode == "spatial":
             sp = next(t for t in self.nnunet.transforms if type(t).__name__ == "SpatialTransform")
             sp.p_rotation = 1.0
@@ -76,10 +77,11 @@ class Setup:
 
         coarse = rng.normal(size=tuple(max(2, s // 8) for s in shape))
         field = zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1)[tuple(slice(0, s) for s in shape)]
-        self.image = (field + 0.1 * rng.normal(size=shape)).astype(np.float32)[None]
+        self.image = np.stack([(field * (1 + c) + 0.1 * rng.normal(size=shape)).astype(np.float32)
+                               for c in range(n_channels)])
         seg = np.zeros(shape, np.int16)
-        seg[field > 0.3] = 1
-        seg[field > 0.9] = 2
+        for lab, thr in enumerate(np.quantile(field, np.linspace(0.55, 0.95, n_labels - 1)), start=1):
+            seg[field > thr] = lab
         seg[..., : shape[-1] // 10] = -1
         self.seg = seg[None]
         np.random.seed(seed)
@@ -92,7 +94,7 @@ class Setup:
     def _read(self, lb, ub):
         """``[lb, ub)`` of the case, image padded with 0 and labels with -1 beyond it (as the loaders do)."""
         shape = tuple(b - a for a, b in zip(lb, ub))
-        img = np.zeros((1, *shape), np.float32)
+        img = np.zeros((self.image.shape[0], *shape), np.float32)
         seg = np.full((1, *shape), -1, np.int16)
         src, dst = [slice(None)], [slice(None)]
         for a, b, n in zip(lb, ub, self.case_shape):
@@ -159,15 +161,20 @@ def main() -> None:  # pragma: no cover - manual measurement
     n_ours = int(os.environ.get("NNFAST_BENCH_N_NNFAST", "120"))
     print(f"{'case':12s} {'mode':8s} {'nnU-Net ms':>11s} {'nnfast ms':>10s} {'nnU-Net /s':>10s} {'nnfast /s':>10s}"
           f" {'ratio':>6s}")
-    for name in CASES:
-        for mode in ("default", "spatial"):
-            s = Setup(name, mode)
-            _measure(lambda **kw: s.nnunet(**kw), s.nnunet_args, 2)
-            ref, _ = _measure(lambda **kw: s.nnunet(**kw), s.nnunet_args, n_nnunet)
-            s2 = Setup(name, mode, seed=1)
-            ours, _ = _measure(augment_sample, s2.nnfast_args, n_ours)
-            print(f"{name:12s} {mode:8s} {ref * 1e3:11.1f} {ours * 1e3:10.1f} {1 / ref:10.2f} {1 / ours:10.2f} "
-                  f"{ref / ours:6.1f}", flush=True)
+    # NNFAST_BENCH_CASES="3d:default:4:8" measures other settings (case:mode:channels:labels, comma separated)
+    todo = [(n, m, 1, 3) for n in CASES for m in ("default", "spatial")]
+    if os.environ.get("NNFAST_BENCH_CASES"):
+        todo = [(c.split(":")[0], c.split(":")[1], int(c.split(":")[2]), int(c.split(":")[3]))
+                for c in os.environ["NNFAST_BENCH_CASES"].split(",")]
+    for name, mode, n_ch, n_lab in todo:
+        s = Setup(name, mode, n_channels=n_ch, n_labels=n_lab)
+        _measure(lambda **kw: s.nnunet(**kw), s.nnunet_args, 2)
+        ref, _ = _measure(lambda **kw: s.nnunet(**kw), s.nnunet_args, n_nnunet)
+        s2 = Setup(name, mode, seed=1, n_channels=n_ch, n_labels=n_lab)
+        ours, _ = _measure(augment_sample, s2.nnfast_args, n_ours)
+        label = f"{name}" + (f" {n_ch}ch/{n_lab}l" if (n_ch, n_lab) != (1, 3) else "")
+        print(f"{label:12s} {mode:8s} {ref * 1e3:11.1f} {ours * 1e3:10.1f} {1 / ref:10.2f} {1 / ours:10.2f} "
+              f"{ref / ours:6.1f}", flush=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

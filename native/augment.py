@@ -24,6 +24,13 @@ The 2D kernel resamples a stack of slices (``(C, N, Y, Z)``) with one in-plane t
 configurations (``N == 1``) and its dummy-2D augmentation of anisotropic 3D patches (every slice of axis 0 is
 transformed alike, axis 0 is cropped, never interpolated).
 
+How it is fast: positions, flat offsets and fractions are computed first for a whole output row (3D) or plane (2D,
+shared by all slices) in a branch-free loop that LLVM vectorises; the gathers follow as tight loops (image: float32
+weights; labels: eight or four loads and a comparison, the vote only where neighbours disagree, the float16
+rounding only where the two best scores are within 0.5). Voxels whose neighbours are not all inside the region
+are redone by a separate scalar routine. Versus one scalar pass per voxel this measured 2.4x (3D) and ~4x
+(dummy-2D) faster; the 2D image gather runs at about the speed of torch's vectorised ``grid_sample``.
+
 All kernels are serial (one loader worker = one core) and never allocate per voxel.
 """
 from __future__ import annotations
@@ -451,6 +458,9 @@ def _check_warp_inputs(image, seg, matrix, centre, patch_shape, nd_matrix, what)
                          f"patch sizes, got {matrix.shape}, {centre.shape}, {tuple(patch_shape)}")
     if any(int(p) < 1 for p in patch_shape):
         raise ValueError(f"{what}: patch_shape must be positive, got {tuple(patch_shape)}")
+    if int(np.prod(image.shape[1:], dtype=np.int64)) >= 2**31 - 1:
+        raise ValueError(f"{what}: a region of {image.shape[1:]} voxels per channel is too large (the kernels use "
+                         "int32 offsets); read the box needed_region returns, not the whole case")
     return np.ascontiguousarray(image), np.ascontiguousarray(seg), matrix, centre
 
 

@@ -166,6 +166,24 @@ def test_config_probabilities_match_nnunet_pipeline(dummy):
     assert names[-2:] == ["RemoveLabelTransform", "DownsampleSegForDSTransform"]
 
 
+def test_from_configuration_uses_the_plan():
+    from nnfast.plan.schema import Architecture, ConfigurationPlan, Resampling
+
+    arch = Architecture(n_stages=3, features_per_stage=(8, 16, 32), kernel_sizes=((3, 3, 3),) * 3,
+                        strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)), n_conv_per_stage=(2, 2, 2),
+                        n_conv_per_stage_decoder=(2, 2))
+    r = Resampling(order=1)
+    conf = ConfigurationPlan(name="3d_fullres", data_identifier="x", batch_size=2, patch_size=(16, 64, 64),
+                             median_image_size_in_voxels=(20.0, 80.0, 80.0), spacing=(3.0, 1.0, 1.0),
+                             normalization_schemes=("CTNormalization", "ZScoreNormalization"),
+                             use_mask_for_norm=(False, True), resampling_data=r, resampling_seg=r,
+                             resampling_probabilities=r, architecture=arch, batch_dice=False)
+    cfg = AugmentConfig.from_configuration(conf)
+    assert cfg.patch_size == (16, 64, 64) and cfg.do_dummy_2d and cfg.mask_channels == (1,)
+    assert cfg.ds_scales == ((1.0, 1.0, 1.0), (1.0, 0.5, 0.5))
+    assert AugmentConfig.from_configuration(conf, deep_supervision=False, p_rotation=0.0).ds_scales is None
+
+
 def test_deep_supervision_scales_match_nnunet_formula():
     strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
     ref = list(list(i) for i in 1 / np.cumprod(np.vstack(strides), axis=0))[:-1]

@@ -114,6 +114,44 @@ def test_warp_2d_stack_matches_grid_sample_per_slice(seed):
         np.testing.assert_array_equal(out_seg[0, o], vote_reference(seg[0, s], pos))
 
 
+@pytest.mark.parametrize("layout", ["F", "strided"])
+def test_warp_accepts_any_layout(layout):
+    rng = np.random.default_rng(8)
+    img = rng.standard_normal((2, 12, 13, 14)).astype(np.float32)
+    seg = blob_labels(rng, (12, 13, 14), 3)[None]
+    a = rotation_matrix((0.2, -0.3, 0.1), (0.9,) * 3)
+    ref = K.warp_3d(img, seg, a, (6.0, 6.5, 7.0), (7, 8, 9), (False, True, False))
+    if layout == "F":
+        img2, seg2 = np.asfortranarray(img), np.asfortranarray(seg)
+    else:
+        big_i = np.zeros((2, 24, 13, 14), np.float32)
+        big_s = np.zeros((1, 24, 13, 14), np.int16)
+        big_i[:, ::2], big_s[:, ::2] = img, seg
+        img2, seg2 = big_i[:, ::2], big_s[:, ::2]
+    out = K.warp_3d(img2, seg2, a, (6.0, 6.5, 7.0), (7, 8, 9), (False, True, False))
+    np.testing.assert_array_equal(out[0], ref[0])
+    np.testing.assert_array_equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize("region", [(1, 6, 7), (5, 1, 7), (4, 6, 1), (1, 1, 1)])
+def test_warp_one_voxel_axes(region):
+    rng = np.random.default_rng(9)
+    img = rng.standard_normal((1, *region)).astype(np.float32)
+    seg = rng.integers(0, 3, (1, *region)).astype(np.int8)
+    a = rotation_matrix((0.3, 0.2, -0.1), (1.1,) * 3)
+    centre = np.array(region) / 2 - 0.5
+    patch = (3, 4, 5)
+    out_img, out_seg = K.warp_3d(img, seg, a, centre, patch)
+    pos = positions(a, centre, patch, (False,) * 3)
+    np.testing.assert_allclose(out_img, torch_bilinear(img, pos), atol=1e-5)
+    np.testing.assert_array_equal(out_seg[0], vote_reference(seg[0], pos))
+    out2, seg2 = K.warp_2d(img, seg, a[1:, 1:], centre[1:], patch[1:])
+    pos2 = positions(a[1:, 1:], centre[1:], patch[1:], (False,) * 2)
+    for n in range(region[0]):
+        np.testing.assert_allclose(out2[:, n], torch_bilinear(img[:, n], pos2), atol=1e-5)
+        np.testing.assert_array_equal(seg2[0, n], vote_reference(seg[0, n], pos2))
+
+
 def test_warp_identity_is_a_crop_and_far_outside_is_padding():
     rng = np.random.default_rng(3)
     img = rng.standard_normal((1, 8, 9, 10)).astype(np.float32)
@@ -142,7 +180,8 @@ def test_warp_validates_inputs():
 def test_fp16_round_matches_numpy_half():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.uniform(0, 1000, 20000), rng.uniform(0, 1e-3, 2000), 500 + rng.uniform(-1, 1, 2000),
-                        np.arange(0, 1000, 0.125)])
+                        np.arange(0, 1000, 0.125), 2.0 ** np.arange(-30, 10), 2.0 ** -14 * (1 + rng.random(100)),
+                        rng.uniform(0, 2.0 ** -20, 100), [1000.0000001, 1023.9, 1500.0, 3e4]])
     ours = np.array([K._fp16_round(v) for v in x])
     np.testing.assert_array_equal(ours, x.astype(np.float16).astype(np.float64))
 
