@@ -196,7 +196,8 @@ def preprocess_input(case: CaseInput, plans, config_name: str, foreground_labels
         if seg.shape[1:] != data.shape[1:]:
             raise GeometryError(f"previous-stage segmentation `{case.previous_stage_file}` has shape {seg.shape[1:]} "
                                 f"but the image has {data.shape[1:]}")
-    data, seg, props, _ = preprocess_arrays(data, seg, geom.spacing, plans, config_name, case.case_id)
+    data, seg, props, _ = preprocess_arrays(data, seg, geom.spacing, plans, config_name, case.case_id,
+                                            with_class_locations=False)
     if case.previous_stage_file is not None:
         onehot = np.empty((len(foreground_labels), *data.shape[1:]), np.float32)
         for i, lab in enumerate(foreground_labels):

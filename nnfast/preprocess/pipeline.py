@@ -108,6 +108,8 @@ def preprocess_arrays(
     plans,
     config_name: str,
     case_id: str = "",
+    *,
+    with_class_locations: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict, dict]:
     """Preprocess one case held in memory.
 
@@ -116,6 +118,7 @@ def preprocess_arrays(
     data : (c, z, y, x) array in reader order (any real dtype)
     seg : (1, z, y, x) integer label map in reader order, or None (test cases)
     spacing : reader-order spacing in mm
+    with_class_locations : sample class locations (training needs them, inference does not)
 
     Returns
     -------
@@ -147,7 +150,7 @@ def preprocess_arrays(
 
     from .class_locations import sample_class_locations
 
-    class_locations = sample_class_locations(seg, class_location_keys(plans.labels))
+    class_locations = sample_class_locations(seg, class_location_keys(plans.labels)) if with_class_locations else {}
     seg = seg.astype(np.int16 if seg.size and seg.max() > 127 else np.int8, copy=False)
     properties = {
         "spacing_reader_order": [float(s) for s in spacing],
