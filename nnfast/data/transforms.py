@@ -35,6 +35,7 @@ import torch
 
 from nnfast.data.augment_params import AugmentConfig, Region, SpatialParams
 from nnfast.native import augment as K
+from nnfast.native import augment_intensity as KI
 
 __all__ = [
     "IntensityParams",
@@ -244,7 +245,7 @@ def spatial_patch(image_region: np.ndarray, seg_region: np.ndarray, params: Spat
 # --------------------------------------------------------------------------------------------- intensity step
 @functools.lru_cache(maxsize=512)
 def _nearest_idx(n_in: int, n_out: int, flipped: bool) -> np.ndarray:
-    idx = K.nearest_exact_indices(n_in, n_out)
+    idx = KI.nearest_exact_indices(n_in, n_out)
     if flipped:  # the map of the mirrored axis: flip o down o flip
         idx = (n_in - 1 - idx[::-1]).copy()
     return idx  # shared by the cache: never modified (read-only flags would compile new kernel signatures)
@@ -252,7 +253,7 @@ def _nearest_idx(n_in: int, n_out: int, flipped: bool) -> np.ndarray:
 
 @functools.lru_cache(maxsize=512)
 def _linear_taps(n_in: int, n_out: int, flipped: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    i0, i1, lam = K.linear_taps(n_in, n_out)
+    i0, i1, lam = KI.linear_taps(n_in, n_out)
     if flipped:
         i0, i1, lam = (n_in - 1 - i0[::-1]).copy(), (n_in - 1 - i1[::-1]).copy(), lam[::-1].copy()
     return i0, i1, lam  # shared by the cache: never modified
@@ -268,7 +269,7 @@ def _blur_channel(x: np.ndarray, sigmas: Sequence[float]) -> None:
     cur = v
     tmp = np.empty_like(v)
     for d, s in enumerate(sigmas):
-        K.blur_axis(cur, K.gaussian_kernel_1d(s), d + off, out=tmp)
+        KI.blur_axis(cur, KI.gaussian_kernel_1d(s), d + off, out=tmp)
         cur, tmp = tmp, cur
     if cur is not v:
         v[...] = cur
@@ -279,12 +280,12 @@ def _lowres_channel(x: np.ndarray, scales: Sequence[float], flips: Sequence[bool
     # batchgeneratorsv2 keeps the zoom in a float32 tensor and rounds ``size * zoom`` half to even
     new = [round(n * float(np.float32(s))) for n, s in zip(shape, scales)]
     idx = [_nearest_idx(n, m, f) for n, m, f in zip(shape, new, flips)]
-    small = K.gather_nd(x, tuple(idx))
+    small = KI.gather_nd(x, tuple(idx))
     cur = _as3d(small)
     off = 3 - x.ndim
     for d in range(x.ndim):
         if new[d] != shape[d]:
-            cur = K.linear_resize_axis(cur, _linear_taps(new[d], shape[d], flips[d]), d + off)
+            cur = KI.linear_resize_axis(cur, _linear_taps(new[d], shape[d], flips[d]), d + off)
     x[...] = cur if x.ndim == 3 else cur[0]
 
 
@@ -304,10 +305,10 @@ def _apply_intensity(image: np.ndarray, p: IntensityParams, flips: Sequence[bool
             m = p.brightness[c] if p.brightness is not None else 1.0
             f = p.contrast[c] if p.contrast is not None else None
             if f is None:
-                K.affine_clamp(image[c], m, 0.0)
+                KI.affine_clamp(image[c], m, 0.0)
             else:
-                mean, _, lo, hi = K.channel_stats(image[c])
-                K.affine_clamp(image[c], m * f, m * mean * (1.0 - f), m * lo, m * hi)
+                mean, _, lo, hi = KI.channel_stats(image[c])
+                KI.affine_clamp(image[c], m * f, m * mean * (1.0 - f), m * lo, m * hi)
     if p.lowres_scales is not None:
         for c in range(n_c):
             if p.lowres_scales[c] is not None:
@@ -315,7 +316,7 @@ def _apply_intensity(image: np.ndarray, p: IntensityParams, flips: Sequence[bool
     for gammas, invert in ((p.gamma_inverted, True), (p.gamma, False)):
         if gammas is not None:
             for c in range(n_c):
-                K.gamma_inplace(image[c], gammas[c], invert, True)
+                KI.gamma_inplace(image[c], gammas[c], invert, True)
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -338,7 +339,7 @@ def deep_supervision_targets(seg: np.ndarray, scales: Sequence[Sequence[float]] 
         idx = tuple(_nearest_idx(n, m, False) for n, m in zip(spatial, new))
         t = np.empty((seg.shape[0], *new), seg.dtype)
         for s in range(seg.shape[0]):
-            K.gather_nd(seg[s], idx, out=t[s])
+            KI.gather_nd(seg[s], idx, out=t[s])
         out.append(t)
     return out
 
@@ -375,7 +376,7 @@ def augment_sample(image_region: np.ndarray, seg_region: np.ndarray, params: Spa
     image, seg = spatial_patch(image_region, seg_region, params, cfg, region, out_image, out_seg)
     flips = tuple(d in params.mirror_axes for d in range(cfg.ndim))
     _apply_intensity(image, p, flips, rng)
-    K.mask_and_relabel(image, seg, cfg.mask_channels)
+    KI.mask_and_relabel(image, seg, cfg.mask_channels)
     return AugmentedSample(image, seg, deep_supervision_targets(seg, cfg.ds_scales), AugmentRecord(params, p))
 
 

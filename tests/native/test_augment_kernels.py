@@ -15,6 +15,7 @@ from torch.nn.functional import grid_sample, interpolate
 
 from nnfast.data.augment_params import rotation_matrix
 from nnfast.native import augment as K
+from nnfast.native import augment_intensity as KI
 
 torch.set_num_threads(1)
 
@@ -191,7 +192,7 @@ def test_fp16_round_matches_numpy_half():
 def test_gaussian_kernel_matches_batchgeneratorsv2(sigma):
     from batchgeneratorsv2.transforms.noise.gaussian_blur import _build_kernel
 
-    np.testing.assert_allclose(K.gaussian_kernel_1d(sigma), _build_kernel(sigma, truncate=6).numpy(), atol=1e-7)
+    np.testing.assert_allclose(KI.gaussian_kernel_1d(sigma), _build_kernel(sigma, truncate=6).numpy(), atol=1e-7)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
@@ -199,11 +200,11 @@ def test_gaussian_kernel_matches_batchgeneratorsv2(sigma):
 def test_blur_axis_matches_scipy_mirror(axis, shape):
     rng = np.random.default_rng(axis)
     x = rng.standard_normal(shape).astype(np.float32)
-    w = K.gaussian_kernel_1d(0.9)
+    w = KI.gaussian_kernel_1d(0.9)
     if shape[axis] <= len(w) // 2:
         pytest.skip("torch reflect padding needs pad < size")
     ref = correlate1d(x.astype(np.float64), w, axis=axis, mode="mirror")
-    np.testing.assert_allclose(K.blur_axis(x, w, axis), ref, atol=1e-6)
+    np.testing.assert_allclose(KI.blur_axis(x, w, axis), ref, atol=1e-6)
 
 
 @pytest.mark.compat
@@ -213,19 +214,19 @@ def test_blur_axis_matches_blur_dimension(axis):
 
     x = np.random.default_rng(1).standard_normal((1, 10, 12, 9)).astype(np.float32)
     ref = blur_dimension(torch.from_numpy(x), 0.77, axis, force_use_fft=False)[0].numpy()
-    np.testing.assert_allclose(K.blur_axis(x[0], K.gaussian_kernel_1d(0.77), axis), ref, atol=2e-6)
+    np.testing.assert_allclose(KI.blur_axis(x[0], KI.gaussian_kernel_1d(0.77), axis), ref, atol=2e-6)
 
 
 # --------------------------------------------------------------------------------------------- statistics
 def test_channel_stats_and_affine_clamp():
     x = (np.random.default_rng(2).standard_normal((5, 6, 7)) * 3 + 100).astype(np.float32)
-    mean, std, lo, hi = K.channel_stats(x, with_std=True)
+    mean, std, lo, hi = KI.channel_stats(x, with_std=True)
     assert mean == pytest.approx(x.astype(np.float64).mean(), rel=1e-12)
     assert std == pytest.approx(x.astype(np.float64).std(ddof=1), rel=1e-9)
     assert (lo, hi) == (float(x.min()), float(x.max()))
-    assert np.isnan(K.channel_stats(x)[1])
+    assert np.isnan(KI.channel_stats(x)[1])
     y = x.copy()
-    K.affine_clamp(y, 1.5, -10.0, 140.0, 150.0)
+    KI.affine_clamp(y, 1.5, -10.0, 140.0, 150.0)
     np.testing.assert_allclose(y, np.clip(x.astype(np.float64) * 1.5 - 10, 140, 150), rtol=1e-6)
 
 
@@ -240,17 +241,17 @@ def test_gamma_matches_batchgeneratorsv2(invert, gamma):
         torch.from_numpy(x.copy()), apply_to_channel=torch.tensor([0]), retain_stats=torch.tensor([True]),
         invert_image=torch.tensor([invert]), gamma=torch.tensor([gamma])).numpy()
     y = x.copy()
-    K.gamma_inplace(y[0], gamma, invert, True)
+    KI.gamma_inplace(y[0], gamma, invert, True)
     np.testing.assert_allclose(y, ref, atol=2e-5)
     # without retain_stats: the range is kept
     z = x.copy()
-    K.gamma_inplace(z[0], gamma, False, False)
+    KI.gamma_inplace(z[0], gamma, False, False)
     assert z.min() == pytest.approx(x.min(), abs=1e-5) and z.max() == pytest.approx(x.max(), abs=1e-5)
 
 
 def test_gamma_constant_channel_stays_finite():
     x = np.full((3, 4, 5), 2.0, np.float32)
-    K.gamma_inplace(x, 1.3, True, True)
+    KI.gamma_inplace(x, 1.3, True, True)
     assert np.isfinite(x).all() and np.allclose(x, 2.0)
 
 
@@ -261,16 +262,16 @@ def test_nearest_exact_indices_match_torch():
                       n_in + 3}:
             ref = interpolate(torch.arange(n_in, dtype=torch.float32)[None, None], size=n_out,
                               mode="nearest-exact")[0, 0].numpy().astype(np.int64)
-            np.testing.assert_array_equal(K.nearest_exact_indices(n_in, n_out), ref, err_msg=f"{n_in}->{n_out}")
+            np.testing.assert_array_equal(KI.nearest_exact_indices(n_in, n_out), ref, err_msg=f"{n_in}->{n_out}")
 
 
 def test_nearest_exact_3d_gather_matches_interpolate():
     x = np.random.default_rng(4).standard_normal((13, 17, 22)).astype(np.float32)
     new = (7, 11, 13)
-    idx = tuple(K.nearest_exact_indices(n, m) for n, m in zip(x.shape, new))
+    idx = tuple(KI.nearest_exact_indices(n, m) for n, m in zip(x.shape, new))
     ref = interpolate(torch.from_numpy(x)[None, None], size=new, mode="nearest-exact")[0, 0].numpy()
-    np.testing.assert_array_equal(K.gather_nd(x, idx), ref)
-    np.testing.assert_array_equal(K.gather_nd(x[0], idx[1:]), x[0][np.ix_(*idx[1:])])
+    np.testing.assert_array_equal(KI.gather_nd(x, idx), ref)
+    np.testing.assert_array_equal(KI.gather_nd(x[0], idx[1:]), x[0][np.ix_(*idx[1:])])
 
 
 @pytest.mark.parametrize("shape,new", [((13, 17, 22), (7, 11, 13)), ((5, 8, 9), (5, 5, 4)), ((1, 9, 10), (1, 6, 7))])
@@ -280,7 +281,7 @@ def test_linear_upsampling_matches_trilinear(shape, new):
     cur = small
     for ax in range(3):
         if cur.shape[ax] != shape[ax]:
-            cur = K.linear_resize_axis(np.ascontiguousarray(cur), K.linear_taps(cur.shape[ax], shape[ax]), ax)
+            cur = KI.linear_resize_axis(np.ascontiguousarray(cur), KI.linear_taps(cur.shape[ax], shape[ax]), ax)
     ref = interpolate(torch.from_numpy(small)[None, None], size=shape, mode="trilinear")[0, 0].numpy()
     np.testing.assert_allclose(cur, ref, atol=2e-6)
     if shape[0] == 1:  # a 2D image as (1, y, z): bilinear
@@ -295,7 +296,7 @@ def test_mask_and_relabel():
     ref_img, ref_seg = img.copy(), seg.copy()
     ref_img[[0, 2]] = np.where(seg[0] < 0, 0, img[[0, 2]])
     ref_seg[ref_seg == -1] = 0
-    K.mask_and_relabel(img, seg, (0, 2))
+    KI.mask_and_relabel(img, seg, (0, 2))
     np.testing.assert_array_equal(img, ref_img)
     np.testing.assert_array_equal(seg, ref_seg)
 
@@ -306,6 +307,7 @@ def test_kernels_run_as_plain_python():
         """
         import numpy as np
         from nnfast.native import augment as K
+        from nnfast.native import augment_intensity as KI
         img = np.arange(2 * 5 * 6 * 7, dtype=np.float32).reshape(2, 5, 6, 7)
         seg = (img[:1] % 3).astype(np.int16) - 1
         a = np.array([[1.1, 0.2, 0.0], [-0.2, 1.1, 0.1], [0.0, -0.1, 1.1]])
@@ -313,9 +315,9 @@ def test_kernels_run_as_plain_python():
         assert i.shape == (2, 3, 4, 5) and set(np.unique(s)) <= {-1, 0, 1}
         i, s = K.warp_2d(img, seg, a[:2, :2], (2.5, 3.0), (4, 5), (True, False, True))
         assert i.shape == (2, 5, 4, 5)
-        K.blur_axis(img[0], K.gaussian_kernel_1d(0.8), 2)
-        K.gamma_inplace(img[0].copy(), 1.2, True, True)
-        K.mask_and_relabel(img, seg.copy(), (0,))
+        KI.blur_axis(img[0], KI.gaussian_kernel_1d(0.8), 2)
+        KI.gamma_inplace(img[0].copy(), 1.2, True, True)
+        KI.mask_and_relabel(img, seg.copy(), (0,))
         """
     )
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
