@@ -442,8 +442,10 @@ class _Run:
         if do_compile:
             net = torch.compile(net)
         if self.ctx.is_ddp:
+            # without deep supervision the decoder's other segmentation heads get no gradient
             net = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=not cfg.deep_supervision)
         self.net = net
 
         # loaders (per rank: its share of the global batch and of the oversampled samples)

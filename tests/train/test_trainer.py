@@ -135,7 +135,8 @@ def test_resume_continues_bit_for_bit(dataset, tmp_path):
     b_set = _settings(dataset, tmp_path / "b")
     a = train(TASK, a_set, "3d_fullres", 1, cfg, device="cpu", num_workers=0, final_validation=False)
 
-    b1 = train(TASK, b_set, "3d_fullres", 1, cfg, device="cpu", num_workers=0, stop_after_epoch=2,
+    # the interrupted run reads its batches through loader worker processes: same batches as in-process
+    b1 = train(TASK, b_set, "3d_fullres", 1, cfg, device="cpu", num_workers=1, stop_after_epoch=2,
                final_validation=False)
     out_b = fold_folder(b_set.results, DATASET, "3d_fullres", 1)
     assert not b1.finished and b1.epochs_completed == 2 and b1.checkpoint == out_b / "checkpoint_latest.pt"
