@@ -47,7 +47,7 @@ from .metrics import (
 )
 
 __all__ = ["KeepLargestStep", "Decision", "PostprocessingPlan", "determine_postprocessing", "apply_postprocessing",
-           "PLAN_FILE", "POSTPROCESSING_POOL_MIN_VOXELS"]
+           "PLAN_FILE", "POSTPROCESSING_POOL_MIN_VOXELS", "APPLY_POOL_MIN_VOXELS"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ PLAN_FILE = "postprocessing.json"
 #: Below this many prediction voxels the decision runs in this process whatever ``workers`` says (~8 ns per voxel
 #: for reading and scoring every candidate, against seconds to start worker processes).
 POSTPROCESSING_POOL_MIN_VOXELS = 500_000_000
+#: The same for applying a plan, which also compresses and writes every case (~25 ns per voxel).
+APPLY_POOL_MIN_VOXELS = 250_000_000
 PLAN_SCHEMA_VERSION = 1
 _NNUNET_FN = "remove_all_but_largest_component_from_segmentation"
 
@@ -477,6 +479,7 @@ def apply_postprocessing(
     in_dir, out_dir : path
     plan : PostprocessingPlan or path of a ``postprocessing.json`` (nnfast's or nnU-Net's)
     workers : int
+        Worker processes (in this process below :data:`APPLY_POOL_MIN_VOXELS`).
     file_ending : str, optional
         Which files to process (default: every known image ending).
 
@@ -498,8 +501,9 @@ def apply_postprocessing(
         raise DatasetError(f"no segmentations{f' ending in {file_ending}' if file_ending else ''} in `{in_dir}`")
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = [_ApplyTask(str(p), str(out_dir / p.name), plan) for p in files.values()]
-    removed = run_tasks(_apply_case, tasks, workers=workers, keys=list(files), progress=progress,
-                        sizes=[p.stat().st_size for p in files.values()], desc="apply postprocessing")
+    workers, sizes = pool_workers(workers, list(files.values()), APPLY_POOL_MIN_VOXELS)
+    removed = run_tasks(_apply_case, tasks, workers=workers, keys=list(files), progress=progress, sizes=sizes,
+                        desc="apply postprocessing")
     log.info("postprocessed %d case(s) into %s (%d voxels set to background)", len(tasks), out_dir, sum(removed))
     return [Path(t.dst) for t in tasks]
 
