@@ -10,6 +10,11 @@ intensity       per-case foreground summaries and equal-weight mixture statistic
 resample        order-3 B-spline image resampling (skimage ``resize`` parity), separate-z
 resample_seg    one-pass one-hot linear label resampling (batchgenerators 0.25.5 decision rule), separate-z
 class_locations per-class foreground voxel sampling (nnU-Net's ``_sample_foreground_locations``)
+normalize       fused CT / z-score normalization (float32 arithmetic as nnU-Net's)
+augment         one-pass spatial resampling of image channels and one-hot labels for augmentation (2D/3D)
+augment_intensity  blur, statistics, gamma, low-resolution resizing, masking/relabelling for augmentation
+components      connected components (full connectivity) and largest-component filtering (postprocessing)
+confusion       joint (reference, prediction) label histograms: all TP/FP/FN/TN in one pass (evaluation)
 """
 from ._jit import available_cores, configure_threads, warmup
 

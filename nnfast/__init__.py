@@ -11,6 +11,10 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.fingerprint``  dataset fingerprint (spacings, shapes after crop, foreground intensity statistics).
 - ``nnfast.plan``         experiment planning identical to nnU-Net v2's ExperimentPlanner; nnUNetPlans.json export.
 - ``nnfast.preprocess``   cropping, normalization, resampling, class locations, case stores; parallel, distributed, resumable.
+- ``nnfast.data``         patch sampling, augmentation, the multiprocess loader, the nnU-Net trainer drop-in.
+- ``nnfast.train``        plan-driven U-Net, Dice+CE with deep supervision, the training run, checkpoints, DDP.
+- ``nnfast.infer``        sliding-window prediction, export to the original geometry, model loading.
+- ``nnfast.evaluate``     metrics, postprocessing, ensembling, choosing the best configuration.
 - ``nnfast.parallel``     per-case task execution: spawn pools with dead-worker detection, dask.distributed.
 - ``nnfast.cli``          the ``nnfast`` command.
 """
