@@ -148,16 +148,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for p in (settings.raw, settings.preprocessed, settings.results):
         p.mkdir(parents=True, exist_ok=True)
     task_id, name = 901, "DemoCT"
+    steps = 5 if args.skip_training else 7
     raw_ds = settings.raw / dataset_folder_name(task_id, name)
     if not raw_ds.is_dir():
-        print(f"[1/5] synthesizing {args.cases} CT-like cases in {root / 'msd'}")
-        msd = synthesize_msd(root / "msd", task_id=task_id, name=name, num_cases=args.cases, seed=args.seed, kind="ct")
-        print(f"[2/5] converting {msd.name} -> {raw_ds.name}")
+        print(f"[1/{steps}] synthesizing {args.cases} CT-like cases in {root / 'msd'}")
+        msd = synthesize_msd(root / "msd", task_id=task_id, name=name, num_cases=args.cases, num_test=2, seed=args.seed,
+                             kind="ct", shape_range=DEMO_SHAPE_RANGE, overwrite=True)
+        print(f"[2/{steps}] converting {msd.name} -> {raw_ds.name}")
         convert_msd(msd, settings.raw, workers=args.workers)
     else:
-        print(f"[1-2/5] reusing {raw_ds}")
-    print("[3/5] verifying, [4/5] fingerprinting and planning")
-    res = plan_dataset(task_id, settings, workers=args.workers)
+        print(f"[1-2/{steps}] reusing {raw_ds}")
+    print(f"[3/{steps}] verifying, [4/{steps}] fingerprinting and planning")
+    res = plan_dataset(task_id, settings, workers=args.workers, gpu_memory_gb=args.gpu_memory_gb)
     if res.verify_report is not None:
         print(f"      verification: {len(res.verify_report.errors)} errors, {len(res.verify_report.warnings)} warnings")
     else:
@@ -165,15 +167,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_plans_table(res.plans))
     print()
-    if not args.skip_preprocess:
-        from ..preprocess.api import preprocess_dataset
+    from ..preprocess.api import preprocess_dataset
 
-        print("[5/5] preprocessing 3d_fullres")
-        summary = preprocess_dataset(task_id, settings, config="3d_fullres", workers=args.workers)
-        print(summary.format())
-    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; data in {root}")
+    print(f"[5/{steps}] preprocessing 3d_fullres")
+    summary = preprocess_dataset(task_id, settings, config="3d_fullres", workers=args.workers,
+                                 gpu_memory_gb=args.gpu_memory_gb)
+    print(summary.format())
+    if args.skip_training:
+        print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; data in {root}")
+        return 0
+
+    import torch
+
+    from ..infer.predict import predict_folder
+    from ..train.config import TrainConfig
+    from ..train.trainer import train
+
+    from ..native import available_cores
+
+    torch.set_num_threads(available_cores())  # the loader runs in this process, between steps
+    cfg = TrainConfig.from_plan(res.plans, "3d_fullres", num_epochs=args.epochs, num_iterations_per_epoch=args.iterations,
+                                num_val_iterations_per_epoch=max(2, args.iterations // 5), save_every=args.epochs)
+    print(f"\n[6/{steps}] training 3d_fullres fold 0 on the CPU: {cfg.num_epochs} epochs x {cfg.num_iterations_per_epoch} "
+          f"iterations, patch {'x'.join(map(str, cfg.patch_size))}, batch {cfg.batch_size}")
+
+    result = train(task_id, settings, "3d_fullres", fold=0, train_config=cfg, device="cpu", num_workers=0)
+    if result.validation is not None:
+        print(f"      held-out validation cases of fold 0 (sliding window + mirroring, original geometry):")
+        print("      " + result.validation.format().replace("\n", "\n      "))
+    else:
+        print(f"      final validation skipped: {result.validation_skipped}")
+    out = root / "predictions"
+    print(f"\n[7/{steps}] predicting the test images {raw_ds / 'imagesTs'} -> {out}")
+    report = predict_folder(raw_ds / "imagesTs", out, task=task_id, config="3d_fullres", settings=settings, folds=[0],
+                            device="cpu", use_tta=False)
+    print(f"      wrote {len(report.written)} segmentation(s); {len(report.failed)} failed")
+    dice = result.validation_dice
+    dice_text = f"; foreground Dice on held-out cases {dice:.3f}" if dice is not None else ""
+    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s{dice_text}")
+    print(f"data in {root}; training curves in {result.output_folder / 'progress.png'}")
     return 0
 
+
+# small cases, and plans for a small GPU memory budget (a small patch, 4 stages), keep the demo's CPU training to minutes
+DEMO_SHAPE_RANGE = ((24, 36), (72, 96), (72, 96))
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..settings import find_dataset_folder

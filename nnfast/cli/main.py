@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=_positive_int, default=10, help="number of synthetic training cases")
     p.add_argument("--workers", type=_positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-preprocess", action="store_true", help="stop after planning")
+    p.add_argument("--epochs", type=_positive_int, default=15, help="training epochs (CPU)")
+    p.add_argument("--iterations", type=_positive_int, default=20, help="training iterations per epoch")
+    p.add_argument("--gpu-memory-gb", type=float, default=0.25,
+                   help="GPU memory target of the demo's plans (small: a patch the CPU trains in minutes)")
+    p.add_argument("--skip-training", action="store_true", help="stop after preprocessing")
     _add_common(p)
 
     p = sub.add_parser("synth", help="write a deterministic synthetic Decathlon-style task", allow_abbrev=False)
