@@ -172,7 +172,33 @@ def _resolve_ids(available: Sequence[str], case_ids: Sequence[str] | None, folde
 
 
 # ------------------------------------------------------------------------------------------- nnfast stores
-class ZarrCaseSource:
+class _FolderSource:
+    """What both case sources share: a folder, its case ids, and caches rebuilt (not pickled) in each process."""
+
+    folder: Path
+    case_ids: tuple[str, ...]
+    max_open: int
+    location_cache_bytes: int
+
+    def _init_caches(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict:
+        return {"folder": str(self.folder), "case_ids": self.case_ids, "max_open": self.max_open,
+                "location_cache_bytes": self.location_cache_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.folder = Path(state["folder"])
+        self.case_ids = tuple(state["case_ids"])
+        self.max_open = state["max_open"]
+        self.location_cache_bytes = state["location_cache_bytes"]
+        self._init_caches()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.folder)!r}, {len(self.case_ids)} cases)"
+
+
+class ZarrCaseSource(_FolderSource):
     """Cases of an nnfast preprocessed folder (``<folder>/<case_id>.zarr`` stores).
 
     Parameters
@@ -206,20 +232,6 @@ class ZarrCaseSource:
         self._readers = _LRU(self.max_open, on_evict=lambda r: r.close())
         self._locations = _LRU(1 << 30, self.location_cache_bytes)
         self._num_channels: int | None = None
-
-    def __getstate__(self) -> dict:
-        return {"folder": str(self.folder), "case_ids": self.case_ids, "max_open": self.max_open,
-                "location_cache_bytes": self.location_cache_bytes}
-
-    def __setstate__(self, state: dict) -> None:
-        self.folder = Path(state["folder"])
-        self.case_ids = tuple(state["case_ids"])
-        self.max_open = state["max_open"]
-        self.location_cache_bytes = state["location_cache_bytes"]
-        self._init_caches()
-
-    def __repr__(self) -> str:
-        return f"ZarrCaseSource({str(self.folder)!r}, {len(self.case_ids)} cases)"
 
     def reader(self, case_id: str) -> CaseReader:
         """The (cached, open) :class:`CaseReader` of a case."""
@@ -307,7 +319,7 @@ def _fill_box(arr, out: np.ndarray, lbs: Sequence[int], ubs: Sequence[int], pad)
     np.copyto(out[(slice(None), *inner)], chunk, casting="same_kind")
 
 
-class NnunetCaseSource:
+class NnunetCaseSource(_FolderSource):
     """Cases of nnU-Net v2's preprocessed configuration folder (e.g. ``nnUNet_preprocessed/Dataset001_X/
     nnUNetPlans_3d_fullres``), read as ``nnUNetDatasetBlosc2.load_case`` + ``crop_and_pad_nd`` would.
 
@@ -360,20 +372,6 @@ class NnunetCaseSource:
         self._cases = _LRU(self.max_open)
         self._locations = _LRU(1 << 30, self.location_cache_bytes)
         self._num_channels: int | None = None
-
-    def __getstate__(self) -> dict:
-        return {"folder": str(self.folder), "case_ids": self.case_ids, "max_open": self.max_open,
-                "location_cache_bytes": self.location_cache_bytes}
-
-    def __setstate__(self, state: dict) -> None:
-        self.folder = Path(state["folder"])
-        self.case_ids = tuple(state["case_ids"])
-        self.max_open = state["max_open"]
-        self.location_cache_bytes = state["location_cache_bytes"]
-        self._init_caches()
-
-    def __repr__(self) -> str:
-        return f"NnunetCaseSource({str(self.folder)!r}, {len(self.case_ids)} cases)"
 
     def _case(self, case_id: str) -> _B2Case:
         c = self._cases.get(case_id)
