@@ -237,3 +237,25 @@ def test_dask_killed_worker_names_case(dask_client, tmp_path):
         run_tasks(tasks.misbehave, items, keys=keys, scheduler=dask_client, warmup=False)
     # dask fails the tasks queued on the dying worker too; the ones that had finished are not blamed
     assert "case_a" not in str(info.value)
+
+
+def test_run_in_threads_keeps_order_and_names_the_failing_case():
+    import time as _time
+
+    from nnfast.parallel import run_in_threads
+
+    def slow_square(x):
+        _time.sleep(0.01 * (5 - x))  # later items finish first
+        return x * x
+
+    seen = []
+    assert run_in_threads(slow_square, range(5), workers=2, progress=lambda d, t, k: seen.append(k)) == [0, 1, 4, 9, 16]
+    assert sorted(seen) == ["0", "1", "2", "3", "4"]
+
+    def boom(x):
+        if x == 3:
+            raise ValueError("bad input")
+        return x
+
+    with pytest.raises(ValueError, match=r"bad input \[case c3\]"):
+        run_in_threads(boom, range(5), workers=2, keys=[f"c{i}" for i in range(5)])

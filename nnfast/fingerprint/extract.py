@@ -39,7 +39,7 @@ class CaseFingerprint:
 
 
 def analyze_case(case: CaseFiles, sketch_size: int = SKETCH_SIZE) -> CaseFingerprint:
-    """Fingerprint one case (runs in worker processes; reads each file once)."""
+    """Fingerprint one case (runs on worker threads, or dask workers; reads each file once)."""
     from nnfast.native.intensity import foreground_summary
 
     from ..preprocess.cropping import crop_to_nonzero
@@ -74,7 +74,7 @@ def extract_fingerprint(
     Parameters
     ----------
     info, cases : the dataset (see :func:`nnfast.io.dataset.load_dataset`)
-    workers : worker processes (spawn); ``scheduler`` runs the same per-case tasks on dask.distributed instead.
+    workers : threads of this process; ``scheduler`` runs the same per-case tasks on dask.distributed instead.
 
     Returns
     -------
@@ -82,19 +82,16 @@ def extract_fingerprint(
     """
     from nnfast.native.intensity import mixture_statistics
 
-    from ..parallel import run_tasks
+    from ..parallel import run_in_threads, run_tasks
 
-    sizes = [_file_size(c) for c in cases]
-    results: list[CaseFingerprint] = run_tasks(
-        analyze_case,
-        list(cases),
-        workers=workers,
-        keys=[c.case_id for c in cases],
-        sizes=sizes,
-        scheduler=scheduler,
-        progress=progress,
-        desc="fingerprint",
-    )
+    if scheduler is None:
+        # a case is cheap and every heavy step releases the GIL: threads beat worker processes here
+        results = run_in_threads(analyze_case, list(cases), workers=workers, keys=[c.case_id for c in cases],
+                                 progress=progress)
+    else:
+        results = run_tasks(analyze_case, list(cases), workers=workers, keys=[c.case_id for c in cases],
+                            sizes=[_file_size(c) for c in cases], scheduler=scheduler, progress=progress,
+                            desc="fingerprint")
     stats = []
     for ch in range(info.num_channels):
         m = mixture_statistics([r.summaries[ch] for r in results])

@@ -21,7 +21,7 @@ Dataset-wide checks (this module):
   case-insensitive file systems: warning).
 - A declared foreground label that no case contains is a warning.
 
-Per-case checks run in worker processes (:mod:`nnfast.verify.case`), one case per worker at a time, each file
+Per-case checks run on worker threads (:mod:`nnfast.verify.case`), one case per thread at a time, each file
 read once.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 
 from ..io.dataset import CaseFiles, dataset_json_problems, list_training_cases
 from ..io.image import file_suffix
-from ..parallel import run_tasks
+from ..parallel import run_in_threads
 from .case import CaseResult, CaseTask, check_case
 from .report import Problem, VerifyReport
 
@@ -59,8 +59,8 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
     root : path
         A raw dataset folder (``DatasetNNN_Name`` with ``dataset.json``, ``imagesTr/``, ``labelsTr/``).
     workers : int
-        Worker processes for the per-case checks (spawned; 1 checks in this process, as does a dataset smaller
-        than :data:`POOL_MIN_BYTES`). Peak memory is one case per worker.
+        Threads for the per-case checks (reading and checking release the GIL; 1 checks serially, as does a
+        dataset smaller than :data:`POOL_MIN_BYTES`). Peak memory is one case per thread.
 
     Returns
     -------
@@ -118,16 +118,11 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
                  expected, background)
         for c in cases
     ]
+    # reading and checking a case releases the GIL (SimpleITK, NumPy): threads, no extra interpreters
     sizes = [_size(t) for t in tasks]
     use = workers if sum(sizes) >= POOL_MIN_BYTES else 1
-    results: list[CaseResult] = run_tasks(
-        check_case,
-        tasks,
-        workers=min(max(1, use), max(1, len(tasks))),
-        keys=[t.case_id for t in tasks],
-        sizes=sizes,
-        desc="cases",
-        warmup=False,
+    results: list[CaseResult] = run_in_threads(
+        check_case, tasks, workers=min(max(1, use), max(1, len(tasks))), keys=[t.case_id for t in tasks],
     ) if tasks else []
     seen: set[int] = set()
     for r in results:
