@@ -97,7 +97,7 @@ def run_tasks(
     initargs: tuple = (),
     threads_per_worker: int | None = None,
     desc: str = "cases",
-    warmup: bool = True,
+    warmup: bool | tuple[str, ...] = True,
 ) -> list:
     """Call ``func(item)`` for every item and return the results in the order of ``items``.
 
@@ -128,7 +128,8 @@ def run_tasks(
         What the items are, for log messages and dask task keys.
     warmup
         Compile (or load from the on-disk cache) every Numba kernel in this process before starting
-        workers, so that workers only load the cache (:func:`nnfast.native.warmup`).
+        workers, so that workers only load the cache (:func:`nnfast.native.warmup`); a tuple of kernel
+        module names (``("crop", "resample")``) warms only those.
 
     Returns
     -------
@@ -151,13 +152,13 @@ def run_tasks(
         return []
     if scheduler is not None:
         if warmup:
-            _warmup()
+            _warmup(warmup)
         return _run_dask(func, items, order, case_keys, scheduler, progress, initializer, initargs,
                          threads_per_worker, desc)
     if workers <= 1 or n == 1:
         return _run_inline(func, items, order, case_keys, progress, initializer, initargs)
     if warmup:
-        _warmup()
+        _warmup(warmup)
     pool_size = min(workers, n)
     logger.info("running %d %s on %d worker processes", n, desc, pool_size)
     return _run_pool(func, items, order, case_keys, progress, initializer, initargs, pool_size, workers,
@@ -223,11 +224,14 @@ def _submission_order(n: int, sizes: Sequence[float] | None) -> list[int]:
     return sorted(range(n), key=lambda i: -float(sizes[i]))  # stable: ties keep the items order
 
 
-def _warmup() -> None:
+def _warmup(which: bool | tuple[str, ...] = True) -> None:
     from . import native  # imports numba; the attribute lookup lets tests replace native.warmup
 
     t0 = time.perf_counter()
-    native.warmup()
+    if which is True:
+        native.warmup()
+    else:
+        native.warmup(tuple(which))
     logger.debug("numba warm-up took %.2f s", time.perf_counter() - t0)
 
 

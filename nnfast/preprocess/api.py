@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 ConfigChoice = Literal["2d", "3d_fullres", "3d_lowres", "all"]
 
+#: the kernel modules a preprocessing worker runs (compiled or loaded once in the parent before workers start)
+PREPROCESS_KERNELS = ("crop", "normalize", "resample", "resample_seg", "class_locations")
+
 
 @dataclass
 class ConfigSummary:
@@ -117,7 +120,8 @@ def preprocess_dataset(
         log.info("%s: %d of %d cases to preprocess (%d current)", name, len(tasks), len(res.cases), cs.skipped)
         if tasks:
             results = run_tasks(run_case_task, tasks, workers=workers, keys=[t.case.case_id for t in tasks],
-                                sizes=task_sizes, scheduler=scheduler, progress=progress, desc=f"preprocess {name}")
+                                sizes=task_sizes, scheduler=scheduler, progress=progress, desc=f"preprocess {name}",
+                                warmup=PREPROCESS_KERNELS)
             cs.computed = len(results)
             cs.voxels_in = sum(r.voxels_in for r in results)
         cs.wall_s = time.perf_counter() - t1
