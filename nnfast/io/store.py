@@ -17,7 +17,7 @@ A preprocessed folder holds one directory per case, ``<folder>/<case_id>.zarr/``
   covers the whole array, so a case is ~6 small files. Inside the shard, inner chunks are ``(1, cx, cy, cz)``:
   one channel per chunk, spatial extent from :func:`chunk_layout` (small: about a quarter to half of the
   patch per axis, 256 KiB of voxels by default) so that a patch read decodes little more than the patch.
-  Inner chunks are ``bytes`` (little endian) + ``blosc`` (LZ4HC level 7 by default, byte shuffle for the image
+  Inner chunks are ``bytes`` (little endian) + ``blosc`` (LZ4HC level 5 by default, byte shuffle for the image
   unless a trial compression prefers none). Inner chunks equal to the fill value are not written (zarr's
   ``write_empty_chunks=False``), and the seg shard file is absent when the whole seg is -1.
 * ``class_locations/<key>``: int32 arrays ``(n, 4)`` of voxel coordinates ``(0, x, y, z)`` (nnU-Net's layout:
@@ -35,10 +35,11 @@ The store opens with plain ``zarr.open(path)`` (notebooks, napari). The hot path
 zarr-python: :class:`nnfast.io.store_reader.CaseReader` parses the metadata and the shard index itself and
 decodes only the inner chunks a patch touches.
 
-Defaults (LZ4HC level 7 + shuffle, 256 KiB inner chunks) were chosen with ``benchmarks/test_bench_patch_read.py``:
+Defaults (LZ4HC level 5 + shuffle, 256 KiB inner chunks) were chosen with ``benchmarks/test_bench_patch_read.py``:
 on a CT-like (1, 120, 300, 300) case with 56x192x192 boxes, :class:`~nnfast.io.store_reader.CaseReader` takes
-0.66x the time of nnU-Net v2.8.1's blosc2 path at 0.93x its bytes (zarr-python: 3-6x); the table of variants is
-in that file's docstring.
+0.68-0.70x the time of nnU-Net v2.8.1's blosc2 path at 0.96x its bytes (zarr-python: 3-6x); the table of variants
+is in that file's docstring. Level 7 reads ~3 % faster at 0.93x the bytes but writes ~30 % slower, and the write is
+the largest cost of ``nnfast preprocess`` (``benchmarks/README.md``).
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 STORE_SUFFIX = ".zarr"
 DEFAULT_CNAME: Literal["lz4", "lz4hc", "zstd"] = "lz4hc"
-DEFAULT_CLEVEL = 7
+DEFAULT_CLEVEL = 5
 #: Byte cap of one inner chunk (logical, uncompressed). With 56x192x192 patches this gives (1, 16, 64, 64) for
 #: float32 images and (1, 32, 128, 64) for int8 segs (see the table in the module docstring).
 DEFAULT_CHUNK_NBYTES = 256 * 1024
@@ -398,7 +399,7 @@ def write_case(
         The configuration's patch size; decides the chunking (:func:`chunk_layout`).
     case_id : str, optional
         Defaults to the name of ``path`` without ``.zarr``.
-    cname, clevel : codec of the blosc compressor (LZ4HC level 7 by default).
+    cname, clevel : codec of the blosc compressor (LZ4HC level 5 by default).
     shuffle : {"auto", "shuffle", "noshuffle", "bitshuffle"}
         Image filter; ``"auto"`` trial-compresses a central slab both ways (nnU-Net v2.8's rule). The seg
         (one byte per voxel) always uses no shuffle.
