@@ -121,7 +121,7 @@ def preprocess_dataset(
         if tasks:
             results = run_tasks(run_case_task, tasks, workers=workers, keys=[t.case.case_id for t in tasks],
                                 sizes=task_sizes, scheduler=scheduler, progress=progress, desc=f"preprocess {name}",
-                                warmup=PREPROCESS_KERNELS)
+                                warmup=PREPROCESS_KERNELS, initializer=single_threaded_libraries)
             cs.computed = len(results)
             cs.voxels_in = sum(r.voxels_in for r in results)
         cs.wall_s = time.perf_counter() - t1
@@ -130,6 +130,16 @@ def preprocess_dataset(
     summary.wall_s = time.perf_counter() - t0
     summary.peak_rss_parent, summary.peak_rss_children = peak_rss_bytes()
     return summary
+
+
+def single_threaded_libraries() -> None:
+    """Worker initializer: one thread for SimpleITK and Blosc too (they default to every core), so that
+    ``workers x threads <= cores`` holds for the whole worker, not only for Numba."""
+    import numcodecs.blosc
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    numcodecs.blosc.set_nthreads(1)
 
 
 def _copy_ground_truth(cases, folder: Path) -> None:
