@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 import resource
 import signal
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .errors import WorkerDiedError
+from .ipc import PackedError, RemoteTraceback, dumps, loads, send_error, unpack_exception
 
 __all__ = ["run_tasks", "run_in_threads", "peak_rss_bytes", "PeakRss", "format_bytes"]
 
@@ -254,17 +254,6 @@ def _add_case(exc: BaseException, key: str) -> BaseException:
     return exc
 
 
-class _RemoteTraceback(Exception):
-    """Carries a worker's formatted traceback as the ``__cause__`` of a re-raised exception."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return "\n\n" + self.tb
-
-
 def _run_inline(func, items, order, case_keys, progress, initializer, initargs) -> list:
     if initializer is not None:
         initializer(*initargs)
@@ -296,7 +285,7 @@ def _worker_main(conn, payload: bytes, workers: int, threads: int | None) -> Non
             import numba
 
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        func, initializer, initargs = pickle.loads(payload)
+        func, initializer, initargs = loads(payload)
         if initializer is not None:
             initializer(*initargs)
     except BaseException as exc:  # report set-up failures instead of dying silently
@@ -333,20 +322,8 @@ def _worker_main(conn, payload: bytes, workers: int, threads: int | None) -> Non
 
 
 def _send_error(conn, index: int, exc: BaseException) -> bool:
-    """Send ``exc`` (pickled if possible) with its traceback; False when the parent is gone."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    if not isinstance(exc, Exception):  # SystemExit / KeyboardInterrupt must not end the parent quietly
-        exc = RuntimeError(f"the task raised {type(exc).__name__}({exc})")
-    try:
-        blob = pickle.dumps(exc)
-        pickle.loads(blob)
-    except Exception:
-        blob = None
-    try:
-        conn.send(("error", index, (blob, type(exc).__name__, str(exc), tb), None))
-        return True
-    except (BrokenPipeError, EOFError, OSError):
-        return False
+    """Send ``exc`` with its traceback to the parent; False when the parent is gone."""
+    return send_error(conn, index, exc, None)
 
 
 @dataclass
@@ -366,7 +343,7 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
     from multiprocessing.connection import wait
 
     try:
-        payload = pickle.dumps((func, initializer, initargs))
+        payload = dumps((func, initializer, initargs))
     except Exception as exc:
         raise TypeError(
             f"run_tasks with workers={workers} needs a module-level (picklable) function, initializer and "
@@ -443,18 +420,11 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
 
 
 def _raise_task_error(value, key: str | None):
-    blob, type_name, message, tb = value
-    exc: BaseException | None = None
-    if blob is not None:
-        try:
-            exc = pickle.loads(blob)
-        except Exception:
-            exc = None
-    if exc is None:
-        exc = RuntimeError(f"{type_name}: {message}")
+    exc = unpack_exception(value)
     if key is None:
-        raise RuntimeError(f"a worker process failed to start: {type_name}: {message}") from _RemoteTraceback(tb)
-    raise _add_case(exc, key) from _RemoteTraceback(tb)
+        packed = PackedError(*value)
+        raise RuntimeError(f"a worker process failed to start: {packed.type_name}: {packed.message}") from exc.__cause__
+    raise _add_case(exc, key) from exc.__cause__
 
 
 def _sample_rss(slots: list[_Slot]) -> None:
@@ -649,7 +619,7 @@ def _run_dask(func, items, order, case_keys, scheduler, progress, initializer, i
                 if isinstance(exc, KilledWorker):
                     raise _killed_error(futures, index_of_key, case_keys, KilledWorker) from exc
                 tb = "".join(traceback.format_tb(fut.traceback())) if fut.traceback() is not None else ""
-                raise _add_case(exc, case_keys[i]) from _RemoteTraceback(tb)
+                raise _add_case(exc, case_keys[i]) from RemoteTraceback(tb)
             results[i] = fut.result()
             done += 1
             if progress is not None:

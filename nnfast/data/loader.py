@@ -32,10 +32,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import pickle
 import signal
 import time
-import traceback
 import uuid
 import weakref
 from dataclasses import replace
@@ -44,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import numpy as np
 
 from ..errors import SettingsError, WorkerDiedError
+from ..ipc import dumps, loads, send_error, unpack_exception
 from .augment_params import AugmentConfig, deep_supervision_scales
 from .batch import BatchArrays, BatchBuilder, BatchSpec, allocate_batch
 from .dataset import CaseSource
@@ -85,12 +84,12 @@ def _worker_main(conn, source_blob: bytes, spec: BatchSpec, shm_name: str, slot_
         from multiprocessing import shared_memory
 
         torch.set_num_threads(1)
-        source = pickle.loads(source_blob)
+        source = loads(source_blob)
         builder = BatchBuilder(source, spec)
         shm = shared_memory.SharedMemory(name=shm_name)
         views = [allocate_batch(spec, shm.buf, s * slot_nbytes) for s in range(n_slots)]
     except BaseException as exc:
-        _send_error(conn, -1, exc)
+        send_error(conn, -1, exc)
         return
     try:
         conn.send(("ready", -1, None))
@@ -105,7 +104,7 @@ def _worker_main(conn, source_blob: bytes, spec: BatchSpec, shm_name: str, slot_
             try:
                 _, keys = builder.build(base_seed, index, views[slot])
             except BaseException as exc:
-                if not _send_error(conn, index, exc):
+                if not send_error(conn, index, exc):
                     return
                 continue
             try:
@@ -120,29 +119,6 @@ def _worker_main(conn, source_blob: bytes, spec: BatchSpec, shm_name: str, slot_
                 shm.close()
             except BufferError:  # pragma: no cover - a view still alive; the mapping goes with the process
                 pass
-
-
-def _send_error(conn, index: int, exc: BaseException) -> bool:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    if not isinstance(exc, Exception):
-        exc = RuntimeError(f"{type(exc).__name__}({exc})")
-    try:
-        blob = pickle.dumps(exc)
-        pickle.loads(blob)
-    except Exception:
-        blob = None
-    try:
-        conn.send(("error", index, (blob, f"{type(exc).__name__}: {exc}", tb)))
-        return True
-    except (BrokenPipeError, EOFError, OSError):
-        return False
-
-
-class _RemoteTraceback(Exception):
-    """The worker's formatted traceback, attached as ``__cause__`` of a re-raised exception."""
-
-    def __str__(self) -> str:
-        return "\n\n" + str(self.args[0])
 
 
 class _Worker:
@@ -287,7 +263,7 @@ class PatchLoader:
                                                create=True, size=max(1, total))
         self._slots = [allocate_batch(self.spec, self._shm.buf, s * slot) for s in range(self.num_cached)]
         ctx = mp.get_context("spawn")
-        blob = pickle.dumps(self.source)
+        blob = dumps(self.source)
         saved = {k: os.environ.get(k) for k in _THREAD_ENV}
         try:  # one thread per worker (BLAS/OpenMP/Numba read these at import in the child)
             for k in _THREAD_ENV:
@@ -529,24 +505,15 @@ def _batch_dict(data, targets, keys, spec: BatchSpec) -> dict:
 
 
 def _remote_error(index: int, payload, w: _Worker) -> BaseException:
-    blob, summary, tb = payload
     where = f"in loader worker {w.proc.pid}" + (f" building batch {index}" if index >= 0 else " while starting")
-    exc = None
-    if blob is not None:
-        try:
-            exc = pickle.loads(blob)
-        except Exception:
-            exc = None
-    if exc is None:
-        exc = RuntimeError(f"{summary} [{where}]")
-    elif exc.args and isinstance(exc.args[0], str):
+    exc = unpack_exception(payload)
+    if exc.args and isinstance(exc.args[0], str):
         exc.args = (f"{exc.args[0]} [{where}]",) + exc.args[1:]
     else:
         try:
             exc.add_note(where)
         except AttributeError:  # pragma: no cover - Python 3.10
             pass
-    exc.__cause__ = _RemoteTraceback(tb)
     return exc
 
 
