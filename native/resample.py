@@ -44,7 +44,7 @@ import numpy as np
 
 from ._jit import register_warmup, serial
 
-__all__ = ["resize_image", "resize_image_separate_z", "axis_taps", "nearest_indices"]
+__all__ = ["resize_image", "resize_image_separate_z", "axis_taps", "nearest_indices", "check_new_shape"]
 
 _POLE = -0.267949192431122706472553658494127633  # sqrt(3) - 2, as written in scipy's ni_splines.c
 _NPAD = 12  # scipy's _prepad_for_spline_filter for mode='nearest'
@@ -380,6 +380,17 @@ def _pass_order(in_shape, out_shape, axes) -> list[int]:
     return sorted(changing, key=lambda a: (out_shape[a] / in_shape[a], a))
 
 
+def check_new_shape(new_shape) -> tuple[int, int, int]:
+    """Validate a target shape of 3 positive sizes (x, y, z); shared by the image and label wrappers."""
+    try:
+        shape = tuple(int(s) for s in new_shape)
+    except TypeError:
+        raise TypeError(f"new_shape must be a sequence of 3 ints; got {new_shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"new_shape must be 3 positive sizes (x, y, z); got {tuple(new_shape)}")
+    return shape  # type: ignore[return-value]
+
+
 def _check_image(data, new_shape, name: str = "data") -> tuple[int, int, int]:
     if not isinstance(data, np.ndarray):
         raise TypeError(f"{name} must be a numpy array of shape (c, x, y, z); got {type(data).__name__}")
@@ -389,13 +400,7 @@ def _check_image(data, new_shape, name: str = "data") -> tuple[int, int, int]:
         raise ValueError(f"{name} must be float32 or float64 (cast images first); got {data.dtype}")
     if data.shape[0] < 1 or min(data.shape[1:]) < 1:
         raise ValueError(f"{name} must have at least one channel and one voxel per axis; got shape {data.shape}")
-    try:
-        shape = tuple(int(s) for s in new_shape)
-    except TypeError:
-        raise TypeError(f"new_shape must be a sequence of 3 ints; got {new_shape!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"new_shape must be 3 positive sizes (x, y, z); got {tuple(new_shape)}")
-    return shape  # type: ignore[return-value]
+    return check_new_shape(new_shape)
 
 
 def _inter(precise: bool):

@@ -31,6 +31,7 @@ import math
 import numpy as np
 
 from ._jit import register_warmup, serial
+from .resample import check_new_shape
 
 __all__ = ["resize_labels", "resize_labels_separate_z", "label_taps"]
 
@@ -184,12 +185,7 @@ def _check_seg(seg, new_shape, labels) -> tuple[np.ndarray, tuple[int, int, int]
         raise ValueError(f"seg must have shape (x, y, z) or (c, x, y, z); got shape {seg.shape}")
     if seg.dtype not in _LABEL_DTYPES:
         raise ValueError(f"seg must be int8, int16, int32 or uint8 labels; got {seg.dtype} (cast label maps first)")
-    try:
-        shape = tuple(int(s) for s in new_shape)
-    except TypeError:
-        raise TypeError(f"new_shape must be a sequence of 3 ints; got {new_shape!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"new_shape must be 3 positive sizes (x, y, z); got {tuple(new_shape)}")
+    shape = check_new_shape(new_shape)
     if labels is not None and seg.size:
         allowed = np.asarray(labels)
         if not np.isin(seg, allowed).all():
