@@ -11,10 +11,11 @@ What is distributed, as in nnU-Net (``nnUNetTrainer._set_batch_size_and_oversamp
 - gradients are averaged by :class:`~torch.nn.parallel.DistributedDataParallel`, so the weights stay identical on
   every rank;
 - training losses, validation losses and pseudo-Dice counts are reduced over the ranks before logging;
+- with ``batch_dice``, the Dice terms (intersection, predicted and reference sizes) are all-gathered across the ranks
+  inside the loss (:class:`AllGatherGrad`, used by :class:`~nnfast.train.loss.SoftDiceLoss` with ``ddp=True``), so
+  that every rank's Dice is that of the global batch (nnU-Net's ``MemoryEfficientSoftDiceLoss(ddp=True)``). The
+  loss therefore runs collectives: every rank must call it equally often;
 - only rank 0 writes logs, plots and checkpoints.
-
-Not reproduced: nnU-Net all-gathers the Dice terms of ``batch_dice`` across ranks inside the loss; nnfast's loss
-(:mod:`nnfast.train.loss`) computes batch Dice per rank.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from ..errors import SettingsError
 
-__all__ = ["DistContext", "split_batch", "all_reduce_sum"]
+__all__ = ["DistContext", "split_batch", "all_reduce_sum", "AllGatherGrad", "is_distributed"]
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +139,42 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.is_ddp:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def is_distributed() -> bool:
+    """A ``torch.distributed`` process group is initialised and has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class AllGatherGrad(torch.autograd.Function):
+    """All-gather with a gradient (nnU-Net's ``nnunetv2.utilities.ddp_allgather.AllGatherGrad``).
+
+    ``AllGatherGrad.apply(t)`` returns the ``t`` of every rank stacked in rank order, shape ``(world_size, *t.shape)``
+    (same dtype and device as ``t``). ``t`` must have the same shape and dtype on every rank, and every rank must
+    call it (it is a collective).
+
+    Backward: the incoming gradient ``(world_size, *t.shape)`` is summed over the ranks (``all_reduce`` SUM) and this
+    rank's slice is returned. If each rank's loss is ``L_r(gathered)``, rank ``r``'s ``t`` thus receives
+    ``sum_s dL_s / dt_r``; with every rank computing the same global quantity this is ``world_size`` times the
+    single-process gradient, which DistributedDataParallel's gradient averaging divides back out. The backward is a
+    collective too: every rank must run it.
+
+    Raises
+    ------
+    RuntimeError
+        From ``torch.distributed`` when no process group is initialised.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: "dist.ProcessGroup | None" = None) -> torch.Tensor:
+        ctx.group = group
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, tensor.contiguous(), group=group)
+        return torch.stack(gathered, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # a copy: the incoming gradient may be an expanded (stride-0) view or shared with another node
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None

@@ -5,7 +5,9 @@ Reproduces ``nnunetv2/training/loss`` as ``nnUNetTrainer._build_loss`` configure
 - :class:`SoftDiceLoss` = ``MemoryEfficientSoftDiceLoss(apply_nonlin=softmax over dim 1, do_bg=False, smooth=1e-5)``:
   per class ``dc = (2 I + smooth) / max(G + P + smooth, 1e-8)`` with ``I = sum(p * y)``, ``G = sum(y)``,
   ``P = sum(p)`` summed in float32 over the spatial axes (and the batch axis with ``batch_dice``); the one-hot target
-  is built without gradient; loss ``= -mean(dc)``.
+  is built without gradient; loss ``= -mean(dc)``. With ``batch_dice`` and ``ddp=True`` in a multi-process run the
+  sums are all-gathered over the ranks first (``MemoryEfficientSoftDiceLoss(ddp=True)``), so every rank computes the
+  Dice of the global batch.
 - :class:`DiceCELoss` = ``DC_and_CE_loss(weight_ce=1, weight_dice=1)``: ``CE(logits, target[:, 0].long()) - dice``,
   so the total can be negative. With an ignore label those voxels are masked out of both terms (CE through
   ``ignore_index``; CE is 0 when every voxel is ignored).
@@ -26,6 +28,7 @@ from torch import nn
 
 from ..errors import PlanError
 from ..plan.schema import ConfigurationPlan
+from .ddp import AllGatherGrad, is_distributed
 
 __all__ = [
     "SoftDiceLoss",
@@ -56,15 +59,23 @@ class SoftDiceLoss(nn.Module):
         Added to numerator and denominator (nnU-Net: 1e-5).
     apply_softmax : bool
         Apply ``softmax(dim=1)`` to the input first (False: the input already holds probabilities).
+    ddp : bool
+        With ``batch_dice``, sum intersection / sizes over the batches of all ranks of the initialised
+        ``torch.distributed`` process group (nnU-Net's ``ddp=True``): every rank's loss is the Dice of the global
+        batch, and each rank's input gets ``world_size`` times the gradient of the single-process loss of the global
+        batch (DistributedDataParallel's gradient averaging divides that back out). The forward and backward are then
+        collectives that every rank must run. Without a process group (or with one rank), or without
+        ``batch_dice``, it changes nothing.
     """
 
     def __init__(self, batch_dice: bool = False, do_bg: bool = False, smooth: float = 1e-5,
-                 apply_softmax: bool = True) -> None:
+                 apply_softmax: bool = True, ddp: bool = False) -> None:
         super().__init__()
         self.batch_dice = batch_dice
         self.do_bg = do_bg
         self.smooth = float(smooth)
         self.apply_softmax = apply_softmax
+        self.ddp = ddp
 
     def forward(self, x: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Negative mean soft Dice.
@@ -111,6 +122,13 @@ class SoftDiceLoss(nn.Module):
             intersect = intersect.sum(0, dtype=torch.float32)
             sum_pred = sum_pred.sum(0, dtype=torch.float32)
             sum_gt = sum_gt.sum(0, dtype=torch.float32)
+            if self.ddp and is_distributed():
+                # nnU-Net gathers the (b, c) terms and sums over the ranks, then over the batch. Summing the local
+                # batch first gives the same sums (and, through AllGatherGrad's backward, the same gradients) with
+                # one (world, 3, c) gather instead of three (world, b, c) ones, and works when the ranks hold
+                # different batch sizes (split_batch deals an odd global batch unevenly), where nnU-Net's fails.
+                terms = AllGatherGrad.apply(torch.stack((intersect, sum_pred, sum_gt))).sum(0, dtype=torch.float32)
+                intersect, sum_pred, sum_gt = terms.unbind(0)
         dc = (2 * intersect + self.smooth) / (sum_gt + sum_pred + self.smooth).clamp_min(1e-8)
         return -dc.mean()
 
@@ -128,15 +146,18 @@ class DiceCELoss(nn.Module):
         Term weights (nnU-Net: 1 and 1); a zero weight skips that term.
     smooth : float
         Dice smoothing (nnU-Net: 1e-5).
+    ddp : bool
+        All-gather the batch-Dice terms over the ranks (see :class:`SoftDiceLoss`; nnU-Net sets it when training
+        under DDP). The CE term stays per rank, as in nnU-Net.
     """
 
     def __init__(self, batch_dice: bool = False, ignore_label: int | None = None, weight_ce: float = 1.0,
-                 weight_dice: float = 1.0, smooth: float = 1e-5) -> None:
+                 weight_dice: float = 1.0, smooth: float = 1e-5, ddp: bool = False) -> None:
         super().__init__()
         self.ignore_label = ignore_label
         self.weight_ce = float(weight_ce)
         self.weight_dice = float(weight_dice)
-        self.dc = SoftDiceLoss(batch_dice=batch_dice, do_bg=False, smooth=smooth, apply_softmax=False)
+        self.dc = SoftDiceLoss(batch_dice=batch_dice, do_bg=False, smooth=smooth, apply_softmax=False, ddp=ddp)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``logits`` ``(b, c, *spatial)`` against the label map ``target`` ``(b, 1, *spatial)``."""
@@ -232,7 +253,7 @@ class DeepSupervisionLoss(nn.Module):
 
 
 def build_loss(config: ConfigurationPlan, ignore_label: int | None = None,
-               deep_supervision: bool = True, lowest_weight: float = 0.0) -> nn.Module:
+               deep_supervision: bool = True, lowest_weight: float = 0.0, ddp: bool = False) -> nn.Module:
     """The loss nnU-Net's trainer builds for a configuration (``nnUNetTrainer._build_loss``, label training).
 
     Parameters
@@ -245,13 +266,16 @@ def build_loss(config: ConfigurationPlan, ignore_label: int | None = None,
         Wrap in :class:`DeepSupervisionLoss` (the network must return all decoder outputs).
     lowest_weight : float
         Weight of the lowest-resolution output before normalisation (see :func:`deep_supervision_weights`).
+    ddp : bool
+        The run is distributed (nnU-Net passes ``self.is_ddp``): with the plan's ``batch_dice`` the Dice terms are
+        all-gathered over the ranks (see :class:`SoftDiceLoss`).
 
     Raises
     ------
     PlanError
         If the configuration's network has fewer than 2 stages.
     """
-    loss: nn.Module = DiceCELoss(batch_dice=config.batch_dice, ignore_label=ignore_label)
+    loss: nn.Module = DiceCELoss(batch_dice=config.batch_dice, ignore_label=ignore_label, ddp=ddp)
     if not deep_supervision:
         return loss
     n_outputs = config.architecture.n_stages - 1

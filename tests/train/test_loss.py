@@ -1,6 +1,8 @@
 """nnfast's Dice+CE and deep-supervision loss against nnU-Net v2's DC_and_CE_loss + DeepSupervisionWrapper."""
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -96,16 +98,101 @@ def test_soft_dice_against_nnunet_memory_efficient_dice(batch_dice):
     from nnunetv2.utilities.helpers import softmax_helper_dim1
 
     logits, target = _random_batch((2, 5, 6, 7), 3, seed=11)
-    for do_bg in (False, True):
+    for do_bg, ddp in ((False, False), (True, False), (False, True)):
         ref = MemoryEfficientSoftDiceLoss(apply_nonlin=softmax_helper_dim1, batch_dice=batch_dice, do_bg=do_bg,
                                           smooth=1e-5, ddp=False)
-        ours = SoftDiceLoss(batch_dice=batch_dice, do_bg=do_bg)
+        # ddp=True without a process group is a single-process loss (nnU-Net's would fail there)
+        ours = SoftDiceLoss(batch_dice=batch_dice, do_bg=do_bg, ddp=ddp)
         _compare(ours, ref, logits, target)
         # a one-hot target of the input's shape is accepted like nnU-Net does
         onehot = torch.nn.functional.one_hot(target[:, 0].long(), 3).movedim(-1, 1).float()
         _compare(ours, ref, logits, onehot)
         # (b, *spatial) label maps too
         _compare(ours, ref, logits, target[:, 0])
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+@pytest.mark.parametrize("ignore_label", [None, 3])
+def test_ddp_without_process_group_equals_single_process(batch_dice, ignore_label):
+    assert not torch.distributed.is_initialized()
+    logits, target = _random_batch((2, 5, 6, 7), 3, seed=13, ignore_label=ignore_label)
+    makers = [lambda ddp: DiceCELoss(batch_dice=batch_dice, ignore_label=ignore_label, ddp=ddp)]
+    if ignore_label is None:
+        makers.append(lambda ddp: SoftDiceLoss(batch_dice=batch_dice, ddp=ddp))
+    for make in makers:
+        a_in = logits.clone().requires_grad_(True)
+        b_in = logits.clone().requires_grad_(True)
+        a, b = make(True)(a_in, target), make(False)(b_in, target)
+        a.backward()
+        b.backward()
+        assert a.item() == b.item()
+        assert torch.equal(a_in.grad, b_in.grad)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.compat
+def test_ddp_batch_dice_gathers_over_two_gloo_processes(tmp_path):
+    import torch.multiprocessing as tmp_mp
+
+    from train._ddp_loss_worker import IGNORE_LABEL, ddp_dice, fixed_batch, share, with_ignore
+
+    world = 2
+    tmp_mp.spawn(ddp_dice, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+    def single(loss, logits, target):
+        x = logits.clone().requires_grad_(True)
+        v = loss(x, target)
+        v.backward()
+        return v.item(), x.grad
+
+    def close(a, b):  # gradients per voxel are ~1e-4 here
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+    logits, target = fixed_batch(4)
+    whole, whole_grad = single(SoftDiceLoss(batch_dice=True), logits, target)
+    for r in range(world):
+        half = share(4, world, r)
+        value, grad = res[r]["dice_bd1"]
+        ref_value, ref_grad = res[r]["dice_bd1_nnunet"]
+        # every rank's loss is the batch Dice of the global batch ...
+        assert abs(value.item() - whole) < 1e-6 and abs(ref_value.item() - whole) < 1e-6
+        # ... and its share gets nnU-Net's gradient: world_size times the single-process one (DDP averages it back)
+        close(grad, ref_grad)
+        close(grad, world * whole_grad[half])
+        # without batch_dice, ddp changes nothing: per-rank Dice of the rank's own samples, as nnU-Net's
+        value, grad = res[r]["dice_bd0"]
+        ref_value, ref_grad = res[r]["dice_bd0_nnunet"]
+        own, own_grad = single(SoftDiceLoss(batch_dice=False), logits[half], target[half])
+        assert value.item() == own and abs(ref_value.item() - own) < 1e-6
+        assert torch.equal(grad, own_grad)
+        close(grad, ref_grad)
+        # the trainer's Dice + CE with an ignore label (masked, gathered Dice terms; CE per rank) equals nnU-Net's
+        value, grad = res[r]["dice_ce_ignore"]
+        ref_value, ref_grad = res[r]["dice_ce_ignore_nnunet"]
+        assert abs(value.item() - ref_value.item()) < 1e-6
+        close(grad, ref_grad)
+    assert res[0]["dice_ce_ignore"][0].item() != res[1]["dice_ce_ignore"][0].item()  # the CE terms do differ
+    target_ign = with_ignore(target)
+    mask = target_ign != IGNORE_LABEL
+    whole_masked = SoftDiceLoss(batch_dice=True)(logits, torch.where(mask, target_ign, 0), loss_mask=mask).item()
+    ce = [torch.nn.functional.cross_entropy(logits[share(4, world, r)], target_ign[share(4, world, r), 0].long(),
+                                            ignore_index=IGNORE_LABEL).item() for r in range(world)]
+    for r in range(world):
+        assert abs(res[r]["dice_ce_ignore"][0].item() - (ce[r] + whole_masked)) < 1e-5
+    # an odd global batch dealt 2 + 1 over the ranks (nnU-Net's own gather needs equal batch sizes)
+    logits3, target3 = fixed_batch(3)
+    whole3, whole3_grad = single(SoftDiceLoss(batch_dice=True), logits3, target3)
+    for r in range(world):
+        value, grad = res[r]["dice_uneven"]
+        assert abs(value.item() - whole3) < 1e-6
+        close(grad, world * whole3_grad[share(3, world, r)])
 
 
 def test_soft_dice_perfect_and_worst_prediction():
@@ -177,6 +264,8 @@ def test_build_loss_from_plan():
     loss = build_loss(conf, ignore_label=None, deep_supervision=True)
     assert isinstance(loss, DeepSupervisionLoss)
     assert len(loss.weights) == conf.architecture.n_stages - 1 and loss.weights[-1] == 0
-    assert loss.loss.dc.batch_dice == conf.batch_dice
+    assert loss.loss.dc.batch_dice == conf.batch_dice and loss.loss.dc.ddp is False
     flat = build_loss(conf, ignore_label=4, deep_supervision=False)
     assert isinstance(flat, DiceCELoss) and flat.ignore_label == 4
+    assert build_loss(conf, deep_supervision=True, ddp=True).loss.dc.ddp is True
+    assert build_loss(conf, deep_supervision=False, ddp=True).dc.ddp is True
