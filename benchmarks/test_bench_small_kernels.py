@@ -21,6 +21,7 @@ Run::
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -176,3 +177,75 @@ def test_intensity_summary(benchmark, impl):
     benchmark.extra_info["foreground_voxels"] = int(fg.sum())
     if benchmark.stats is not None:
         benchmark.extra_info["voxels_per_s"] = round(image.size / benchmark.stats.stats.median)
+
+
+# ----------------------------------------------------------------------------------------------- morphology
+MORPH_RADIUS = 5.5  # a ball of 12^3 (nnU-Net draws radii from U(1, 8))
+
+
+@functools.lru_cache(maxsize=1)
+def cascade_mask():
+    """A previous-stage one-hot channel, (128, 128, 128) bool at full scale: an organ-sized ellipsoid, smooth blobs
+    and speckles (~14 % foreground)."""
+    import scipy.ndimage as ndi
+
+    shape = _shape((128, 128, 128))
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij", sparse=True)
+    organ = ((zz + 0.2) / 0.5) ** 2 + (yy / 0.35) ** 2 + ((xx - 0.1) / 0.4) ** 2 < 1
+    field = ndi.gaussian_filter(rng.random(shape, dtype=np.float32), max(1.0, shape[0] / 32))
+    blobs = field > np.quantile(field, 0.9)
+    return organ | blobs | (rng.random(shape) < 0.002)
+
+
+def _bgv2_morphology(mask, op):
+    """What ``ApplyRandomBinaryOperatorTransform`` does per channel: build the ball, run the FFT operator."""
+    import torch
+    from batchgeneratorsv2.transforms.nnunet import random_binary_operator as rbo
+    from skimage.morphology import ball
+
+    fn = getattr(rbo, f"binary_{op}_torch")
+    return fn(torch.from_numpy(mask), torch.from_numpy(ball(MORPH_RADIUS, dtype=bool))).numpy()
+
+
+def _nnfast_morphology(mask, op):
+    from nnfast.native.morphology import binary_operation
+
+    return binary_operation(mask, MORPH_RADIUS, op)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """One torch thread, as in a data-loading worker (and two spin badly on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("op", ["dilation", "closing"])
+@pytest.mark.parametrize("impl", ["batchgeneratorsv2", "nnfast"])
+def test_morphology(benchmark, impl, op):
+    benchmark.group = f"morphology-{op}"
+    mask = cascade_mask()
+    fn = _bgv2_morphology if impl == "batchgeneratorsv2" else _nnfast_morphology
+    with _one_torch_thread():
+        fn(mask, op)  # warm-up: imports, JIT cache
+        out = benchmark.pedantic(fn, args=(mask, op), rounds=5 if _scale() >= 1 else 1, iterations=1)
+    if benchmark.stats is not None:
+        benchmark.extra_info["voxels_per_s"] = round(mask.size / benchmark.stats.stats.median)
+    benchmark.extra_info["input_shape"] = list(mask.shape)
+    assert out.shape == mask.shape and out.dtype == bool
+
+
+@pytest.mark.compat
+def test_morphology_outputs_agree():
+    mask = cascade_mask()
+    with _one_torch_thread():
+        for op in ("dilation", "erosion", "opening", "closing"):
+            np.testing.assert_array_equal(_nnfast_morphology(mask, op), _bgv2_morphology(mask, op), err_msg=op)

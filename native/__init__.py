@@ -15,6 +15,7 @@ augment         one-pass spatial resampling of image channels and one-hot labels
 augment_intensity  blur, statistics, gamma, low-resolution resizing, masking/relabelling for augmentation
 components      connected components (full connectivity) and largest-component filtering (postprocessing)
 confusion       joint (reference, prediction) label histograms: all TP/FP/FN/TN in one pass (evaluation)
+morphology      binary dilation/erosion/opening/closing with nnU-Net's ball/disk, exact, O(voxels) (cascade)
 """
 from ._jit import available_cores, configure_threads, warmup
 

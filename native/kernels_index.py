@@ -6,3 +6,4 @@ from . import augment, augment_intensity  # noqa: F401
 from . import crop, intensity, class_locations  # noqa: F401
 from . import components  # noqa: F401
 from . import confusion  # noqa: F401
+from . import morphology  # noqa: F401
