@@ -7,7 +7,10 @@ augment_params  augmentation settings per configuration, per-sample spatial para
                 sample needs (``needed_region``)
 transforms      nnU-Net's training/validation transforms on one sample (resampling, intensity, mirroring,
                 deep-supervision targets)
-dataset         case sources: nnfast zarr stores or nnU-Net's own preprocessed folder (blosc2 + pkl)
+cascade         the cascade's previous-stage one-hot input channels and their augmentation (binary operators,
+                connected-component removal)
+dataset         case sources: nnfast zarr stores or nnU-Net's own preprocessed folder (blosc2 + pkl), with the
+                cascade's previous stage as a second label channel
 batch           one batch built deterministically from (seed, batch index): sample, read the needed region, augment
 loader          PatchLoader: worker processes writing batches into shared memory, nnU-Net's batch format
 nnunet_adapter  the drop-in for nnU-Net v2's nnUNetTrainer (a trainer subclass, or ``use_nnfast_loader(trainer)``)

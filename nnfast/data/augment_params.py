@@ -21,6 +21,9 @@ Reproduced rules (nnunetv2 2.8.1, batchgeneratorsv2 0.3.6)
   half-integer); a pure crop starts at ``floor(centre) - patch // 2``.
 * ``MirrorTransform``: each allowed axis flips with probability 0.5 (sampled here, so the resampling can write the
   mirrored patch directly).
+* The cascade's transforms of the previous stage's one-hot channels (``ApplyRandomBinaryOperatorTransform`` p 0.4,
+  ``RemoveRandomConnectedComponentFromOneHotEncodingTransform`` p 0.2, each label with p 0.5): their settings are
+  fields here, their sampling and application live in :mod:`nnfast.data.cascade`.
 
 Coordinates: stored-array voxel ``i`` lies at coordinate ``i``; patch voxel ``k`` (per axis ``0 <= k < P``) samples
 ``centre - 0.5 + A @ (k - (P - 1) / 2)`` (``grid_sample`` with ``align_corners=False`` on the enlarged patch).
@@ -141,6 +144,13 @@ class AugmentConfig:
     p_gamma: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)
     p_mirror: float = 0.5
+    # the cascade's previous-stage channels (3d_cascade_fullres only; see nnfast.data.cascade)
+    p_binary_operator: float = 0.4
+    binary_operator_p_per_label: float = 0.5
+    strel_size: tuple[float, float] = (1.0, 8.0)
+    p_remove_component: float = 0.2
+    remove_component_p_per_label: float = 0.5
+    remove_component_max_fraction: float = 0.15
 
     def __post_init__(self) -> None:
         if len(self.patch_size) not in (2, 3):

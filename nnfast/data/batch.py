@@ -23,7 +23,13 @@ deep-supervision targets).
 
 2D configurations sample a box ``(1, y, z)`` in the 3D case (a random slice) and squeeze the singleton axis.
 
-Batch layout (nnU-Net's): ``data`` float32 ``(b, c, *patch_size)``; ``target`` one int16 ``(b, 1, *shape_k)``
+The cascade (``BatchSpec.cascade_labels`` set, a source that reads the previous stage): the previous stage's
+segmentation is read and warped as a second label channel and becomes one input channel per foreground label after
+the image channels (:mod:`nnfast.data.cascade`; nnU-Net's ``MoveSegAsOneHotToDataTransform`` and its
+augmentations), drawn after the intensity parameters.
+
+Batch layout (nnU-Net's): ``data`` float32 ``(b, c, *patch_size)`` (``c`` = image channels, plus the cascade's
+one-hot channels); ``target`` one int16 ``(b, 1, *shape_k)``
 array per deep-supervision scale (highest resolution first), or one ``(b, 1, *patch_size)`` array without deep
 supervision; ``keys`` the case ids. Axes are nnU-Net's ``(x, y, z)`` after transposition.
 """
@@ -36,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .augment_params import AugmentConfig, box_center, needed_region, sample_spatial
+from .cascade import onehot_into
 from .dataset import CaseSource
 from .sampler import SamplerConfig, forced_foreground, get_bbox, sample_batch_cases
 from .transforms import augment_sample, deep_supervision_targets
@@ -74,6 +81,9 @@ class BatchSpec:
     clip_to_sampled_box : bool
         Treat voxels outside nnU-Net's enlarged box as padding even where the case has data, as nnU-Net's
         ``SpatialTransform`` does (it only sees that box). Matters only for strong rotation + scaling.
+    cascade_labels : tuple of int or None
+        The cascade: the foreground labels, one extra input channel each, made from the previous stage's
+        segmentation (the source must read it as a second label channel).
     """
 
     augment: AugmentConfig
@@ -84,6 +94,7 @@ class BatchSpec:
     probabilistic_oversampling: bool = False
     annotated_classes_key: tuple[int, ...] | None = None
     clip_to_sampled_box: bool = True
+    cascade_labels: tuple[int, ...] | None = None
     sampler: SamplerConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +102,12 @@ class BatchSpec:
             raise ValueError(f"BatchSpec: batch_size must be >= 1, got {self.batch_size}")
         if int(self.num_channels) < 1:
             raise ValueError(f"BatchSpec: num_channels must be >= 1, got {self.num_channels}")
+        if self.cascade_labels is not None:
+            labels = tuple(int(v) for v in self.cascade_labels)
+            if not labels or min(labels) < 1:
+                raise ValueError(f"BatchSpec: cascade_labels must be the foreground labels (>= 1), got "
+                                 f"{self.cascade_labels}")
+            object.__setattr__(self, "cascade_labels", labels)
         ps = tuple(int(p) for p in self.augment.patch_size)
         initial = tuple(int(p) for p in (self.augment.initial_patch_size if self.train else ps))
         if len(ps) == 2:
@@ -104,9 +121,10 @@ class BatchSpec:
     def __getstate__(self) -> dict:
         return {k: getattr(self, k) for k in ("augment", "batch_size", "num_channels", "train",
                                               "oversample_foreground_percent", "probabilistic_oversampling",
-                                              "annotated_classes_key", "clip_to_sampled_box")}
+                                              "annotated_classes_key", "clip_to_sampled_box", "cascade_labels")}
 
     def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "cascade_labels", None)
         for k, v in state.items():
             object.__setattr__(self, k, v)
         self.__post_init__()
@@ -120,9 +138,19 @@ class BatchSpec:
         return tuple(int(p) for p in self.augment.patch_size)
 
     @property
+    def num_input_channels(self) -> int:
+        """Channels of ``data``: the image channels, plus one per cascade label."""
+        return int(self.num_channels) + (len(self.cascade_labels) if self.cascade_labels else 0)
+
+    @property
+    def num_seg_channels(self) -> int:
+        """Label channels read per sample: 2 for the cascade (labels, previous stage), else 1."""
+        return 1 if self.cascade_labels is None else 2
+
+    @property
     def data_shape(self) -> tuple[int, ...]:
-        """``(b, c, *patch_size)``."""
-        return (int(self.batch_size), int(self.num_channels), *self.patch_size)
+        """``(b, c, *patch_size)`` with ``c`` = :attr:`num_input_channels`."""
+        return (int(self.batch_size), self.num_input_channels, *self.patch_size)
 
     @property
     def target_shapes(self) -> list[tuple[int, ...]]:
@@ -182,19 +210,27 @@ def allocate_batch(spec: BatchSpec, buffer: memoryview | bytearray | None = None
 
 
 class _Scratch:
-    """Growable flat buffers for the region a sample reads (reused: fresh arrays cost page faults)."""
+    """Growable flat buffers for the region a sample reads and, for the cascade, its warped labels (reused: fresh
+    arrays cost page faults)."""
 
     def __init__(self) -> None:
         self._img = np.empty(0, np.float32)
         self._seg = np.empty(0, TARGET_DTYPE)
+        self._patch_seg = np.empty(0, TARGET_DTYPE)
 
-    def views(self, c: int, box: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def views(self, c: int, box: Sequence[int], s: int = 1) -> tuple[np.ndarray, np.ndarray]:
         n = math.prod(box)
         if self._img.size < c * n:
             self._img = np.empty(int(c * n * 1.25) + 1, np.float32)
-        if self._seg.size < n:
-            self._seg = np.empty(int(n * 1.25) + 1, TARGET_DTYPE)
-        return self._img[:c * n].reshape(c, *box), self._seg[:n].reshape(1, *box)
+        if self._seg.size < s * n:
+            self._seg = np.empty(int(s * n * 1.25) + 1, TARGET_DTYPE)
+        return self._img[:c * n].reshape(c, *box), self._seg[:s * n].reshape(s, *box)
+
+    def patch_seg(self, s: int, patch: Sequence[int]) -> np.ndarray:
+        n = s * math.prod(patch)
+        if self._patch_seg.size < n:
+            self._patch_seg = np.empty(n, TARGET_DTYPE)
+        return self._patch_seg[:n].reshape(s, *patch)
 
 
 class BatchBuilder:
@@ -214,6 +250,12 @@ class BatchBuilder:
     def __init__(self, source: CaseSource, spec: BatchSpec):
         if not source.case_ids:
             raise ValueError("BatchBuilder: the source has no cases")
+        n_seg = int(getattr(source, "num_seg_channels", 1))
+        if n_seg != spec.num_seg_channels:
+            raise ValueError(
+                f"BatchBuilder: {source!r} reads {n_seg} label channel(s) but the batch spec needs "
+                f"{spec.num_seg_channels}: the cascade needs both a source with previous_stage_folder and "
+                "cascade_labels (the foreground labels), other configurations neither")
         self.source = source
         self.spec = spec
         self._case_ids = list(source.case_ids)
@@ -262,28 +304,39 @@ class BatchBuilder:
         region = needed_region(params, aug.patch_size, centre, clip_to=clip)
         bbox = ([[lbs[0], lbs[0] + 1]] if spec.is_2d else []) + region.bbox
         box = [u - lb for lb, u in bbox]
-        img, seg = self._scratch.views(spec.num_channels, box)
+        img, seg = self._scratch.views(spec.num_channels, box, spec.num_seg_channels)
         self.source.read(case_id, bbox, img, seg)
         if spec.is_2d:
             img, seg = img[:, 0], seg[:, 0]
-        out_seg = out.targets[0][j] if self._first_is_full else None
-        res = augment_sample(img, seg, params, rng, aug, region, out_image=out.data[j], out_seg=out_seg)
+        if spec.cascade_labels is None:
+            out_seg = out.targets[0][j] if self._first_is_full else None
+            res = augment_sample(img, seg, params, rng, aug, region, out_image=out.data[j], out_seg=out_seg)
+        else:
+            c = spec.num_channels
+            res = augment_sample(img, seg, params, rng, aug, region, out_image=out.data[j][:c],
+                                 out_seg=self._scratch.patch_seg(2, spec.patch_size),
+                                 cascade_labels=spec.cascade_labels, out_onehot=out.data[j][c:])
         self._store_targets(res.seg, res.targets, out, j)
 
     def _val_sample(self, case_id, lbs, ubs, out: BatchArrays, j: int) -> None:
         spec = self.spec
         bbox = [[lb, ub] for lb, ub in zip(lbs, ubs)]
         box = [u - lb for lb, u in bbox]
-        if self._first_is_full:
+        c = spec.num_channels
+        if self._first_is_full and spec.cascade_labels is None:
             seg = out.targets[0][j]
         else:
-            seg = self._scratch.views(spec.num_channels, box)[1]
+            seg = self._scratch.views(c, box, spec.num_seg_channels)[1]
             seg = seg[:, 0] if spec.is_2d else seg
+        image = out.data[j][:c]
         if spec.is_2d:
-            self.source.read(case_id, bbox, out.data[j][:, None], seg[:, None])
+            self.source.read(case_id, bbox, image[:, None], seg[:, None])
         else:
-            self.source.read(case_id, bbox, out.data[j], seg)
+            self.source.read(case_id, bbox, image, seg)
         seg[seg == -1] = 0  # RemoveLabelTansform(-1, 0); no MaskImageTransform in nnU-Net's validation pipeline
+        if spec.cascade_labels is not None:  # MoveSegAsOneHotToDataTransform
+            onehot_into(seg[1], spec.cascade_labels, out.data[j][c:])
+            seg = seg[:1]
         self._store_targets(seg, deep_supervision_targets(seg, spec.augment.ds_scales), out, j)
 
     def _store_targets(self, seg: np.ndarray, targets: list[np.ndarray] | None, out: BatchArrays, j: int) -> None:

@@ -15,11 +15,16 @@ Sources pickle as their folder and case list only and reopen lazily, so the load
 worker processes. Each keeps a bounded number of cases open and a bounded cache of class locations (nnU-Net keeps
 up to ~10 000 locations per class and case; a dataset of 1 000 cases would otherwise cost a worker ~1 GB).
 
-Not supported: the cascade's previous-stage segmentation as an extra input channel (``3d_cascade_fullres``), and
-nnU-Net's unpacked ``.npy``/``.npz`` folders (nnU-Net < 2.6).
+The cascade (``3d_cascade_fullres``): a source opened with ``previous_stage_folder`` also reads the first stage's
+segmentation of each case (nnfast's ``predicted_next_stage/<config>/<case>.zarr`` stores, see
+:mod:`nnfast.io.prev_stage`, or nnU-Net's ``<case>.b2nd`` files for :class:`NnunetCaseSource`) as a second label
+channel: ``read`` then fills ``out_seg`` of shape ``(2, *box)`` (labels, previous stage), both padded with -1,
+nnU-Net's ``nnUNetDataset.load_case`` + ``crop_and_pad_nd`` of ``seg_prev``.
+
+Not supported: nnU-Net's unpacked ``.npy``/``.npz`` folders (nnU-Net < 2.6).
 
 Array conventions: image ``(c, x, y, z)`` float32 (nnU-Net axis order, low-resolution axis first), labels
-``(1, x, y, z)`` read as int16 by default (nnU-Net's loader casts crops to int16), -1 outside the nonzero region.
+``(s, x, y, z)`` (``s`` = :attr:`num_seg_channels`: 1, or 2 with a previous stage) read as int16 by default (nnU-Net's loader casts crops to int16), -1 outside the nonzero region.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from ..errors import CaseNotFoundError, DatasetError
+from ..io.prev_stage import PreviousStageReader, missing_previous_stage
 from ..io.store import list_case_ids, store_path
 from ..io.store_reader import CaseReader
 
@@ -59,6 +65,10 @@ class CaseSource(Protocol):
     def num_channels(self) -> int:
         """Number of image channels."""
 
+    @property
+    def num_seg_channels(self) -> int:
+        """Label channels ``read`` fills: 1, or 2 when the source reads a previous stage (the cascade)."""
+
     def shape(self, case_id: str) -> tuple[int, ...]:
         """Spatial shape ``(x, y, z)`` of a case."""
 
@@ -67,8 +77,8 @@ class CaseSource(Protocol):
 
     def read(self, case_id: str, bbox: Sequence[Sequence[int]], out_image: np.ndarray | None = None,
              out_seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Image ``(c, *box)`` and labels ``(1, *box)`` of the half-open box ``bbox`` (``[[lb, ub], ...]`` per
-        spatial axis), padded with 0 / -1 outside the case; written into ``out_*`` when given."""
+        """Image ``(c, *box)`` and labels ``(num_seg_channels, *box)`` of the half-open box ``bbox`` (``[[lb, ub],
+        ...]`` per spatial axis), padded with 0 / -1 outside the case; written into ``out_*`` when given."""
 
     def subset(self, case_ids: Sequence[str]) -> "CaseSource":
         """The same source restricted to ``case_ids`` (e.g. one fold's training cases)."""
@@ -173,29 +183,42 @@ def _resolve_ids(available: Sequence[str], case_ids: Sequence[str] | None, folde
 
 # ------------------------------------------------------------------------------------------- nnfast stores
 class _FolderSource:
-    """What both case sources share: a folder, its case ids, and caches rebuilt (not pickled) in each process."""
+    """What both case sources share: a folder, its case ids, an optional previous-stage folder, and caches rebuilt
+    (not pickled) in each process."""
 
     folder: Path
     case_ids: tuple[str, ...]
     max_open: int
     location_cache_bytes: int
+    previous_stage_folder: Path | None = None
 
     def _init_caches(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    @property
+    def num_seg_channels(self) -> int:
+        return 1 if self.previous_stage_folder is None else 2
+
+    def _seg_out(self, out_seg: np.ndarray | None, box: tuple[int, ...], where: str) -> np.ndarray:
+        return _out(out_seg, (self.num_seg_channels, *box), np.int16, "out_seg", where)
+
     def __getstate__(self) -> dict:
         return {"folder": str(self.folder), "case_ids": self.case_ids, "max_open": self.max_open,
-                "location_cache_bytes": self.location_cache_bytes}
+                "location_cache_bytes": self.location_cache_bytes,
+                "previous_stage_folder": None if self.previous_stage_folder is None else str(self.previous_stage_folder)}
 
     def __setstate__(self, state: dict) -> None:
         self.folder = Path(state["folder"])
         self.case_ids = tuple(state["case_ids"])
         self.max_open = state["max_open"]
         self.location_cache_bytes = state["location_cache_bytes"]
+        prev = state.get("previous_stage_folder")
+        self.previous_stage_folder = None if prev is None else Path(prev)
         self._init_caches()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.folder)!r}, {len(self.case_ids)} cases)"
+        prev = "" if self.previous_stage_folder is None else f", previous stage {str(self.previous_stage_folder)!r}"
+        return f"{type(self).__name__}({str(self.folder)!r}, {len(self.case_ids)} cases{prev})"
 
 
 class ZarrCaseSource(_FolderSource):
@@ -211,6 +234,10 @@ class ZarrCaseSource(_FolderSource):
         Readers kept open at once.
     location_cache_bytes : int
         Budget of the class-location cache.
+    previous_stage_folder : path-like, optional
+        The cascade: folder of the first stage's segmentations (``<case_id>.zarr`` previous-stage stores, see
+        :mod:`nnfast.io.prev_stage`), read as a second label channel. :meth:`missing_previous_stage` lists the
+        cases without a usable one.
 
     Raises
     ------
@@ -221,17 +248,45 @@ class ZarrCaseSource(_FolderSource):
     """
 
     def __init__(self, folder: str | os.PathLike, case_ids: Sequence[str] | None = None, *,
-                 max_open: int = DEFAULT_MAX_OPEN, location_cache_bytes: int = DEFAULT_LOCATION_CACHE_BYTES):
+                 max_open: int = DEFAULT_MAX_OPEN, location_cache_bytes: int = DEFAULT_LOCATION_CACHE_BYTES,
+                 previous_stage_folder: str | os.PathLike | None = None):
         self.folder = Path(folder)
         self.case_ids = _resolve_ids(list_case_ids(self.folder), case_ids, self.folder, "case store (*.zarr)")
         self.max_open = int(max_open)
         self.location_cache_bytes = int(location_cache_bytes)
+        self.previous_stage_folder = None if previous_stage_folder is None else Path(previous_stage_folder)
         self._init_caches()
 
     def _init_caches(self) -> None:
         self._readers = _LRU(self.max_open, on_evict=lambda r: r.close())
+        self._prev = _LRU(self.max_open, on_evict=lambda r: r.close())
         self._locations = _LRU(1 << 30, self.location_cache_bytes)
         self._num_channels: int | None = None
+
+    def previous_stage_reader(self, case_id: str) -> PreviousStageReader:
+        """The (cached, open) reader of a case's previous-stage segmentation.
+
+        Raises
+        ------
+        DatasetError
+            The source has no previous-stage folder.
+        StoreError
+            The case's previous-stage store is missing or damaged.
+        """
+        if self.previous_stage_folder is None:
+            raise DatasetError(f"{self!r} reads no previous stage")
+        r = self._prev.get(case_id)
+        if r is None:
+            r = PreviousStageReader(store_path(self.previous_stage_folder, case_id)).open()
+            self._prev.put(case_id, r)
+        return r
+
+    def missing_previous_stage(self) -> dict[str, str]:
+        """Cases without a complete previous-stage store of their own shape: case id -> reason (empty when all
+        are there, or when the source reads no previous stage)."""
+        if self.previous_stage_folder is None:
+            return {}
+        return missing_previous_stage(self.previous_stage_folder, {c: self.shape(c) for c in self.case_ids})
 
     def reader(self, case_id: str) -> CaseReader:
         """The (cached, open) :class:`CaseReader` of a case."""
@@ -264,15 +319,20 @@ class ZarrCaseSource(_FolderSource):
         lbs, ubs = _check_bbox(bbox, 3, where)
         box = tuple(u - lb for lb, u in zip(lbs, ubs))
         out_image = _out(out_image, (r.num_channels, *box), np.float32, "out_image", where)
-        out_seg = _out(out_seg, (1, *box), np.int16, "out_seg", where)
-        return r.read(bbox, out_image, out_seg)
+        out_seg = self._seg_out(out_seg, box, where)
+        r.read(bbox, out_image, out_seg[:1])
+        if self.previous_stage_folder is not None:
+            self.previous_stage_reader(case_id).read(bbox, out_seg[1:2])
+        return out_image, out_seg
 
     def subset(self, case_ids: Sequence[str]) -> "ZarrCaseSource":
         return ZarrCaseSource(self.folder, case_ids, max_open=self.max_open,
-                              location_cache_bytes=self.location_cache_bytes)
+                              location_cache_bytes=self.location_cache_bytes,
+                              previous_stage_folder=self.previous_stage_folder)
 
     def close(self) -> None:
         self._readers.clear()
+        self._prev.clear()
 
 
 # --------------------------------------------------------------------------------- nnU-Net's preprocessed
@@ -286,9 +346,10 @@ def _import_blosc2():
 
 
 class _B2Case:
-    """One nnU-Net case: its two blosc2 arrays, opened read-only (memory-mapped where the OS allows)."""
+    """One nnU-Net case: its two blosc2 arrays (and the previous stage's ``(x, y, z)`` segmentation for the
+    cascade), opened read-only (memory-mapped where the OS allows)."""
 
-    def __init__(self, folder: Path, case_id: str):
+    def __init__(self, folder: Path, case_id: str, prev_folder: Path | None = None):
         blosc2 = _import_blosc2()
         kw = {} if os.name == "nt" else {"mmap_mode": "r"}  # nnU-Net: no mmap on Windows (its issue #2723)
         dparams = {"nthreads": 1}
@@ -302,11 +363,24 @@ class _B2Case:
         if len(self.image.shape) != 4 or len(self.seg.shape) != 4 or self.image.shape[1:] != self.seg.shape[1:]:
             raise DatasetError(f"{folder}/{case_id}: image {self.image.shape} and seg {self.seg.shape} must be "
                                f"(c, x, y, z) and (1, x, y, z) with equal spatial shape")
+        self.prev = None
+        if prev_folder is not None:
+            prev_path = prev_folder / f"{case_id}.b2nd"
+            if not prev_path.is_file():
+                raise CaseNotFoundError(f"{prev_path} does not exist: the previous stage's segmentation of "
+                                        f"{case_id} (nnU-Net writes it in the previous stage's final validation)")
+            self.prev = blosc2.open(urlpath=str(prev_path), mode="r", dparams=dparams, **kw)
+            if tuple(self.prev.shape[-3:]) != tuple(self.image.shape[1:]) or len(self.prev.shape) not in (3, 4):
+                raise DatasetError(f"{prev_path} has shape {self.prev.shape} but the case has "
+                                   f"{self.image.shape[1:]}; predict the previous stage again")
 
 
-def _fill_box(arr, out: np.ndarray, lbs: Sequence[int], ubs: Sequence[int], pad) -> None:
-    """``out[:] = arr[:, lbs:ubs]`` with ``pad`` outside ``arr`` (``arr`` is sliced once, for the overlap)."""
-    shape = arr.shape[1:]
+def _fill_box(arr, out: np.ndarray, lbs: Sequence[int], ubs: Sequence[int], pad, channel_axis: bool = True) -> None:
+    """``out[:] = arr[:, lbs:ubs]`` with ``pad`` outside ``arr`` (``arr`` is sliced once, for the overlap); an
+    ``arr`` without ``channel_axis`` fills ``out[0]``."""
+    if not channel_axis:
+        out = out[0]
+    shape = arr.shape[1:] if channel_axis else arr.shape
     v_lo = [max(lb, 0) for lb in lbs]
     v_hi = [min(ub, s) for ub, s in zip(ubs, shape)]
     if any(h <= lo for lo, h in zip(v_lo, v_hi)):
@@ -315,8 +389,9 @@ def _fill_box(arr, out: np.ndarray, lbs: Sequence[int], ubs: Sequence[int], pad)
     inner = tuple(slice(lo - lb, h - lb) for lo, h, lb in zip(v_lo, v_hi, lbs))
     if any(lb < 0 for lb in lbs) or any(ub > s for ub, s in zip(ubs, shape)):
         out[...] = pad
-    chunk = arr[(slice(None), *(slice(lo, h) for lo, h in zip(v_lo, v_hi)))]
-    np.copyto(out[(slice(None), *inner)], chunk, casting="same_kind")
+    lead = (slice(None),) if channel_axis else ()
+    chunk = arr[(*lead, *(slice(lo, h) for lo, h in zip(v_lo, v_hi)))]
+    np.copyto(out[(*lead, *inner)], chunk, casting="same_kind")
 
 
 class NnunetCaseSource(_FolderSource):
@@ -330,6 +405,9 @@ class NnunetCaseSource(_FolderSource):
     case_ids : sequence of str, optional
         Cases to use (all in ``folder`` by default).
     max_open, location_cache_bytes : see :class:`ZarrCaseSource`.
+    previous_stage_folder : path-like, optional
+        The cascade: nnU-Net's ``<results>/<Dataset>/<trainer>__<plans>__3d_lowres/predicted_next_stage/
+        3d_cascade_fullres`` folder (``<case>.b2nd`` per case), read as a second label channel.
 
     Notes
     -----
@@ -348,8 +426,10 @@ class NnunetCaseSource(_FolderSource):
     """
 
     def __init__(self, folder: str | os.PathLike, case_ids: Sequence[str] | None = None, *,
-                 max_open: int = DEFAULT_MAX_OPEN, location_cache_bytes: int = DEFAULT_LOCATION_CACHE_BYTES):
+                 max_open: int = DEFAULT_MAX_OPEN, location_cache_bytes: int = DEFAULT_LOCATION_CACHE_BYTES,
+                 previous_stage_folder: str | os.PathLike | None = None):
         self.folder = Path(folder)
+        self.previous_stage_folder = None if previous_stage_folder is None else Path(previous_stage_folder)
         available = self.list_cases(self.folder)
         if not available and self.folder.is_dir() and any(p.suffix in (".npz", ".npy") for p in self.folder.iterdir()):
             raise DatasetError(f"{self.folder} holds nnU-Net's old .npz/.npy format; nnfast reads nnU-Net v2.6+ "
@@ -376,9 +456,16 @@ class NnunetCaseSource(_FolderSource):
     def _case(self, case_id: str) -> _B2Case:
         c = self._cases.get(case_id)
         if c is None:
-            c = _B2Case(self.folder, case_id)
+            c = _B2Case(self.folder, case_id, self.previous_stage_folder)
             self._cases.put(case_id, c)
         return c
+
+    def missing_previous_stage(self) -> dict[str, str]:
+        """Cases without a previous-stage ``<case>.b2nd`` file: case id -> reason (see :class:`ZarrCaseSource`)."""
+        if self.previous_stage_folder is None:
+            return {}
+        return {c: f"{self.previous_stage_folder / (c + '.b2nd')} does not exist" for c in self.case_ids
+                if not (self.previous_stage_folder / f"{c}.b2nd").is_file()}
 
     @property
     def num_channels(self) -> int:
@@ -418,21 +505,26 @@ class NnunetCaseSource(_FolderSource):
         lbs, ubs = _check_bbox(bbox, 3, where)
         box = tuple(u - lb for lb, u in zip(lbs, ubs))
         out_image = _out(out_image, (int(c.image.shape[0]), *box), np.float32, "out_image", where)
-        out_seg = _out(out_seg, (1, *box), np.int16, "out_seg", where)
+        out_seg = self._seg_out(out_seg, box, where)
         _fill_box(c.image, out_image, lbs, ubs, 0)
-        _fill_box(c.seg, out_seg, lbs, ubs, -1)
+        _fill_box(c.seg, out_seg[:1], lbs, ubs, -1)
+        if c.prev is not None:
+            _fill_box(c.prev, out_seg[1:2], lbs, ubs, -1, channel_axis=len(c.prev.shape) == 4)
         return out_image, out_seg
 
     def subset(self, case_ids: Sequence[str]) -> "NnunetCaseSource":
         return NnunetCaseSource(self.folder, case_ids, max_open=self.max_open,
-                                location_cache_bytes=self.location_cache_bytes)
+                                location_cache_bytes=self.location_cache_bytes,
+                                previous_stage_folder=self.previous_stage_folder)
 
     def close(self) -> None:
         self._cases.clear()
 
 
-def open_case_source(folder: str | os.PathLike, case_ids: Sequence[str] | None = None) -> CaseSource:
-    """The right source for ``folder``: nnfast stores if it holds any ``*.zarr``, else nnU-Net's ``.b2nd`` files.
+def open_case_source(folder: str | os.PathLike, case_ids: Sequence[str] | None = None,
+                     previous_stage_folder: str | os.PathLike | None = None) -> CaseSource:
+    """The right source for ``folder``: nnfast stores if it holds any ``*.zarr``, else nnU-Net's ``.b2nd`` files
+    (with the cascade's ``previous_stage_folder`` when given).
 
     Raises
     ------
@@ -441,8 +533,8 @@ def open_case_source(folder: str | os.PathLike, case_ids: Sequence[str] | None =
     """
     folder = Path(folder)
     if list_case_ids(folder):
-        return ZarrCaseSource(folder, case_ids)
+        return ZarrCaseSource(folder, case_ids, previous_stage_folder=previous_stage_folder)
     if NnunetCaseSource.list_cases(folder):
-        return NnunetCaseSource(folder, case_ids)
+        return NnunetCaseSource(folder, case_ids, previous_stage_folder=previous_stage_folder)
     raise DatasetError(f"{folder} holds neither nnfast case stores (*.zarr) nor nnU-Net preprocessed cases (*.b2nd); "
                        f"run `nnfast preprocess` or nnUNetv2_preprocess for this configuration")

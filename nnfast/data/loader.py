@@ -166,6 +166,9 @@ class PatchLoader:
     clip_to_sampled_box : see :class:`~nnfast.data.batch.BatchSpec` / :class:`AugmentConfig`.
     num_cached : int, optional
         Shared-memory batch slots (batches in flight); default ``max(4, 2 * num_workers)``.
+    cascade_labels : sequence of int, optional
+        The cascade (``3d_cascade_fullres``): the foreground labels; ``source`` must read the previous stage
+        (``previous_stage_folder``), whose segmentation becomes one input channel per label after the image.
 
     Raises
     ------
@@ -206,6 +209,7 @@ class PatchLoader:
         use_mask_for_norm: Sequence[bool] | None = None,
         clip_to_sampled_box: bool = True,
         num_cached: int | None = None,
+        cascade_labels: Sequence[int] | None = None,
     ):
         self._closed = True  # until the workers exist; close() is safe on a half-built loader
         self._released = False
@@ -219,7 +223,7 @@ class PatchLoader:
             config = plans.configuration(configuration)
         self.spec = _make_spec(source, config, patch_size, batch_size, augment, train, deep_supervision_scales,
                                oversample_foreground_percent, probabilistic_oversampling, annotated_classes_key,
-                               use_mask_for_norm, clip_to_sampled_box)
+                               use_mask_for_norm, clip_to_sampled_box, cascade_labels)
         self.num_workers = int(num_workers)
         if self.num_workers < 0:
             raise ValueError(f"PatchLoader: num_workers must be >= 0, got {num_workers}")
@@ -541,7 +545,14 @@ def _check_shm_space(total: int, n_slots: int) -> None:
 
 
 def _make_spec(source, config, patch_size, batch_size, augment, train, ds, oversample, probabilistic,
-               annotated_key, use_mask_for_norm, clip) -> BatchSpec:
+               annotated_key, use_mask_for_norm, clip, cascade_labels) -> BatchSpec:
+    reads_prev = int(getattr(source, "num_seg_channels", 1)) == 2
+    if reads_prev and not cascade_labels:
+        raise ValueError(f"PatchLoader: {source!r} reads a previous stage; give cascade_labels (the foreground labels "
+                         "of its one-hot input channels)")
+    if cascade_labels and not reads_prev:
+        raise ValueError(f"PatchLoader: cascade_labels needs a source that reads the previous stage's segmentation "
+                         f"(previous_stage_folder=...); {source!r} does not")
     if batch_size is None:
         if config is None:
             raise ValueError("PatchLoader: give a plan configuration (config=) or batch_size and patch_size")
@@ -567,4 +578,5 @@ def _make_spec(source, config, patch_size, batch_size, augment, train, ds, overs
     return BatchSpec(augment=augment, batch_size=int(batch_size), num_channels=int(source.num_channels),
                      train=bool(train), oversample_foreground_percent=float(oversample),
                      probabilistic_oversampling=bool(probabilistic), annotated_classes_key=annotated_key,
-                     clip_to_sampled_box=bool(clip))
+                     clip_to_sampled_box=bool(clip),
+                     cascade_labels=tuple(int(v) for v in cascade_labels) if cascade_labels else None)

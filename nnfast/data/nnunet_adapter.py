@@ -40,8 +40,11 @@ written to the training log), ``NNFAST_LOADER_FOLDER`` (nnfast stores to read in
 What differs from nnU-Net's loader: the same sampling rules and transform distributions with nnfast's
 implementation (see :mod:`nnfast.data.batch` and :mod:`nnfast.data.transforms`), deterministic batch streams,
 and only the default ``nnUNetTrainer`` augmentation: a trainer variant that overrides
-``get_training_transforms`` (DA5, NoDA, ...) gets a warning and nnU-Net's default transforms. Not supported
-(``NotImplementedError``): region-based training and the cascade (``3d_cascade_fullres``).
+``get_training_transforms`` (DA5, NoDA, ...) gets a warning and nnU-Net's default transforms. The cascade
+(``3d_cascade_fullres``) reads the previous stage's segmentations from the trainer's
+``folder_with_segs_from_previous_stage`` (nnU-Net's ``predicted_next_stage`` ``.b2nd`` files; with nnfast stores,
+from ``previous_stage_folder=`` / ``NNFAST_LOADER_PREVIOUS_STAGE``: nnfast's own ``predicted_next_stage`` folder).
+Not supported (``NotImplementedError``): region-based training.
 
 Importing this module does not need nnunetv2; only :class:`nnUNetTrainerNnfastLoader` does (ImportError with
 the install hint otherwise).
@@ -54,7 +57,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from ..errors import SettingsError
+from ..errors import DatasetError, SettingsError
 from .augment_params import AugmentConfig
 from .dataset import NnunetCaseSource, ZarrCaseSource
 from .loader import PatchLoader
@@ -104,7 +107,8 @@ def _augment_config(trainer) -> AugmentConfig:
 
 def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers_val: int | None = None,
                          base_seed: int | None = None, folder: str | os.PathLike | None = None,
-                         num_cached: int | None = None) -> tuple[PatchLoader, PatchLoader]:
+                         num_cached: int | None = None,
+                         previous_stage_folder: str | os.PathLike | None = None) -> tuple[PatchLoader, PatchLoader]:
     """nnfast loaders (train, val) equivalent to what ``trainer.get_dataloaders()`` would return.
 
     Parameters
@@ -118,19 +122,20 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
     folder : read nnfast case stores (or another nnU-Net folder) from here instead of
         ``trainer.preprocessed_dataset_folder``; default ``NNFAST_LOADER_FOLDER``.
     num_cached : shared-memory batch slots per loader (see :class:`PatchLoader`).
+    previous_stage_folder : the cascade: where the previous stage's segmentations are; default
+        ``NNFAST_LOADER_PREVIOUS_STAGE``, else the trainer's ``folder_with_segs_from_previous_stage``.
 
     Raises
     ------
     NotImplementedError
-        Region-based or cascaded trainings.
+        Region-based trainings.
+    DatasetError
+        The cascade and some case has no previous-stage segmentation (named, before any worker starts).
     """
     lm = trainer.label_manager
     if lm.has_regions:
         raise NotImplementedError("nnfast's loader does not implement region-based training "
                                   "(ConvertSegmentationToRegionsTransform); use nnU-Net's own loader for this dataset")
-    if trainer.is_cascaded:
-        raise NotImplementedError("nnfast's loader does not read the previous stage's segmentation "
-                                  "(3d_cascade_fullres); use nnU-Net's own loader for the cascade")
     try:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -155,13 +160,27 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
     seed = int(base_seed) + _RANK_SEED_STRIDE * int(getattr(trainer, "local_rank", 0))
     folder = folder if folder is not None else (os.environ.get("NNFAST_LOADER_FOLDER") or None)
 
+    prev = cascade_labels = None
+    if trainer.is_cascaded:
+        prev = previous_stage_folder or os.environ.get("NNFAST_LOADER_PREVIOUS_STAGE") or \
+            trainer.folder_with_segs_from_previous_stage
+        cascade_labels = tuple(int(v) for v in lm.foreground_labels)
+
     tr_keys, val_keys = trainer.do_split()
+    keys = list(tr_keys) + list(val_keys)
     if folder is None:
-        base = NnunetCaseSource(trainer.preprocessed_dataset_folder, list(tr_keys) + list(val_keys))
+        base = NnunetCaseSource(trainer.preprocessed_dataset_folder, keys, previous_stage_folder=prev)
     elif _has_stores(folder):
-        base = ZarrCaseSource(folder, list(tr_keys) + list(val_keys))
+        base = ZarrCaseSource(folder, keys, previous_stage_folder=prev)
     else:
-        base = NnunetCaseSource(folder, list(tr_keys) + list(val_keys))
+        base = NnunetCaseSource(folder, keys, previous_stage_folder=prev)
+    missing = base.missing_previous_stage()
+    if missing:
+        first = sorted(missing)[0]
+        raise DatasetError(f"the cascade trains on the previous stage's segmentation of every case, but {len(missing)} "
+                           f"of {len(keys)} are missing in `{prev}` (e.g. {first}: {missing[first]}); run the "
+                           "previous stage's final validation for all five folds first (nnUNetv2_train ... --val, "
+                           "or nnfast train --validate-only with nnfast stores)")
     aug = _augment_config(trainer)
     key = tuple([-1] + list(lm.all_labels)) if lm.has_ignore_label else None
     pin = trainer.device.type == "cuda"
@@ -169,7 +188,8 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
     common = dict(batch_size=batch_size, augment=aug, pin_memory=pin, num_batches=None,
                   oversample_foreground_percent=float(trainer.oversample_foreground_percent),
                   probabilistic_oversampling=bool(trainer.probabilistic_oversampling),
-                  annotated_classes_key=key, deep_supervision_scales="auto", num_cached=num_cached)
+                  annotated_classes_key=key, deep_supervision_scales="auto", num_cached=num_cached,
+                  cascade_labels=cascade_labels)
     n_tr, n_val = int(trainer.num_iterations_per_epoch), int(trainer.num_val_iterations_per_epoch)
     epoch = int(getattr(trainer, "current_epoch", 0))
     train = PatchLoader(base.subset(tr_keys), num_workers=num_workers, base_seed=seed, train=True,
@@ -185,7 +205,7 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
         trainer.print_to_log_file(
             f"nnfast loader: seed {int(base_seed)}, {num_workers} train / {num_workers_val} val workers, "
             f"patch {aug.patch_size} (initial {aug.initial_patch_size}), batch {batch_size}, reading "
-            f"{type(base).__name__}({base.folder})")
+            f"{type(base).__name__}({base.folder})" + (f", previous stage from {prev}" if prev else ""))
     return train, val
 
 

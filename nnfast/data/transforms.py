@@ -17,11 +17,15 @@ Where nnfast does the same work differently (same distributions, same results up
 * Parameters are drawn from the caller's ``numpy.random.Generator``; the draw order differs from
   batchgeneratorsv2's (its global ``np.random`` and torch RNGs), the distributions do not.
 
-Not reproduced: the cascade transforms (``MoveSegAsOneHotToData``, random binary operators, connected component
-removal) and ``ConvertSegmentationToRegionsTransform`` (region-based training); nnfast trains neither yet.
+The cascade (``cascade_labels`` given): the labels have a second channel, the previous stage's segmentation, warped
+with the labels; after label -1 -> 0 it becomes one float32 channel per foreground label with nnU-Net's random
+binary operators and component removal (:mod:`nnfast.data.cascade`), and the targets come from the first channel.
+
+Not reproduced: ``ConvertSegmentationToRegionsTransform`` (region-based training); nnfast does not train regions
+yet.
 
 Array conventions: image ``(c, x, y, z)`` (or ``(c, y, z)`` for 2D configurations) float32, labels ``(s, ...)``
-int8/int16 (usually ``s == 1``), -1 outside the nonzero region and outside the stored case.
+int8/int16 (``s == 1``, or 2 for the cascade), -1 outside the nonzero region and outside the stored case.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 
 from nnfast.data.augment_params import AugmentConfig, Region, SpatialParams
+from nnfast.data.cascade import CascadeParams, augment_onehot, onehot_into, sample_cascade
 from nnfast.native import augment as K
 from nnfast.native import augment_intensity as KI
 
@@ -73,16 +78,18 @@ class IntensityParams:
 
 @dataclass(frozen=True)
 class AugmentRecord:
-    """What fired for one sample (spatial and intensity parameters)."""
+    """What fired for one sample (spatial and intensity parameters; the cascade's, when it has them)."""
 
     spatial: SpatialParams
     intensity: IntensityParams
+    cascade: CascadeParams | None = None
 
     @property
     def fired(self) -> dict[str, bool]:
-        """Transform name -> whether it fired (mirror: whether any axis flipped)."""
+        """Transform name -> whether it fired (mirror: whether any axis flipped); the cascade's two only for cascade
+        samples."""
         i = self.intensity
-        return {
+        out = {
             "rotation": self.spatial.rotated,
             "scaling": self.spatial.scaled,
             "mirror": bool(self.spatial.mirror_axes),
@@ -94,22 +101,28 @@ class AugmentRecord:
             "gamma_inverted": i.gamma_inverted is not None,
             "gamma": i.gamma is not None,
         }
+        if self.cascade is not None:
+            out["binary_operator"] = self.cascade.binary_operators is not None
+            out["remove_component"] = self.cascade.remove_component is not None
+        return out
 
 
 class AugmentedSample(NamedTuple):
     """One training (or validation) sample.
 
     image : (c, *patch_size) float32.
-    seg : (s, *patch_size), the input's label dtype, -1 replaced by 0.
+    seg : (s, *patch_size), the input's label dtype, -1 replaced by 0 (the cascade: the labels only, ``s == 1``).
     targets : deep-supervision targets (``targets[0]`` is ``seg`` when the first scale is 1), None without
         deep supervision.
     record : what fired; None for :func:`validation_transform`.
+    onehot : the cascade's previous-stage channels ``(n_labels, *patch_size)`` float32, else None.
     """
 
     image: np.ndarray
     seg: np.ndarray
     targets: list[np.ndarray] | None
     record: AugmentRecord | None
+    onehot: np.ndarray | None = None
 
 
 def _bg_contrast(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -347,45 +360,71 @@ def deep_supervision_targets(seg: np.ndarray, scales: Sequence[Sequence[float]] 
 def augment_sample(image_region: np.ndarray, seg_region: np.ndarray, params: SpatialParams,
                    rng: np.random.Generator, cfg: AugmentConfig, region: Region, *,
                    out_image: np.ndarray | None = None, out_seg: np.ndarray | None = None,
-                   intensity: IntensityParams | None = None) -> AugmentedSample:
+                   intensity: IntensityParams | None = None, cascade_labels: Sequence[int] | None = None,
+                   out_onehot: np.ndarray | None = None, cascade: CascadeParams | None = None) -> AugmentedSample:
     """nnU-Net's training transforms on one sample.
 
     Parameters
     ----------
     image_region : (c, *region.shape) float32 (float16 is converted), the stored voxels of ``region``, 0 beyond
         the case.
-    seg_region : (s, *region.shape) int8/int16 labels, -1 beyond the case.
+    seg_region : (s, *region.shape) int8/int16 labels, -1 beyond the case (the cascade: ``s == 2``, the
+        previous stage's segmentation second).
     params : from :func:`~nnfast.data.augment_params.sample_spatial` (the same ``params`` that chose ``region``).
     rng : draws the intensity parameters and the noise.
     cfg : the configuration's :class:`AugmentConfig`.
     region : from :func:`~nnfast.data.augment_params.needed_region`.
-    out_image, out_seg : optional C-contiguous outputs, e.g. a slot of a batch buffer.
+    out_image, out_seg : optional C-contiguous outputs, e.g. a slot of a batch buffer (``out_seg`` has all
+        ``s`` label channels).
     intensity : force these intensity parameters instead of drawing them (tests, debugging).
+    cascade_labels : the cascade: the foreground labels, one one-hot channel each (nnU-Net's order).
+    out_onehot : optional C-contiguous ``(len(cascade_labels), *patch_size)`` float32 output for them.
+    cascade : force these cascade parameters instead of drawing them.
 
     Returns
     -------
     AugmentedSample
-        ``(image (c, *patch_size) float32, seg (s, *patch_size), targets, record)``.
+        ``(image (c, *patch_size) float32, seg (s, *patch_size), targets, record, onehot)``.
 
     Raises
     ------
     ValueError
-        Array shapes do not match ``region`` / ``cfg``.
+        Array shapes do not match ``region`` / ``cfg``, or the cascade without a second label channel.
     """
+    if cascade_labels is not None and seg_region.shape[0] != 2:
+        raise ValueError(f"augment_sample: the cascade needs labels and the previous stage as 2 label channels, got "
+                         f"{seg_region.shape[0]}")
     p = sample_intensity(rng, cfg, image_region.shape[0]) if intensity is None else intensity
     image, seg = spatial_patch(image_region, seg_region, params, cfg, region, out_image, out_seg)
     flips = tuple(d in params.mirror_axes for d in range(cfg.ndim))
     _apply_intensity(image, p, flips, rng)
     KI.mask_and_relabel(image, seg, cfg.mask_channels)
-    return AugmentedSample(image, seg, deep_supervision_targets(seg, cfg.ds_scales), AugmentRecord(params, p))
+    onehot = cas = None
+    if cascade_labels is not None:
+        cas = sample_cascade(rng, cfg, len(cascade_labels)) if cascade is None else cascade
+        if out_onehot is None:
+            out_onehot = np.empty((len(cascade_labels), *seg.shape[1:]), np.float32)
+        onehot = onehot_into(seg[1], cascade_labels, out_onehot)
+        augment_onehot(onehot, cas, rng, cfg)
+        seg = seg[:1]
+    return AugmentedSample(image, seg, deep_supervision_targets(seg, cfg.ds_scales), AugmentRecord(params, p, cas),
+                           onehot)
 
 
-def validation_transform(image: np.ndarray, seg: np.ndarray, cfg: AugmentConfig) -> AugmentedSample:
-    """nnU-Net's validation transforms: label -1 -> 0 (on a copy of ``seg``) and deep-supervision targets.
+def validation_transform(image: np.ndarray, seg: np.ndarray, cfg: AugmentConfig,
+                         cascade_labels: Sequence[int] | None = None) -> AugmentedSample:
+    """nnU-Net's validation transforms: label -1 -> 0 (on a copy of ``seg``), the cascade's one-hot channels of
+    the previous stage (``seg[1]``) and deep-supervision targets.
 
     image: (c, *patch_size) float32, returned as is; seg: (s, *patch_size) integer labels."""
     if image.shape[1:] != seg.shape[1:]:
         raise ValueError(f"validation_transform: image {image.shape} and seg {seg.shape} differ in spatial shape")
     seg = np.array(seg, copy=True, order="C")
     seg[seg == -1] = 0
-    return AugmentedSample(image, seg, deep_supervision_targets(seg, cfg.ds_scales), None)
+    onehot = None
+    if cascade_labels is not None:
+        if seg.shape[0] != 2:
+            raise ValueError(f"validation_transform: the cascade needs 2 label channels, got {seg.shape[0]}")
+        onehot = onehot_into(seg[1], cascade_labels, np.empty((len(cascade_labels), *seg.shape[1:]), np.float32))
+        seg = seg[:1]
+    return AugmentedSample(image, seg, deep_supervision_targets(seg, cfg.ds_scales), None, onehot)

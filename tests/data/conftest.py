@@ -74,3 +74,9 @@ def ld_cases_2ch(tmp_path_factory):
     """Three 2-channel cases."""
     root = tmp_path_factory.mktemp("loader_cases_2ch")
     return write_cases(root, [(12, 40, 44), (10, 36, 30), (16, 30, 38)], channels=2, seed=10)
+
+
+@pytest.fixture(scope="session")
+def ld_write_cases():
+    """:func:`write_cases` for test modules that build their own cases."""
+    return write_cases
