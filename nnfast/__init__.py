@@ -4,7 +4,7 @@ Map of the package (one subpackage per pipeline stage):
 
 - ``nnfast.native``       Numba kernels (cropping, intensity statistics, resampling, class locations); arrays in, arrays out.
 - ``nnfast.io``           image reading/writing (SimpleITK, nnU-Net conventions), dataset.json and case listing, atomic
-                          writes, zarr case stores and the lean patch reader.
+                          writes, zarr case stores, the lean patch reader, the cascade's previous-stage stores.
 - ``nnfast.synth``        deterministic synthetic Decathlon-style datasets (CT-like and multi-channel MRI-like).
 - ``nnfast.convert``      Medical Segmentation Decathlon -> nnU-Net v2 layout.
 - ``nnfast.verify``       dataset checks that report every problem at once.
@@ -12,7 +12,8 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.plan``         experiment planning identical to nnU-Net v2's ExperimentPlanner; nnUNetPlans.json export.
 - ``nnfast.preprocess``   cropping, normalization, resampling, class locations, case stores; parallel, distributed, resumable.
 - ``nnfast.data``         patch sampling, augmentation, the multiprocess loader, the nnU-Net trainer drop-in.
-- ``nnfast.train``        plan-driven U-Net, Dice+CE with deep supervision, the training run, checkpoints, DDP.
+- ``nnfast.train``        plan-driven U-Net, Dice+CE with deep supervision, the training run (2d, 3d_fullres,
+                          3d_lowres, the cascade), checkpoints, DDP.
 - ``nnfast.infer``        sliding-window prediction, export to the original geometry, model loading.
 - ``nnfast.evaluate``     metrics, postprocessing, ensembling, choosing the best configuration.
 - ``nnfast.parallel``     per-case task execution: spawn pools with dead-worker detection, dask.distributed.

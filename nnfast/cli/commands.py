@@ -218,6 +218,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train.trainer import fold_folder, load_saved_train_config, train
 
     settings = _settings(args)
+    if args.validate_only:
+        return _validate_only(args, settings)
+    if args.val_best:
+        raise SystemExit("nnfast train: --val-best needs --validate-only (training validates checkpoint_final)")
     overrides = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations,
                  "num_val_iterations_per_epoch": args.val_iterations, "amp": args.amp,
                  "compile": "off" if args.no_compile else None, "seed": args.seed, "save_every": args.save_every}
@@ -256,6 +260,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             dice = "n/a" if res.validation_dice is None else f"{res.validation_dice:.4f}"
             print(f"final validation: foreground mean Dice {dice}; metrics in "
                   f"{res.output_folder / 'validation' / 'summary.json'}")
+    return 0
+
+
+def _validate_only(args: argparse.Namespace, settings) -> int:
+    from ..settings import find_dataset_folder
+    from ..train.trainer import fold_folder, run_final_validation
+
+    dataset = find_dataset_folder(args.task, settings.require("preprocessed")).name
+    fold = args.fold if args.fold == "all" else args.fold.strip()
+    folder = fold_folder(settings.require("results"), dataset, args.config, fold)
+    checkpoint = "checkpoint_best" if args.val_best else "checkpoint_final"
+    summary = run_final_validation(folder, settings=settings, device=args.device, checkpoint_name=checkpoint,
+                                   save_probabilities=args.npz, workers=max(1, args.workers or 1))
+    if not args.quiet:
+        fg = (getattr(summary, "foreground_mean", None) or {}).get("Dice")
+        dice = "n/a" if fg is None else f"{fg:.4f}"
+        print(f"validation of {args.config} fold {fold} ({checkpoint}): foreground mean Dice {dice}; metrics in "
+              f"{folder / 'validation' / 'summary.json'}")
     return 0
 
 

@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after-epoch", type=_positive_int, metavar="N",
                    help="stop once N epochs are done (checkpoint_latest written; continue later with --resume)")
     p.add_argument("--no-val", action="store_true", help="skip the final validation after training")
+    p.add_argument("--validate-only", action="store_true",
+                   help="only run the final validation of a trained fold (nnU-Net's --val); for 3d_lowres it also "
+                        "writes the cascade's inputs for the fold's validation cases")
+    p.add_argument("--val-best", action="store_true", help="validate checkpoint_best instead of checkpoint_final")
     p.add_argument("--npz", action="store_true", help="the final validation also saves softmax probabilities "
                                                      "(needed to ensemble configurations)")
     _add_roots(p)

@@ -15,6 +15,11 @@ maximum and its class index, so memory is ``O(V)`` whatever ``C``; groups of cla
 release the GIL). The running argmax keeps the first maximal class, as ``np.argmax`` does. The resampled logits equal
 nnU-Net's to float32 rounding, so labels can differ from nnU-Net's only where two classes tie within that rounding.
 
+The cascade's first stage (:func:`logits_to_next_stage`, nnU-Net's ``resample_and_save`` in the trainer's final
+validation): the logits are resampled with the same probabilities resampling to the next stage's preprocessed shape
+(current and target spacing both the configuration's, so separate-z follows its anisotropy) and reduced to labels,
+without uncropping or transposing: the result lies on the next stage's grid.
+
 Axis order: ``logits`` are ``(C, x, y, z)`` in nnU-Net's order after transposition (on the preprocessed grid); the
 returned segmentation is in the reader's order ``(z, y, x)`` on the original grid.
 """
@@ -35,6 +40,7 @@ __all__ = [
     "LabelInfo",
     "label_info",
     "logits_to_segmentation",
+    "logits_to_next_stage",
     "export_prediction",
     "argmax_channels",
 ]
@@ -341,6 +347,49 @@ def logits_to_segmentation(
         del probs
         probs_out = full.transpose([0, *[a + 1 for a in tb]])
     return seg, probs_out
+
+
+def logits_to_next_stage(logits: np.ndarray, target_shape: Sequence[int], plans, config_name: str, *,
+                         regions_class_order: Sequence[int] | None = None, chunk: int = DEFAULT_CHUNK,
+                         threads: int = 1) -> np.ndarray:
+    """Labels of ``logits`` on the next stage's preprocessed grid (nnU-Net's ``resample_and_save``).
+
+    Parameters
+    ----------
+    logits : ndarray (C, x, y, z) float32
+        The first stage's prediction of a case on its own preprocessed grid, nnU-Net axis order. Not modified.
+    target_shape : sequence of 3 int
+        The case's spatial shape in the next stage's preprocessed folder (same crop, finer spacing).
+    plans, config_name :
+        The plans and the configuration that produced ``logits`` (its spacing and probabilities resampling).
+    regions_class_order, chunk, threads : see :func:`logits_to_segmentation`.
+
+    Returns
+    -------
+    ndarray ``target_shape``, uint8 (uint16 with 255+ foreground labels)
+
+    Raises
+    ------
+    GeometryError
+        ``logits`` or ``target_shape`` are not 3D, or the channel count does not match the labels.
+    """
+    if not isinstance(logits, np.ndarray):
+        logits = np.asarray(logits)
+    target = tuple(int(s) for s in target_shape)
+    if logits.ndim != 4 or len(target) != 3:
+        raise GeometryError(f"logits_to_next_stage: logits must be (C, x, y, z) and the target shape 3D; got "
+                            f"{logits.shape} and {target}")
+    info = label_info(plans, regions_class_order)
+    if logits.shape[0] != info.num_heads:
+        raise GeometryError(f"logits have {logits.shape[0]} channels but the labels define {info.num_heads} "
+                            "segmentation heads")
+    if logits.dtype != np.float32:
+        logits = logits.astype(np.float32)
+    cfg = plans.configuration(config_name)
+    spacing = [float(v) for v in cfg.spacing]
+    r = cfg.resampling_probabilities
+    kw = dict(order=r.order, order_z=r.order_z, force_separate_z=r.force_separate_z)
+    return _streaming_labels(logits, info, target, spacing, spacing, kw, max(1, int(chunk)), max(1, int(threads)))
 
 
 def export_prediction(

@@ -137,6 +137,7 @@ def predict_folder(
     previous_stage_folder: Path | str | None = None,
     previous_stage_model_folder: Path | str | None = None,
     progress: Progress | None = None,
+    logits_hook: Callable[[str, np.ndarray, dict], None] | None = None,
 ) -> PredictionReport:
     """Predict every case of ``inputs`` and write ``<case><ending>`` to ``output_folder``.
 
@@ -173,6 +174,10 @@ def predict_folder(
         Cascade only: trainer folder of the previous stage (default: beside the model folder).
     progress : callable, optional
         ``progress(done, total, case_id)`` after each case.
+    logits_hook : callable, optional
+        ``logits_hook(case_id, logits, properties)`` in an export thread after the case is written, with the fold
+        average of the logits ``(C, x, y, z)`` float32 on the preprocessed grid (the final validation of a cascade's
+        first stage writes the next stage's inputs with it); an exception fails that case.
 
     Returns
     -------
@@ -208,7 +213,7 @@ def predict_folder(
     log.info("predicting %d case(s) with %s (%s, folds %s, TTA %s) into %s", len(todo), model.folder.name,
              model.config_name, list(model.folds), use_tta, out_dir)
     _run(model, todo, out_dir, ending, report, use_tta=use_tta, step=step, save_probabilities=save_probabilities,
-         device=device, workers=workers, batch_tiles=batch_tiles, progress=progress)
+         device=device, workers=workers, batch_tiles=batch_tiles, progress=progress, logits_hook=logits_hook)
     report.seconds["total"] = time.perf_counter() - t_start
     write_json_atomic(out_dir / "nnfast_predict.json", {
         "model_folder": str(model.folder), "configuration": model.config_name, "folds": list(model.folds),
@@ -253,7 +258,7 @@ _DONE = object()
 
 
 def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str, report: PredictionReport, *,
-         use_tta, step, save_probabilities, device, workers, batch_tiles, progress) -> None:
+         use_tta, step, save_probabilities, device, workers, batch_tiles, progress, logits_hook=None) -> None:
     from ..native._jit import available_cores
     from .export import export_prediction
     from .sliding_window import _resolve_device
@@ -296,6 +301,8 @@ def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str
         path = export_prediction(logits, props, model.plans, model.config_name, out_dir / f"{case.case_id}{ending}",
                                  save_probabilities=save_probabilities,
                                  regions_class_order=model.labels.regions_class_order, threads=export_threads)
+        if logits_hook is not None:
+            logits_hook(case.case_id, logits, props)
         with lock:
             secs["export"] += time.perf_counter() - t0
         return path

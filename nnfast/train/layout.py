@@ -13,6 +13,10 @@ Layout (``<results>`` = the results root, ``<Dataset>`` = e.g. ``Dataset004_Hipp
             checkpoint_final.pt/.json    at the end (checkpoint_latest is then removed)
             training_log.txt      human-readable log, appended
             progress.json / progress.csv / progress.png   per-epoch history and its plot
+            validation/           the final validation's predictions and summary.json
+        predicted_next_stage/<next config>/<case>.zarr   a cascade's first stage (3d_lowres): its segmentation of
+                                  each case on the next stage's grid, written by the validation of the fold that
+                                  held the case out (nnfast.io.prev_stage)
 
 Checkpoint contents: :mod:`nnfast.train.checkpoint`. This module does not import torch.
 """
@@ -27,7 +31,7 @@ from ..io.atomic import atomic_target, read_json
 from .config import TrainConfig
 
 __all__ = ["TRAINER_NAME", "PLANS_IDENTIFIER", "Fold", "check_fold", "fold_name", "trainer_folder", "fold_folder",
-           "load_saved_train_config", "prepare_trainer_folder"]
+           "previous_stage_folder", "load_saved_train_config", "prepare_trainer_folder"]
 
 TRAINER_NAME = "nnfastTrainer"
 PLANS_IDENTIFIER = "nnfast_plans"
@@ -67,6 +71,12 @@ def trainer_folder(results_root: Path | str, dataset_name: str, config_name: str
 def fold_folder(results_root: Path | str, dataset_name: str, config_name: str, fold: Fold) -> Path:
     """``trainer_folder(...)/fold_<k>`` (``fold_all`` for fold ``"all"``)."""
     return trainer_folder(results_root, dataset_name, config_name) / fold_name(fold)
+
+
+def previous_stage_folder(results_root: Path | str, dataset_name: str, previous_stage: str, config_name: str) -> Path:
+    """Where the first stage of a cascade keeps its segmentations for the stage ``config_name`` (nnU-Net's layout):
+    ``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<previous_stage>/predicted_next_stage/<config_name>``."""
+    return trainer_folder(results_root, dataset_name, previous_stage) / "predicted_next_stage" / config_name
 
 
 def load_saved_train_config(folder: Path | str) -> TrainConfig | None:

@@ -9,6 +9,12 @@ One epoch (nnU-Net's order): the learning rate of the epoch is set (poly schedul
 training steps, ``num_val_iterations_per_epoch`` validation batches (loss and pseudo-Dice from global TP/FP/FN
 counts over all of them, foreground classes), EMA update, logs/plot, checkpoints.
 
+The cascade (``3d_cascade_fullres``): the network gets one extra input channel per foreground label, the
+``3d_lowres`` segmentation of the case (nnU-Net's ``MoveSegAsOneHotToDataTransform``), read from
+``<results>/<Dataset>/nnfastTrainer__nnfast_plans__3d_lowres/predicted_next_stage/3d_cascade_fullres/``, which the
+final validation of each ``3d_lowres`` fold fills for its validation cases (:mod:`nnfast.infer.validation`). Every
+case of the fold must have one before training starts.
+
 Reproducibility and exact resume: batch ``i`` of the training stream is a pure function of ``(seed, i)`` (see
 :mod:`nnfast.data.loader`), with ``i = epoch * iterations + step``; the validation stream likewise. A checkpoint
 stores the network, optimiser, GradScaler, LR scheduler, epoch, history, best EMA, torch's generator states and
@@ -40,12 +46,12 @@ from .config import TrainConfig
 from .ddp import DistContext, all_reduce_sum, split_batch
 from .final_validation import InferenceUnavailableError, run_final_validation
 from .layout import (PLANS_IDENTIFIER, TRAINER_NAME, Fold, check_fold, fold_folder, fold_name,
-                     load_saved_train_config, prepare_trainer_folder, trainer_folder)
+                     load_saved_train_config, prepare_trainer_folder, previous_stage_folder, trainer_folder)
 from .progress import EpochRecord, TrainingHistory, TrainingLogFile, plot_progress, write_progress_files
 
 # layout / final-validation names re-exported for convenience
 __all__ = ["train", "TrainResult", "TRAINER_NAME", "PLANS_IDENTIFIER", "trainer_folder", "fold_folder",
-           "load_saved_train_config", "InferenceUnavailableError", "run_final_validation"]
+           "previous_stage_folder", "load_saved_train_config", "InferenceUnavailableError", "run_final_validation"]
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +139,18 @@ def _labels(plans) -> tuple[int, int | None]:
     return len(values), (None if ignore is None else int(ignore))
 
 
-def _check_cascade(conf, trainer_root: Path, config_name: str) -> None:
-    if conf.previous_stage is None:
-        return
-    prev = trainer_root.parent / f"{TRAINER_NAME}__{PLANS_IDENTIFIER}__{conf.previous_stage}"
-    raise SettingsError(
-        f"configuration `{config_name}` is the second stage of nnU-Net's cascade: it trains on the image plus the "
-        f"`{conf.previous_stage}` predictions as extra input channels (one per foreground label). Missing: (1) "
-        f"nnfast.data's loader cannot read a previous-stage segmentation (CaseSource/BatchBuilder have no such "
-        f"channel), and (2) the `{conf.previous_stage}` predictions of every training case "
-        f"(`{prev}/predicted_next_stage/{config_name}/`), which the final validation of all five "
-        f"`{conf.previous_stage}` folds writes through nnfast.infer. Train `3d_fullres` or `{conf.previous_stage}` "
-        "instead.")
+def _missing_previous_stage_error(task, dataset: str, config_name: str, prev: str, folder: Path,
+                                  missing: dict[str, str], n_cases: int, splits: list, fold: Fold) -> DatasetError:
+    by_fold = sorted({k for k, s in enumerate(splits) for c in missing if c in s.get("val", ())})
+    first = next(iter(sorted(missing)))
+    folds = (f" (they are validation cases of `{prev}` fold(s) {', '.join(map(str, by_fold))})" if by_fold else "")
+    return DatasetError(
+        f"`{config_name}` fold {fold} trains on the `{prev}` segmentation of each of its {n_cases} cases, but "
+        f"{len(missing)} are missing or out of date in `{folder}`{folds}; e.g. {first}: {missing[first]}. The final "
+        f"validation of each `{prev}` fold writes them for its validation cases: train `{prev}` folds 0-4 "
+        f"(`nnfast train --task {task} --config {prev} --fold K`), or, for folds already trained, run "
+        f"`nnfast train --task {task} --config {prev} --fold K --validate-only`; `3d_fullres` must be preprocessed "
+        f"first (`nnfast preprocess --task {task} --config 3d_fullres`).")
 
 
 def _stream_seeds(seed: int, fold: Fold, rank: int) -> tuple[int, int]:
@@ -202,7 +208,9 @@ def train(
     settings : Settings
         Needs the preprocessed and results roots.
     config_name : str
-        ``2d``, ``3d_fullres``, ``3d_lowres`` (``3d_cascade_fullres`` raises: see :func:`_check_cascade`).
+        ``2d``, ``3d_fullres``, ``3d_lowres`` or ``3d_cascade_fullres``. The cascade's second stage needs the
+        first stage's segmentation of every case of the fold (:func:`previous_stage_folder`), which the final
+        validation of the five ``3d_lowres`` folds writes.
     fold : int or "all"
         Cross-validation fold (0..4 with nnU-Net's split; higher: a seeded 80:20 split) or ``"all"``.
     train_config : TrainConfig, optional
@@ -232,11 +240,11 @@ def train(
     Raises
     ------
     SettingsError
-        Bad fold/device/settings, the cascade, region labels, or a DDP launch without rendezvous variables.
+        Bad fold/device/settings, region labels, or a DDP launch without rendezvous variables.
     PlanError
         No plans, or plans changed since the run being resumed.
     DatasetError
-        The configuration was not preprocessed.
+        The configuration was not preprocessed, or (the cascade) previous-stage segmentations are missing.
     """
     run = _Run(task, settings, config_name, fold, train_config, device, resume, num_workers, num_workers_val,
                progress, stop_after_epoch, final_validation, save_probabilities)
@@ -276,8 +284,14 @@ class _Run:
         self.conf = self.plans.configuration(config_name)
         self.root = trainer_folder(settings.require("results"), self.dataset, config_name)
         self.out = self.root / fold_name(self.fold)
-        _check_cascade(self.conf, self.root, config_name)
         self.num_classes, self.ignore_label = _labels(self.plans)
+        self.task = task
+        self.prev_stage_dir = None
+        self.cascade_labels: tuple[int, ...] | None = None
+        if self.conf.previous_stage is not None:
+            self.prev_stage_dir = previous_stage_folder(settings.require("results"), self.dataset,
+                                                        self.conf.previous_stage, config_name)
+            self.cascade_labels = tuple(range(1, self.num_classes))
         self.data_dir = self.pre_dir / self.conf.data_identifier
         from ..io.store import list_case_ids
 
@@ -390,6 +404,14 @@ class _Run:
         self.val_ids = list(val_ids)
         if not tr_ids:
             raise DatasetError(f"fold {self.fold} of {self.dataset} has no training cases")
+        source = ZarrCaseSource(self.data_dir, previous_stage_folder=self.prev_stage_dir)
+        if self.prev_stage_dir is not None:  # before any heavy work: every case needs the first stage's output
+            fold_ids = sorted(set(tr_ids) | set(val_ids))
+            missing = source.subset(fold_ids).missing_previous_stage()
+            if missing:
+                raise _missing_previous_stage_error(self.task, self.dataset, self.config_name,
+                                                    self.conf.previous_stage, self.prev_stage_dir, missing,
+                                                    len(fold_ids), splits, self.fold)
 
         # precision, compilation
         amp_dtype = resolve_amp(cfg.amp, self.device)
@@ -404,12 +426,13 @@ class _Run:
 
         # network, loss, optimiser (seeded: a fresh run is reproducible; a resumed one restores the state below)
         torch.manual_seed(cfg.seed)
-        in_ch = self.plans.num_input_channels
+        in_ch = self.plans.num_input_channels + (len(self.cascade_labels) if self.cascade_labels else 0)
+        self.num_input_channels = in_ch
         net = build_network(self.plans, self.config_name, in_ch, self.num_classes,
                             deep_supervision=cfg.deep_supervision).to(self.device)
         lowest = 1e-6 if (self.ctx.is_ddp and not do_compile) else 0.0  # nnU-Net: DDP needs a grad for every param
         self.loss_fn = build_loss(self.conf, self.ignore_label, deep_supervision=cfg.deep_supervision,
-                                  lowest_weight=lowest)
+                                  lowest_weight=lowest, ddp=self.ctx.is_ddp)
         self.optimizer = build_optimizer(net.parameters(), cfg)
         self.scheduler = PolyLRScheduler.from_config(self.optimizer, cfg)
         self.current_epoch = 0
@@ -460,11 +483,10 @@ class _Run:
         key = None
         if self.ignore_label is not None:
             key = tuple([-1] + list(range(self.num_classes)))
-        source = ZarrCaseSource(self.data_dir)
         common = dict(config=self.conf, patch_size=cfg.patch_size, batch_size=bs,
                       deep_supervision_scales="auto" if cfg.deep_supervision else None,
                       oversample_foreground_percent=oversample, annotated_classes_key=key,
-                      pin_memory=self.device.type == "cuda")
+                      pin_memory=self.device.type == "cuda", cascade_labels=self.cascade_labels)
         self.train_loader = PatchLoader(source.subset(tr_ids), num_workers=nw, base_seed=seed_tr, train=True,
                                         start_batch=next_train, **common)
         self.loaders.append(self.train_loader)
@@ -487,6 +509,8 @@ class _Run:
             + (f" ({bs} per rank)" if self.ctx.is_ddp else "") + f", patch {cfg.patch_size}, "
             f"{cfg.num_epochs} epochs x {cfg.num_iterations_per_epoch} + {cfg.num_val_iterations_per_epoch} batches",
             f"amp {amp_dtype or 'off'}, compile {do_compile}, loader workers {nw} + {nwv}, seed {cfg.seed}",
+            f"{in_ch} input channels" + (f" ({len(self.cascade_labels)} of them the `{self.conf.previous_stage}` "
+                                         f"segmentation from `{self.prev_stage_dir}`)" if self.cascade_labels else ""),
             "train config: " + json.dumps(cfg.to_json()),
         )
         log.info("training %s %s fold %s on %s: %d train / %d val cases, %d epochs (starting at %d), amp %s, "
@@ -594,7 +618,7 @@ class _Run:
             "trainer_name": TRAINER_NAME,
             "plans_name": PLANS_IDENTIFIER,
             "inference_allowed_mirroring_axes": list(self.mirror_axes),
-            "num_input_channels": int(self.plans.num_input_channels),
+            "num_input_channels": int(self.num_input_channels),
             "num_classes": int(self.num_classes),
             "patch_size": list(self.cfg.patch_size),
             "nnfast_version": __version__,

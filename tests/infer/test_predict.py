@@ -80,6 +80,37 @@ def test_export_equals_nnunet(config, shape, spacing, labels):
     np.testing.assert_allclose(probs, ref_probs.numpy() if hasattr(ref_probs, "numpy") else ref_probs, atol=2e-6)
 
 
+@pytest.mark.compat
+@pytest.mark.parametrize("spacing, target", [((3.3, 0.8, 0.8), (9, 30, 34)),   # anisotropic: separate z
+                                             ((1.6, 1.4, 1.5), (14, 25, 21))])  # 3D linear
+def test_next_stage_inputs_equal_nnunets_resample_and_save(tmp_path, spacing, target):
+    """A cascade's first stage writes its logits resampled to the next stage's grid and reduced to labels
+    (nnU-Net's ``resample_and_save`` in ``perform_actual_validation``)."""
+    import blosc2
+    from nnunetv2.inference.export_prediction import resample_and_save
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnfast.infer.export import logits_to_next_stage
+    from nnfast.plan.nnunet_compat import to_nnunet_plans
+
+    plans = dataclasses.replace(tiny_plans(cascade=True), labels=MANY)
+    configs = dict(plans.configurations)
+    configs["3d_lowres"] = dataclasses.replace(configs["3d_lowres"], spacing=tuple(spacing))
+    plans = dataclasses.replace(plans, configurations=configs)
+    rng = np.random.default_rng(0)
+    small = tuple(max(2, t // 2) for t in target)
+    logits = (gaussian_filter(rng.normal(size=(7, *small)), (0, 1, 1, 1)) * 20).astype(np.float32)
+    ours = logits_to_next_stage(logits, target, plans, "3d_lowres", chunk=3, threads=2)
+    dj = dataset_json(plans)
+    pm = PlansManager(to_nnunet_plans(plans, dj))
+    props = {"spacing": [1.0, 1.0, 1.0], "shape_after_cropping_and_before_resampling": list(target)}
+    resample_and_save(torch.from_numpy(logits.copy()), list(target), str(tmp_path / "case"), pm,
+                      pm.get_configuration("3d_lowres"), props, dj, num_threads_torch=1)
+    ref = blosc2.open(str(tmp_path / "case.b2nd"), mode="r")[:]
+    assert ours.shape == ref.shape == target and len(np.unique(ours)) > 3
+    np.testing.assert_array_equal(ours, ref)
+
+
 def test_export_chunking_and_threads_do_not_change_labels():
     plans = dataclasses.replace(tiny_plans(), labels=MANY)
     props, logits = _case(plans, "3d_fullres", (18, 22, 7), (1.3, 1.2, 5.0), 7, seed=3)

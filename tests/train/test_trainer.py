@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from factories import make_raw_dataset
-from nnfast.errors import DatasetNotFoundError, SettingsError
+from nnfast.errors import DatasetError, DatasetNotFoundError, SettingsError
 from nnfast.settings import Settings
 from nnfast.train.checkpoint import load_checkpoint
 from nnfast.train.config import TrainConfig
@@ -189,9 +189,78 @@ def test_2d_and_lowres_configurations_train(dataset, tmp_path, monkeypatch, conf
 
 
 def test_cascade_names_what_is_missing(dataset, tmp_path):
-    with pytest.raises(SettingsError, match=r"3d_lowres.*previous-stage segmentation"):
+    with pytest.raises(DatasetError, match=r"3d_cascade_fullres` fold 0 trains on the `3d_lowres` segmentation of each "
+                                          r"of its 6 cases, but 6 are missing.*validation cases of `3d_lowres` fold\(s\) "
+                                          r"0, 1, 2, 3, 4.*no previous-stage segmentation.*--validate-only"):
         train(TASK, _settings(dataset, tmp_path), "3d_cascade_fullres", 0, TrainConfig(num_epochs=1),
               device="cpu", num_workers=0)
+    assert not fold_folder(tmp_path / "results", DATASET, "3d_cascade_fullres", 0).joinpath("checkpoint_latest.pt") \
+        .exists()
+
+
+@pytest.mark.slow
+def test_cascade_trains_on_the_cross_validated_lowres_predictions(dataset, tmp_path, monkeypatch, capsys):
+    """3d_lowres folds 0-4 write every case's segmentation on the full-resolution grid (each by the fold that held
+    it out); 3d_cascade_fullres trains on them as extra input channels, validates with fold 0's 3d_lowres
+    predictions and predicts new images through both stages."""
+    from nnfast.cli.main import main
+    from nnfast.io.prev_stage import PreviousStageReader, read_previous_stage_metadata
+    from nnfast.io.store_reader import CaseReader
+    from nnfast.plan.api import load_current_plans
+    from nnfast.train.layout import previous_stage_folder
+
+    predict = pytest.importorskip("nnfast.infer.predict")
+    real = predict.predict_folder
+    monkeypatch.setattr(predict, "predict_folder", lambda *a, **kw: real(*a, **{**kw, "use_tta": False}))  # speed
+    settings = _settings(dataset, tmp_path)
+    cfg = TrainConfig(num_epochs=1, num_iterations_per_epoch=1, num_val_iterations_per_epoch=1, **TINY)
+    for k in range(5):
+        r = train(TASK, settings, "3d_lowres", k, cfg, device="cpu", num_workers=0)
+        assert r.validation_skipped is None, r.validation_skipped
+    splits = json.loads((dataset.preprocessed / DATASET / "splits_final.json").read_text())
+    plans = load_current_plans(TASK, dataset)
+    full = dataset.preprocessed / DATASET / plans.configuration("3d_cascade_fullres").data_identifier
+    prev = previous_stage_folder(settings.results, DATASET, "3d_lowres", "3d_cascade_fullres")
+    for k, s in enumerate(splits):
+        for cid in s["val"]:
+            meta = read_previous_stage_metadata(prev / f"{cid}.zarr")
+            assert meta["source"] == {"configuration": "3d_lowres", "fold": k, "checkpoint": "checkpoint_final"}
+            shape = CaseReader(full / f"{cid}.zarr").shape
+            assert tuple(meta["shape"]) == shape
+            seg = PreviousStageReader(prev / f"{cid}.zarr").read([[0, n] for n in shape])
+            assert set(np.unique(seg)) <= {0, 1, 2}
+    assert sorted(p.name for p in prev.glob("*.zarr")) == sorted(f"{c}.zarr" for s in splits for c in s["val"])
+
+    res = train(TASK, settings, "3d_cascade_fullres", 0, cfg, device="cpu", num_workers=0)
+    assert res.finished and res.validation_skipped is None and 0 <= res.validation_dice <= 1
+    assert res.network.encoder.stages[0][0].convs[0].conv.in_channels == 3  # image + one channel per label
+    ck = load_checkpoint(res.output_folder / "checkpoint_final.pt")
+    assert ck["num_input_channels"] == 3 and ck["configuration"] == "3d_cascade_fullres"
+    assert "3 input channels (2 of them the `3d_lowres` segmentation" in (res.output_folder / "training_log.txt") \
+        .read_text()
+    val = res.output_folder / "validation"
+    assert sorted(p.name for p in val.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in splits[0]["val"])
+    assert not (val / "previous_stage_3d_lowres").exists()  # fold 0's 3d_lowres validation was used
+
+    # a new image through both stages: 3d_lowres is predicted first
+    images = sorted((dataset.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))[:1]
+    report = real([images], tmp_path / "pred", res.output_folder.parent, folds=(0,), use_tta=False, device="cpu",
+                  settings=settings)
+    assert report.ok and len(report.written) == 1
+    assert len(list((tmp_path / "pred" / "previous_stage_3d_lowres").glob("*.nii.gz"))) == 1
+
+    # --validate-only writes a fold's next-stage inputs again
+    for cid in splits[1]["val"]:
+        import shutil
+        shutil.rmtree(prev / f"{cid}.zarr")
+    roots = ["--raw", str(dataset.raw), "--preprocessed", str(dataset.preprocessed), "--results", str(settings.results)]
+    assert main(["train", "--task", str(TASK), "--config", "3d_lowres", "--fold", "1", "--validate-only",
+                 "--device", "cpu", *roots]) == 0
+    assert "validation of 3d_lowres fold 1 (checkpoint_final): foreground mean Dice" in capsys.readouterr().out
+    assert all((prev / f"{cid}.zarr").is_dir() for cid in splits[1]["val"])
+    assert main(["train", "--task", str(TASK), "--config", "3d_cascade_fullres", "--fold", "2", "--validate-only",
+                 "--device", "cpu", *roots]) == 2  # never trained
+    assert "checkpoint_final.pt` does not exist" in capsys.readouterr().err
 
 
 def test_bad_requests(dataset, tmp_path):
