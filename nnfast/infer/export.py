@@ -161,6 +161,21 @@ def argmax_channels(x: np.ndarray, dtype=np.uint8) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- export
+def _checked_logits(logits, plans, regions_class_order) -> tuple[np.ndarray, LabelInfo]:
+    """``logits`` as a float32 (C, x, y, z) array matching the labels' heads, and the labels."""
+    if not isinstance(logits, np.ndarray):  # torch CPU tensors
+        logits = np.asarray(logits)
+    if logits.ndim != 4:
+        raise GeometryError(f"logits must have shape (C, x, y, z); got {logits.shape}")
+    info = label_info(plans, regions_class_order)
+    if logits.shape[0] != info.num_heads:
+        raise GeometryError(f"logits have {logits.shape[0]} channels but the labels define {info.num_heads} "
+                            "segmentation heads")
+    if logits.dtype != np.float32:
+        logits = logits.astype(np.float32)
+    return logits, info
+
+
 def _resampling_args(properties: Mapping[str, Any], plans, config_name: str) -> tuple:
     cfg = plans.configuration(config_name)
     target = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
@@ -309,16 +324,7 @@ def logits_to_segmentation(
     PlanError
         For region-based labels without ``regions_class_order``.
     """
-    if not isinstance(logits, np.ndarray):  # torch CPU tensors
-        logits = np.asarray(logits)
-    if logits.ndim != 4:
-        raise GeometryError(f"logits must have shape (C, x, y, z); got {logits.shape}")
-    info = label_info(plans, regions_class_order)
-    if logits.shape[0] != info.num_heads:
-        raise GeometryError(f"logits have {logits.shape[0]} channels but the labels define {info.num_heads} "
-                            "segmentation heads")
-    if logits.dtype != np.float32:
-        logits = logits.astype(np.float32)
+    logits, info = _checked_logits(logits, plans, regions_class_order)
     target, current, original, kw = _resampling_args(properties, plans, config_name)
     chunk = max(1, int(chunk))
     threads = max(1, int(threads))
@@ -373,18 +379,10 @@ def logits_to_next_stage(logits: np.ndarray, target_shape: Sequence[int], plans,
     GeometryError
         ``logits`` or ``target_shape`` are not 3D, or the channel count does not match the labels.
     """
-    if not isinstance(logits, np.ndarray):
-        logits = np.asarray(logits)
     target = tuple(int(s) for s in target_shape)
-    if logits.ndim != 4 or len(target) != 3:
-        raise GeometryError(f"logits_to_next_stage: logits must be (C, x, y, z) and the target shape 3D; got "
-                            f"{logits.shape} and {target}")
-    info = label_info(plans, regions_class_order)
-    if logits.shape[0] != info.num_heads:
-        raise GeometryError(f"logits have {logits.shape[0]} channels but the labels define {info.num_heads} "
-                            "segmentation heads")
-    if logits.dtype != np.float32:
-        logits = logits.astype(np.float32)
+    if len(target) != 3:
+        raise GeometryError(f"logits_to_next_stage: the target shape must be 3D, got {target}")
+    logits, info = _checked_logits(logits, plans, regions_class_order)
     cfg = plans.configuration(config_name)
     spacing = [float(v) for v in cfg.spacing]
     r = cfg.resampling_probabilities

@@ -19,7 +19,6 @@ with -1 outside the case like the labels (nnU-Net's ``crop_and_pad_nd(seg_prev, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -30,8 +29,8 @@ import numpy as np
 from ..errors import StoreError
 from .atomic import temporary_sibling
 from .store import DEFAULT_CHUNK_NBYTES, STORE_SUFFIX, _blosc, _install, _jsonable, _remove, _seg_dtype, \
-    _write_sharded, chunk_layout
-from .store_reader import CaseReader, _open_array
+    _write_sharded, chunk_layout, read_group_attrs
+from .store_reader import CaseReader, _open_array, parse_bbox
 
 __all__ = ["PREVIOUS_STAGE_KIND", "PREVIOUS_STAGE_SCHEMA_VERSION", "write_previous_stage",
            "read_previous_stage_metadata", "previous_stage_complete", "missing_previous_stage",
@@ -41,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 PREVIOUS_STAGE_KIND = "previous_stage_segmentation"
 PREVIOUS_STAGE_SCHEMA_VERSION = 1
+_AGAIN = "predict the previous stage again (its final validation: nnfast train --validate-only)"
 
 
 def write_previous_stage(path: str | os.PathLike, seg: np.ndarray, *, patch_size: Sequence[int],
@@ -113,16 +113,8 @@ def read_previous_stage_metadata(path: str | os.PathLike) -> dict:
         No store at ``path``, not a previous-stage store, incomplete, or another schema.
     """
     path = Path(path)
-    meta_file = path / "zarr.json"
-    try:
-        with open(meta_file, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError as e:
-        raise StoreError(f"no previous-stage segmentation at `{path}`") from e
-    except (OSError, ValueError) as e:
-        raise StoreError(f"previous-stage segmentation `{path}`: cannot read {meta_file}: {e}") from e
-    attrs = (meta.get("attributes") or {}).get("nnfast") if isinstance(meta, dict) else None
-    if not isinstance(attrs, dict) or attrs.get("kind") != PREVIOUS_STAGE_KIND:
+    attrs = read_group_attrs(path, "previous-stage segmentation", _AGAIN, _AGAIN)
+    if attrs.get("kind") != PREVIOUS_STAGE_KIND:
         raise StoreError(f"`{path}` is not an nnfast previous-stage segmentation")
     if attrs.get("schema_version") != PREVIOUS_STAGE_SCHEMA_VERSION:
         raise StoreError(f"`{path}` has schema_version {attrs.get('schema_version')!r}, this nnfast reads "
@@ -218,13 +210,7 @@ class PreviousStageReader:
         """
         self.open()
         shape = self._seg.shape[1:]
-        if len(bbox) != len(shape):
-            raise StoreError(f"{self.path}: bbox needs {len(shape)} [lb, ub) pairs, got {bbox!r}")
-        lbs = [int(b[0]) for b in bbox]
-        ubs = [int(b[1]) for b in bbox]
-        box = tuple(u - lb for lb, u in zip(lbs, ubs))
-        if min(box) < 0:
-            raise StoreError(f"{self.path}: bbox {bbox!r} has an upper bound below its lower bound")
+        lbs, ubs, box = parse_bbox(bbox, len(shape), self.path)
         if out is None:
             out = np.empty((1, *box), self._seg.dtype)
         elif not isinstance(out, np.ndarray) or out.shape != (1, *box):

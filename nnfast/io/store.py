@@ -495,18 +495,28 @@ def write_case(
 # reading
 # ----------------------------------------------------------------------------------------------------------
 
-def _read_root_attrs(path: Path) -> dict:
+def read_group_attrs(path: Path, what: str = "case store", missing: str = "run preprocessing for this case",
+                     unreadable: str = "delete it and rerun preprocessing") -> dict:
+    """The ``nnfast`` attributes of the zarr v3 group at ``path``, read from its ``zarr.json`` (no zarr import).
+
+    ``what`` names the kind of store in messages, ``missing`` / ``unreadable`` say what to do.
+
+    Raises
+    ------
+    StoreError
+        No ``zarr.json``, an unreadable one, or a group without ``nnfast`` attributes.
+    """
     meta_file = path / "zarr.json"
     try:
         with open(meta_file, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError as e:
-        raise StoreError(f"no case store at {path} ({meta_file} is missing); run preprocessing for this case") from e
+        raise StoreError(f"no {what} at {path} ({meta_file} is missing); {missing}") from e
     except (OSError, ValueError) as e:
-        raise StoreError(f"case store {path}: cannot read {meta_file}: {e}; delete it and rerun preprocessing") from e
+        raise StoreError(f"{what} {path}: cannot read {meta_file}: {e}; {unreadable}") from e
     attrs = meta.get("attributes", {}).get("nnfast") if isinstance(meta, dict) else None
-    if meta.get("node_type") != "group" or not isinstance(attrs, dict):
-        raise StoreError(f"{path} is not an nnfast case store (no 'nnfast' attributes in {meta_file})")
+    if not isinstance(meta, dict) or meta.get("node_type") != "group" or not isinstance(attrs, dict):
+        raise StoreError(f"{path} is not an nnfast {what} (no 'nnfast' attributes in {meta_file})")
     return attrs
 
 
@@ -525,7 +535,7 @@ def read_case_metadata(path: str | os.PathLike) -> dict:
         If there is no store at ``path``, it is not an nnfast store, is incomplete or has another schema.
     """
     path = Path(path)
-    attrs = _read_root_attrs(path)
+    attrs = read_group_attrs(path)
     if attrs.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(f"case store {path} has schema_version {attrs.get('schema_version')!r}, this nnfast "
                          f"reads {SCHEMA_VERSION}; rerun preprocessing")

@@ -360,6 +360,24 @@ def _open_array(array_dir: Path, force_zarr: bool):
     return _ZarrArray(array_dir)
 
 
+def parse_bbox(bbox: Sequence[Sequence[int]], ndim: int, where) -> tuple[list[int], list[int], tuple[int, ...]]:
+    """``(lower bounds, upper bounds, box shape)`` of a half-open ``[[lb, ub], ...]`` box over ``ndim`` axes.
+
+    Raises
+    ------
+    StoreError
+        Wrong number of axes or an upper bound below its lower bound (``where`` names the store).
+    """
+    if len(bbox) != ndim:
+        raise StoreError(f"{where}: bbox needs {ndim} [lb, ub) pairs, got {bbox!r}")
+    lbs = [int(b[0]) for b in bbox]
+    ubs = [int(b[1]) for b in bbox]
+    box = tuple(u - lb for lb, u in zip(lbs, ubs))
+    if min(box) < 0:
+        raise StoreError(f"{where}: bbox {bbox!r} has an upper bound below its lower bound")
+    return lbs, ubs, box
+
+
 class CaseReader:
     """Reads boxes of one case store (``<case_id>.zarr``) with minimal overhead.
 
@@ -507,13 +525,7 @@ class CaseReader:
         """
         self.open()
         shape = self._image.shape[1:]
-        if len(bbox) != len(shape):
-            raise StoreError(f"{self.path}: bbox needs {len(shape)} [lb, ub) pairs, got {bbox!r}")
-        lbs = [int(b[0]) for b in bbox]
-        ubs = [int(b[1]) for b in bbox]
-        box = tuple(u - lb for lb, u in zip(lbs, ubs))
-        if min(box) < 0:
-            raise StoreError(f"{self.path}: bbox {bbox!r} has an upper bound below its lower bound")
+        lbs, ubs, box = parse_bbox(bbox, len(shape), self.path)
         n_ch = self._image.shape[0]
         if channels is None:
             chans = None
