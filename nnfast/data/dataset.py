@@ -394,6 +394,45 @@ def _fill_box(arr, out: np.ndarray, lbs: Sequence[int], ubs: Sequence[int], pad,
     np.copyto(out[(*lead, *inner)], chunk, casting="same_kind")
 
 
+#: What nnU-Net's properties pickles may refer to (numpy 1.x and 2.x module names): arrays, dtypes, scalars.
+_PICKLE_ALLOWED = {
+    **{(m, n): None for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")},
+    **{(m, "_frombuffer"): None for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): None, ("numpy", "dtype"): None, ("collections", "OrderedDict"): None,
+    **{("builtins", n): None for n in ("set", "frozenset", "complex", "bytearray")},
+    ("_codecs", "encode"): None,  # how protocols 0-2 write the bytes of an array: str -> bytes, nothing else
+}
+
+
+def _load_nnunet_properties(path: Path) -> dict:
+    """``pickle.load`` of an nnU-Net properties file that builds only data (``_PICKLE_ALLOWED``)."""
+    import _compat_pickle
+    import pickle
+
+    class _DataOnly(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            # Python 2 names (protocols 0-2), mapped as the base class maps them; Python 3 names pass unchanged
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            if (module, name) not in _PICKLE_ALLOWED:
+                raise DatasetError(f"{path} refers to `{module}.{name}`; nnU-Net's properties files hold only "
+                                   "containers, numbers and numpy arrays, so nnfast refuses to load it (it could "
+                                   "run code); preprocess the dataset again with nnUNetv2_preprocess")
+            return super().find_class(module, name)
+
+    try:
+        with open(path, "rb") as f:
+            props = _DataOnly(f).load()
+    except DatasetError:
+        raise
+    except Exception as e:  # truncated or not a pickle
+        raise DatasetError(f"{path} is not a readable nnU-Net properties file ({type(e).__name__}: {e}); "
+                           "preprocess the dataset again with nnUNetv2_preprocess") from e
+    if not isinstance(props, dict):
+        raise DatasetError(f"{path} holds a {type(props).__name__}, not nnU-Net's properties dict")
+    return props
+
+
 class NnunetCaseSource(_FolderSource):
     """Cases of nnU-Net v2's preprocessed configuration folder (e.g. ``nnUNet_preprocessed/Dataset001_X/
     nnUNetPlans_3d_fullres``), read as ``nnUNetDatasetBlosc2.load_case`` + ``crop_and_pad_nd`` would.
@@ -411,9 +450,10 @@ class NnunetCaseSource(_FolderSource):
 
     Notes
     -----
-    Class locations come from nnU-Net's per-case ``.pkl`` (its ``properties['class_locations']``): loading that
-    pickle is the only way to read nnU-Net's own format, and is done here only. nnfast itself never writes
-    pickles.
+    Class locations come from nnU-Net's per-case ``.pkl`` (its ``properties['class_locations']``), nnU-Net's own
+    format and the only pickle nnfast reads. It is loaded with an allowlist (plain containers, numbers, strings,
+    numpy arrays, dtypes and scalars): a file that refers to anything else (a function, a class, a module) is
+    refused before it is built, so a tampered file cannot run code. nnfast itself never writes pickles.
 
     Raises
     ------
@@ -477,15 +517,19 @@ class NnunetCaseSource(_FolderSource):
         return tuple(int(s) for s in self._case(case_id).image.shape[1:])
 
     def properties(self, case_id: str) -> dict:
-        """nnU-Net's per-case properties (its ``.pkl``), uncached."""
-        import pickle
+        """nnU-Net's per-case properties (its ``.pkl``, read with an allowlist: see the class notes), uncached.
 
+        Raises
+        ------
+        CaseNotFoundError
+            No ``.pkl`` next to the case.
+        DatasetError
+            The file refers to something other than data, or is not a pickled dict.
+        """
         path = self.folder / f"{case_id}.pkl"
         if not path.is_file():
             raise CaseNotFoundError(f"{path} does not exist; nnU-Net writes it next to {case_id}.b2nd")
-        with open(path, "rb") as f:
-            # nnU-Net's own file format (written by nnUNetv2_preprocess); the only place nnfast loads a pickle.
-            return pickle.load(f)
+        return _load_nnunet_properties(path)
 
     def class_locations(self, case_id: str) -> Mapping[Any, np.ndarray]:
         locs = self._locations.get(case_id)

@@ -97,6 +97,39 @@ def test_sources_pickle_reopen_and_validate(ld_cases, tmp_path):
         NnunetCaseSource(tmp_path)
 
 
+def test_properties_pickles_are_loaded_as_data_only(ld_cases, tmp_path):
+    """nnU-Net's own .pkl files load (arrays, dtypes, numpy scalars); a file that names a function is refused before
+    anything is built, and so are non-pickles and non-dicts."""
+    import os
+    import pickle
+    from collections import OrderedDict
+
+    nn = ld_cases[1]
+    src = NnunetCaseSource(nn)
+    props = src.properties("case_000")
+    with open(nn / "case_000.pkl", "rb") as f:
+        assert set(props) == set(pickle.load(f))  # what nnU-Net wrote, same keys
+    assert all(isinstance(v, np.ndarray) for v in props["class_locations"].values())
+    for name in ("case_000", "case_001"):
+        for suffix in (".b2nd", "_seg.b2nd"):
+            (tmp_path / f"{name}{suffix}").symlink_to(nn / f"case_000{suffix}")
+    ok = {"spacing": [np.float64(1.5), 2.0], "n": np.int64(3), "o": OrderedDict(a=(1, 2)), "s": {1, 2},
+          "class_locations": {1: np.zeros((2, 4), np.int64)}}
+    for protocol in (2, 4, 5):
+        (tmp_path / "case_000.pkl").write_bytes(pickle.dumps(ok, protocol=protocol))
+        got = NnunetCaseSource(tmp_path).properties("case_000")
+        assert got["n"] == 3 and got["o"] == ok["o"] and got["s"] == {1, 2} and got["class_locations"][1].shape == (2, 4)
+    (tmp_path / "case_001.pkl").write_bytes(pickle.dumps({"class_locations": {1: os.system}}))
+    with pytest.raises(DatasetError, match=r"case_001.pkl refers to `(posix|nt|os)\.system`.*refuses"):
+        NnunetCaseSource(tmp_path).class_locations("case_001")
+    (tmp_path / "case_001.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(DatasetError, match="not a readable nnU-Net properties file"):
+        NnunetCaseSource(tmp_path).properties("case_001")
+    (tmp_path / "case_001.pkl").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(DatasetError, match="holds a list"):
+        NnunetCaseSource(tmp_path).properties("case_001")
+
+
 def test_class_location_cache_is_bounded(ld_cases):
     src = NnunetCaseSource(ld_cases[1], location_cache_bytes=1, max_open=2)
     for cid in src.case_ids:
