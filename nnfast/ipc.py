@@ -1,9 +1,12 @@
 """What crosses the pipes between nnfast's parent processes and its worker processes.
 
 Both worker pools (:mod:`nnfast.parallel` for per-case tasks, :mod:`nnfast.data.loader` for training batches) send
-task payloads to their workers and exceptions back. Those objects are pickled here, in flight only — the transport
-``multiprocessing`` itself uses for every message; nothing is written to disk (plans, properties and checkpoints are
-versioned JSON and state dicts). Arrays never cross a pipe: workers write results to files or shared memory.
+exceptions back to their parent, and :mod:`nnfast.parallel` sends its workers the function to run (a reference to
+a module-level function and its initializer). Those are pickled here, in flight only — the transport
+``multiprocessing`` itself uses for every message — because a reference to code has no JSON form. Data does not go
+through here: tasks carry file paths (plans, properties and checkpoints are versioned JSON and state dicts on disk),
+the loader sends its case source as JSON (:func:`nnfast.data.dataset.source_to_json`), and arrays never cross a
+pipe: workers write results to files or shared memory.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ __all__ = ["dumps", "loads", "PackedError", "pack_exception", "unpack_exception"
 
 
 def dumps(obj: Any) -> bytes:
-    """Serialize a task payload (a module-level function, a small dataclass, a case source) for a worker."""
+    """Serialize the function a worker runs (a module-level function, its initializer and their arguments)."""
     return pickle.dumps(obj)
 
 

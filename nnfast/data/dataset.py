@@ -11,8 +11,9 @@ below give identical answers for identical data, so the loader does not care whi
   ``<case>_seg.b2nd``, ``<case>.pkl``), so that nnU-Net users can train from the data they already have. It needs
   ``blosc2`` (nnfast's ``compat`` extra), imported only when such a source opens a case.
 
-Sources pickle as their folder and case list only and reopen lazily, so the loader can send them to spawned
-worker processes. Each keeps a bounded number of cases open and a bounded cache of class locations (nnU-Net keeps
+A source describes itself as JSON (:func:`source_to_json`: its class and its folder, case ids and settings; pickling
+gives the same state) and reopens its files lazily, so the loader sends that text to its spawned worker processes
+(:func:`source_from_json`). Each keeps a bounded number of cases open and a bounded cache of class locations (nnU-Net keeps
 up to ~10 000 locations per class and case; a dataset of 1 000 cases would otherwise cost a worker ~1 GB).
 
 The cascade (``3d_cascade_fullres``): a source opened with ``previous_stage_folder`` also reads the first stage's
@@ -28,6 +29,7 @@ Array conventions: image ``(c, x, y, z)`` float32 (nnU-Net axis order, low-resol
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -41,7 +43,8 @@ from ..io.prev_stage import PreviousStageReader, missing_previous_stage
 from ..io.store import list_case_ids, store_path
 from ..io.store_reader import CaseReader
 
-__all__ = ["CaseSource", "ZarrCaseSource", "NnunetCaseSource", "open_case_source"]
+__all__ = ["CaseSource", "ZarrCaseSource", "NnunetCaseSource", "open_case_source", "source_to_json",
+           "source_from_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -582,3 +585,36 @@ def open_case_source(folder: str | os.PathLike, case_ids: Sequence[str] | None =
         return NnunetCaseSource(folder, case_ids, previous_stage_folder=previous_stage_folder)
     raise DatasetError(f"{folder} holds neither nnfast case stores (*.zarr) nor nnU-Net preprocessed cases (*.b2nd); "
                        f"run `nnfast preprocess` or nnUNetv2_preprocess for this configuration")
+
+
+def source_to_json(source: CaseSource) -> str:
+    """``source`` as JSON text: its class (``module:qualname``) and its ``__getstate__`` (folder, case ids,
+    settings; no open files). :func:`source_from_json` rebuilds it in another process.
+
+    Raises
+    ------
+    TypeError
+        The source's state is not plain JSON (a custom source: give it a JSON-able ``__getstate__`` and a matching
+        ``__setstate__``, or use the loader with ``num_workers=0``).
+    """
+    cls = type(source)
+    state = source.__getstate__() if hasattr(source, "__getstate__") else None
+    try:
+        return json.dumps({"class": f"{cls.__module__}:{cls.__qualname__}", "state": state})
+    except TypeError as e:
+        raise TypeError(f"{cls.__name__}: loader workers receive a case source as JSON, but its state is not JSON "
+                        f"({e}); give it a JSON-able __getstate__/__setstate__ or use num_workers=0") from e
+
+
+def source_from_json(text: str) -> CaseSource:
+    """The source :func:`source_to_json` described (its files reopen on first use)."""
+    import importlib
+
+    d = json.loads(text)
+    module, _, qualname = d["class"].partition(":")
+    cls: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    obj = cls.__new__(cls)
+    obj.__setstate__(d["state"])
+    return obj

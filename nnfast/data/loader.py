@@ -10,7 +10,8 @@ How the work is spread (compare nnU-Net's ``NonDetMultiThreadedAugmenter``, refe
 * With ``N`` workers, ``N`` *spawned* processes each own a :class:`~nnfast.data.batch.BatchBuilder`. One
   ``multiprocessing.shared_memory`` block holds a ring of ``num_cached`` batch slots; batch ``i`` is written
   into slot ``i % num_cached`` by whichever worker gets it. Only tiny control messages travel over one pipe
-  per worker (``(i, slot)`` to the worker, ``("ok", i, keys)`` back): no array is pickled.
+  per worker (``(i, slot)`` to the worker, ``("ok", i, keys)`` back): no array is pickled. The case source
+  reaches each worker as JSON (:func:`~nnfast.data.dataset.source_to_json`: folder and case ids).
 * At most ``num_cached`` batches are in flight; each new one goes to the worker with the fewest outstanding
   batches. Batches are delivered in index order: ``next()`` waits for batch ``i`` even if ``i + 1`` is ready.
 * ``next()`` copies the slot into fresh tensors (pinned host memory when CUDA is present, so that
@@ -42,10 +43,10 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import numpy as np
 
 from ..errors import SettingsError, WorkerDiedError
-from ..ipc import dumps, loads, send_error, unpack_exception
+from ..ipc import send_error, unpack_exception
 from .augment_params import AugmentConfig, deep_supervision_scales
 from .batch import BatchArrays, BatchBuilder, BatchSpec, allocate_batch
-from .dataset import CaseSource
+from .dataset import CaseSource, source_from_json, source_to_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan.schema import ConfigurationPlan, Plans
@@ -73,7 +74,7 @@ def _close_all() -> None:  # pragma: no cover - runs at interpreter exit
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def _worker_main(conn, source_blob: bytes, spec: BatchSpec, shm_name: str, slot_nbytes: int, n_slots: int,
+def _worker_main(conn, source_json: str, spec: BatchSpec, shm_name: str, slot_nbytes: int, n_slots: int,
                  base_seed: int) -> None:
     """Entry point of a spawned worker: attach the ring, then build the batches the parent asks for."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
@@ -84,7 +85,7 @@ def _worker_main(conn, source_blob: bytes, spec: BatchSpec, shm_name: str, slot_
         from multiprocessing import shared_memory
 
         torch.set_num_threads(1)
-        source = loads(source_blob)
+        source = source_from_json(source_json)
         builder = BatchBuilder(source, spec)
         shm = shared_memory.SharedMemory(name=shm_name)
         views = [allocate_batch(spec, shm.buf, s * slot_nbytes) for s in range(n_slots)]
@@ -267,7 +268,7 @@ class PatchLoader:
                                                create=True, size=max(1, total))
         self._slots = [allocate_batch(self.spec, self._shm.buf, s * slot) for s in range(self.num_cached)]
         ctx = mp.get_context("spawn")
-        blob = dumps(self.source)
+        source_json = source_to_json(self.source)
         saved = {k: os.environ.get(k) for k in _THREAD_ENV}
         try:  # one thread per worker (BLAS/OpenMP/Numba read these at import in the child)
             for k in _THREAD_ENV:
@@ -275,7 +276,7 @@ class PatchLoader:
             for _ in range(self.num_workers):
                 parent, child = ctx.Pipe(duplex=True)
                 proc = ctx.Process(target=_worker_main, name="nnfast-loader",
-                                   args=(child, blob, self.spec, self._shm.name, slot, self.num_cached,
+                                   args=(child, source_json, self.spec, self._shm.name, slot, self.num_cached,
                                          self.base_seed), daemon=True)
                 proc.start()
                 child.close()

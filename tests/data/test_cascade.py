@@ -329,3 +329,29 @@ def test_nnunet_adapter_reads_the_trainers_previous_stage_folder(cascade_cases, 
         val.close()
     with pytest.raises(DatasetError, match=r"3 of 3 are missing.*case_000"):
         build_nnunet_loaders(fake(tmp_path), num_workers=0, base_seed=1)
+
+
+def test_sources_travel_as_json(cascade_cases):
+    """What the loader sends its workers: the class and the folder/ids/settings, as JSON text."""
+    import json
+
+    from nnfast.data.dataset import source_from_json, source_to_json
+
+    cc = cascade_cases
+    for src in (ZarrCaseSource(cc["stores"], previous_stage_folder=cc["noisy"]).subset(["case_001", "case_002"]),
+                ZarrCaseSource(cc["stores"])):
+        text = source_to_json(src)
+        assert json.loads(text)["class"] == "nnfast.data.dataset:ZarrCaseSource" and len(text) < 1000
+        back = source_from_json(text)
+        assert type(back) is ZarrCaseSource and back.case_ids == src.case_ids
+        assert back.previous_stage_folder == src.previous_stage_folder
+        box = [[-1, 5], [2, 20], [3, 30]]
+        for a, b in zip(src.read("case_001", box), back.read("case_001", box)):
+            np.testing.assert_array_equal(a, b)
+
+    class Opaque(ZarrCaseSource):
+        def __getstate__(self):
+            return {"handle": object()}
+
+    with pytest.raises(TypeError, match="num_workers=0"):
+        source_to_json(Opaque(cc["stores"]))
