@@ -50,7 +50,7 @@ from .transforms import augment_sample, deep_supervision_targets
 if TYPE_CHECKING:  # pragma: no cover
     from ..plan.schema import ConfigurationPlan
 
-__all__ = ["BatchSpec", "BatchArrays", "BatchBuilder", "batch_rng", "allocate_batch"]
+__all__ = ["BatchSpec", "BatchArrays", "BatchBuilder", "batch_rng", "allocate_batch", "check_source"]
 
 TARGET_DTYPE = np.int16  # nnU-Net's loader crops labels to int16 and its transforms keep that dtype
 _ALIGN = 64
@@ -233,6 +233,17 @@ class _Scratch:
         return self._patch_seg[:n].reshape(s, *patch)
 
 
+def check_source(source: CaseSource, spec: BatchSpec) -> None:
+    """Raise ``ValueError`` unless ``source`` reads the label channels ``spec`` needs: the previous stage exactly when
+    the spec has ``cascade_labels``."""
+    n_seg = int(getattr(source, "num_seg_channels", 1))
+    if n_seg != spec.num_seg_channels:
+        raise ValueError(
+            f"{source!r} reads {n_seg} label channel(s) but the batches need {spec.num_seg_channels}: the cascade "
+            "needs both a source with previous_stage_folder and cascade_labels (the foreground labels), other "
+            "configurations neither")
+
+
 class BatchBuilder:
     """Builds batches of ``spec`` from ``source``.
 
@@ -250,12 +261,7 @@ class BatchBuilder:
     def __init__(self, source: CaseSource, spec: BatchSpec):
         if not source.case_ids:
             raise ValueError("BatchBuilder: the source has no cases")
-        n_seg = int(getattr(source, "num_seg_channels", 1))
-        if n_seg != spec.num_seg_channels:
-            raise ValueError(
-                f"BatchBuilder: {source!r} reads {n_seg} label channel(s) but the batch spec needs "
-                f"{spec.num_seg_channels}: the cascade needs both a source with previous_stage_folder and "
-                "cascade_labels (the foreground labels), other configurations neither")
+        check_source(source, spec)
         self.source = source
         self.spec = spec
         self._case_ids = list(source.case_ids)

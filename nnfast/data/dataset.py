@@ -25,7 +25,8 @@ nnU-Net's ``nnUNetDataset.load_case`` + ``crop_and_pad_nd`` of ``seg_prev``.
 Not supported: nnU-Net's unpacked ``.npy``/``.npz`` folders (nnU-Net < 2.6).
 
 Array conventions: image ``(c, x, y, z)`` float32 (nnU-Net axis order, low-resolution axis first), labels
-``(s, x, y, z)`` (``s`` = :attr:`num_seg_channels`: 1, or 2 with a previous stage) read as int16 by default (nnU-Net's loader casts crops to int16), -1 outside the nonzero region.
+``(s, x, y, z)`` (``s`` = :attr:`num_seg_channels`: 1, or 2 with a previous stage) read as int16 by default
+(nnU-Net's loader casts crops to int16), -1 outside the nonzero region.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ import numpy as np
 
 from ..errors import CaseNotFoundError, DatasetError
 from ..io.prev_stage import PreviousStageReader, missing_previous_stage
-from ..io.store import list_case_ids, store_path
-from ..io.store_reader import CaseReader
+from ..io.store import list_case_ids, read_case_metadata, store_path
+from ..io.store_reader import CaseReader, parse_bbox
 
 __all__ = ["CaseSource", "ZarrCaseSource", "NnunetCaseSource", "open_case_source", "source_to_json",
            "source_from_json"]
@@ -147,16 +148,6 @@ def _compact_locations(locs: Mapping[Any, Any]) -> tuple[dict, int]:
         out[key] = a
         total += a.nbytes
     return out, total
-
-
-def _check_bbox(bbox: Sequence[Sequence[int]], ndim: int, where: str) -> tuple[list[int], list[int]]:
-    if len(bbox) != ndim:
-        raise DatasetError(f"{where}: bbox needs {ndim} [lb, ub) pairs, got {bbox!r}")
-    lbs = [int(b[0]) for b in bbox]
-    ubs = [int(b[1]) for b in bbox]
-    if any(u < lb for lb, u in zip(lbs, ubs)):
-        raise DatasetError(f"{where}: bbox {bbox!r} has an upper bound below its lower bound")
-    return lbs, ubs
 
 
 def _out(out: np.ndarray | None, shape: tuple[int, ...], dtype, name: str, where: str) -> np.ndarray:
@@ -289,7 +280,8 @@ class ZarrCaseSource(_FolderSource):
         are there, or when the source reads no previous stage)."""
         if self.previous_stage_folder is None:
             return {}
-        return missing_previous_stage(self.previous_stage_folder, {c: self.shape(c) for c in self.case_ids})
+        shapes = {c: read_case_metadata(store_path(self.folder, c))["image"]["shape"][1:] for c in self.case_ids}
+        return missing_previous_stage(self.previous_stage_folder, shapes)
 
     def reader(self, case_id: str) -> CaseReader:
         """The (cached, open) :class:`CaseReader` of a case."""
@@ -319,8 +311,7 @@ class ZarrCaseSource(_FolderSource):
              out_seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         r = self.reader(case_id)
         where = f"{r.path}"
-        lbs, ubs = _check_bbox(bbox, 3, where)
-        box = tuple(u - lb for lb, u in zip(lbs, ubs))
+        lbs, ubs, box = parse_bbox(bbox, 3, where, DatasetError)
         out_image = _out(out_image, (r.num_channels, *box), np.float32, "out_image", where)
         out_seg = self._seg_out(out_seg, box, where)
         r.read(bbox, out_image, out_seg[:1])
@@ -549,8 +540,7 @@ class NnunetCaseSource(_FolderSource):
              out_seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         c = self._case(case_id)
         where = f"{self.folder / case_id}"
-        lbs, ubs = _check_bbox(bbox, 3, where)
-        box = tuple(u - lb for lb, u in zip(lbs, ubs))
+        lbs, ubs, box = parse_bbox(bbox, 3, where, DatasetError)
         out_image = _out(out_image, (int(c.image.shape[0]), *box), np.float32, "out_image", where)
         out_seg = self._seg_out(out_seg, box, where)
         _fill_box(c.image, out_image, lbs, ubs, 0)

@@ -45,7 +45,7 @@ import numpy as np
 from ..errors import SettingsError, WorkerDiedError
 from ..ipc import send_error, unpack_exception
 from .augment_params import AugmentConfig, deep_supervision_scales
-from .batch import BatchArrays, BatchBuilder, BatchSpec, allocate_batch
+from .batch import BatchArrays, BatchBuilder, BatchSpec, allocate_batch, check_source
 from .dataset import CaseSource, source_from_json, source_to_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -547,13 +547,6 @@ def _check_shm_space(total: int, n_slots: int) -> None:
 
 def _make_spec(source, config, patch_size, batch_size, augment, train, ds, oversample, probabilistic,
                annotated_key, use_mask_for_norm, clip, cascade_labels) -> BatchSpec:
-    reads_prev = int(getattr(source, "num_seg_channels", 1)) == 2
-    if reads_prev and not cascade_labels:
-        raise ValueError(f"PatchLoader: {source!r} reads a previous stage; give cascade_labels (the foreground labels "
-                         "of its one-hot input channels)")
-    if cascade_labels and not reads_prev:
-        raise ValueError(f"PatchLoader: cascade_labels needs a source that reads the previous stage's segmentation "
-                         f"(previous_stage_folder=...); {source!r} does not")
     if batch_size is None:
         if config is None:
             raise ValueError("PatchLoader: give a plan configuration (config=) or batch_size and patch_size")
@@ -576,8 +569,9 @@ def _make_spec(source, config, patch_size, batch_size, augment, train, ds, overs
         augment = replace(augment, ds_scales=None if ds is None else tuple(tuple(float(v) for v in s) for s in ds))
     if use_mask_for_norm is not None:
         augment = replace(augment, use_mask_for_norm=tuple(bool(b) for b in use_mask_for_norm))
-    return BatchSpec(augment=augment, batch_size=int(batch_size), num_channels=int(source.num_channels),
+    spec = BatchSpec(augment=augment, batch_size=int(batch_size), num_channels=int(source.num_channels),
                      train=bool(train), oversample_foreground_percent=float(oversample),
                      probabilistic_oversampling=bool(probabilistic), annotated_classes_key=annotated_key,
-                     clip_to_sampled_box=bool(clip),
-                     cascade_labels=tuple(int(v) for v in cascade_labels) if cascade_labels else None)
+                     clip_to_sampled_box=bool(clip), cascade_labels=tuple(cascade_labels) if cascade_labels else None)
+    check_source(source, spec)  # here too: with workers, the builders are made in the workers
+    return spec

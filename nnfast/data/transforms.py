@@ -411,20 +411,13 @@ def augment_sample(image_region: np.ndarray, seg_region: np.ndarray, params: Spa
                            onehot)
 
 
-def validation_transform(image: np.ndarray, seg: np.ndarray, cfg: AugmentConfig,
-                         cascade_labels: Sequence[int] | None = None) -> AugmentedSample:
-    """nnU-Net's validation transforms: label -1 -> 0 (on a copy of ``seg``), the cascade's one-hot channels of
-    the previous stage (``seg[1]``) and deep-supervision targets.
+def validation_transform(image: np.ndarray, seg: np.ndarray, cfg: AugmentConfig) -> AugmentedSample:
+    """nnU-Net's validation transforms: label -1 -> 0 (on a copy of ``seg``) and deep-supervision targets (the
+    batch builder adds the cascade's one-hot channels itself).
 
     image: (c, *patch_size) float32, returned as is; seg: (s, *patch_size) integer labels."""
     if image.shape[1:] != seg.shape[1:]:
         raise ValueError(f"validation_transform: image {image.shape} and seg {seg.shape} differ in spatial shape")
     seg = np.array(seg, copy=True, order="C")
     seg[seg == -1] = 0
-    onehot = None
-    if cascade_labels is not None:
-        if seg.shape[0] != 2:
-            raise ValueError(f"validation_transform: the cascade needs 2 label channels, got {seg.shape[0]}")
-        onehot = onehot_into(seg[1], cascade_labels, np.empty((len(cascade_labels), *seg.shape[1:]), np.float32))
-        seg = seg[:1]
-    return AugmentedSample(image, seg, deep_supervision_targets(seg, cfg.ds_scales), None, onehot)
+    return AugmentedSample(image, seg, deep_supervision_targets(seg, cfg.ds_scales), None)

@@ -29,6 +29,7 @@ __all__ = [
     "PLANS_IDENTIFIER",
     "TrainedModel",
     "model_folder_for",
+    "stage_model_folder",
     "available_folds",
     "load_model",
 ]
@@ -99,6 +100,13 @@ class TrainedModel:
                             deep_supervision=False)
         net.load_state_dict(self.weights[0])
         return net
+
+
+def stage_model_folder(model_folder: Path | str, config_name: str) -> Path:
+    """The trainer folder of configuration ``config_name`` beside ``model_folder`` (same trainer and plans: the
+    other stage of a cascade)."""
+    folder = Path(model_folder)
+    return folder.with_name(folder.name.rsplit("__", 1)[0] + f"__{config_name}")
 
 
 def model_folder_for(results_root: Path | str, task: str | int, config_name: str) -> Path:
@@ -245,11 +253,10 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
     name = config_name or trained
     conf = plans.configuration(name)  # raises PlanError naming the available ones
     labels = LabelInfo(plans.labels, dataset_json.get("regions_class_order"))
-    n_in_default = plans.num_input_channels + (len(labels.foreground_labels) if conf.previous_stage else 0)
-    meta = metas[0]
-    n_in = int(meta.get("num_input_channels") or n_in_default)
-    if conf.previous_stage and n_in == plans.num_input_channels:
-        n_in = n_in_default  # the trainer records image channels only
+    from ..train.network import build_network, network_input_channels
+
+    meta = metas[0]  # nnfast records the network's input channels; nnU-Net's checkpoints do not
+    n_in = int(meta.get("num_input_channels") or network_input_channels(plans, name, len(labels.foreground_labels)))
     n_classes = int(meta.get("num_classes") or labels.num_heads)
     if n_classes != labels.num_heads:
         raise PlanError(f"checkpoint of `{folder}` has {n_classes} outputs but the labels define {labels.num_heads}")
@@ -258,8 +265,6 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
     model = TrainedModel(folder=folder, plans=plans, config_name=name, dataset_json=dataset_json, folds=folds,
                          weights=weights, mirror_axes=mirror_axes, num_input_channels=n_in, num_classes=n_classes,
                          labels=labels)
-    from ..train.network import build_network
-
     net = build_network(plans, name, n_in, n_classes, deep_supervision=False)
     for f, w in zip(folds, weights):
         try:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import CaseNotFoundError, NnfastError, PlanError
 from .inputs import CaseInput, cases_from_file_lists, list_cases, preprocess_input
-from .model import TrainedModel, load_model, model_folder_for
+from .model import TrainedModel, load_model, model_folder_for, stage_model_folder
 
 __all__ = ["PredictionReport", "predict_folder", "predict_logits", "load_model", "validate_fold"]
 
@@ -228,8 +228,7 @@ def _attach_previous_stage(cases, model, out_dir, prev_folder, prev_model_folder
     prev = model.configuration.previous_stage
     ending = model.file_ending
     if prev_folder is None:
-        prev_model = Path(prev_model_folder) if prev_model_folder else \
-            model.folder.with_name(model.folder.name.rsplit("__", 1)[0] + f"__{prev}")
+        prev_model = Path(prev_model_folder) if prev_model_folder else stage_model_folder(model.folder, prev)
         if not prev_model.is_dir():
             raise CaseNotFoundError(
                 f"configuration `{model.config_name}` is the second stage of a cascade and needs the `{prev}` "

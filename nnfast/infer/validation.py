@@ -109,9 +109,9 @@ class NextStageWriter:
 
 def _previous_stage_predictions(model, fold, val: list[str], fold_dir: Path) -> Path | None:
     """The first stage's validation folder of the same fold when it holds every validation case, else None."""
-    prev = model.configuration.previous_stage
-    folder = fold_dir.parent.with_name(fold_dir.parent.name.rsplit("__", 1)[0] + f"__{prev}") / fold_dir.name / \
-        "validation"
+    from .model import stage_model_folder
+
+    folder = stage_model_folder(fold_dir.parent, model.configuration.previous_stage) / fold_dir.name / "validation"
     ending = model.file_ending
     if folder.is_dir() and all((folder / f"{c}{ending}").is_file() for c in val):
         return folder

@@ -113,44 +113,37 @@ def read_previous_stage_metadata(path: str | os.PathLike) -> dict:
         No store at ``path``, not a previous-stage store, incomplete, or another schema.
     """
     path = Path(path)
-    attrs = read_group_attrs(path, "previous-stage segmentation", _AGAIN, _AGAIN)
+    attrs = read_group_attrs(path, "previous-stage segmentation", _AGAIN, _AGAIN,
+                             schema_version=PREVIOUS_STAGE_SCHEMA_VERSION, redo=_AGAIN)
     if attrs.get("kind") != PREVIOUS_STAGE_KIND:
         raise StoreError(f"`{path}` is not an nnfast previous-stage segmentation")
-    if attrs.get("schema_version") != PREVIOUS_STAGE_SCHEMA_VERSION:
-        raise StoreError(f"`{path}` has schema_version {attrs.get('schema_version')!r}, this nnfast reads "
-                         f"{PREVIOUS_STAGE_SCHEMA_VERSION}; predict the previous stage again")
-    if attrs.get("complete") is not True:
-        raise StoreError(f"`{path}` is incomplete; predict the previous stage again")
     return attrs
+
+
+def _problem(path: Path, shape: Sequence[int] | None) -> str | None:
+    """Why ``path`` is not a usable previous-stage store (of spatial ``shape`` when given), or None."""
+    try:
+        attrs = read_previous_stage_metadata(path)
+    except StoreError as e:
+        return str(e)
+    have = [int(s) for s in attrs.get("shape", ())]
+    if shape is not None and have != [int(s) for s in shape]:
+        return (f"`{path}` has shape {tuple(have)} but the preprocessed case has {tuple(int(s) for s in shape)} "
+                "(preprocessed again since?); predict the previous stage again")
+    if not (path / "seg" / "zarr.json").is_file():
+        return f"`{path}` has no seg array; predict the previous stage again"
+    return None
 
 
 def previous_stage_complete(path: str | os.PathLike, shape: Sequence[int] | None = None) -> bool:
     """True iff ``path`` holds a complete previous-stage store (of spatial ``shape`` when given); never raises."""
-    try:
-        attrs = read_previous_stage_metadata(path)
-    except StoreError:
-        return False
-    if shape is not None and [int(s) for s in attrs.get("shape", ())] != [int(s) for s in shape]:
-        return False
-    return (Path(path) / "seg" / "zarr.json").is_file()
+    return _problem(Path(path), shape) is None
 
 
 def missing_previous_stage(folder: str | os.PathLike, shapes: Mapping[str, Sequence[int]]) -> dict[str, str]:
     """Cases of ``shapes`` (case id -> spatial shape) without a usable store in ``folder``: id -> reason."""
-    folder = Path(folder)
-    out: dict[str, str] = {}
-    for cid, shape in shapes.items():
-        p = folder / f"{cid}{STORE_SUFFIX}"
-        try:
-            attrs = read_previous_stage_metadata(p)
-        except StoreError as e:
-            out[cid] = str(e)
-            continue
-        have = [int(s) for s in attrs.get("shape", ())]
-        if have != [int(s) for s in shape]:
-            out[cid] = (f"`{p}` has shape {tuple(have)} but the preprocessed case has {tuple(shape)} (preprocessed "
-                        "again since?); predict the previous stage again")
-    return out
+    problems = {cid: _problem(Path(folder) / f"{cid}{STORE_SUFFIX}", shape) for cid, shape in shapes.items()}
+    return {cid: why for cid, why in problems.items() if why is not None}
 
 
 class PreviousStageReader:

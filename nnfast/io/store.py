@@ -496,15 +496,18 @@ def write_case(
 # ----------------------------------------------------------------------------------------------------------
 
 def read_group_attrs(path: Path, what: str = "case store", missing: str = "run preprocessing for this case",
-                     unreadable: str = "delete it and rerun preprocessing") -> dict:
-    """The ``nnfast`` attributes of the zarr v3 group at ``path``, read from its ``zarr.json`` (no zarr import).
+                     unreadable: str = "delete it and rerun preprocessing", *, schema_version: int | None = None,
+                     redo: str = "rerun preprocessing") -> dict:
+    """The ``nnfast`` attributes of the zarr v3 group at ``path``, read from its ``zarr.json`` (no zarr import); with
+    ``schema_version``, only of a complete store of that schema.
 
-    ``what`` names the kind of store in messages, ``missing`` / ``unreadable`` say what to do.
+    ``what`` names the kind of store in messages; ``missing`` / ``unreadable`` / ``redo`` say what to do.
 
     Raises
     ------
     StoreError
-        No ``zarr.json``, an unreadable one, or a group without ``nnfast`` attributes.
+        No ``zarr.json``, an unreadable one, a group without ``nnfast`` attributes, or (with ``schema_version``) an
+        incomplete store or one of another schema.
     """
     meta_file = path / "zarr.json"
     try:
@@ -517,6 +520,12 @@ def read_group_attrs(path: Path, what: str = "case store", missing: str = "run p
     attrs = meta.get("attributes", {}).get("nnfast") if isinstance(meta, dict) else None
     if not isinstance(meta, dict) or meta.get("node_type") != "group" or not isinstance(attrs, dict):
         raise StoreError(f"{path} is not an nnfast {what} (no 'nnfast' attributes in {meta_file})")
+    if schema_version is not None:
+        if attrs.get("schema_version") != schema_version:
+            raise StoreError(f"{what} {path} has schema_version {attrs.get('schema_version')!r}, this nnfast "
+                             f"reads {schema_version}; {redo}")
+        if attrs.get("complete") is not True:
+            raise StoreError(f"{what} {path} is incomplete; {redo}")
     return attrs
 
 
@@ -534,14 +543,7 @@ def read_case_metadata(path: str | os.PathLike) -> dict:
     StoreError
         If there is no store at ``path``, it is not an nnfast store, is incomplete or has another schema.
     """
-    path = Path(path)
-    attrs = read_group_attrs(path)
-    if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(f"case store {path} has schema_version {attrs.get('schema_version')!r}, this nnfast "
-                         f"reads {SCHEMA_VERSION}; rerun preprocessing")
-    if attrs.get("complete") is not True:
-        raise StoreError(f"case store {path} is incomplete; rerun preprocessing")
-    return attrs
+    return read_group_attrs(Path(path), schema_version=SCHEMA_VERSION)
 
 
 def is_complete(path: str | os.PathLike, config_hash: str) -> bool:

@@ -360,21 +360,22 @@ def _open_array(array_dir: Path, force_zarr: bool):
     return _ZarrArray(array_dir)
 
 
-def parse_bbox(bbox: Sequence[Sequence[int]], ndim: int, where) -> tuple[list[int], list[int], tuple[int, ...]]:
+def parse_bbox(bbox: Sequence[Sequence[int]], ndim: int, where, error: type[Exception] = StoreError
+               ) -> tuple[list[int], list[int], tuple[int, ...]]:
     """``(lower bounds, upper bounds, box shape)`` of a half-open ``[[lb, ub], ...]`` box over ``ndim`` axes.
 
     Raises
     ------
-    StoreError
-        Wrong number of axes or an upper bound below its lower bound (``where`` names the store).
+    StoreError (or ``error``)
+        Wrong number of axes or an upper bound below its lower bound (``where`` names the store or source).
     """
     if len(bbox) != ndim:
-        raise StoreError(f"{where}: bbox needs {ndim} [lb, ub) pairs, got {bbox!r}")
+        raise error(f"{where}: bbox needs {ndim} [lb, ub) pairs, got {bbox!r}")
     lbs = [int(b[0]) for b in bbox]
     ubs = [int(b[1]) for b in bbox]
     box = tuple(u - lb for lb, u in zip(lbs, ubs))
     if min(box) < 0:
-        raise StoreError(f"{where}: bbox {bbox!r} has an upper bound below its lower bound")
+        raise error(f"{where}: bbox {bbox!r} has an upper bound below its lower bound")
     return lbs, ubs, box
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "UNetDecoder",
     "PlainConvUNet",
     "build_network",
+    "network_input_channels",
     "set_deep_supervision",
     "init_weights_he",
     "unwrap",
@@ -248,6 +249,13 @@ def build_network(plans: Plans, config_name: str, num_input_channels: int, num_c
     """
     return PlainConvUNet(plans.configuration(config_name).architecture, num_input_channels, num_classes,
                          deep_supervision)
+
+
+def network_input_channels(plans: Plans, config_name: str, n_foreground_labels: int) -> int:
+    """Input channels of the network of ``config_name``: the image channels, plus one per foreground label for the
+    second stage of a cascade (its ``previous_stage`` segmentation, nnU-Net's ``MoveSegAsOneHotToDataTransform``)."""
+    conf = plans.configuration(config_name)
+    return plans.num_input_channels + (int(n_foreground_labels) if conf.previous_stage else 0)
 
 
 def unwrap(net: nn.Module) -> nn.Module:

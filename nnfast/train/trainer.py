@@ -352,7 +352,7 @@ class _Run:
         from ..data.dataset import ZarrCaseSource
         from ..data.loader import PatchLoader
         from .loss import build_loss
-        from .network import build_network
+        from .network import build_network, network_input_channels
         from .optim import PolyLRScheduler, build_optimizer
         from .splits import SPLITS_FILE_NAME, fold_cases, load_or_create_splits
         from .step import make_grad_scaler, resolve_amp, resolve_compile
@@ -426,8 +426,7 @@ class _Run:
 
         # network, loss, optimiser (seeded: a fresh run is reproducible; a resumed one restores the state below)
         torch.manual_seed(cfg.seed)
-        in_ch = self.plans.num_input_channels + (len(self.cascade_labels) if self.cascade_labels else 0)
-        self.num_input_channels = in_ch
+        in_ch = self.num_input_channels = network_input_channels(self.plans, self.config_name, self.num_classes - 1)
         net = build_network(self.plans, self.config_name, in_ch, self.num_classes,
                             deep_supervision=cfg.deep_supervision).to(self.device)
         lowest = 1e-6 if (self.ctx.is_ddp and not do_compile) else 0.0  # nnU-Net: DDP needs a grad for every param
