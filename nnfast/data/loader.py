@@ -260,7 +260,9 @@ class PatchLoader:
 
         from .. import native
 
-        native.warmup()  # compile (or load from Numba's cache) before the workers start, not in each of them
+        # compile (or load from Numba's cache) before the workers start, not in each of them; only what batches use
+        native.warmup(("augment", "augment_intensity")
+                      + (("morphology", "components") if self.spec.cascade_labels else ()))
         slot = self.spec.nbytes
         total = slot * self.num_cached
         _check_shm_space(total, self.num_cached)
