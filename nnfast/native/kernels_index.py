@@ -1,5 +1,5 @@
 """Imports every kernel module so that their warm-ups register (used by :func:`nnfast.native.warmup`)."""
-# Each kernel module is imported here as it is added; keep this list in sync with native/__init__.py.
+# Each kernel module is imported here as it is added; keep this list in sync with nnfast/native/__init__.py.
 from . import normalize  # noqa: F401
 from . import resample, resample_seg  # noqa: F401
 from . import augment, augment_intensity  # noqa: F401
