@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import CaseNotFoundError, GeometryError
+from ..labels import LabelManager
 
 __all__ = ["ensemble_folders", "ensemble_cases", "list_probabilities", "average_probabilities"]
 
@@ -102,20 +103,9 @@ def _geometry(npz: Path):
 
 
 def _to_segmentation(probs: np.ndarray, labels, regions_class_order) -> np.ndarray:
-    from ..infer.export import LabelInfo, argmax_channels
-
-    if labels is None:
-        return argmax_channels(probs, np.uint8 if probs.shape[0] <= 255 else np.uint16)
-    info = LabelInfo(labels, regions_class_order)
-    if probs.shape[0] != info.num_heads:
-        raise GeometryError(f"probabilities have {probs.shape[0]} channels but the labels define {info.num_heads} "
-                            "segmentation heads")
-    if info.has_regions:
-        seg = np.zeros(probs.shape[1:], np.uint16)
-        for i, c in enumerate(info.regions_class_order):
-            seg[probs[i] > 0.5] = c
-        return seg.astype(info.seg_dtype, copy=False)
-    return argmax_channels(probs, info.seg_dtype)
+    if labels is None:  # no dataset.json: plain argmax, as many labels as channels
+        labels = {str(i): i for i in range(probs.shape[0])}
+    return LabelManager(labels, regions_class_order).segmentation_from_probabilities(probs)
 
 
 def _ensemble_case(task: _Task) -> str:

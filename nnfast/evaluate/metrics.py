@@ -21,11 +21,12 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import CaseNotFoundError, DatasetError, GeometryError
+from ..labels import LabelManager, LabelOrRegion, label_key, parse_label_key
 
 __all__ = [
     "LabelOrRegion",
@@ -47,7 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LabelOrRegion = Union[int, tuple[int, ...]]
 #: Metric names in nnU-Net's order.
 METRICS = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
 SUMMARY_SCHEMA_VERSION = 1
@@ -63,6 +63,9 @@ EVALUATE_POOL_MIN_VOXELS = 1_000_000_000
 @dataclass(frozen=True)
 class EvaluationLabels:
     """What is evaluated: labels or regions (foreground only, in dataset.json order), the ignore label and names.
+
+    A view of a :class:`nnfast.labels.LabelManager` (:meth:`from_label_manager`), or explicit labels/regions
+    (:meth:`from_labels`, e.g. ``nnfast evaluate --labels``).
 
     ``targets`` holds ints for labels and tuples for regions (nnU-Net's ``foreground_labels`` /
     ``foreground_regions``); ``names[label_key(t)]`` is the dataset.json name of each target.
@@ -93,6 +96,14 @@ class EvaluationLabels:
         return tuple(sorted(vals))
 
     @classmethod
+    def from_label_manager(cls, lm: LabelManager, file_ending: str | None = None) -> "EvaluationLabels":
+        """What is evaluated for the dataset's labels: its foreground labels or regions, ignore label and names."""
+        targets = lm.foreground_targets
+        if not targets:
+            raise DatasetError("dataset.json declares no foreground label; nothing to evaluate")
+        return cls(targets, lm.ignore_label, lm.names, lm.has_regions, file_ending)
+
+    @classmethod
     def from_labels(cls, labels: Sequence[LabelOrRegion], ignore_label: int | None = None,
                     file_ending: str | None = None) -> "EvaluationLabels":
         targets = tuple(_normalize_target(t) for t in labels)
@@ -113,54 +124,13 @@ def _members(t: LabelOrRegion) -> tuple[int, ...]:
 
 
 def labels_from_dataset_json(d: Mapping[str, Any]) -> EvaluationLabels:
-    """The evaluated labels/regions of a dataset.json, as nnU-Net's ``LabelManager`` derives them.
+    """The evaluated labels/regions of a dataset.json (:class:`nnfast.labels.LabelManager`'s foreground targets).
 
     Labels: every declared value (lists flattened) except background 0 and the ignore label, sorted. Regions (any
     label maps to a list of more than one value): every non-background entry except ``ignore`` in declaration
     order, lists as tuples.
     """
-    labels = d.get("labels")
-    if not isinstance(labels, Mapping) or not labels:
-        raise DatasetError(f"dataset.json has no usable `labels` (found {labels!r})")
-    ignore = labels.get("ignore")
-    if ignore is not None and (isinstance(ignore, (list, tuple)) or isinstance(ignore, bool)):
-        raise DatasetError(f"the ignore label must be one integer; found {ignore!r}")
-    entries = [(k, v) for k, v in labels.items() if k != "ignore"]
-    has_regions = any(isinstance(v, (list, tuple)) and len(v) > 1 for _, v in entries)
-    names: dict[str, str] = {}
-    if has_regions:
-        targets = []
-        for k, v in entries:
-            t = _normalize_target(v)
-            if set(_members(t)) == {0}:
-                continue
-            targets.append(t)
-            names[label_key(t)] = str(k)
-    else:
-        values = set()
-        for k, v in entries:
-            for x in (v if isinstance(v, (list, tuple)) else [v]):
-                values.add(int(x))
-                names.setdefault(str(int(x)), str(k))
-        targets = sorted(v for v in values if v != 0)
-    if not targets:
-        raise DatasetError("dataset.json declares no foreground label; nothing to evaluate")
-    return EvaluationLabels(tuple(targets), None if ignore is None else int(ignore), names, has_regions,
-                            d.get("file_ending"))
-
-
-def label_key(t: LabelOrRegion) -> str:
-    """nnU-Net's JSON key of a label or region: ``str(1)`` -> ``"1"``, ``str((1, 2))`` -> ``"(1, 2)"``."""
-    return str(t)
-
-
-def parse_label_key(key: str) -> LabelOrRegion:
-    """Inverse of :func:`label_key` (nnU-Net's ``key_to_label_or_region``)."""
-    try:
-        return int(key)
-    except ValueError:
-        parts = key.replace("(", "").replace(")", "").split(",")
-        return tuple(int(p) for p in parts if p.strip())
+    return EvaluationLabels.from_label_manager(LabelManager.from_dataset_json(d), d.get("file_ending"))
 
 
 # --------------------------------------------------------------------------------------------- counts

@@ -32,13 +32,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import GeometryError, PlanError
+from ..errors import GeometryError
+from ..labels import LabelManager
 from ..native._jit import serial
 from ..preprocess.resampling import resample_data_or_seg_to_shape
 
 __all__ = [
-    "LabelInfo",
-    "label_info",
     "logits_to_segmentation",
     "logits_to_next_stage",
     "export_prediction",
@@ -97,56 +96,6 @@ def _softmax_inplace(x):
             x[c, i] = np.float32(x[c, i] * inv)
 
 
-# --------------------------------------------------------------------------------------------- labels
-class LabelInfo:
-    """What the network's output channels mean (nnU-Net's ``LabelManager``, the parts export needs).
-
-    Attributes
-    ----------
-    num_heads : int
-        Output channels: labels including background without the ignore label, or the number of regions.
-    has_regions : bool
-        Region-based training (sigmoid per region) instead of softmax over labels.
-    regions_class_order : tuple of int or None
-        Label written for each region channel, in the order they are painted.
-    foreground_labels : tuple of int
-        Labels other than background and ignore (regions: every label occurring in a region, without 0).
-    """
-
-    def __init__(self, labels: Mapping[str, Any], regions_class_order: Sequence[int] | None = None) -> None:
-        ignore = labels.get("ignore")
-        values = {k: v for k, v in labels.items() if k != "ignore"}
-        self.has_regions = any(isinstance(v, (list, tuple)) and len(v) > 1 for v in values.values())
-        if self.has_regions:
-            regions = [tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v])) for v in values.values()]
-            regions = [r for r in regions if r != (0,)]
-            if regions_class_order is None:
-                raise PlanError("the labels define regions but no `regions_class_order` was given (dataset.json "
-                                "`regions_class_order`); it says which label each region channel paints")
-            if len(regions_class_order) != len(regions):
-                raise PlanError(f"regions_class_order {tuple(regions_class_order)} has {len(regions_class_order)} "
-                                f"entries but the labels define {len(regions)} regions")
-            self.num_heads = len(regions)
-            self.regions_class_order = tuple(int(c) for c in regions_class_order)
-            self.foreground_labels = tuple(sorted({x for r in regions for x in r if x != 0}))
-        else:
-            ints = sorted({int(v[0] if isinstance(v, (list, tuple)) else v) for v in values.values()})
-            self.num_heads = len(ints)
-            self.regions_class_order = None
-            self.foreground_labels = tuple(v for v in ints if v != 0)
-        self.ignore_label = None if ignore is None else int(ignore)
-
-    @property
-    def seg_dtype(self) -> np.dtype:
-        """uint8 below 255 foreground labels, else uint16 (nnU-Net's rule)."""
-        return np.dtype(np.uint8 if len(self.foreground_labels) < 255 else np.uint16)
-
-
-def label_info(plans, regions_class_order: Sequence[int] | None = None) -> LabelInfo:
-    """:class:`LabelInfo` of ``plans.labels``."""
-    return LabelInfo(plans.labels, regions_class_order)
-
-
 # --------------------------------------------------------------------------------------------- argmax
 def argmax_channels(x: np.ndarray, dtype=np.uint8) -> np.ndarray:
     """``np.argmax(x, axis=0)`` for float32 ``x`` (C, ...) in one pass, as ``dtype``."""
@@ -161,16 +110,14 @@ def argmax_channels(x: np.ndarray, dtype=np.uint8) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- export
-def _checked_logits(logits, plans, regions_class_order) -> tuple[np.ndarray, LabelInfo]:
+def _checked_logits(logits, plans, regions_class_order) -> tuple[np.ndarray, LabelManager]:
     """``logits`` as a float32 (C, x, y, z) array matching the labels' heads, and the labels."""
     if not isinstance(logits, np.ndarray):  # torch CPU tensors
         logits = np.asarray(logits)
     if logits.ndim != 4:
         raise GeometryError(f"logits must have shape (C, x, y, z); got {logits.shape}")
-    info = label_info(plans, regions_class_order)
-    if logits.shape[0] != info.num_heads:
-        raise GeometryError(f"logits have {logits.shape[0]} channels but the labels define {info.num_heads} "
-                            "segmentation heads")
+    info = LabelManager.from_plans(plans, regions_class_order)
+    info.check_heads(logits.shape[0], "logits")
     if logits.dtype != np.float32:
         logits = logits.astype(np.float32)
     return logits, info
@@ -198,7 +145,7 @@ def _resample(logits: np.ndarray, a: int, b: int, target, current, original, kw)
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _streaming_labels(logits, info: LabelInfo, target, current, original, kw, chunk: int, threads: int):
+def _streaming_labels(logits, info: LabelManager, target, current, original, kw, chunk: int, threads: int):
     """Resample ``logits`` class group by class group and reduce to labels; O(V) memory."""
     n_vox = int(np.prod(target))
     n_c = logits.shape[0]
@@ -209,10 +156,9 @@ def _streaming_labels(logits, info: LabelInfo, target, current, original, kw, ch
             seg = np.zeros(n_vox, np.uint16)
             for c0 in range(a, b, chunk):
                 part = _resample(logits, c0, min(b, c0 + chunk), target, current, original, kw).reshape(-1, n_vox)
-                for j in range(part.shape[0]):
-                    with np.errstate(over="ignore"):
-                        prob = 1.0 / (1.0 + np.exp(-part[j]))
-                    seg[prob > 0.5] = info.regions_class_order[c0 + j]
+                with np.errstate(over="ignore"):
+                    prob = 1.0 / (1.0 + np.exp(-part))
+                info.paint_regions(seg, prob, c0)
             return seg
         best = np.full(n_vox, -np.inf, np.float32)
         label = np.zeros(n_vox, info.seg_dtype)
@@ -234,7 +180,7 @@ def _streaming_labels(logits, info: LabelInfo, target, current, original, kw, ch
     return label.reshape(target)
 
 
-def _probabilities(logits, info: LabelInfo, target, current, original, kw, chunk: int, threads: int) -> np.ndarray:
+def _probabilities(logits, info: LabelManager, target, current, original, kw, chunk: int, threads: int) -> np.ndarray:
     """Resampled probabilities (C, *target) float32: softmax, or sigmoid per region."""
     n_c = logits.shape[0]
     probs = np.empty((n_c, *target), np.float32)
@@ -260,15 +206,6 @@ def _probabilities(logits, info: LabelInfo, target, current, original, kw, chunk
     else:
         _softmax_inplace(flat)
     return probs
-
-
-def _labels_from_probabilities(probs: np.ndarray, info: LabelInfo) -> np.ndarray:
-    if info.has_regions:
-        seg = np.zeros(probs.shape[1:], np.uint16)
-        for i, c in enumerate(info.regions_class_order):
-            seg[probs[i] > 0.5] = c
-        return seg.astype(info.seg_dtype, copy=False)
-    return argmax_channels(probs, info.seg_dtype)
 
 
 def logits_to_segmentation(
@@ -331,7 +268,7 @@ def logits_to_segmentation(
     probs_out = None
     if return_probabilities:
         probs = _probabilities(logits, info, target, current, original, kw, chunk, threads)
-        seg_crop = _labels_from_probabilities(probs, info)
+        seg_crop = info.segmentation_from_probabilities(probs)
     else:
         seg_crop = _streaming_labels(logits, info, target, current, original, kw, chunk, threads)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import CaseNotFoundError, PlanError, SettingsError, StoreError
-from .export import LabelInfo
+from ..labels import LabelManager
 
 __all__ = [
     "TRAINER_NAME",
@@ -65,7 +65,7 @@ class TrainedModel:
     num_input_channels, num_classes : int
         Network input channels (image channels, plus one per foreground label for the cascade's second stage) and
         segmentation heads.
-    labels : LabelInfo
+    labels : LabelManager
         Meaning of the output channels.
     """
 
@@ -78,7 +78,7 @@ class TrainedModel:
     mirror_axes: tuple[int, ...]
     num_input_channels: int
     num_classes: int
-    labels: LabelInfo = field(repr=False)
+    labels: LabelManager = field(repr=False)
 
     @property
     def configuration(self):
@@ -252,14 +252,16 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
         raise PlanError(f"`{folder}` holds `{trained}` checkpoints, not `{config_name}`")
     name = config_name or trained
     conf = plans.configuration(name)  # raises PlanError naming the available ones
-    labels = LabelInfo(plans.labels, dataset_json.get("regions_class_order"))
+    labels = LabelManager.from_plans(plans, dataset_json.get("regions_class_order"))
+    labels.check_regions_class_order()
     from ..train.network import build_network, network_input_channels
 
     meta = metas[0]  # nnfast records the network's input channels; nnU-Net's checkpoints do not
     n_in = int(meta.get("num_input_channels") or network_input_channels(plans, name, len(labels.foreground_labels)))
-    n_classes = int(meta.get("num_classes") or labels.num_heads)
-    if n_classes != labels.num_heads:
-        raise PlanError(f"checkpoint of `{folder}` has {n_classes} outputs but the labels define {labels.num_heads}")
+    n_classes = int(meta.get("num_classes") or labels.num_segmentation_heads)
+    if n_classes != labels.num_segmentation_heads:
+        raise PlanError(f"checkpoint of `{folder}` has {n_classes} outputs but the labels define "
+                        f"{labels.num_segmentation_heads}")
     axes = meta.get("inference_allowed_mirroring_axes")
     mirror_axes = tuple(int(a) for a in axes) if axes is not None else tuple(range(conf.ndim))
     model = TrainedModel(folder=folder, plans=plans, config_name=name, dataset_json=dataset_json, folds=folds,

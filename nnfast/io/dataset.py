@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError
+from ..labels import LabelManager, label_problems
 
 __all__ = ["REQUIRED_KEYS", "CaseFiles", "DatasetInfo", "load_dataset_json", "list_training_cases", "load_dataset"]
 
@@ -44,31 +46,28 @@ class DatasetInfo:
     def num_channels(self) -> int:
         return len(self.channel_names)
 
+    @cached_property
+    def label_manager(self) -> LabelManager:
+        """What the labels mean (:class:`nnfast.labels.LabelManager`), built once."""
+        return LabelManager(self.labels, self.regions_class_order)
+
     @property
     def has_regions(self) -> bool:
-        return any(isinstance(v, (list, tuple)) and len(v) > 1 for v in self.labels.values())
+        return self.label_manager.has_regions
 
     @property
     def label_values(self) -> list[int]:
         """All label integers declared (regions flattened), sorted, ignore label included."""
-        vals: set[int] = set()
-        for v in self.labels.values():
-            if isinstance(v, (list, tuple)):
-                vals.update(int(x) for x in v)
-            else:
-                vals.add(int(v))
-        return sorted(vals)
+        return list(self.label_manager.declared_values)
 
     @property
     def ignore_label(self) -> int | None:
-        v = self.labels.get("ignore")
-        return int(v) if v is not None else None
+        return self.label_manager.ignore_label
 
     @property
     def foreground_labels(self) -> list[int]:
         """Declared labels other than background (0) and the ignore label."""
-        ign = self.ignore_label
-        return [v for v in self.label_values if v != 0 and v != ign]
+        return list(self.label_manager.foreground_labels)
 
 
 def load_dataset_json(path: Path) -> dict:
@@ -101,27 +100,7 @@ def dataset_json_problems(d: Any) -> list[str]:
         elif sorted(cn.keys(), key=lambda k: (len(k), k)) != [str(i) for i in range(len(cn))]:
             problems.append(f"`channel_names` keys must be \"0\"..\"{len(cn) - 1}\", found {list(cn.keys())}")
     if "labels" in d:
-        lab = d["labels"]
-        if not isinstance(lab, dict) or not lab:
-            problems.append(f"`labels` must be a non-empty object such as {{\"background\": 0, \"organ\": 1}}, found {lab!r}")
-        else:
-            for k, v in lab.items():
-                vals = v if isinstance(v, (list, tuple)) else [v]
-                if not vals or not all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
-                    problems.append(f"label `{k}` must map to an integer (or a list of integers for a region), found {v!r}")
-                elif any(x < 0 for x in vals):
-                    problems.append(f"label `{k}` is negative ({v!r}); labels must be non-negative integers")
-            if not problems:
-                plain = sorted(
-                    int(v) for k, v in lab.items() if not isinstance(v, (list, tuple)) and k != "ignore"
-                )
-                if 0 not in plain and not any(isinstance(v, (list, tuple)) for v in lab.values()):
-                    problems.append("`labels` must declare background as 0")
-                elif plain and plain != list(range(plain[0], plain[0] + len(plain))):
-                    problems.append(f"labels must be consecutive integers starting at 0, found {plain}")
-                ign = lab.get("ignore")
-                if isinstance(ign, int) and plain and ign <= max(plain):
-                    problems.append(f"the ignore label ({ign}) must be the highest label (others go up to {max(plain)})")
+        problems.extend(label_problems(d["labels"], check_numbering=not problems))
     if "numTraining" in d and (not isinstance(d["numTraining"], int) or d["numTraining"] < 1):
         problems.append(f"`numTraining` must be a positive integer, found {d['numTraining']!r}")
     if "file_ending" in d and (not isinstance(d["file_ending"], str) or not d["file_ending"].startswith(".")):

@@ -16,12 +16,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..io.dataset import CaseFiles
 from ..io.image import read_images, read_label
+from ..labels import LabelManager
 from .cropping import crop_to_nonzero
 from .normalization import normalize
 from .resampling import compute_new_shape, resample_data_or_seg_to_shape
@@ -35,36 +35,12 @@ __all__ = [
     "run_case_task",
     "configuration_hash",
     "case_hash",
-    "class_location_keys",
     "dir_size",
 ]
 
 log = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 1
-
-
-def class_location_keys(labels: dict[str, Any]) -> list:
-    """What class locations are collected for: foreground labels, or regions when the dataset has regions; with an ignore
-    label also ``(-1, *all_labels)`` (annotated voxels), as nnU-Net's ``LabelManager``."""
-    ignore = labels.get("ignore")
-    regions = [v for k, v in labels.items() if k != "ignore" and isinstance(v, (list, tuple)) and len(v) > 1]
-    if regions or any(isinstance(v, (list, tuple)) for k, v in labels.items() if k != "ignore"):
-        keys = []
-        for k, v in labels.items():
-            if k in ("background", "ignore"):
-                continue
-            t = tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
-            if t == (0,):
-                continue
-            keys.append(t)
-    else:
-        keys = sorted({int(v) for k, v in labels.items() if k != "ignore" and int(v) != 0})
-    if ignore is not None:
-        all_labels = sorted({int(x) for k, v in labels.items() if k != "ignore"
-                             for x in (v if isinstance(v, (list, tuple)) else [v])})
-        keys.append((-1, *all_labels))
-    return keys
 
 
 def configuration_hash(plans, config_name: str) -> str:
@@ -150,7 +126,8 @@ def preprocess_arrays(
 
     from .class_locations import sample_class_locations
 
-    class_locations = sample_class_locations(seg, class_location_keys(plans.labels)) if with_class_locations else {}
+    keys = LabelManager.from_plans(plans).class_location_keys if with_class_locations else []
+    class_locations = sample_class_locations(seg, keys) if with_class_locations else {}
     seg = seg.astype(np.int16 if seg.size and seg.max() > 127 else np.int8, copy=False)
     properties = {
         "spacing_reader_order": [float(s) for s in spacing],

@@ -126,17 +126,18 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
 
 def _labels(plans) -> tuple[int, int | None]:
     """(number of segmentation heads, ignore label) of label (non-region) training."""
-    labels = dict(plans.labels)
-    regions = [k for k, v in labels.items() if isinstance(v, (list, tuple)) and len(v) > 1]
-    if regions:
+    from ..labels import LabelManager
+
+    lm = LabelManager.from_plans(plans)
+    if lm.has_regions:
+        regions = [k for k, v in lm.labels.items() if isinstance(v, tuple) and len(v) > 1]
         raise SettingsError(f"dataset {plans.dataset_name} defines regions ({', '.join(regions)}); nnfast trains "
                             "label maps only (region-based training is not implemented in nnfast.data / "
                             "nnfast.train.loss)")
-    ignore = labels.pop("ignore", None)
-    values = sorted(int(v[0] if isinstance(v, (list, tuple)) else v) for v in labels.values())
+    values = list(lm.all_labels)
     if values != list(range(len(values))):
         raise PlanError(f"labels of {plans.dataset_name} must be 0..{len(values) - 1}, got {values}")
-    return len(values), (None if ignore is None else int(ignore))
+    return lm.num_segmentation_heads, lm.ignore_label
 
 
 def _missing_previous_stage_error(task, dataset: str, config_name: str, prev: str, folder: Path,

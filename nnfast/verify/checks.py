@@ -34,8 +34,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..errors import DatasetError
 from ..io.dataset import CaseFiles, dataset_json_problems, list_training_cases
 from ..io.image import file_suffix
+from ..labels import LabelManager
 from ..parallel import run_in_threads
 from .case import CaseResult, CaseTask, check_case
 from .report import Problem, VerifyReport
@@ -148,20 +150,20 @@ def _size(t: CaseTask) -> float:
 
 
 def _label_sets(d: dict) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
-    """Declared label values (regions flattened, ignore included) and the non-foreground ones."""
+    """Declared label values (regions flattened, ignore included) and the non-foreground ones (0 and the ignore
+    label), from :class:`nnfast.labels.LabelManager`; ``(None, (0,))`` when the labels are unusable."""
     labels = d.get("labels")
     if not isinstance(labels, dict) or not labels:
         return None, (0,)
-    vals: set[int] = set()
     for v in labels.values():
         for x in v if isinstance(v, (list, tuple)) else [v]:
             if not isinstance(x, int) or isinstance(x, bool):
                 return None, (0,)
-            vals.add(x)
-    background = {0}
-    if isinstance(labels.get("ignore"), int):
-        background.add(labels["ignore"])
-    return tuple(sorted(vals)), tuple(sorted(background))
+    try:
+        lm = LabelManager(labels)
+    except DatasetError:  # an ignore label that is a list (reported with the dataset.json problems)
+        return None, (0,)
+    return lm.declared_values, tuple(sorted({0, *((lm.ignore_label,) if lm.has_ignore_label else ())}))
 
 
 def _load_dataset_json(path: Path, problems: list[Problem]) -> dict | None:
