@@ -5,6 +5,8 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.native``       Numba kernels (cropping, intensity statistics, resampling, class locations); arrays in, arrays out.
 - ``nnfast.io``           image reading/writing (SimpleITK, nnU-Net conventions), dataset.json and case listing, atomic
                           writes, zarr case stores, the lean patch reader, the cascade's previous-stage stores.
+- ``nnfast.labels``      what dataset.json's labels mean (labels, regions, ignore label, painting, training targets):
+                          one ``LabelManager`` built once and passed to every stage.
 - ``nnfast.synth``        deterministic synthetic Decathlon-style datasets (CT-like and multi-channel MRI-like).
 - ``nnfast.convert``      Medical Segmentation Decathlon -> nnU-Net v2 layout.
 - ``nnfast.verify``       dataset checks that report every problem at once.

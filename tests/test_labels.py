@@ -129,7 +129,8 @@ def test_bad_labels():
         LabelManager.from_dataset_json({})
     with pytest.raises(DatasetError, match="ignore label must be one integer"):
         LabelManager({"background": 0, "a": 1, "ignore": [2, 3]})
-    assert label_problems({"background": 0, "a": 2}) == ["labels must be consecutive integers starting at 0, found [0, 2]"]
+    assert label_problems({"background": 0, "a": 2}) == [
+        "labels must be consecutive integers starting at 0, found [0, 2]"]
     assert label_problems({"a": 1}) == ["`labels` must declare background as 0"]
     assert label_problems({"background": 0, "a": 1, "ignore": 1}) == [
         "the ignore label (1) must be the highest label (others go up to 1)"]

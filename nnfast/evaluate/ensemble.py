@@ -2,7 +2,8 @@
 
 nnU-Net rule (``nnunetv2/ensembling/ensemble.py``, v2.8.1): for each case, load ``probabilities`` from every folder's
 ``<case>.npz``, accumulate in float32 in folder order (``avg = first.astype(float32); avg += next ...; avg /= n``),
-convert to a segmentation (argmax over classes; regions: ``probability > 0.5`` painted in ``regions_class_order``)
+convert to a segmentation (argmax over classes; regions: ``probability > 0.5`` painted in ``regions_class_order``;
+:meth:`nnfast.labels.LabelManager.segmentation_from_probabilities`, the painting export uses)
 and write it with the case's geometry. Every folder must hold the same cases.
 
 nnfast's predictions store the probabilities as ``<case>.npz`` (key ``probabilities``, (C, z, y, x), float16 or
@@ -81,8 +82,7 @@ class _Task:
     case_id: str
     files: tuple[str, ...]
     out_file: str
-    labels: Mapping[str, Any] | None
-    regions_class_order: tuple[int, ...] | None
+    labels: LabelManager | None  # None: plain argmax over the channels
     save_probabilities: bool
 
 
@@ -102,10 +102,10 @@ def _geometry(npz: Path):
     return ImageGeometry.from_json(geom), d
 
 
-def _to_segmentation(probs: np.ndarray, labels, regions_class_order) -> np.ndarray:
+def _to_segmentation(probs: np.ndarray, labels: LabelManager | None) -> np.ndarray:
     if labels is None:  # no dataset.json: plain argmax, as many labels as channels
-        labels = {str(i): i for i in range(probs.shape[0])}
-    return LabelManager(labels, regions_class_order).segmentation_from_probabilities(probs)
+        labels = LabelManager({str(i): i for i in range(probs.shape[0])})
+    return labels.segmentation_from_probabilities(probs)
 
 
 def _ensemble_case(task: _Task) -> str:
@@ -118,7 +118,7 @@ def _ensemble_case(task: _Task) -> str:
     if tuple(probs.shape[1:]) != tuple(geometry.shape):
         raise GeometryError(f"probabilities of case {task.case_id} have spatial shape {probs.shape[1:]} but its "
                             f"image has {geometry.shape} (z, y, x)")
-    seg = _to_segmentation(probs, task.labels, task.regions_class_order)
+    seg = _to_segmentation(probs, task.labels)
     out = Path(task.out_file)
     write_segmentation(seg, geometry, out)
     if task.save_probabilities:
@@ -146,12 +146,11 @@ def ensemble_cases(
     from ..parallel import run_tasks
 
     out_dir = Path(out_dir)
-    labels = dataset_json.get("labels") if dataset_json else None
-    rco = dataset_json.get("regions_class_order") if dataset_json else None
+    labels = LabelManager.from_dataset_json(dataset_json) if dataset_json and dataset_json.get("labels") else None
     ending = file_ending or (dataset_json or {}).get("file_ending") or ".nii.gz"
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = [_Task(c, tuple(str(f) for f in fs), str(out_dir / f"{c}{ending}"), labels,
-                   tuple(rco) if rco else None, save_probabilities) for c, fs in sorted(groups.items())]
+    tasks = [_Task(c, tuple(str(f) for f in fs), str(out_dir / f"{c}{ending}"), labels, save_probabilities)
+             for c, fs in sorted(groups.items())]
     sizes = [sum(Path(f).stat().st_size for f in t.files) for t in tasks]
     out = run_tasks(_ensemble_case, tasks, workers=workers, keys=[t.case_id for t in tasks], sizes=sizes,
                     progress=progress, desc="ensemble")

@@ -4,9 +4,10 @@ nnU-Net rule (``convert_predicted_logits_to_segmentation_with_correct_shape`` in
 ``nnunetv2/inference/export_prediction.py``, v2.8.1): resample the logits ``(C, x, y, z)`` from the configuration's
 spacing back to ``shape_after_cropping_and_before_resampling`` with the plan's probabilities resampling (order 1,
 separate-z with order 0 along the low-resolution axis when anisotropic), take the argmax over classes (regions: sigmoid
-> 0.5, later regions in ``regions_class_order`` win), insert the result into zeros of ``shape_before_cropping`` at the
-crop box, and transpose back to the reader's axis order. With probabilities: softmax (sigmoid for regions) of the
-resampled logits, the crop reverted with probability 1 for background outside the box, transposed back.
+> 0.5, later regions in ``regions_class_order`` win; :class:`nnfast.labels.LabelManager` paints), insert the result
+into zeros of ``shape_before_cropping`` at the crop box, and transpose back to the reader's axis order. With
+probabilities: softmax (sigmoid for regions) of the resampled logits, the crop reverted with probability 1 for
+background outside the box, transposed back.
 
 nnU-Net resamples every class in float64 and keeps all of them: ``C x V`` float64 intermediates for a ``V``-voxel
 image, hundreds of GB and many minutes for TotalSegmentator-like cases (reference §2.3). Here the classes are

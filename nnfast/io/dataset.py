@@ -3,6 +3,7 @@
 Layout (``DatasetNNN_Name/``): ``imagesTr/<case>_<XXXX><ending>`` one file per channel, ``labelsTr/<case><ending>``,
 ``dataset.json`` with ``channel_names``, ``labels``, ``numTraining``, ``file_ending`` (and optionally ``dataset``, an explicit
 file list, ``regions_class_order``). Listing is lenient (missing files are reported by :mod:`nnfast.verify`, not here).
+What the labels mean, and their validation, belong to :mod:`nnfast.labels` (``DatasetInfo.label_manager``).
 """
 from __future__ import annotations
 
