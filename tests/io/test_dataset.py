@@ -62,3 +62,19 @@ def test_explicit_dataset_key_is_honoured(tmp_path):
     (root / "dataset.json").write_text(json.dumps(d))
     _, cases = load_dataset(root)
     assert [c.case_id for c in cases] == ["custom"] and cases[0].image_files[0].is_file()
+
+
+def test_label_questions_go_to_the_label_manager(tmp_path):
+    root = make_raw_dataset(tmp_path, 3, "Z", [(4, 8, 8)], [(1, 1, 1)])
+    d = json.loads((root / "dataset.json").read_text())
+    d["labels"] = {"background": 0, "a": 1, "b": 2, "ignore": 3}
+    (root / "dataset.json").write_text(json.dumps(d))
+    info, _ = load_dataset(root)
+    lm = info.label_manager
+    assert lm is info.label_manager  # built once
+    assert (info.has_regions, info.ignore_label, info.label_values, info.foreground_labels) == (
+        lm.has_regions, lm.ignore_label, list(lm.declared_values), list(lm.foreground_labels))
+    assert info.label_values == [0, 1, 2, 3] and info.foreground_labels == [1, 2] and info.ignore_label == 3
+    # the numbering rules are checked only when the rest of dataset.json is fine (as before the LabelManager)
+    assert dataset_json_problems({**GOOD, "channel_names": {"1": "CT"}, "labels": {"background": 0, "a": 2}}) == [
+        "`channel_names` keys must be \"0\"..\"0\", found ['1']"]
