@@ -122,6 +122,9 @@ def test_regions_need_a_usable_regions_class_order():
     with pytest.raises(GeometryError, match="probabilities have 2 channels but the labels define 3"):
         LabelManager(BRATS, BRATS_RCO).segmentation_from_probabilities(probs[:2])
     assert LabelManager(LABELS, [1, 2]).check_regions_class_order() is None  # ignored without regions
+    for rco in (None, [1, 2]):  # nnU-Net refuses the same inputs (when it builds its LabelManager)
+        with pytest.raises(AssertionError):
+            _theirs(BRATS, rco)
 
 
 def test_bad_labels():
