@@ -17,6 +17,7 @@ augment_intensity  blur, statistics, gamma, low-resolution resizing, masking/rel
 components      connected components (full connectivity) and largest-component filtering (postprocessing)
 confusion       joint (reference, prediction) label histograms: all TP/FP/FN/TN in one pass (evaluation)
 morphology      binary dilation/erosion/opening/closing with nnU-Net's ball/disk, exact, O(voxels) (cascade)
+argmax          running argmax over class groups, its merge, softmax: O(voxels) export of many-class logits
 """
 from ._jit import available_cores, limit_threads, threads_per_worker, warmup
 
