@@ -14,7 +14,7 @@ share lives here, once:
   failure while starting). What may cross a pipe is :mod:`nnfast.ipc`'s business.
 * **thread policy**: the parent decides one thread count per worker with
   :func:`nnfast.native._jit.threads_per_worker` (``workers x threads <= cores``) unless the caller gives one; the
-  child sets the BLAS/OpenMP/Numba environment variables to it before anything imports those libraries and calls
+  child sets the thread-count environment variables (:data:`nnfast.native._jit.THREAD_ENV`) to it before anything imports those libraries and calls
   :func:`nnfast.native._jit.limit_threads` (Numba, torch, SimpleITK, Blosc, already-loaded BLAS). The parent's
   ``os.environ`` is never touched.
 * **death diagnosis**: the parent waits on the pipes and the process sentinels together (:func:`wait`), so a worker
@@ -43,14 +43,10 @@ from typing import Any, Callable
 from .errors import SettingsError, UsageError, WorkerDiedError
 from .ipc import send_error
 
-__all__ = ["Worker", "THREAD_ENV", "start_workers", "wait", "died_error", "stop_workers", "create_shared_block",
+__all__ = ["Worker", "start_workers", "wait", "died_error", "stop_workers", "create_shared_block",
            "release_shared_block", "peak_rss"]
 
 logger = logging.getLogger(__name__)
-
-#: Thread-count variables that a worker sets to its thread count before it imports NumPy, Numba or torch.
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
-              "NUMBA_NUM_THREADS")
 
 #: ``setup(*args) -> handler``; ``handler(index, item) -> result``, optionally with a ``close()`` method.
 Setup = Callable[..., Callable[[int, Any], Any]]
@@ -66,13 +62,13 @@ def peak_rss() -> int:
 # ------------------------------------------------------------------------------------------------- child
 def _child_main(conn, threads: int, setup: Setup, args: tuple) -> None:
     """Entry point of every spawned worker: threads, set-up, then serve ``(index, item)`` tasks until ``None``."""
+    from .native._jit import THREAD_ENV, limit_threads  # the thread policy; Numba loads in limit_threads
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     for var in THREAD_ENV:  # before the set-up imports NumPy/Numba/torch, which read them once
         os.environ[var] = str(threads)
     handler = None
     try:
-        from .native._jit import limit_threads
-
         limit_threads(threads)
         handler = setup(*args)
     except BaseException as exc:  # report set-up failures instead of dying silently
