@@ -14,9 +14,9 @@ share lives here, once:
   failure while starting). What may cross a pipe is :mod:`nnfast.ipc`'s business.
 * **thread policy**: the parent decides one thread count per worker with
   :func:`nnfast.native._jit.threads_per_worker` (``workers x threads <= cores``) unless the caller gives one; the
-  child sets the thread-count environment variables (:data:`nnfast.native._jit.THREAD_ENV`) to it before anything imports those libraries and calls
-  :func:`nnfast.native._jit.limit_threads` (Numba, torch, SimpleITK, Blosc, already-loaded BLAS). The parent's
-  ``os.environ`` is never touched.
+  child sets the thread-count environment variables (:data:`nnfast.native._jit.THREAD_ENV`) to it before its task's
+  modules load and calls :func:`nnfast.native._jit.limit_threads` for what is loaded already (Numba, torch,
+  SimpleITK, Blosc, BLAS). The parent's ``os.environ`` is never touched.
 * **death diagnosis**: the parent waits on the pipes and the process sentinels together (:func:`wait`), so a worker
   that dies (the out-of-memory killer's SIGKILL, a segfault, SIGBUS from a full ``/dev/shm``, ``os._exit``) is
   noticed at once; :func:`died_error` turns its exit code into a :class:`~nnfast.errors.WorkerDiedError` that names

@@ -278,8 +278,8 @@ class _Scratch:
 
 
 def check_source(source: CaseSource, spec: BatchSpec) -> None:
-    """Raise :class:`~nnfast.errors.SettingsError` (a ``ValueError``) unless ``source`` reads the label channels ``spec`` needs: the previous stage exactly when
-    the spec has ``cascade_labels``."""
+    """Raise :class:`~nnfast.errors.SettingsError` (a ``ValueError``) unless ``source`` reads the label channels
+    ``spec`` needs: the previous stage exactly when the spec has ``cascade_labels``."""
     n_seg = int(getattr(source, "num_seg_channels", 1))
     if n_seg != spec.num_seg_channels:
         raise SettingsError(

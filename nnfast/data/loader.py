@@ -46,6 +46,7 @@ import numpy as np
 
 from ..errors import ClosedError, SettingsError, UsageError, WorkerDiedError
 from ..ipc import unpack_exception
+from ..native._jit import LOADER_WORKER_THREADS
 from ..workers import (Worker, create_shared_block, died_error, release_shared_block, start_workers, stop_workers,
                        wait)
 from .batch import BatchArrays, BatchBuilder, BatchSpec, allocate_batch, check_source
@@ -59,7 +60,6 @@ logger = logging.getLogger(__name__)
 SHM_PREFIX = "nnfast_ld_"
 _POLL_S = 0.5            # how often a waiting parent re-checks worker exit codes (the sentinels wake it sooner)
 _JOIN_S = 3.0            # grace period for workers to exit on close()
-_WORKER_THREADS = 1      # loader workers build batches with serial kernels; the parent trains with the rest
 
 _LIVE: "weakref.WeakSet[PatchLoader]" = weakref.WeakSet()
 
@@ -212,7 +212,7 @@ class PatchLoader:
             "pass a smaller num_cached, use fewer workers")
         self._slots = [allocate_batch(self.spec, self._shm.buf, s * slot) for s in range(self.num_cached)]
         args = (source_to_json(self.source), self.spec, self._shm.name, slot, self.num_cached, self.base_seed)
-        self._workers = start_workers(self.num_workers, _BatchWorker, args, threads=_WORKER_THREADS,
+        self._workers = start_workers(self.num_workers, _BatchWorker, args, threads=LOADER_WORKER_THREADS,
                                       name="nnfast-loader")
         self._dispatch()
 

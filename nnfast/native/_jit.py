@@ -26,7 +26,7 @@ import sys
 from typing import Callable
 
 __all__ = ["serial", "register_warmup", "warmup", "available_cores", "threads_per_worker", "limit_threads",
-           "THREAD_ENV"]
+           "THREAD_ENV", "LOADER_WORKER_THREADS"]
 
 _SERIAL_FLAGS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
 
@@ -77,10 +77,16 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: Threads of each patch-loader worker: batches are built with serial kernels, and the training process beside the
+#: workers keeps the other cores (the trainer chooses ``workers < cores``).
+LOADER_WORKER_THREADS = 1
+
+
 def threads_per_worker(workers: int) -> int:
     """Threads each of ``workers`` processes (or threads) may use: ``cores // workers``, at least 1.
 
-    The one rule for every pool, so that ``workers x threads <= cores``.
+    The one rule for every pool, so that ``workers x threads <= cores`` (the task pool's default; the patch loader's
+    workers take :data:`LOADER_WORKER_THREADS`).
     """
     return max(1, available_cores() // max(1, int(workers)))
 
