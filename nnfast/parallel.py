@@ -309,7 +309,7 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
                         slot.send((slot.tasks[0], items[slot.tasks[0]]))  # if it died, its sentinel says so below
                     except Exception as exc:
                         raise UsageError(f"the item of case {case_keys[slot.tasks[0]]} cannot be sent to a worker "
-                                        f"process: {type(exc).__name__}: {exc}") from exc
+                                         f"process: {type(exc).__name__}: {exc}") from exc
             ready = wait(slots, timeout=_SAMPLE_EVERY_S)
             for slot in list(slots):
                 msg = slot.recv() if slot.conn in ready else None
@@ -472,7 +472,7 @@ def _open_client(scheduler):
     if isinstance(scheduler, str):
         return Client(scheduler), None, True
     raise UsageError(f"scheduler must be None, 'tcp://host:port', 'local:N' or a distributed.Client; "
-                    f"got {type(scheduler).__name__}")
+                     f"got {type(scheduler).__name__}")
 
 
 def _run_dask(func, items, order, case_keys, scheduler, progress, initializer, initargs, threads, desc) -> list:
