@@ -103,14 +103,16 @@ def _args(argv=None):
     return p.parse_args(argv)
 
 
-def _loader(source, conf, workers: int, seed: int = 0):
+def _loader(source, plans, config_name: str, workers: int, seed: int = 0):
+    from nnfast.data.batch import BatchSpec
     from nnfast.data.loader import PatchLoader
 
-    return PatchLoader(source, config=conf, num_workers=workers, base_seed=seed, train=True, pin_memory="auto")
+    spec = BatchSpec.from_plan(plans, config_name, num_channels=source.num_channels, train=True)
+    return PatchLoader(source, spec, num_workers=workers, base_seed=seed, pin_memory="auto")
 
 
-def _loader_only(source, conf, workers: int, n: int) -> tuple[float, float]:
-    with _loader(source, conf, workers) as ld:
+def _loader_only(source, plans, config_name: str, workers: int, n: int) -> tuple[float, float]:
+    with _loader(source, plans, config_name, workers) as ld:
         t0 = time.perf_counter()
         for _ in range(min(4, n)):  # workers start, fill the ring
             next(ld)
@@ -142,7 +144,7 @@ def _run_mode(mode: str, plans, config_name: str, conf, source, workers: int, wa
     model = torch.compile(net) if mode.endswith("compile") else net
     ld = None
     if mode.startswith("loader"):
-        ld = _loader(source, conf, workers, seed=1)
+        ld = _loader(source, plans, config_name, workers, seed=1)
         get = lambda: next(ld)  # noqa: E731
     else:
         get = lambda: fixed_batch  # noqa: E731
@@ -214,9 +216,9 @@ def main(argv=None) -> int:
     print(f"data: {what}; plan {args.config}: patch {tuple(conf.patch_size)}, batch {conf.batch_size}, "
           f"{conf.architecture.n_stages} stages, features {conf.architecture.features_per_stage}")
 
-    rate, start_s = _loader_only(source, conf, args.workers, max(args.iterations, 20))
+    rate, start_s = _loader_only(source, plans, args.config, args.workers, max(args.iterations, 20))
     print(f"loader only ({args.workers} workers): {rate:.2f} batches/s (start-up {start_s:.1f} s)\n")
-    with _loader(source, conf, 0) as ld:
+    with _loader(source, plans, args.config, 0) as ld:
         b = next(ld)
     fixed = {"data": b["data"].to(device), "target": [t.to(device) for t in b["target"]]}
 

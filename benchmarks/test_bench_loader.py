@@ -193,14 +193,16 @@ def test_bench_batch_one_core(benchmark, data, name, impl):
 def test_bench_loader_workers(benchmark, data, name, workers):
     import psutil
 
+    from nnfast.data.batch import BatchSpec
     from nnfast.data.dataset import ZarrCaseSource
     from nnfast.data.loader import PatchLoader
 
     _, stores = data(name)
     _, _, bs, _ = plan_sizes(name)
     n = max(4, 2 * n_batches(name)) if full_size() else 3
-    with PatchLoader(ZarrCaseSource(stores), augment=_augment(name), batch_size=bs, num_workers=workers,
-                     base_seed=0, num_cached=2 * workers + 2) as loader:
+    spec = BatchSpec(augment=_augment(name), batch_size=bs, num_channels=1)
+    with PatchLoader(ZarrCaseSource(stores), spec, num_workers=workers, base_seed=0,
+                     num_cached=2 * workers + 2) as loader:
         next(loader)  # start-up (spawn, imports) is not timed
         times = []
 

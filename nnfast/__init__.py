@@ -19,6 +19,8 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.infer``        sliding-window prediction, export to the original geometry, model loading.
 - ``nnfast.evaluate``     metrics, postprocessing, ensembling, choosing the best configuration.
 - ``nnfast.parallel``     per-case task execution: spawn pools with dead-worker detection, dask.distributed.
+- ``nnfast.workers``      the worker core under both process pools (task pool, patch loader): spawn, pipes, shared
+                          memory, one thread policy, dead-worker diagnosis, stop escalation.
 - ``nnfast.cli``          the ``nnfast`` command.
 """
 __version__ = "0.1.0"

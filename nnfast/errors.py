@@ -64,3 +64,20 @@ class WorkerDiedError(NnfastError, RuntimeError):
 
 class UnsupportedResamplingError(NnfastError, NotImplementedError):
     """A resampling order / data kind combination that nnfast does not implement (nnU-Net never uses it)."""
+
+
+# Worker pools and the loader (nnfast.workers, nnfast.parallel, nnfast.data.loader).
+__all__ += ["WorkerStartError", "UsageError", "ClosedError"]
+
+
+class WorkerStartError(NnfastError, RuntimeError):
+    """A worker process failed while starting (importing the task's module, running its initializer, opening data)."""
+
+
+class UsageError(NnfastError, TypeError):
+    """An API was given the wrong kind of object (e.g. a function that cannot be sent to worker processes), or asked
+    for something its state does not have (the length of an infinite loader)."""
+
+
+class ClosedError(NnfastError, RuntimeError):
+    """An object was used after ``close()`` (e.g. ``next()`` on a closed loader)."""

@@ -308,7 +308,7 @@ class LabelManager:
         if self.has_regions:
             seg = np.zeros(probabilities.shape[1:], np.uint16)
             return self.paint_regions(seg, probabilities).astype(self.seg_dtype, copy=False)
-        from .infer.export import argmax_channels  # the Numba argmax kernel (moving to nnfast.native)
+        from .native.argmax import argmax_channels  # Numba, loaded on first use
 
         return argmax_channels(probabilities, self.seg_dtype)
 

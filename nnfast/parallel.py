@@ -3,7 +3,8 @@
 nnU-Net runs its per-case jobs (fingerprint, preprocessing) on a spawn ``multiprocessing.Pool`` and polls
 worker liveness; a worker stopped by the out-of-memory killer becomes "Some background worker is 6 feet
 under" with no hint of which case did it, or a hang (reference §1.2, §1.4, §2.2). :func:`run_tasks` keeps
-the spawn start method but owns the pool:
+the spawn start method but owns the pool, built on :mod:`nnfast.workers` (the worker core it shares with the patch
+loader: spawn, pipes, thread policy, dead-worker diagnosis, stop escalation):
 
 * every worker has its own pipe and the parent knows which case each worker holds, so a dead worker
   (SIGKILL, segfault, ``os._exit``) becomes :class:`~nnfast.errors.WorkerDiedError` naming the case, the
@@ -22,20 +23,18 @@ imported only when a pool or a scheduler is used.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import resource
-import signal
 import sys
 import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
-from .errors import WorkerDiedError
+from .errors import SettingsError, UsageError, WorkerDiedError, WorkerStartError
 from .ipc import PackedError, RemoteTraceback, dumps, loads, send_error, unpack_exception
+from .workers import Worker, died_error, start_workers, stop_workers, wait
 
 __all__ = ["run_tasks", "run_in_threads", "peak_rss_bytes", "PeakRss", "format_bytes"]
 
@@ -43,9 +42,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
 
-# Thread-count variables of BLAS/OpenMP libraries that a worker sets (when unset) before it imports the task
-# function's module, so that ``workers x threads <= cores`` also holds for NumPy/SciPy/torch.
-_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 _JOIN_TIMEOUT_S = 5.0
 _SAMPLE_EVERY_S = 0.5
 
@@ -122,8 +118,8 @@ def run_tasks(
         ``initializer(*initargs)`` runs once in every process that executes tasks (in this process too
         when ``workers <= 1``) before its first task.
     threads_per_worker
-        Numba threads in each worker process; default ``cores // workers`` (at least 1), decided by
-        :func:`nnfast.native.configure_threads`. Ignored in-process.
+        Threads of each worker process (Numba, BLAS/OpenMP, torch, SimpleITK, Blosc); default ``cores // workers``
+        (at least 1), decided by :func:`nnfast.native.threads_per_worker`. Ignored in-process.
     desc
         What the items are, for log messages and dask task keys.
     warmup
@@ -186,9 +182,6 @@ def run_in_threads(
     case_keys = _case_keys(items, keys)
     if workers <= 1 or len(items) <= 1:
         return _run_inline(func, items, list(range(len(items))), case_keys, progress, None, ())
-    from .native import configure_threads
-
-    configure_threads(workers)
     results: list = [None] * len(items)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nnfast") as ex:
         futures = {ex.submit(func, item): i for i, item in enumerate(items)}
@@ -211,7 +204,7 @@ def _case_keys(items: list, keys: Sequence[str] | None) -> list[str]:
         return [str(item) for item in items]
     keys = [str(k) for k in keys]
     if len(keys) != len(items):
-        raise ValueError(f"run_tasks: got {len(items)} items but {len(keys)} keys; pass one key per item")
+        raise SettingsError(f"run_tasks: got {len(items)} items but {len(keys)} keys; pass one key per item")
     return keys
 
 
@@ -220,7 +213,7 @@ def _submission_order(n: int, sizes: Sequence[float] | None) -> list[int]:
         return list(range(n))
     sizes = list(sizes)
     if len(sizes) != n:
-        raise ValueError(f"run_tasks: got {n} items but {len(sizes)} sizes; pass one size per item")
+        raise SettingsError(f"run_tasks: got {n} items but {len(sizes)} sizes; pass one size per item")
     return sorted(range(n), key=lambda i: -float(sizes[i]))  # stable: ties keep the items order
 
 
@@ -269,121 +262,57 @@ def _run_inline(func, items, order, case_keys, progress, initializer, initargs) 
 
 
 # --------------------------------------------------------------------------------------- process pool
-def _worker_main(conn, payload: bytes, workers: int, threads: int | None) -> None:
-    """Entry point of a spawned worker: configure threads, unpickle the task, serve tasks until ``None``."""
-    # The parent handles Ctrl-C and stops the workers; a terminal's SIGINT must not also hit them.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    n_threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // max(1, workers))
-    for var in _THREAD_ENV:
-        os.environ.setdefault(var, str(n_threads))
-    try:
-        from . import native
+def _task_setup(payload: bytes) -> Callable[[int, Any], Any]:
+    """Set-up of a pool worker (:func:`nnfast.workers.start_workers`): unpickle the task, run the initializer."""
+    func, initializer, initargs = loads(payload)
+    if initializer is not None:
+        initializer(*initargs)
 
-        if threads is None:
-            native.configure_threads(workers)
-        else:
-            import numba
+    def handler(index: int, item: Any) -> Any:
+        return func(item)
 
-            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        func, initializer, initargs = loads(payload)
-        if initializer is not None:
-            initializer(*initargs)
-    except BaseException as exc:  # report set-up failures instead of dying silently
-        _send_error(conn, -1, exc)
-        return
-    try:
-        conn.send(("ready", -1, None, 0))
-    except (BrokenPipeError, EOFError, OSError):
-        return
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):  # the parent is gone
-            return
-        if task is None:
-            return
-        index, item = task
-        try:
-            result = func(item)
-        except BaseException as exc:
-            if not _send_error(conn, index, exc):
-                return
-            continue
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        try:
-            conn.send(("ok", index, result, peak))
-        except (BrokenPipeError, EOFError, OSError):
-            return
-        except Exception as exc:  # the result cannot be pickled: nothing was written yet, report that
-            if not _send_error(conn, index, TypeError(
-                    f"the result of {getattr(func, '__name__', func)!r} cannot be sent to the parent "
-                    f"process: {type(exc).__name__}: {exc}")):
-                return
+    handler.__name__ = getattr(func, "__name__", "the task")
+    return handler
 
 
 def _send_error(conn, index: int, exc: BaseException) -> bool:
-    """Send ``exc`` with its traceback to the parent; False when the parent is gone."""
+    """Send ``exc`` with its traceback to the parent, as a worker does; False when the parent is gone."""
     return send_error(conn, index, exc, None)
-
-
-@dataclass
-class _Slot:
-    """One worker process, its pipe and the task it holds (``None`` when idle)."""
-
-    proc: Any
-    conn: Any
-    task: int | None = None
-    ready: bool = False
-    rss_seen: int = 0
 
 
 def _run_pool(func, items, order, case_keys, progress, initializer, initargs, pool_size, workers,
               threads) -> list:
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
+    from .native import threads_per_worker
 
     try:
         payload = dumps((func, initializer, initargs))
     except Exception as exc:
-        raise TypeError(
+        raise UsageError(
             f"run_tasks with workers={workers} needs a module-level (picklable) function, initializer and "
             f"initargs; pickling failed: {type(exc).__name__}: {exc}") from exc
-    ctx = mp.get_context("spawn")
     n = len(items)
     results: list = [None] * n
     pending = list(reversed(order))  # pop() from the end gives the next task to hand out
-    slots: list[_Slot] = []
+    slots: list[Worker] = []
     done = 0
     peak_seen = 0
     last_sample = 0.0
     ok = False
     try:
-        for _ in range(pool_size):
-            parent_conn, child_conn = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_worker_main, args=(child_conn, payload, workers, threads),
-                               name="nnfast-worker", daemon=True)
-            proc.start()
-            child_conn.close()
-            slots.append(_Slot(proc, parent_conn))
+        slots = start_workers(pool_size, _task_setup, (payload,), name="nnfast-worker",
+                              threads=threads if threads is not None else threads_per_worker(workers))
         while done < n:
             for slot in slots:  # hand out work: one task per idle worker
-                if slot.ready and slot.task is None and pending:
-                    slot.task = pending.pop()
+                if slot.ready and not slot.tasks and pending:
+                    slot.tasks.append(pending.pop())
                     try:
-                        slot.conn.send((slot.task, items[slot.task]))
-                    except (BrokenPipeError, OSError):
-                        pass  # it died: its sentinel says so below
+                        slot.send((slot.tasks[0], items[slot.tasks[0]]))  # if it died, its sentinel says so below
                     except Exception as exc:
-                        raise TypeError(f"the item of case {case_keys[slot.task]} cannot be sent to a worker "
-                                        f"process: {type(exc).__name__}: {exc}") from exc
-            ready = set(wait([s.conn for s in slots] + [s.proc.sentinel for s in slots], timeout=_SAMPLE_EVERY_S))
+                        raise UsageError(f"the item of case {case_keys[slot.tasks[0]]} cannot be sent to a worker "
+                                         f"process: {type(exc).__name__}: {exc}") from exc
+            ready = wait(slots, timeout=_SAMPLE_EVERY_S)
             for slot in list(slots):
-                msg = None
-                if slot.conn in ready:
-                    try:
-                        msg = slot.conn.recv()
-                    except (EOFError, OSError):
-                        msg = None  # the worker is gone (possibly mid-message)
+                msg = slot.recv() if slot.conn in ready else None
                 if msg is not None:
                     kind, index, value, peak = msg
                     if kind == "ready":
@@ -393,7 +322,7 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
                         _raise_task_error(value, case_keys[index] if index >= 0 else None)
                     results[index] = value
                     peak_seen = max(peak_seen, peak)
-                    slot.task = None
+                    slot.tasks.clear()
                     done += 1
                     if progress is not None:
                         progress(done, n, case_keys[index])
@@ -402,13 +331,13 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
                         continue  # a last message arrived before the exit: read it first
                     slot.proc.join(_JOIN_TIMEOUT_S)
                     err = _died_error(slot, case_keys, workers, peak_seen)
-                    if slot.task is not None or not slot.ready or len(slots) == 1:
+                    if slot.tasks or not slot.ready or len(slots) == 1:
                         raise err
                     # An idle worker died (the OOM killer may pick one holding memory from its last case):
                     # no work is lost, go on with the others.
                     logger.warning("%s Continuing with %d workers.", err, len(slots) - 1)
                     slots.remove(slot)
-                    _stop([slot], graceful=False)
+                    stop_workers([slot], graceful=False)
             now = time.monotonic()
             if now - last_sample >= _SAMPLE_EVERY_S:
                 last_sample = now
@@ -416,18 +345,19 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
         ok = True
         return results
     finally:
-        _stop(slots, graceful=ok)
+        stop_workers(slots, graceful=ok, join_s=_JOIN_TIMEOUT_S)
 
 
 def _raise_task_error(value, key: str | None):
     exc = unpack_exception(value)
     if key is None:
         packed = PackedError(*value)
-        raise RuntimeError(f"a worker process failed to start: {packed.type_name}: {packed.message}") from exc.__cause__
+        raise WorkerStartError(f"a worker process failed to start: {packed.type_name}: {packed.message}") \
+            from exc.__cause__
     raise _add_case(exc, key) from exc.__cause__
 
 
-def _sample_rss(slots: list[_Slot]) -> None:
+def _sample_rss(slots: list[Worker]) -> None:
     try:
         import psutil
     except ImportError:  # pragma: no cover - psutil is a dependency
@@ -439,27 +369,14 @@ def _sample_rss(slots: list[_Slot]) -> None:
             pass
 
 
-def _died_error(slot: _Slot, case_keys: list[str], workers: int, peak_seen: int) -> WorkerDiedError:
-    code = slot.proc.exitcode
-    if code is not None and code < 0:
-        try:
-            how = f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            how = f"was killed by signal {-code}"
-    else:
-        how = f"exited with code {code}"
+def _died_error(slot: Worker, case_keys: list[str], workers: int, peak_seen: int) -> WorkerDiedError:
     if not slot.ready:
-        what = ("while starting (importing the task function's module or running the initializer; its "
-                "output above says why)")
-    elif slot.task is None:
-        what = "between tasks"
+        doing = ("while starting (importing the task function's module or running the initializer; its "
+                 "output above says why)")
+    elif not slot.tasks:
+        doing = "between tasks"
     else:
-        what = f"while processing case {case_keys[slot.task]}"
-    hint = ""
-    if code == -signal.SIGKILL:
-        hint = " (SIGKILL usually means the out-of-memory killer stopped it)"
-    elif code == -getattr(signal, "SIGSEGV", 11):
-        hint = " (a crash in native code, or a corrupt input file)"
+        doing = f"while processing case {case_keys[slot.tasks[0]]}"
     need = max(peak_seen, slot.rss_seen)
     advice = f"rerun with --workers {max(1, workers - 1)} or less"
     if need:
@@ -471,35 +388,9 @@ def _died_error(slot: _Slot, case_keys: list[str], workers: int, peak_seen: int)
             advice += f" and this machine has {format_bytes(total)}"
         except Exception:  # pragma: no cover
             pass
-    err = WorkerDiedError(
-        f"worker process {slot.proc.pid} {how}{hint} {what}; {advice}.")
-    err.case = None if slot.task is None else case_keys[slot.task]
-    err.exitcode = code
+    err = died_error(slot, role="worker process", doing=doing, advice=advice)
+    err.case = case_keys[slot.tasks[0]] if slot.tasks else None
     return err
-
-
-def _stop(slots: list[_Slot], graceful: bool) -> None:
-    """Stop and join every worker; politely (``None`` task) after success, SIGTERM/SIGKILL otherwise."""
-    if graceful:
-        for slot in slots:
-            try:
-                slot.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        deadline = time.monotonic() + _JOIN_TIMEOUT_S
-        for slot in slots:
-            slot.proc.join(max(0.0, deadline - time.monotonic()))
-    for slot in slots:
-        if slot.proc.is_alive():
-            slot.proc.terminate()
-    deadline = time.monotonic() + _JOIN_TIMEOUT_S
-    for slot in slots:
-        slot.proc.join(max(0.0, deadline - time.monotonic()))
-        if slot.proc.is_alive():  # ignored SIGTERM
-            slot.proc.kill()
-            slot.proc.join()
-        slot.conn.close()
-        slot.proc.close()
 
 
 # ----------------------------------------------------------------------------------------------- dask
@@ -508,8 +399,9 @@ _DASK_READY: set[str] = set()
 
 
 def _dask_call(func, item, token: str, initializer, initargs, threads_by_host: dict, threads: int | None):
-    """Runs on a dask worker: once per process and call, set threads and run the initializer; then the task."""
-    import numba
+    """Runs on a dask worker: set threads (the pools' policy, with the task slots of this host as the workers) and,
+    once per process and call, run the initializer; then the task."""
+    from .native import limit_threads, threads_per_worker
 
     if threads is None:
         host = None
@@ -520,11 +412,8 @@ def _dask_call(func, item, token: str, initializer, initargs, threads_by_host: d
             host = get_address_host(get_worker().address)
         except Exception:
             pass
-        from . import native
-
-        native.configure_threads(threads_by_host.get(host, 1))
-    else:
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        threads = threads_per_worker(threads_by_host.get(host, 1))
+    limit_threads(threads)
     if initializer is not None:
         with _DASK_LOCK:
             if token not in _DASK_READY:
@@ -572,7 +461,7 @@ def _open_client(scheduler):
         except ValueError:
             n = 0
         if n < 1:
-            raise ValueError(f"scheduler={scheduler!r}: expected 'local:N' with N >= 1 worker processes")
+            raise SettingsError(f"scheduler={scheduler!r}: expected 'local:N' with N >= 1 worker processes")
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=logging.ERROR)
         try:
@@ -582,8 +471,8 @@ def _open_client(scheduler):
             raise
     if isinstance(scheduler, str):
         return Client(scheduler), None, True
-    raise TypeError(f"scheduler must be None, 'tcp://host:port', 'local:N' or a distributed.Client; "
-                    f"got {type(scheduler).__name__}")
+    raise UsageError(f"scheduler must be None, 'tcp://host:port', 'local:N' or a distributed.Client; "
+                     f"got {type(scheduler).__name__}")
 
 
 def _run_dask(func, items, order, case_keys, scheduler, progress, initializer, initargs, threads, desc) -> list:

@@ -61,3 +61,24 @@ def read_state(x: int) -> tuple[int, object, int]:
     import numba
 
     return x, _STATE.get("value"), numba.get_num_threads()
+
+
+def thread_settings(x: int) -> tuple[dict, int, int]:
+    """What a worker's thread policy set: the THREAD_ENV variables, Numba's and torch's thread counts."""
+    import numba
+    import torch
+
+    from nnfast.native._jit import THREAD_ENV
+
+    return {k: os.environ.get(k) for k in THREAD_ENV}, numba.get_num_threads(), torch.get_num_threads()
+
+
+def stubborn_setup():
+    """A worker set-up whose worker ignores SIGTERM and never finishes its task: only SIGKILL stops it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def handler(index, item):
+        while True:
+            time.sleep(1)
+
+    return handler

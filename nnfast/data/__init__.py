@@ -11,7 +11,9 @@ cascade         the cascade's previous-stage one-hot input channels and their au
                 connected-component removal)
 dataset         case sources: nnfast zarr stores or nnU-Net's own preprocessed folder (blosc2 + pkl), with the
                 cascade's previous stage as a second label channel
-batch           one batch built deterministically from (seed, batch index): sample, read the needed region, augment
-loader          PatchLoader: worker processes writing batches into shared memory, nnU-Net's batch format
+batch           one batch built deterministically from (seed, batch index): sample, read the needed region, augment;
+                ``BatchSpec.from_plan`` says what a batch is for a plan configuration
+loader          PatchLoader(source, spec): worker processes (on :mod:`nnfast.workers`) writing batches into shared
+                memory, nnU-Net's batch format
 nnunet_adapter  the drop-in for nnU-Net v2's nnUNetTrainer (a trainer subclass, or ``use_nnfast_loader(trainer)``)
 """

@@ -41,14 +41,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .augment_params import AugmentConfig, box_center, needed_region, sample_spatial
+from ..errors import DatasetError, SettingsError
+from .augment_params import AugmentConfig, box_center, deep_supervision_scales, needed_region, sample_spatial
 from .cascade import onehot_into
 from .dataset import CaseSource
 from .sampler import SamplerConfig, forced_foreground, get_bbox, sample_batch_cases
 from .transforms import augment_sample, deep_supervision_targets
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..plan.schema import ConfigurationPlan
+    from ..plan.schema import Plans
 
 __all__ = ["BatchSpec", "BatchArrays", "BatchBuilder", "batch_rng", "allocate_batch", "check_source"]
 
@@ -99,13 +100,13 @@ class BatchSpec:
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
-            raise ValueError(f"BatchSpec: batch_size must be >= 1, got {self.batch_size}")
+            raise SettingsError(f"BatchSpec: batch_size must be >= 1, got {self.batch_size}")
         if int(self.num_channels) < 1:
-            raise ValueError(f"BatchSpec: num_channels must be >= 1, got {self.num_channels}")
+            raise SettingsError(f"BatchSpec: num_channels must be >= 1, got {self.num_channels}")
         if self.cascade_labels is not None:
             labels = tuple(int(v) for v in self.cascade_labels)
             if not labels or min(labels) < 1:
-                raise ValueError(f"BatchSpec: cascade_labels must be the foreground labels (>= 1), got "
+                raise SettingsError(f"BatchSpec: cascade_labels must be the foreground labels (>= 1), got "
                                  f"{self.cascade_labels}")
             object.__setattr__(self, "cascade_labels", labels)
         ps = tuple(int(p) for p in self.augment.patch_size)
@@ -172,14 +173,57 @@ class BatchSpec:
         return replace(self, train=bool(train))
 
     @classmethod
-    def from_configuration(cls, conf: "ConfigurationPlan", num_channels: int, *, train: bool = True,
-                           deep_supervision: bool = True, batch_size: int | None = None,
-                           **kwargs) -> "BatchSpec":
-        """nnU-Net's loader settings for a plan configuration (its patch/batch size, ``use_mask_for_norm``,
-        deep-supervision scales from the architecture's strides); ``kwargs`` are further fields."""
-        aug = AugmentConfig.from_configuration(conf, deep_supervision=deep_supervision)
-        return cls(augment=aug, batch_size=int(batch_size if batch_size is not None else conf.batch_size),
-                   num_channels=int(num_channels), train=train, **kwargs)
+    def from_plan(cls, plans: "Plans", configuration: str, *, num_channels: int | None = None, train: bool = True,
+                  deep_supervision: bool = True, patch_size: Sequence[int] | None = None,
+                  batch_size: int | None = None, **fields) -> "BatchSpec":
+        """nnU-Net's loader settings for one configuration of a plan.
+
+        Parameters
+        ----------
+        plans : Plans
+            nnfast plans (anything with ``configuration(name)``); the patch size, batch size, ``use_mask_for_norm``
+            and the deep-supervision scales (``1 / cumprod(strides)`` of the architecture, nnU-Net's
+            ``_get_deep_supervision_scales``) come from ``plans.configuration(configuration)``.
+        configuration : str
+            Configuration name, e.g. ``"3d_fullres"``.
+        num_channels : int, optional
+            Image channels of the cases; default ``plans.num_input_channels``.
+        train : bool
+            Training (augmented, nnU-Net's enlarged boxes) or validation batches.
+        deep_supervision : bool
+            Targets at every deep-supervision scale (True) or the full-resolution target only.
+        patch_size, batch_size : optional
+            Override the plan's (a trainer's patch size; one DDP rank's share of the global batch).
+        fields
+            Further :class:`BatchSpec` fields: ``oversample_foreground_percent``, ``probabilistic_oversampling``,
+            ``annotated_classes_key``, ``clip_to_sampled_box``, ``cascade_labels``.
+
+        Raises
+        ------
+        PlanError
+            The plan has no such configuration.
+        SettingsError
+            Bad settings (batch size < 1, a patch size without 2 or 3 axes, ...).
+        """
+        conf = plans.configuration(configuration)
+        if num_channels is None:
+            num_channels = plans.num_input_channels
+        ds = deep_supervision_scales(conf.architecture.strides) if deep_supervision else None
+        aug = AugmentConfig.from_patch_size(conf.patch_size if patch_size is None else patch_size,
+                                            use_mask_for_norm=conf.use_mask_for_norm or (), ds_scales=ds)
+        return cls(augment=aug, batch_size=int(conf.batch_size if batch_size is None else batch_size),
+                   num_channels=int(num_channels), train=bool(train), **fields)
+
+    @classmethod
+    def from_patch_size(cls, patch_size: Sequence[int], batch_size: int, *, num_channels: int, train: bool = True,
+                        ds_scales: Sequence[Sequence[float]] | None = None, use_mask_for_norm: Sequence[bool] = (),
+                        **fields) -> "BatchSpec":
+        """Batches without a plan: nnU-Net's augmentation rules for ``patch_size`` (2 or 3 axes, nnU-Net axis order;
+        :meth:`AugmentConfig.from_patch_size`), ``ds_scales`` per-axis deep-supervision scales (None: one target).
+        For a full :class:`AugmentConfig` (e.g. an nnU-Net trainer's), call ``BatchSpec(augment=..., ...)``."""
+        aug = AugmentConfig.from_patch_size(patch_size, use_mask_for_norm=use_mask_for_norm, ds_scales=ds_scales)
+        return cls(augment=aug, batch_size=int(batch_size), num_channels=int(num_channels), train=bool(train),
+                   **fields)
 
 
 def _aligned(n: int) -> int:
@@ -234,11 +278,11 @@ class _Scratch:
 
 
 def check_source(source: CaseSource, spec: BatchSpec) -> None:
-    """Raise ``ValueError`` unless ``source`` reads the label channels ``spec`` needs: the previous stage exactly when
-    the spec has ``cascade_labels``."""
+    """Raise :class:`~nnfast.errors.SettingsError` (a ``ValueError``) unless ``source`` reads the label channels
+    ``spec`` needs: the previous stage exactly when the spec has ``cascade_labels``."""
     n_seg = int(getattr(source, "num_seg_channels", 1))
     if n_seg != spec.num_seg_channels:
-        raise ValueError(
+        raise SettingsError(
             f"{source!r} reads {n_seg} label channel(s) but the batches need {spec.num_seg_channels}: the cascade "
             "needs both a source with previous_stage_folder and cascade_labels (the foreground labels), other "
             "configurations neither")
@@ -260,7 +304,7 @@ class BatchBuilder:
 
     def __init__(self, source: CaseSource, spec: BatchSpec):
         if not source.case_ids:
-            raise ValueError("BatchBuilder: the source has no cases")
+            raise DatasetError("BatchBuilder: the source has no cases; check the split and the preprocessed folder")
         check_source(source, spec)
         self.source = source
         self.spec = spec
@@ -283,7 +327,7 @@ class BatchBuilder:
         if out is None:
             out = self.allocate()
         elif out.data.shape != spec.data_shape or [t.shape for t in out.targets] != spec.target_shapes:
-            raise ValueError(f"BatchBuilder.build: out has data {out.data.shape} and targets "
+            raise SettingsError(f"BatchBuilder.build: out has data {out.data.shape} and targets "
                              f"{[t.shape for t in out.targets]}, expected {spec.data_shape} and {spec.target_shapes}")
         rng = batch_rng(base_seed, batch_index)
         keys = sample_batch_cases(self._case_ids, spec.batch_size, rng)

@@ -10,20 +10,28 @@ How the work is spread (compare nnU-Net's ``NonDetMultiThreadedAugmenter``, refe
 * With ``N`` workers, ``N`` *spawned* processes each own a :class:`~nnfast.data.batch.BatchBuilder`. One
   ``multiprocessing.shared_memory`` block holds a ring of ``num_cached`` batch slots; batch ``i`` is written
   into slot ``i % num_cached`` by whichever worker gets it. Only tiny control messages travel over one pipe
-  per worker (``(i, slot)`` to the worker, ``("ok", i, keys)`` back): no array is pickled. The case source
+  per worker (``(i, slot)`` to the worker, ``("ok", i, keys, peak_rss)`` back): no array is pickled. The case source
   reaches each worker as JSON (:func:`~nnfast.data.dataset.source_to_json`: folder and case ids).
 * At most ``num_cached`` batches are in flight; each new one goes to the worker with the fewest outstanding
   batches. Batches are delivered in index order: ``next()`` waits for batch ``i`` even if ``i + 1`` is ready.
 * ``next()`` copies the slot into fresh tensors (pinned host memory when CUDA is present, so that
   ``.to(device, non_blocking=True)`` overlaps) before the slot is reused.
 
-Robustness: the parent waits on the workers' pipes and process sentinels together, so a worker that dies (the
-out-of-memory killer's SIGKILL, a segfault, SIGBUS from a full ``/dev/shm``) raises
-:class:`~nnfast.errors.WorkerDiedError` naming the signal and the batch at once, and an exception inside a
-worker is re-raised in the parent with its type and the worker's traceback. ``close()`` (also the context
-manager, ``__del__`` and an ``atexit`` hook) stops the workers and unlinks the shared memory; Ctrl-C in
-``next()`` closes the loader and re-raises ``KeyboardInterrupt`` (workers ignore SIGINT and exit when the
-parent's pipe closes, also if the parent is killed).
+Workers, pipes, thread counts, death diagnosis and stopping are the worker core's (:mod:`nnfast.workers`, shared
+with :func:`nnfast.parallel.run_tasks`): the parent waits on the workers' pipes and process sentinels together, so a
+worker that dies (the out-of-memory killer's SIGKILL, a segfault, SIGBUS from a full ``/dev/shm``) raises
+:class:`~nnfast.errors.WorkerDiedError` naming the signal and the batch at once, and an exception inside a worker is
+re-raised in the parent with its type and the worker's traceback. Each worker runs one thread (Numba, BLAS, torch),
+set in the worker at start-up. ``close()`` (also the context manager, ``__del__`` and an ``atexit`` hook) stops the
+workers and unlinks the shared memory; Ctrl-C in ``next()`` closes the loader and re-raises ``KeyboardInterrupt``
+(workers ignore SIGINT and exit when the parent's pipe closes, also if the parent is killed).
+
+What stays here and not in the core is the loader's scheduling, because the task pool has none of it: the ring of
+shared-memory slots (batch ``i`` in slot ``i % num_cached``, so a slot is reused only after its batch was copied out),
+up to ``num_cached`` batches in flight spread over the workers, and delivery in index order. ``run_tasks`` instead
+hands one task at a time to a worker and returns each result pickled through its pipe, which for batches is also too
+slow: a 16 MiB batch (``(2, 1, 128, 128, 128)`` float32) took 144-156 ms through a spawn pipe and 4 ms to copy out of
+the shared-memory slot (measured 2026-12-06 on the 2-core development machine, two runs).
 
 Spawned workers re-import the main module: run scripts that create a loader under
 ``if __name__ == "__main__":``.
@@ -32,24 +40,18 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
-import signal
-import time
-import uuid
 import weakref
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
-from ..errors import SettingsError, WorkerDiedError
-from ..ipc import send_error, unpack_exception
-from .augment_params import AugmentConfig, deep_supervision_scales
+from ..errors import ClosedError, SettingsError, UsageError, WorkerDiedError
+from ..ipc import unpack_exception
+from ..native._jit import LOADER_WORKER_THREADS
+from ..workers import (Worker, create_shared_block, died_error, release_shared_block, start_workers, stop_workers,
+                       wait)
 from .batch import BatchArrays, BatchBuilder, BatchSpec, allocate_batch, check_source
 from .dataset import CaseSource, source_from_json, source_to_json
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..plan.schema import ConfigurationPlan, Plans
 
 __all__ = ["PatchLoader", "SHM_PREFIX"]
 
@@ -59,7 +61,6 @@ logger = logging.getLogger(__name__)
 SHM_PREFIX = "nnfast_ld_"
 _POLL_S = 0.5            # how often a waiting parent re-checks worker exit codes (the sentinels wake it sooner)
 _JOIN_S = 3.0            # grace period for workers to exit on close()
-_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 _LIVE: "weakref.WeakSet[PatchLoader]" = weakref.WeakSet()
 
@@ -74,62 +75,39 @@ def _close_all() -> None:  # pragma: no cover - runs at interpreter exit
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def _worker_main(conn, source_json: str, spec: BatchSpec, shm_name: str, slot_nbytes: int, n_slots: int,
+class _BatchWorker:
+    """A loader worker's set-up and task handler (:func:`nnfast.workers.start_workers`): attach the ring, then build
+    batch ``index`` into slot ``slot`` for each ``(index, slot)`` task; the reply is the batch's case ids."""
+
+    __name__ = "build batch"
+
+    def __init__(self, source_json: str, spec: BatchSpec, shm_name: str, slot_nbytes: int, n_slots: int,
                  base_seed: int) -> None:
-    """Entry point of a spawned worker: attach the ring, then build the batches the parent asks for."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    shm = None
-    views: list[BatchArrays] = []
-    try:
-        import torch
         from multiprocessing import shared_memory
 
-        torch.set_num_threads(1)
-        source = source_from_json(source_json)
-        builder = BatchBuilder(source, spec)
-        shm = shared_memory.SharedMemory(name=shm_name)
-        views = [allocate_batch(spec, shm.buf, s * slot_nbytes) for s in range(n_slots)]
-    except BaseException as exc:
-        send_error(conn, -1, exc)
-        return
-    try:
-        conn.send(("ready", -1, None))
-        while True:
+        self.shm = None
+        self.views: list[BatchArrays] = []
+        self.source = source_from_json(source_json)
+        try:
+            self.builder = BatchBuilder(self.source, spec)
+            self.shm = shared_memory.SharedMemory(name=shm_name)
+            self.views = [allocate_batch(spec, self.shm.buf, s * slot_nbytes) for s in range(n_slots)]
+        except BaseException:
+            self.close()
+            raise
+        self.base_seed = base_seed
+
+    def __call__(self, index: int, slot: int) -> list[str]:
+        return self.builder.build(self.base_seed, index, self.views[slot])[1]
+
+    def close(self) -> None:
+        self.views.clear()
+        self.source.close()
+        if self.shm is not None:
             try:
-                task = conn.recv()
-            except (EOFError, OSError):  # the parent is gone
-                return
-            if task is None:
-                return
-            index, slot = task
-            try:
-                _, keys = builder.build(base_seed, index, views[slot])
-            except BaseException as exc:
-                if not send_error(conn, index, exc):
-                    return
-                continue
-            try:
-                conn.send(("ok", index, keys))
-            except (BrokenPipeError, EOFError, OSError):
-                return
-    finally:
-        views.clear()
-        source.close()
-        if shm is not None:
-            try:
-                shm.close()
+                self.shm.close()
             except BufferError:  # pragma: no cover - a view still alive; the mapping goes with the process
                 pass
-
-
-class _Worker:
-    __slots__ = ("proc", "conn", "pending", "ready")
-
-    def __init__(self, proc, conn):
-        self.proc = proc
-        self.conn = conn
-        self.pending: list[int] = []
-        self.ready = False
 
 
 # ------------------------------------------------------------------------------------------------ loader
@@ -140,96 +118,64 @@ class PatchLoader:
     ----------
     source : CaseSource
         The cases to sample from (e.g. one fold's training cases: ``source.subset(ids)``).
-    config : ConfigurationPlan, optional
-        A plan configuration: patch size, batch size, ``use_mask_for_norm`` and deep-supervision scales from it.
-    plans, configuration : alternatively nnfast :class:`~nnfast.plan.schema.Plans` and a configuration name
-        (``config = plans.configuration(configuration)``).
-    patch_size, batch_size : explicit settings (override ``config``); ``patch_size`` has 2 or 3 axes.
-    augment : AugmentConfig, optional
-        Full augmentation settings (overrides what ``config``/``patch_size`` would give, e.g. an nnU-Net trainer's
-        rotation and mirror axes).
+    spec : BatchSpec
+        What a batch is: patch and batch size, augmentation, deep-supervision scales, oversampling, the cascade's
+        labels. From a plan: ``BatchSpec.from_plan(plans, "3d_fullres", train=True)``; without one:
+        ``BatchSpec.from_patch_size(patch_size, batch_size, num_channels=...)``; its ``num_channels`` must be the
+        source's.
     num_workers : int
         Worker processes; 0 builds batches in this process.
     base_seed : int, optional
         Seed of the batch stream (``SeedSequence([base_seed, i])`` per batch); random when None (see
         :attr:`base_seed`).
-    train : bool
-        Training (augmented, enlarged boxes) or validation batches.
     num_batches : int, optional
         Stop after this many batches (``StopIteration``); infinite when None, like nnU-Net's loaders.
     start_batch : int
         Index of the first batch (to resume a run).
     pin_memory : bool or "auto"
         Return tensors in pinned host memory; "auto" = when CUDA is available.
-    deep_supervision_scales : "auto", None or sequence of per-axis scales
-        "auto": from ``config``'s strides when a config is given, else none (or ``augment.ds_scales``).
-    oversample_foreground_percent, probabilistic_oversampling, annotated_classes_key, use_mask_for_norm,
-    clip_to_sampled_box : see :class:`~nnfast.data.batch.BatchSpec` / :class:`AugmentConfig`.
     num_cached : int, optional
         Shared-memory batch slots (batches in flight); default ``max(4, 2 * num_workers)``.
-    cascade_labels : sequence of int, optional
-        The cascade (``3d_cascade_fullres``): the foreground labels; ``source`` must read the previous stage
-        (``previous_stage_folder``), whose segmentation becomes one input channel per label after the image.
 
     Raises
     ------
-    ValueError
-        Neither ``config`` nor ``patch_size``/``batch_size`` given, or bad settings.
     SettingsError
-        ``/dev/shm`` has too little free space for the ring.
+        ``spec`` is not a :class:`BatchSpec` or does not fit ``source``, bad runtime options, or ``/dev/shm`` has
+        too little free space for the ring (all ``ValueError``).
     WorkerDiedError
         From :meth:`__next__`, when a worker died.
 
     Examples
     --------
-    >>> with PatchLoader(ZarrCaseSource(folder), config=plans.configuration("3d_fullres"),
-    ...                  num_workers=8, base_seed=0) as loader:  # doctest: +SKIP
+    >>> spec = BatchSpec.from_plan(plans, "3d_fullres")                         # doctest: +SKIP
+    >>> with PatchLoader(ZarrCaseSource(folder), spec, num_workers=8, base_seed=0) as loader:  # doctest: +SKIP
     ...     batch = next(loader)     # {'data': (2, 1, 56, 192, 192) float32, 'target': [...], 'keys': [...]}
     """
 
     def __init__(
         self,
         source: CaseSource,
+        spec: BatchSpec,
         *,
-        config: "ConfigurationPlan | None" = None,
-        plans: "Plans | None" = None,
-        configuration: str | None = None,
-        patch_size: Sequence[int] | None = None,
-        batch_size: int | None = None,
-        augment: AugmentConfig | None = None,
         num_workers: int = 0,
         base_seed: int | None = None,
-        train: bool = True,
         num_batches: int | None = None,
         start_batch: int = 0,
         pin_memory: bool | Literal["auto"] = "auto",
-        deep_supervision_scales: Any = "auto",
-        oversample_foreground_percent: float = 0.33,
-        probabilistic_oversampling: bool = False,
-        annotated_classes_key: tuple[int, ...] | None = None,
-        use_mask_for_norm: Sequence[bool] | None = None,
-        clip_to_sampled_box: bool = True,
         num_cached: int | None = None,
-        cascade_labels: Sequence[int] | None = None,
     ):
         self._closed = True  # until the workers exist; close() is safe on a half-built loader
         self._released = False
-        self._workers: list[_Worker] = []
+        self._workers: list[Worker] = []
         self._shm = None
         self._slots: list[BatchArrays] = []
         self.source = source
-        if plans is not None:
-            if config is not None or configuration is None:
-                raise ValueError("PatchLoader: give either config= or plans= with configuration=")
-            config = plans.configuration(configuration)
-        self.spec = _make_spec(source, config, patch_size, batch_size, augment, train, deep_supervision_scales,
-                               oversample_foreground_percent, probabilistic_oversampling, annotated_classes_key,
-                               use_mask_for_norm, clip_to_sampled_box, cascade_labels)
+        self.spec = _checked_spec(source, spec)
         self.num_workers = int(num_workers)
         if self.num_workers < 0:
-            raise ValueError(f"PatchLoader: num_workers must be >= 0, got {num_workers}")
+            raise SettingsError(f"PatchLoader: num_workers must be >= 0, got {num_workers}")
         if num_batches is not None and int(num_batches) < 0:
-            raise ValueError(f"PatchLoader: num_batches must be >= 0 or None, got {num_batches}")
+            raise SettingsError(f"PatchLoader: num_batches must be >= 0 or None, got {num_batches}")
         self.base_seed = int(np.random.SeedSequence().entropy % (2**63)) if base_seed is None else int(base_seed)
         self.start_batch = int(start_batch)
         self.num_batches = None if num_batches is None else int(num_batches)
@@ -250,45 +196,25 @@ class PatchLoader:
             except BaseException:
                 self.close()
                 raise
-        logger.debug("PatchLoader: %s, %d workers, seed %d, %d slots of %d bytes", "train" if train else "val",
-                     self.num_workers, self.base_seed, self.num_cached if self.num_workers else 0, self.spec.nbytes)
+        logger.debug("PatchLoader: %s, %d workers, seed %d, %d slots of %d bytes",
+                     "train" if self.spec.train else "val", self.num_workers, self.base_seed,
+                     self.num_cached if self.num_workers else 0, self.spec.nbytes)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def _start(self) -> None:
-        import multiprocessing as mp
-        from multiprocessing import shared_memory
-
         from .. import native
 
         # compile (or load from Numba's cache) before the workers start, not in each of them; only what batches use
         native.warmup(("augment", "augment_intensity")
                       + (("morphology", "components") if self.spec.cascade_labels else ()))
         slot = self.spec.nbytes
-        total = slot * self.num_cached
-        _check_shm_space(total, self.num_cached)
-        self._shm = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}",
-                                               create=True, size=max(1, total))
+        self._shm = create_shared_block(
+            SHM_PREFIX, slot * self.num_cached, f"the loader's ring of {self.num_cached} batch slots",
+            "pass a smaller num_cached, use fewer workers")
         self._slots = [allocate_batch(self.spec, self._shm.buf, s * slot) for s in range(self.num_cached)]
-        ctx = mp.get_context("spawn")
-        source_json = source_to_json(self.source)
-        saved = {k: os.environ.get(k) for k in _THREAD_ENV}
-        try:  # one thread per worker (BLAS/OpenMP/Numba read these at import in the child)
-            for k in _THREAD_ENV:
-                os.environ[k] = "1"
-            for _ in range(self.num_workers):
-                parent, child = ctx.Pipe(duplex=True)
-                proc = ctx.Process(target=_worker_main, name="nnfast-loader",
-                                   args=(child, source_json, self.spec, self._shm.name, slot, self.num_cached,
-                                         self.base_seed), daemon=True)
-                proc.start()
-                child.close()
-                self._workers.append(_Worker(proc, parent))
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        args = (source_to_json(self.source), self.spec, self._shm.name, slot, self.num_cached, self.base_seed)
+        self._workers = start_workers(self.num_workers, _BatchWorker, args, threads=LOADER_WORKER_THREADS,
+                                      name="nnfast-loader")
         self._dispatch()
 
     def close(self) -> None:
@@ -299,21 +225,11 @@ class PatchLoader:
         self._closed = True
         workers, self._workers = self._workers, []
         try:
-            _stop_workers(workers)
+            stop_workers(workers, graceful=True, join_s=_JOIN_S)
         finally:  # also when a second Ctrl-C interrupts the joins: never leave the shared memory behind
-            for w in workers:
-                w.conn.close()
             self._slots = []
             shm, self._shm = self._shm, None
-            if shm is not None:
-                try:
-                    shm.close()
-                except BufferError:  # a view is still referenced somewhere; unlinking still frees the name
-                    logger.debug("PatchLoader.close: shared memory still has exported views")
-                try:
-                    shm.unlink()
-                except FileNotFoundError:
-                    pass
+            release_shared_block(shm)
             self._builder = None
             try:
                 self.source.close()
@@ -343,7 +259,7 @@ class PatchLoader:
 
     def __len__(self) -> int:
         if self.num_batches is None:
-            raise TypeError("PatchLoader: an infinite loader (num_batches=None) has no length")
+            raise UsageError("PatchLoader: an infinite loader (num_batches=None) has no length")
         return self.num_batches
 
     @property
@@ -353,7 +269,7 @@ class PatchLoader:
 
     @property
     def worker_pids(self) -> list[int]:
-        return [w.proc.pid for w in self._workers]
+        return [w.pid for w in self._workers]
 
     @property
     def shm_name(self) -> str | None:
@@ -362,7 +278,7 @@ class PatchLoader:
 
     def __next__(self) -> dict:
         if self._closed:
-            raise RuntimeError("PatchLoader: next() on a closed loader")
+            raise ClosedError("PatchLoader: next() on a closed loader; create a new one (start_batch= resumes)")
         if self._end is not None and self._next >= self._end:
             raise StopIteration
         index = self._next
@@ -411,26 +327,20 @@ class PatchLoader:
         if self._end is not None:
             limit = min(limit, self._end)
         while self._dispatched < limit:
-            w = min(self._workers, key=lambda w: len(w.pending))
+            w = min(self._workers, key=lambda w: len(w.tasks))
             i = self._dispatched
-            try:
-                w.conn.send((i, i % self.num_cached))
-            except (BrokenPipeError, ConnectionResetError, EOFError):
+            if not w.send((i, i % self.num_cached)):
                 w.proc.join(_POLL_S)
-                raise self._died(w) from None
-            w.pending.append(i)
+                raise self._died(w)
+            w.tasks.append(i)
             self._dispatched += 1
 
     def _wait_for(self, index: int) -> list[str]:
-        from multiprocessing.connection import wait
-
         while index not in self._done:
-            conns = {w.conn: w for w in self._workers}
-            sentinels = {w.proc.sentinel: w for w in self._workers}
-            ready = wait([*conns, *sentinels], timeout=_POLL_S)
-            for obj in ready:
-                if obj in conns:
-                    self._receive(conns[obj])
+            ready = wait(self._workers, timeout=_POLL_S)
+            for w in self._workers:
+                if w.conn in ready:
+                    self._receive(w)
             for w in self._workers:  # exit codes, also when a pipe message and the death arrive together
                 if w.proc.exitcode is not None and index not in self._done:
                     while w.conn.poll():  # drain what it sent before dying (it may be an error report)
@@ -439,80 +349,53 @@ class PatchLoader:
                         raise self._died(w)
         return self._done.pop(index)
 
-    def _receive(self, w: _Worker) -> None:
-        try:
-            kind, index, payload = w.conn.recv()
-        except (EOFError, OSError):
+    def _receive(self, w: Worker) -> None:
+        msg = w.recv()
+        if msg is None:
             w.proc.join(_POLL_S * 2)
-            raise self._died(w) from None
+            raise self._died(w)
+        kind, index, payload, _ = msg
         if kind == "ready":
             w.ready = True
         elif kind == "ok":
-            w.pending.remove(index)
+            w.tasks.remove(index)
             self._done[index] = list(payload)
         else:
             raise _remote_error(index, payload, w)
 
-    def _died(self, w: _Worker) -> WorkerDiedError:
-        code = w.proc.exitcode
-        if code is not None and code < 0:
-            try:
-                how = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with code {code}" if code is not None else "closed its pipe"
-        what = f"while building batch {w.pending[0]}" if w.pending else "between batches"
+    def _died(self, w: Worker) -> WorkerDiedError:
         if not w.ready:
-            what = "while starting (importing nnfast/torch or opening the data; its output above says why)"
-        hint = ""
-        if code == -signal.SIGKILL:
-            hint = (" (SIGKILL usually means the out-of-memory killer stopped it: use fewer loader workers or a "
-                    "smaller num_cached)")
-        elif code == -getattr(signal, "SIGBUS", 7):
-            hint = (f" (SIGBUS usually means /dev/shm is full: this loader needs "
-                    f"{self.spec.nbytes * self.num_cached / 2**20:.0f} MiB there; enlarge it, e.g. docker "
-                    f"--shm-size, or lower num_cached)")
-        elif code == -getattr(signal, "SIGSEGV", 11):
-            hint = " (a crash in native code, or a corrupt input file)"
-        err = WorkerDiedError(f"loader worker process {w.proc.pid} {how}{hint} {what}")
-        err.exitcode = code
-        return err
+            doing = "while starting (importing nnfast/torch or opening the data; its output above says why)"
+        else:
+            doing = f"while building batch {w.tasks[0]}" if w.tasks else "between batches"
+        advice = (f"use fewer loader workers (num_workers={max(1, self.num_workers - 1)} or less) or a smaller "
+                  f"num_cached (now {self.num_cached})")
+        return died_error(w, role="loader worker process", doing=doing, advice=advice,
+                          shm_bytes=self.spec.nbytes * self.num_cached)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _stop_workers(workers: list[_Worker]) -> None:
-    """Ask politely (``None``), then SIGTERM, then SIGKILL; join and release every worker."""
-    for w in workers:
-        try:
-            while not w.ready and w.conn.poll():  # did it finish starting?
-                w.ready = w.conn.recv()[0] == "ready" or w.ready
-            w.conn.send(None)
-        except (BrokenPipeError, EOFError, OSError, ValueError):
-            pass
-        if not w.ready:  # still importing: nobody reads the pipe yet, no point in waiting
-            w.proc.terminate()
-    deadline = time.monotonic() + _JOIN_S
-    for w in workers:
-        w.proc.join(max(0.0, deadline - time.monotonic()))
-    for w in workers:
-        if w.proc.is_alive():
-            w.proc.terminate()
-    deadline = time.monotonic() + _JOIN_S
-    for w in workers:
-        w.proc.join(max(0.0, deadline - time.monotonic()))
-        if w.proc.is_alive():
-            w.proc.kill()
-            w.proc.join()
-        w.proc.close()
+def _checked_spec(source: CaseSource, spec: BatchSpec) -> BatchSpec:
+    """``spec`` if it is a :class:`BatchSpec` that ``source`` can fill (checked here too: with workers, the builders
+    are made in the workers)."""
+    if not isinstance(spec, BatchSpec):
+        raise SettingsError(f"PatchLoader: spec must be a BatchSpec, got {type(spec).__name__}; build it from a plan "
+                            "configuration with BatchSpec.from_plan(plans, configuration) or with "
+                            "BatchSpec.from_patch_size(patch_size, batch_size, num_channels=...)")
+    if int(spec.num_channels) != int(source.num_channels):
+        raise SettingsError(f"PatchLoader: the spec's num_channels ({spec.num_channels}) differs from the "
+                            f"{source.num_channels} image channel(s) of {source!r}; build the spec with "
+                            "num_channels=source.num_channels")
+    check_source(source, spec)
+    return spec
 
 
 def _batch_dict(data, targets, keys, spec: BatchSpec) -> dict:
     return {"data": data, "target": targets if spec.augment.ds_scales is not None else targets[0], "keys": keys}
 
 
-def _remote_error(index: int, payload, w: _Worker) -> BaseException:
-    where = f"in loader worker {w.proc.pid}" + (f" building batch {index}" if index >= 0 else " while starting")
+def _remote_error(index: int, payload, w: Worker) -> BaseException:
+    where = f"in loader worker {w.pid}" + (f" building batch {index}" if index >= 0 else " while starting")
     exc = unpack_exception(payload)
     if exc.args and isinstance(exc.args[0], str):
         exc.args = (f"{exc.args[0]} [{where}]",) + exc.args[1:]
@@ -533,47 +416,3 @@ def _want_pin(pin_memory) -> bool:
         except Exception:  # pragma: no cover
             return False
     return bool(pin_memory)
-
-
-def _check_shm_space(total: int, n_slots: int) -> None:
-    try:
-        st = os.statvfs("/dev/shm")
-    except (OSError, AttributeError):  # no /dev/shm (macOS, Windows): nothing to check
-        return
-    free = st.f_bavail * st.f_frsize
-    if total > free:
-        raise SettingsError(f"the loader's shared-memory ring needs {total / 2**20:.0f} MiB ({n_slots} batch slots) "
-                            f"but /dev/shm has {free / 2**20:.0f} MiB free; pass a smaller num_cached, use fewer "
-                            f"workers, or enlarge /dev/shm (docker: --shm-size)")
-
-
-def _make_spec(source, config, patch_size, batch_size, augment, train, ds, oversample, probabilistic,
-               annotated_key, use_mask_for_norm, clip, cascade_labels) -> BatchSpec:
-    if batch_size is None:
-        if config is None:
-            raise ValueError("PatchLoader: give a plan configuration (config=) or batch_size and patch_size")
-        batch_size = config.batch_size
-    umn = use_mask_for_norm
-    if umn is None and config is not None:
-        umn = config.use_mask_for_norm
-    if augment is None:
-        if patch_size is None:
-            if config is None:
-                raise ValueError("PatchLoader: give a plan configuration (config=), patch_size or augment")
-            patch_size = config.patch_size
-        augment = AugmentConfig.from_patch_size(patch_size, use_mask_for_norm=umn or ())
-        if isinstance(ds, str) and ds == "auto" and config is not None:
-            ds = deep_supervision_scales(config.architecture.strides)
-    elif patch_size is not None and tuple(int(p) for p in patch_size) != tuple(augment.patch_size):
-        raise ValueError(f"PatchLoader: patch_size {tuple(patch_size)} differs from augment.patch_size "
-                         f"{augment.patch_size}")
-    if not (isinstance(ds, str) and ds == "auto"):
-        augment = replace(augment, ds_scales=None if ds is None else tuple(tuple(float(v) for v in s) for s in ds))
-    if use_mask_for_norm is not None:
-        augment = replace(augment, use_mask_for_norm=tuple(bool(b) for b in use_mask_for_norm))
-    spec = BatchSpec(augment=augment, batch_size=int(batch_size), num_channels=int(source.num_channels),
-                     train=bool(train), oversample_foreground_percent=float(oversample),
-                     probabilistic_oversampling=bool(probabilistic), annotated_classes_key=annotated_key,
-                     clip_to_sampled_box=bool(clip), cascade_labels=tuple(cascade_labels) if cascade_labels else None)
-    check_source(source, spec)  # here too: with workers, the builders are made in the workers
-    return spec

@@ -59,6 +59,7 @@ from typing import Any
 
 from ..errors import DatasetError, SettingsError
 from .augment_params import AugmentConfig
+from .batch import BatchSpec
 from .dataset import NnunetCaseSource, ZarrCaseSource
 from .loader import PatchLoader
 
@@ -185,18 +186,18 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
     key = tuple([-1] + list(lm.all_labels)) if lm.has_ignore_label else None
     pin = trainer.device.type == "cuda"
     batch_size = int(getattr(trainer, "batch_size", None) or trainer.configuration_manager.batch_size)
-    common = dict(batch_size=batch_size, augment=aug, pin_memory=pin, num_batches=None,
-                  oversample_foreground_percent=float(trainer.oversample_foreground_percent),
-                  probabilistic_oversampling=bool(trainer.probabilistic_oversampling),
-                  annotated_classes_key=key, deep_supervision_scales="auto", num_cached=num_cached,
-                  cascade_labels=cascade_labels)
+    spec = BatchSpec(augment=aug, batch_size=batch_size, num_channels=base.num_channels,
+                     oversample_foreground_percent=float(trainer.oversample_foreground_percent),
+                     probabilistic_oversampling=bool(trainer.probabilistic_oversampling),
+                     annotated_classes_key=key, cascade_labels=tuple(cascade_labels) if cascade_labels else None)
+    common = dict(pin_memory=pin, num_batches=None, num_cached=num_cached)
     n_tr, n_val = int(trainer.num_iterations_per_epoch), int(trainer.num_val_iterations_per_epoch)
     epoch = int(getattr(trainer, "current_epoch", 0))
-    train = PatchLoader(base.subset(tr_keys), num_workers=num_workers, base_seed=seed, train=True,
+    train = PatchLoader(base.subset(tr_keys), spec, num_workers=num_workers, base_seed=seed,
                         start_batch=epoch * n_tr, **common)
     try:
-        val = PatchLoader(base.subset(val_keys), num_workers=num_workers_val, base_seed=seed + _VAL_SEED_OFFSET,
-                          train=False, start_batch=epoch * n_val, **common)
+        val = PatchLoader(base.subset(val_keys), spec.with_train(False), num_workers=num_workers_val,
+                          base_seed=seed + _VAL_SEED_OFFSET, start_batch=epoch * n_val, **common)
     except BaseException:
         train.close()
         raise

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import GeometryError
 from ..labels import LabelManager
-from ..native._jit import serial
+from ..native.argmax import argmax_channels, argmax_merge, argmax_update, softmax_inplace
 from ..preprocess.resampling import resample_data_or_seg_to_shape
 
 __all__ = [
@@ -48,66 +48,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 4  # classes resampled together before they are folded into the running argmax
-
-
-# --------------------------------------------------------------------------------------------- kernels
-@serial
-def _argmax_update(chunk, first, best, label):
-    """Fold ``chunk`` (k, n) of classes ``first .. first + k - 1`` into the running ``best`` (n,) / ``label`` (n,).
-
-    Strict ``>``: on ties the lower class index stays (``np.argmax`` semantics when called in class order)."""
-    k, n = chunk.shape
-    for i in range(n):
-        b = best[i]
-        lab = label[i]
-        for c in range(k):
-            v = chunk[c, i]
-            if v > b:
-                b = v
-                lab = first + c
-        best[i] = b
-        label[i] = lab
-
-
-@serial
-def _argmax_merge(best, label, best2, label2):
-    """Merge a running argmax of higher classes (``best2``/``label2``) into ``best``/``label`` (strict ``>``)."""
-    for i in range(best.shape[0]):
-        if best2[i] > best[i]:
-            best[i] = best2[i]
-            label[i] = label2[i]
-
-
-@serial
-def _softmax_inplace(x):
-    """Softmax over axis 0 of ``x`` (k, n) float32, in place; float64 per-voxel sums."""
-    k, n = x.shape
-    for i in range(n):
-        m = x[0, i]
-        for c in range(1, k):
-            if x[c, i] > m:
-                m = x[c, i]
-        s = 0.0
-        for c in range(k):
-            e = np.exp(np.float32(x[c, i] - m))
-            x[c, i] = e
-            s += e
-        inv = 1.0 / s
-        for c in range(k):
-            x[c, i] = np.float32(x[c, i] * inv)
-
-
-# --------------------------------------------------------------------------------------------- argmax
-def argmax_channels(x: np.ndarray, dtype=np.uint8) -> np.ndarray:
-    """``np.argmax(x, axis=0)`` for float32 ``x`` (C, ...) in one pass, as ``dtype``."""
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)
-    x = np.ascontiguousarray(x)
-    flat = x.reshape(x.shape[0], -1)
-    best = np.full(flat.shape[1], -np.inf, np.float32)
-    label = np.zeros(flat.shape[1], dtype)
-    _argmax_update(flat, 0, best, label)
-    return label.reshape(x.shape[1:])
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -165,7 +105,7 @@ def _streaming_labels(logits, info: LabelManager, target, current, original, kw,
         label = np.zeros(n_vox, info.seg_dtype)
         for c0 in range(a, b, chunk):
             part = _resample(logits, c0, min(b, c0 + chunk), target, current, original, kw)
-            _argmax_update(part.reshape(part.shape[0], n_vox), c0, best, label)
+            argmax_update(part.reshape(part.shape[0], n_vox), c0, best, label)
         return best, label
 
     if info.has_regions:  # later regions overwrite earlier ones: keep it sequential
@@ -177,7 +117,7 @@ def _streaming_labels(logits, info: LabelManager, target, current, original, kw,
         results = list(pool.map(run, spans))
     best, label = results[0]
     for best2, label2 in results[1:]:
-        _argmax_merge(best, label, best2, label2)
+        argmax_merge(best, label, best2, label2)
     return label.reshape(target)
 
 
@@ -205,7 +145,7 @@ def _probabilities(logits, info: LabelManager, target, current, original, kw, ch
             flat += 1
             np.reciprocal(flat, out=flat)
     else:
-        _softmax_inplace(flat)
+        softmax_inplace(flat)
     return probs
 
 

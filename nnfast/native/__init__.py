@@ -1,7 +1,8 @@
 """nnfast's compiled core: Numba kernels on arrays, no I/O.
 
 Each kernel is a private ``@njit`` function (``_name``) next to a public wrapper (``name``) that validates its
-input, allocates the output and calls the kernel. JIT flags, thread counts and warm-up live in ``_jit``.
+input, allocates the output and calls the kernel. JIT flags, the thread policy of both worker pools
+(``workers x threads <= cores``) and warm-up live in ``_jit``.
 
 Modules
 -------
@@ -16,7 +17,8 @@ augment_intensity  blur, statistics, gamma, low-resolution resizing, masking/rel
 components      connected components (full connectivity) and largest-component filtering (postprocessing)
 confusion       joint (reference, prediction) label histograms: all TP/FP/FN/TN in one pass (evaluation)
 morphology      binary dilation/erosion/opening/closing with nnU-Net's ball/disk, exact, O(voxels) (cascade)
+argmax          running argmax over class groups, its merge, softmax: O(voxels) export of many-class logits
 """
-from ._jit import available_cores, configure_threads, warmup
+from ._jit import available_cores, limit_threads, threads_per_worker, warmup
 
-__all__ = ["available_cores", "configure_threads", "warmup"]
+__all__ = ["available_cores", "limit_threads", "threads_per_worker", "warmup"]

@@ -1,43 +1,48 @@
-"""JIT policy for every kernel in :mod:`nnfast.native` (the one place that decides it).
+"""JIT and thread policy for nnfast (the one place that decides them).
 
-Rules (see ``../shared/STYLE.md`` and the reference's "Numba pitfalls"):
+Rules (see the project's STYLE guide and the reference's "Numba pitfalls"):
 
-* :func:`serial` kernels are compiled with ``cache=True`` and ``nogil=True``. They are what worker
-  processes run.
-* :func:`parallel` kernels use ``parallel=True`` and are **never** cached: Numba's cache key ignores
-  ``parallel=``, so a cached serial and parallel build of one function could be confused. Always write a
-  parallel kernel as its own Python function.
+* :func:`serial` kernels are compiled with ``cache=True`` and ``nogil=True``. Every kernel is serial: processes
+  (the worker pools of :mod:`nnfast.workers`) and, for GIL-free kernels, threads are the unit of parallelism. A
+  ``parallel=True`` kernel, if one is ever needed, gets its own decorator here and is never cached (Numba's cache key
+  ignores ``parallel=``), and writes per-thread buffers instead of racing on a shared output.
 * ``fastmath`` stays off everywhere: parity with nnU-Net's float arithmetic matters more than the last
   few percent.
-* :func:`configure_threads` is the single place where ``workers x threads <= cores`` is decided; worker
-  processes call it with ``workers=N`` and end up with one Numba thread each.
+* Threads: :func:`threads_per_worker` is the single place where ``workers x threads <= cores`` is decided, for both
+  worker pools (:func:`nnfast.parallel.run_tasks` and :class:`nnfast.data.loader.PatchLoader`). A worker process
+  gets its count at start-up (:mod:`nnfast.workers` sets :data:`THREAD_ENV` before NumPy/Numba/torch load, then calls
+  :func:`limit_threads`); the parent's environment is never changed.
 * Modules register warm-up callables with :func:`register_warmup`; :func:`warmup` compiles every
   signature the pipeline uses, so the parent compiles (or loads from cache) before workers start and no
   worker stalls on a lazy compile mid-run.
+
+Numba is imported when a kernel is defined or a thread limit applied, not when this module is imported, so that a
+worker can set :data:`THREAD_ENV` first.
 """
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable
 
-import numba
-
-__all__ = ["serial", "parallel", "register_warmup", "warmup", "configure_threads", "available_cores"]
+__all__ = ["serial", "register_warmup", "warmup", "available_cores", "threads_per_worker", "limit_threads",
+           "THREAD_ENV", "LOADER_WORKER_THREADS"]
 
 _SERIAL_FLAGS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
-_PARALLEL_FLAGS = dict(cache=False, nogil=True, fastmath=False, error_model="numpy", parallel=True)
+
+#: Thread-count variables a worker process sets before importing the libraries that read them once: BLAS/OpenMP
+#: (NumPy, SciPy, torch's intra-op pool), Numba, SimpleITK (ITK) and Blosc.
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+              "NUMBA_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "BLOSC_NTHREADS")
 
 _WARMUPS: list[Callable[[], None]] = []
 
 
 def serial(func):
     """Compile ``func`` as a cached, serial, GIL-free kernel."""
+    import numba
+
     return numba.njit(**_SERIAL_FLAGS)(func)
-
-
-def parallel(func):
-    """Compile ``func`` as a multi-threaded kernel (``prange``); not cached, see module docstring."""
-    return numba.njit(**_PARALLEL_FLAGS)(func)
 
 
 def register_warmup(func: Callable[[], None]) -> Callable[[], None]:
@@ -72,13 +77,41 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def configure_threads(workers: int = 1) -> int:
-    """Set the Numba thread count so that ``workers * threads <= cores``; returns the thread count.
+#: Threads of each patch-loader worker: batches are built with serial kernels, and the training process beside the
+#: workers keeps the other cores (the trainer chooses ``workers < cores``).
+LOADER_WORKER_THREADS = 1
 
-    Call with the number of worker processes in the parent and with ``workers`` equal to that same number
-    inside each worker (each worker then gets ``cores // workers`` threads, at least 1).
+
+def threads_per_worker(workers: int) -> int:
+    """Threads each of ``workers`` processes (or threads) may use: ``cores // workers``, at least 1.
+
+    The one rule for every pool, so that ``workers x threads <= cores`` (the task pool's default; the patch loader's
+    workers take :data:`LOADER_WORKER_THREADS`).
     """
-    threads = max(1, available_cores() // max(1, workers))
-    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(threads)
-    return threads
+    return max(1, available_cores() // max(1, int(workers)))
+
+
+def limit_threads(threads: int) -> int:
+    """Limit this process's thread pools to ``threads``: Numba (capped at ``NUMBA_NUM_THREADS``), BLAS/OpenMP already
+    loaded (through ``threadpoolctl`` when installed), and torch, SimpleITK and Blosc when they are imported (a
+    library imported later reads :data:`THREAD_ENV`, which worker processes set first). Returns Numba's count."""
+    import numba
+
+    threads = max(1, int(threads))
+    numba_threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(numba_threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional; THREAD_ENV covers libraries loaded later
+        pass
+    else:
+        threadpool_limits(limits=threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    if "SimpleITK" in sys.modules:
+        sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    if "numcodecs.blosc" in sys.modules:
+        sys.modules["numcodecs.blosc"].set_nthreads(threads)
+    if "blosc2" in sys.modules:
+        sys.modules["blosc2"].set_nthreads(threads)
+    return numba_threads

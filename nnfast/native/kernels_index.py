@@ -7,3 +7,4 @@ from . import crop, intensity, class_locations  # noqa: F401
 from . import components  # noqa: F401
 from . import confusion  # noqa: F401
 from . import morphology  # noqa: F401
+from . import argmax  # noqa: F401

@@ -350,6 +350,7 @@ class _Run:
 
     # -- set-up -------------------------------------------------------------------------------------
     def _setup(self) -> None:
+        from ..data.batch import BatchSpec
         from ..data.dataset import ZarrCaseSource
         from ..data.loader import PatchLoader
         from .loss import build_loss
@@ -483,17 +484,18 @@ class _Run:
         key = None
         if self.ignore_label is not None:
             key = tuple([-1] + list(range(self.num_classes)))
-        common = dict(config=self.conf, patch_size=cfg.patch_size, batch_size=bs,
-                      deep_supervision_scales="auto" if cfg.deep_supervision else None,
-                      oversample_foreground_percent=oversample, annotated_classes_key=key,
-                      pin_memory=self.device.type == "cuda", cascade_labels=self.cascade_labels)
-        self.train_loader = PatchLoader(source.subset(tr_ids), num_workers=nw, base_seed=seed_tr, train=True,
-                                        start_batch=next_train, **common)
+        spec = BatchSpec.from_plan(self.plans, self.config_name, num_channels=source.num_channels,
+                                   patch_size=cfg.patch_size, batch_size=bs, deep_supervision=cfg.deep_supervision,
+                                   oversample_foreground_percent=oversample, annotated_classes_key=key,
+                                   cascade_labels=self.cascade_labels)
+        pin = self.device.type == "cuda"
+        self.train_loader = PatchLoader(source.subset(tr_ids), spec, num_workers=nw, base_seed=seed_tr,
+                                        start_batch=next_train, pin_memory=pin)
         self.loaders.append(self.train_loader)
         self.val_loader = None
         if cfg.num_val_iterations_per_epoch > 0 and val_ids:
-            self.val_loader = PatchLoader(source.subset(val_ids), num_workers=nwv, base_seed=seed_val, train=False,
-                                          start_batch=next_val, **common)
+            self.val_loader = PatchLoader(source.subset(val_ids), spec.with_train(False), num_workers=nwv,
+                                          base_seed=seed_val, start_batch=next_val, pin_memory=pin)
             self.loaders.append(self.val_loader)
         elif cfg.num_val_iterations_per_epoch > 0:
             log.warning("fold %s has no validation cases: no pseudo-Dice, no best checkpoint", self.fold)

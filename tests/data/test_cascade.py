@@ -228,16 +228,16 @@ def test_augmented_onehot_is_binary_exclusive_and_deterministic(cascade_cases):
 def test_loader_workers_and_settings(cascade_cases):
     cc = cascade_cases
     src = ZarrCaseSource(cc["stores"], previous_stage_folder=cc["noisy"])
-    kw = dict(patch_size=(8, 16, 16), batch_size=2, base_seed=4, num_batches=3, pin_memory=False,
-              cascade_labels=LABELS)
-    with PatchLoader(src, num_workers=0, **kw) as a, PatchLoader(src, num_workers=1, **kw) as b:
+    spec = BatchSpec.from_patch_size((8, 16, 16), 2, num_channels=1, cascade_labels=LABELS)
+    kw = dict(base_seed=4, num_batches=3, pin_memory=False)
+    with PatchLoader(src, spec, num_workers=0, **kw) as a, PatchLoader(src, spec, num_workers=1, **kw) as b:
         for x, y in zip(a, b):
             assert x["data"].shape == (2, 3, 8, 16, 16)
             assert x["keys"] == y["keys"] and x["data"].equal(y["data"]) and x["target"].equal(y["target"])
     with pytest.raises(ValueError, match="cascade_labels"):
-        PatchLoader(src, patch_size=(8, 16, 16), batch_size=2)
+        PatchLoader(src, BatchSpec.from_patch_size((8, 16, 16), 2, num_channels=1))
     with pytest.raises(ValueError, match="previous_stage_folder"):
-        PatchLoader(ZarrCaseSource(cc["stores"]), patch_size=(8, 16, 16), batch_size=2, cascade_labels=LABELS)
+        PatchLoader(ZarrCaseSource(cc["stores"]), spec)
     with pytest.raises(ValueError, match="foreground labels"):
         BatchSpec(augment=AugmentConfig.from_patch_size((8, 16, 16)), batch_size=2, num_channels=1,
                   cascade_labels=(0, 1))
@@ -271,8 +271,9 @@ def test_batches_look_like_nnunets_cascade_loader(cascade_cases, train):
     dl = nnUNetDataLoader(dataset, 3, aug.initial_patch_size if train else patch, patch, lm,
                           oversample_foreground_percent=0.33, transforms=tr)
     ref = next(dl)
-    with PatchLoader(NnunetCaseSource(cc["nnunet"], previous_stage_folder=cc["nn_prev"]), augment=aug, batch_size=3,
-                     base_seed=0, train=train, cascade_labels=LABELS, pin_memory=False) as loader:
+    spec = BatchSpec(augment=aug, batch_size=3, num_channels=1, train=train, cascade_labels=LABELS)
+    with PatchLoader(NnunetCaseSource(cc["nnunet"], previous_stage_folder=cc["nn_prev"]), spec, base_seed=0,
+                     pin_memory=False) as loader:
         ours = next(loader)
     assert ref["data"].dtype == ours["data"].dtype == torch.float32
     assert tuple(ref["data"].shape) == tuple(ours["data"].shape) == (3, 3, *patch)

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from nnfast.data.batch import BatchSpec
 from nnfast.data.dataset import NnunetCaseSource, ZarrCaseSource
 from nnfast.data.loader import SHM_PREFIX, PatchLoader
 from nnfast.errors import CaseNotFoundError, WorkerDiedError
 
 DS = ((1.0, 1.0, 1.0), (0.5, 0.5, 0.5))
-SETTINGS = dict(patch_size=(8, 16, 16), batch_size=3, deep_supervision_scales=DS, base_seed=7)
+SPEC = BatchSpec.from_patch_size((8, 16, 16), 3, num_channels=1, ds_scales=DS)  # the cases have one channel
+SETTINGS = dict(base_seed=7)
 
 
 def our_shm() -> set[str]:
@@ -45,7 +47,7 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
 
 
 def test_in_process_format(source):
-    with PatchLoader(source, num_workers=0, num_batches=3, **SETTINGS) as loader:
+    with PatchLoader(source, SPEC, num_workers=0, num_batches=3, **SETTINGS) as loader:
         assert len(loader) == 3
         batches = list(loader)
         assert loader.next_batch_index == 3
@@ -63,7 +65,8 @@ def test_in_process_format(source):
 
 
 def test_without_deep_supervision_target_is_a_tensor(source):
-    loader = PatchLoader(source, patch_size=(8, 16, 16), batch_size=2, deep_supervision_scales=None, base_seed=0)
+    loader = PatchLoader(source, BatchSpec.from_patch_size((8, 16, 16), 2, num_channels=source.num_channels),
+                         base_seed=0)
     b = next(loader)
     loader.close()
     assert isinstance(b["target"], torch.Tensor) and tuple(b["target"].shape) == (2, 1, 8, 16, 16)
@@ -81,29 +84,31 @@ def test_settings_from_a_plan_configuration(source):
                              normalization_schemes=("ZScoreNormalization",), use_mask_for_norm=(False,),
                              resampling_data=r, resampling_seg=r, resampling_probabilities=r, architecture=arch,
                              batch_dice=False)
-    with PatchLoader(source, config=conf, base_seed=0) as loader:
-        b = next(loader)
-    assert tuple(b["data"].shape) == (2, 1, 8, 16, 16)
-    assert [tuple(t.shape) for t in b["target"]] == [(2, 1, 8, 16, 16), (2, 1, 4, 8, 8)]
-    with pytest.raises(ValueError, match="config"):
-        PatchLoader(source, patch_size=(8, 16, 16))
-
     class FakePlans:  # nnfast Plans resolve a configuration by name
         def configuration(self, name):
             assert name == "3d_fullres"
             return conf
 
-    with PatchLoader(source, plans=FakePlans(), configuration="3d_fullres", base_seed=0) as loader:
+    spec = BatchSpec.from_plan(FakePlans(), "3d_fullres", num_channels=source.num_channels)
+    with PatchLoader(source, spec, base_seed=0) as loader:
+        b = next(loader)
+    assert tuple(b["data"].shape) == (2, 1, 8, 16, 16)
+    assert [tuple(t.shape) for t in b["target"]] == [(2, 1, 8, 16, 16), (2, 1, 4, 8, 8)]
+    with pytest.raises(ValueError, match="config"):  # a plan configuration is not a BatchSpec
+        PatchLoader(source, conf)
+
+    spec_bs = BatchSpec.from_plan(FakePlans(), "3d_fullres", num_channels=source.num_channels, batch_size=2)
+    with PatchLoader(source, spec_bs, base_seed=0) as loader:
         c = next(loader)
     np.testing.assert_array_equal(c["data"].numpy(), b["data"].numpy())
 
 
 def test_resume_at_a_batch_index(source):
-    with PatchLoader(source, num_batches=4, **SETTINGS) as full:
+    with PatchLoader(source, SPEC, num_batches=4, **SETTINGS) as full:
         stream = list(full)
-    with PatchLoader(source, num_batches=2, start_batch=2, **SETTINGS) as tail:
+    with PatchLoader(source, SPEC, num_batches=2, start_batch=2, **SETTINGS) as tail:
         assert_same(list(tail), stream[2:])
-    with PatchLoader(source, num_batches=1, **{**SETTINGS, "base_seed": 8}) as other:
+    with PatchLoader(source, SPEC, num_batches=1, **{**SETTINGS, "base_seed": 8}) as other:
         b = next(other)
     assert not np.array_equal(b["data"].numpy(), stream[0]["data"].numpy())
 
@@ -114,9 +119,9 @@ def test_same_batches_with_0_1_2_workers_then_ctrl_c(source, monkeypatch):
     n = 7
     before = our_shm()
     # start both worker loaders first: their start-up (spawn, imports) overlaps the in-process reference
-    one_loader = PatchLoader(source, num_workers=1, num_batches=n, num_cached=3, **SETTINGS)
-    loader = PatchLoader(source, num_workers=2, **SETTINGS)  # infinite
-    with PatchLoader(source, num_workers=0, num_batches=n, **SETTINGS) as ref_loader:
+    one_loader = PatchLoader(source, SPEC, num_workers=1, num_batches=n, num_cached=3, **SETTINGS)
+    loader = PatchLoader(source, SPEC, num_workers=2, **SETTINGS)  # infinite
+    with PatchLoader(source, SPEC, num_workers=0, num_batches=n, **SETTINGS) as ref_loader:
         ref = list(ref_loader)
     with one_loader:
         assert one_loader.shm_name in our_shm()
@@ -158,7 +163,7 @@ def test_same_batches_with_0_1_2_workers_then_ctrl_c(source, monkeypatch):
 @pytest.mark.timeout(300)
 def test_killed_worker_raises_within_seconds_and_cleans_up(source):
     before = our_shm()
-    loader = PatchLoader(source, num_workers=1, num_cached=2, **SETTINGS)
+    loader = PatchLoader(source, SPEC, num_workers=1, num_cached=2, **SETTINGS)
     next(loader)  # the worker is up
     pid = loader.worker_pids[0]
     os.kill(pid, signal.SIGKILL)
@@ -184,7 +189,7 @@ def test_worker_exception_is_reraised_with_its_type(ld_cases, tmp_path):
     for suffix in (".b2nd", "_seg.b2nd"):
         (tmp_path / f"case_000{suffix}").symlink_to(nn / f"case_000{suffix}")
     before = our_shm()
-    loader = PatchLoader(NnunetCaseSource(tmp_path), num_workers=1, **SETTINGS)
+    loader = PatchLoader(NnunetCaseSource(tmp_path), SPEC, num_workers=1, **SETTINGS)
     with pytest.raises(CaseNotFoundError, match="batch 0") as info:
         next(loader)
     assert "case_000.pkl" in str(info.value)
@@ -197,7 +202,7 @@ def test_worker_exception_is_reraised_with_its_type(ld_cases, tmp_path):
 def test_dropped_loader_releases_its_shared_memory(source):
     import gc
 
-    loader = PatchLoader(source, num_workers=1, **SETTINGS)
+    loader = PatchLoader(source, SPEC, num_workers=1, **SETTINGS)
     name, pids = loader.shm_name, loader.worker_pids
     assert name in our_shm()
     del loader
@@ -210,8 +215,6 @@ def test_dropped_loader_releases_its_shared_memory(source):
 
 def test_bad_settings(source):
     with pytest.raises(ValueError, match="num_workers"):
-        PatchLoader(source, num_workers=-1, **SETTINGS)
-    with pytest.raises(ValueError, match="differs"):
-        from nnfast.data.augment_params import AugmentConfig
-
-        PatchLoader(source, augment=AugmentConfig.from_patch_size((8, 8, 8)), patch_size=(8, 16, 16), batch_size=2)
+        PatchLoader(source, SPEC, num_workers=-1, **SETTINGS)
+    with pytest.raises(ValueError, match="differs"):  # the spec must fit the source
+        PatchLoader(source, BatchSpec.from_patch_size((8, 16, 16), 2, num_channels=2))

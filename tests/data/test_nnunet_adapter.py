@@ -151,6 +151,7 @@ def test_batches_look_like_nnunet_loaders(ld_cases):
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
     from nnfast.data.augment_params import AugmentConfig
+    from nnfast.data.batch import BatchSpec
     from nnfast.data.loader import PatchLoader
 
     nn = ld_cases[1]
@@ -163,7 +164,7 @@ def test_batches_look_like_nnunet_loaders(ld_cases):
     dl = nnUNetDataLoader(nnUNetDatasetBlosc2(str(nn)), 3, aug.initial_patch_size, patch, lm,
                           oversample_foreground_percent=0.33, transforms=tr)
     ref = next(dl)
-    with PatchLoader(NnunetCaseSource(nn), augment=aug, batch_size=3, base_seed=0) as loader:
+    with PatchLoader(NnunetCaseSource(nn), BatchSpec(augment=aug, batch_size=3, num_channels=1), base_seed=0) as loader:
         ours = next(loader)
     assert ref["data"].dtype == ours["data"].dtype == torch.float32
     assert ref["data"].shape == ours["data"].shape
