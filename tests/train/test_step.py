@@ -11,7 +11,7 @@ import torch
 from nnfast.plan.schema import Architecture
 from nnfast.train.config import TrainConfig
 from nnfast.train.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales, deep_supervision_weights
-from nnfast.train.network import PlainConvUNet
+from nnfast.network import PlainConvUNet
 from nnfast.train.optim import build_optimizer
 from nnfast.train.step import (ValidationResult, make_grad_scaler, pseudo_dice, resolve_amp, resolve_compile,
                                summarize_validation, train_step, validation_step)
