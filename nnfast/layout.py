@@ -8,7 +8,7 @@ nnU-Net v2's layout, with nnfast's names as defaults (``<Dataset>`` = e.g. ``Dat
         <plans identifier>.json        the plans (nnfast_plans.json; plans_file_name)
         splits_final.json              the cross-validation split (SPLITS_FILE)
         gt_segmentations/              copies of the label files (evaluation)
-        nnfast_<config>/<case>.zarr    one case store per case and configuration (data_identifier)
+        nnfast_<config>/<case>.zarr    one case store per case and configuration (data_identifier, case_store_folder)
 
     <results>/<Dataset>/<trainer>__<plans identifier>__<config>/      (trainer_folder; nnfastTrainer__nnfast_plans__...)
         nnfast_plans.json, dataset.json, nnfast_fingerprint.json     copies made when training starts
@@ -33,7 +33,8 @@ from .errors import CaseNotFoundError, SettingsError
 __all__ = [
     "TRAINER_NAME", "PLANS_IDENTIFIER", "DATA_IDENTIFIER_PREFIX", "DATASET_JSON", "FINGERPRINT_FILE",
     "SPLITS_FILE", "GT_FOLDER", "VALIDATION_FOLDER", "SUMMARY_FILE", "NEXT_STAGE_FOLDER", "CHECKPOINT_NAMES", "Fold",
-    "check_fold", "fold_name", "parse_fold_name", "plans_file_name", "data_identifier", "trainer_folder_name",
+    "check_fold", "fold_name", "parse_fold_name", "plans_file_name", "data_identifier", "case_store_folder",
+    "trainer_folder_name",
     "trainer_folder", "fold_folder", "checkpoint_file", "validation_folder", "next_stage_folder",
     "previous_stage_folder", "sibling_stage_folder", "ground_truth_folder",
 ]
@@ -96,6 +97,12 @@ def plans_file_name(plans_identifier: str = PLANS_IDENTIFIER) -> str:
 def data_identifier(config_name: str, prefix: str = DATA_IDENTIFIER_PREFIX) -> str:
     """The preprocessed folder of a configuration's case stores: ``nnfast_<config>``."""
     return f"{prefix}_{config_name}"
+
+
+def case_store_folder(dataset_dir: Path | str, data_identifier_: str) -> Path:
+    """``<preprocessed>/<Dataset>/<data identifier>``: a configuration's case stores (the identifier comes from the
+    plans, :func:`data_identifier` for nnfast's own)."""
+    return Path(dataset_dir) / data_identifier_
 
 
 def trainer_folder_name(config_name: str, trainer: str = TRAINER_NAME, plans_identifier: str = PLANS_IDENTIFIER) -> str:

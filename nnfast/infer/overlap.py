@@ -103,6 +103,7 @@ class StagePipeline:
                 if stop.is_set():
                     return
                 t0 = time.perf_counter()
+                entry: tuple[Any, Any, BaseException | None]
                 try:
                     entry = (item, self.prepare(item), None)
                 except Exception as e:  # fails this item only

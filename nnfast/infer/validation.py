@@ -67,7 +67,7 @@ class NextStageWriter:
     def __init__(self, model, next_stage: str, preprocessed_dir: Path, output_folder: Path, source: dict) -> None:
         self.model = model
         self.next_conf = model.plans.configuration(next_stage)
-        self.data_dir = Path(preprocessed_dir) / self.next_conf.data_identifier
+        self.data_dir = layout.case_store_folder(preprocessed_dir, self.next_conf.data_identifier)
         self.output_folder = Path(output_folder)
         self.source = dict(source)
         self.written: dict[str, Path] = {}

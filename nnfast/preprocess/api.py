@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from ..layout import GT_FOLDER
+from ..layout import GT_FOLDER, case_store_folder
 from ..plan.schema import CONFIGURATION_NAMES
 from ..settings import Settings
 
@@ -110,7 +110,7 @@ def preprocess_dataset(
     for name in names:
         t1 = time.perf_counter()
         cfg = plans.configuration(name)
-        folder = res.output_folder / cfg.data_identifier
+        folder = case_store_folder(res.output_folder, cfg.data_identifier)
         folder.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(folder)
         chash = configuration_hash(plans, name)

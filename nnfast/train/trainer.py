@@ -48,8 +48,8 @@ from .. import __version__
 from ..device import DeviceChoice, resolve_device
 from ..errors import DatasetError, PlanError, SettingsError
 from ..io.atomic import write_json_atomic
-from ..layout import (PLANS_IDENTIFIER, SPLITS_FILE, TRAINER_NAME, Fold, check_fold, checkpoint_file, fold_name,
-                      previous_stage_folder, trainer_folder, validation_folder)
+from ..layout import (PLANS_IDENTIFIER, SPLITS_FILE, SUMMARY_FILE, TRAINER_NAME, Fold, case_store_folder, check_fold,
+                      checkpoint_file, fold_name, previous_stage_folder, trainer_folder, validation_folder)
 from ..settings import Settings, find_dataset_folder
 from ..splits import fold_cases, load_or_create_splits
 from .checkpoint import (capture_rng_state, find_resume_checkpoint, load_checkpoint, restore_rng_state,
@@ -365,7 +365,7 @@ class _Run:
             self.prev_stage_dir = previous_stage_folder(settings.require("results"), self.dataset,
                                                         self.conf.previous_stage, config_name)
             self.cascade_labels = tuple(range(1, self.num_classes))
-        self.data_dir = self.pre_dir / self.conf.data_identifier
+        self.data_dir = case_store_folder(self.pre_dir, self.conf.data_identifier)
         from ..io.store import list_case_ids
 
         self.case_ids = list_case_ids(self.data_dir) if self.data_dir.is_dir() else []
@@ -770,4 +770,4 @@ class _Run:
             fg = (getattr(result.validation, "foreground_mean", None) or {}).get("Dice")
             result.validation_dice = None if fg is None else float(fg)
             self.logfile.write(f"final validation done: foreground mean Dice {fg} "
-                               f"({validation_folder(self.out) / 'summary.json'})")
+                               f"({validation_folder(self.out) / SUMMARY_FILE})")
