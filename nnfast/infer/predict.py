@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from ..errors import CaseNotFoundError, NnfastError, PlanError
 from .inputs import CaseInput, cases_from_file_lists, list_cases, preprocess_input
 from .model import TrainedModel, load_model, model_folder_for
 from .overlap import Outcome, StagePipeline
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 __all__ = ["PredictionReport", "PredictOptions", "predict_folder", "predict_logits"]
 
@@ -159,7 +162,7 @@ class PredictOptions:
     model_folder: Path | str | None = None
     task: str | int | None = None
     config: str | None = None
-    settings: Any = None
+    settings: Settings | None = None
     folds: Sequence | None = None
     checkpoint_name: str = "checkpoint_final"
     use_tta: bool = True

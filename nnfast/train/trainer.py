@@ -411,7 +411,7 @@ class _Run:
             checkpoint=last_ckpt if last_ckpt is not None and last_ckpt.is_file() else None,
             best_ema=self.best_ema, last_ema=self.history.last_ema, history=self.history,
             network=self.plain_net, wall_s=0.0, world_size=self.ctx.world_size)
-        if finished and self.final_validation and self.ctx.is_main:
+        if finished and self.final_validation is not None and self.ctx.is_main:
             self._final_validation(result)
         result.wall_s = time.perf_counter() - self.t_start
         return result
