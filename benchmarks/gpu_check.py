@@ -127,9 +127,9 @@ def _run_mode(mode: str, plans, config_name: str, conf, source, workers: int, wa
               fixed_batch, device: str = "cuda") -> dict:
     import torch
 
+    from nnfast.network import build_network
     from nnfast.train.config import TrainConfig
     from nnfast.train.loss import build_loss
-    from nnfast.train.network import build_network
     from nnfast.train.optim import build_optimizer
     from nnfast.train.step import make_grad_scaler, train_step
 

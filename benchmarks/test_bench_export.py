@@ -172,7 +172,7 @@ def test_export_agrees_with_nnunet_on_benchmark_case(export_case, tmp_path):
 
 @pytest.fixture(scope="module")
 def window_case():
-    from nnfast.train.network import build_network
+    from nnfast.network import build_network
 
     if FULL:
         patch, feats, shape = (32, 64, 64), (8, 16, 32), (64, 192, 192)

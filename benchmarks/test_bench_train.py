@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
+from nnfast.network import PlainConvUNet
 from nnfast.plan.schema import Architecture
 from nnfast.train.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
-from nnfast.train.network import PlainConvUNet
 from nnfast.train.step import validation_step
 
 pytestmark = pytest.mark.compat

@@ -14,13 +14,25 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.plan``         experiment planning identical to nnU-Net v2's ExperimentPlanner; nnUNetPlans.json export.
 - ``nnfast.preprocess``   cropping, normalization, resampling, class locations, case stores; parallel, distributed, resumable.
 - ``nnfast.data``         patch sampling, augmentation, the multiprocess loader, the nnU-Net trainer drop-in.
-- ``nnfast.train``        plan-driven U-Net, Dice+CE with deep supervision, the training run (2d, 3d_fullres,
-                          3d_lowres, the cascade), checkpoints, DDP.
-- ``nnfast.infer``        sliding-window prediction, export to the original geometry, model loading.
+- ``nnfast.train``        Dice+CE with deep supervision, the training run (2d, 3d_fullres, 3d_lowres, the cascade),
+                          checkpoints, DDP; imports neither ``infer`` nor ``evaluate`` (the caller wires in the final
+                          validation).
+- ``nnfast.infer``        sliding-window prediction, export to the original geometry, model loading, the final
+                          validation of a trained fold.
 - ``nnfast.evaluate``     metrics, postprocessing, ensembling, choosing the best configuration.
 - ``nnfast.parallel``     per-case task execution: spawn pools with dead-worker detection, dask.distributed.
 - ``nnfast.workers``      the worker core under both process pools (task pool, patch loader): spawn, pipes, shared
                           memory, one thread policy, dead-worker diagnosis, stop escalation.
 - ``nnfast.cli``          the ``nnfast`` command.
+
+Shared by the stages (one owner each):
+
+- ``nnfast.layout``       every folder and file name on disk: preprocessed folders, plans/fingerprint/splits files,
+                          ``<trainer>__<plans>__<config>`` results folders, folds, checkpoints, validation,
+                          ``predicted_next_stage``.
+- ``nnfast.network``      the plan-driven PlainConvUNet that training builds and inference loads.
+- ``nnfast.splits``       nnU-Net's cross-validation splits (``splits_final.json``).
+- ``nnfast.device``       the torch device rule (``auto``/``cuda``/``cpu``) of training and inference.
+- ``nnfast.settings``, ``nnfast.errors``   data roots; the error classes.
 """
 __version__ = "0.1.0"

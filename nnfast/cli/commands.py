@@ -50,7 +50,9 @@ def _fmt_list(v) -> str:
 
 def format_plans_table(plans) -> str:
     """A readable table of every configuration of ``plans``."""
-    names = [n for n in ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres") if n in plans.configurations]
+    from ..plan.schema import CONFIGURATION_NAMES
+
+    names = [n for n in CONFIGURATION_NAMES if n in plans.configurations]
     cfgs = [plans.configuration(n) for n in names]
     rows = [
         ("spacing (mm)", lambda c: _fmt_list([round(float(x), 4) for x in c.spacing])),
@@ -179,7 +181,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..infer.predict import predict_folder
+    from ..infer.predict import PredictOptions, predict_folder
+    from ..infer.validation import validate_fold
     from ..train.config import TrainConfig
     from ..train.trainer import train
 
@@ -191,7 +194,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n[6/{steps}] training 3d_fullres fold 0 on the CPU: {cfg.num_epochs} epochs x {cfg.num_iterations_per_epoch} "
           f"iterations, patch {'x'.join(map(str, cfg.patch_size))}, batch {cfg.batch_size}")
 
-    result = train(task_id, settings, "3d_fullres", fold=0, train_config=cfg, device="cpu", num_workers=0)
+    result = train(task_id, settings, "3d_fullres", fold=0, train_config=cfg, device="cpu", num_workers=0,
+                   final_validation=validate_fold)
     if result.validation is not None:
         print(f"      held-out validation cases of fold 0 (sliding window + mirroring, original geometry):")
         print("      " + result.validation.format().replace("\n", "\n      "))
@@ -199,8 +203,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"      final validation skipped: {result.validation_skipped}")
     out = root / "predictions"
     print(f"\n[7/{steps}] predicting the test images {raw_ds / 'imagesTs'} -> {out}")
-    report = predict_folder(raw_ds / "imagesTs", out, task=task_id, config="3d_fullres", settings=settings, folds=[0],
-                            device="cpu", use_tta=False)
+    report = predict_folder(raw_ds / "imagesTs", out, PredictOptions(task=task_id, config="3d_fullres", settings=settings,
+                                                                     folds=[0], device="cpu", use_tta=False))
     print(f"      wrote {len(report.written)} segmentation(s); {len(report.failed)} failed")
     dice = result.validation_dice
     dice_text = f"; foreground Dice on held-out cases {dice:.3f}" if dice is not None else ""
@@ -213,9 +217,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 DEMO_SHAPE_RANGE = ((24, 36), (72, 96), (72, 96))
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..layout import fold_folder
     from ..settings import find_dataset_folder
     from ..train.config import TrainConfig
-    from ..train.trainer import fold_folder, load_saved_train_config, train
+    from ..train.layout import load_saved_train_config
+    from ..train.trainer import train
 
     settings = _settings(args)
     if args.validate_only:
@@ -248,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     res = train(args.task, settings, args.config, fold, cfg, device=args.device, resume=args.resume,
                 num_workers=args.workers, progress=report, stop_after_epoch=args.stop_after_epoch,
-                final_validation=not args.no_val, save_probabilities=args.npz)
+                final_validation=None if args.no_val else _final_validation(), save_probabilities=args.npz)
     if not quiet:
         state = "finished" if res.finished else f"stopped after {res.epochs_completed} of {res.num_epochs} epochs"
         best = "n/a" if res.best_ema is None else f"{res.best_ema:.4f}"
@@ -263,35 +269,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _final_validation():
+    """What ``nnfast train`` runs after the last epoch: nnfast's inference on the fold's validation cases."""
+    from ..infer.validation import validate_fold
+
+    return validate_fold
+
+
 def _validate_only(args: argparse.Namespace, settings) -> int:
+    from ..layout import fold_folder, validation_folder
     from ..settings import find_dataset_folder
-    from ..train.trainer import fold_folder, run_final_validation
 
     dataset = find_dataset_folder(args.task, settings.require("preprocessed")).name
     fold = args.fold if args.fold == "all" else args.fold.strip()
     folder = fold_folder(settings.require("results"), dataset, args.config, fold)
     checkpoint = "checkpoint_best" if args.val_best else "checkpoint_final"
-    summary = run_final_validation(folder, settings=settings, device=args.device, checkpoint_name=checkpoint,
-                                   save_probabilities=args.npz, workers=max(1, args.workers or 1))
+    summary = _final_validation()(folder, settings=settings, device=args.device, checkpoint_name=checkpoint,
+                                  save_probabilities=args.npz, workers=max(1, args.workers or 1))
     if not args.quiet:
         fg = (getattr(summary, "foreground_mean", None) or {}).get("Dice")
         dice = "n/a" if fg is None else f"{fg:.4f}"
         print(f"validation of {args.config} fold {fold} ({checkpoint}): foreground mean Dice {dice}; metrics in "
-              f"{folder / 'validation' / 'summary.json'}")
+              f"{validation_folder(folder) / 'summary.json'}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..infer.predict import predict_folder
+    from ..infer.predict import PredictOptions, predict_folder
 
     if args.model_folder is None and args.task is None:
         raise SystemExit("nnfast predict: give --task (with --config) or --model-folder")
+    options = PredictOptions(model_folder=args.model_folder, task=args.task, config=args.config,
+                             settings=_settings(args), folds=args.folds, checkpoint_name=args.checkpoint,
+                             use_tta=not args.no_tta, step=args.step, save_probabilities=args.save_probabilities,
+                             device=args.device, workers=args.workers, previous_stage_folder=args.prev_stage_folder)
     with progress_bar("predict", args.quiet) as prog:
-        report = predict_folder(Path(args.input), Path(args.output), args.model_folder, task=args.task,
-                                config=args.config, settings=_settings(args), folds=args.folds,
-                                checkpoint_name=args.checkpoint, use_tta=not args.no_tta, step=args.step,
-                                save_probabilities=args.save_probabilities, device=args.device, workers=args.workers,
-                                previous_stage_folder=args.prev_stage_folder, progress=prog)
+        report = predict_folder(Path(args.input), Path(args.output), options, progress=prog)
     if not args.quiet or report.failed:
         print(report.format(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1
@@ -331,13 +344,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..evaluate.metrics import evaluate_folder
 
     labels = _evaluation_labels(args)
-    output = Path(args.output) if args.output else True
+    from ..layout import SUMMARY_FILE
+
+    output = Path(args.output) if args.output else Path(args.pred) / SUMMARY_FILE
     with progress_bar("evaluate", args.quiet) as prog:
         summary = evaluate_folder(Path(args.pred), Path(args.ref), labels, args.workers,
                                   ignore_label=args.ignore_label, output_file=output, progress=prog)
     if not args.quiet:
         print(summary.format())
-        print(f"written to {output if output is not True else Path(args.pred) / 'summary.json'}")
+        print(f"written to {output}")
     return 0
 
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from typing import Sequence, get_args
 
 from .. import __version__
+from ..device import DeviceChoice
+from ..layout import PLANS_IDENTIFIER, TRAINER_NAME
+from ..plan.schema import CONFIGURATION_NAMES
+from ..preprocess.api import CONFIG_CHOICES as PREPROCESS_CONFIG_CHOICES
 
 __all__ = ["main", "build_parser"]
 
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="plan if needed, then preprocess every training case", allow_abbrev=False)
     p.add_argument("--task", required=True)
-    p.add_argument("--config", default="3d_fullres", choices=("2d", "3d_fullres", "3d_lowres", "all"))
+    p.add_argument("--config", default="3d_fullres", choices=PREPROCESS_CONFIG_CHOICES)
     p.add_argument("--workers", type=_positive_int, default=2)
     p.add_argument("--scheduler", help="dask scheduler address (tcp://host:port) or local:N")
     p.add_argument("--gpu-memory-gb", type=float, default=8.0)
@@ -104,12 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration and fold (nnU-Net's trainer; DDP via torchrun)",
                        allow_abbrev=False)
     p.add_argument("--task", required=True)
-    p.add_argument("--config", default="3d_fullres", choices=("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"))
+    p.add_argument("--config", default="3d_fullres", choices=CONFIGURATION_NAMES)
     p.add_argument("--fold", default="0", help="cross-validation fold 0..4 (nnU-Net's split) or 'all' (default 0)")
     p.add_argument("--epochs", type=_positive_int, help="number of epochs (nnU-Net: 1000)")
     p.add_argument("--iterations", type=_positive_int, help="training batches per epoch (nnU-Net: 250)")
     p.add_argument("--val-iterations", type=int, help="validation batches per epoch (nnU-Net: 50; 0 disables)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--device", default="auto", choices=get_args(DeviceChoice))
     p.add_argument("--resume", action="store_true", help="continue from the fold's last checkpoint")
     p.add_argument("--workers", type=int, help="data loader processes (default: NNFAST_LOADER_WORKERS, "
                                                "nnUNet_n_proc_DA, else up to 12 per GPU; 0 = in-process)")
@@ -135,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", required=True, help="folder of <case>_XXXX<ending> images (one file per channel)")
     p.add_argument("-o", "--output", required=True, help="output folder for <case><ending> segmentations")
     p.add_argument("--task", help="dataset of the trained model (with --config; or give --model-folder)")
-    p.add_argument("--config", choices=("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"),
+    p.add_argument("--config", choices=CONFIGURATION_NAMES,
                    help="configuration (default 3d_fullres; with --model-folder: the checkpoint's)")
-    p.add_argument("--model-folder", help="trainer folder (default <results>/<Dataset>/nnfastTrainer__nnfast_plans__"
-                                          "<config>); nnU-Net model folders are read too")
+    p.add_argument("--model-folder", help=f"trainer folder (default <results>/<Dataset>/{TRAINER_NAME}__"
+                                          f"{PLANS_IDENTIFIER}__<config>); nnU-Net model folders are read too")
     p.add_argument("--folds", nargs="+", help="folds to ensemble (default: every fold with the checkpoint)")
     p.add_argument("--checkpoint", default="checkpoint_final", help="checkpoint name (checkpoint_final/_best/_latest)")
     p.add_argument("--no-tta", action="store_true", help="disable mirroring test-time augmentation (8x faster in 3D)")
@@ -151,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_roots(p)
     _add_common(p)
 
-    configs = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
     p = sub.add_parser("evaluate", help="Dice/IoU of predicted segmentations against references (summary.json)",
                        allow_abbrev=False)
     p.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted segmentations")
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "ensemble, decide postprocessing, print the inference commands",
                        allow_abbrev=False)
     p.add_argument("--task", required=True)
-    p.add_argument("--configs", nargs="+", choices=configs, help="configurations to consider (default: every "
+    p.add_argument("--configs", nargs="+", choices=CONFIGURATION_NAMES, help="configurations to consider (default: every "
                                                                  "trained one; the order breaks ties)")
     p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds of the cross-validation")
     p.add_argument("--no-ensembles", action="store_true", help="do not ensemble pairs of configurations")

@@ -26,28 +26,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from .. import layout
 from ..errors import CaseNotFoundError, DatasetNotFoundError
+from ..plan.schema import CONFIGURATION_NAMES
 from ..settings import Settings, find_dataset_folder, parse_task
 from .metrics import list_segmentations
 from .postprocessing import PLAN_FILE, PostprocessingPlan, determine_postprocessing
 
-__all__ = ["CONFIG_ORDER", "Candidate", "BestConfiguration", "find_best_configuration", "model_folder",
+__all__ = ["CONFIG_ORDER", "Candidate", "BestConfiguration", "find_best_configuration",
            "folds_name", "predict_commands"]
 
 log = logging.getLogger(__name__)
 
 #: Configurations considered, in nnU-Net's order (ties go to the earlier one).
-CONFIG_ORDER = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
-TRAINER = "nnfastTrainer"
-PLANS = "nnfast_plans"
+#: configurations in the order that breaks ties (nnU-Net's)
+CONFIG_ORDER = CONFIGURATION_NAMES
 INFO_FILE = "inference_information.json"
 INSTRUCTIONS_FILE = "inference_instructions.txt"
-
-
-def model_folder(results_root: Path | str, dataset_name: str, config: str) -> Path:
-    """``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>``, the layout of :mod:`nnfast.train.trainer`
-    (kept here so that model selection does not import torch)."""
-    return Path(results_root) / dataset_name / f"{TRAINER}__{PLANS}__{config}"
 
 
 def folds_name(folds: Sequence[int | str]) -> str:
@@ -186,7 +181,7 @@ def _gather(config: str, folder: Path, folds: Sequence, file_ending: str | None,
     where: dict[str, Path] = {}
     npz: dict[str, Path] = {}
     for f in folds:
-        val = folder / f"fold_{f}" / "validation"
+        val = layout.validation_folder(folder / layout.fold_name(f))
         files = list_segmentations(val, file_ending) if val.is_dir() else {}
         if not files:
             raise CaseNotFoundError(
@@ -225,14 +220,6 @@ def _dataset_json(task, settings: Settings, name: str, trained: list[Path]) -> d
             return load_dataset_json(c)
     raise CaseNotFoundError(f"no dataset.json for {name}: looked in the trained model folders and the preprocessed "
                             f"and raw folders; run `nnfast plan --task {task}`")
-
-
-def _ground_truth(settings: Settings, name: str) -> Path:
-    for root, sub in ((settings.preprocessed, "gt_segmentations"), (settings.raw, "labelsTr")):
-        if root is not None and (root / name / sub).is_dir():
-            return root / name / sub
-    raise CaseNotFoundError(f"no ground truth for {name}: expected `<preprocessed>/{name}/gt_segmentations` "
-                            f"(written by `nnfast preprocess`) or `<raw>/{name}/labelsTr`")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -289,7 +276,7 @@ def find_best_configuration(
     order = list(configs) if explicit else list(CONFIG_ORDER)
     trained = []
     for c in order:
-        f = model_folder(results, name, c)
+        f = layout.trainer_folder(results, name, c)
         if f.is_dir():
             trained.append((c, f))
         elif explicit:
@@ -300,9 +287,9 @@ def find_best_configuration(
             log.info("%s: configuration %s not trained, not considered", name, c)
     if not trained:
         raise DatasetNotFoundError(f"no trained configuration of {name} in `{ds_folder}` (expected folders like "
-                                   f"`{model_folder(results, name, '3d_fullres').name}`); train first")
+                                   f"`{layout.trainer_folder_name('3d_fullres')}`); train first")
     dataset_json = _dataset_json(task_str, settings, name, [f for _, f in trained])
-    gt = _ground_truth(settings, name)
+    gt = layout.ground_truth_folder(settings.preprocessed, settings.raw, name)
     ending = dataset_json.get("file_ending")
 
     candidates: list[Candidate] = []

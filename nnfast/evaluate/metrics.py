@@ -25,8 +25,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import CaseNotFoundError, DatasetError, GeometryError
+from ..errors import CaseNotFoundError, DatasetError, GeometryError, SettingsError
 from ..labels import LabelManager, LabelOrRegion, label_key, parse_label_key
+from ..layout import SUMMARY_FILE
 
 __all__ = [
     "LabelOrRegion",
@@ -503,7 +504,8 @@ def evaluate_folder(
     workers: int = 1,
     *,
     ignore_label: int | None = None,
-    output_file: Path | str | None | bool = True,
+    output_file: Path | str | None = None,
+    write_summary: bool = True,
     progress=None,
 ) -> Summary:
     """Evaluate every prediction in ``pred_dir`` against the file of the same name in ``ref_dir``.
@@ -519,8 +521,10 @@ def evaluate_folder(
         evaluated in this process.
     ignore_label : int, optional
         With a plain list of labels: the ignore label.
-    output_file : path, True, or None/False
-        Where to write ``summary.json``; ``True`` (default): ``pred_dir/summary.json``; None/False: nowhere.
+    output_file : path, optional
+        Where to write ``summary.json``; default ``pred_dir/summary.json``.
+    write_summary : bool
+        False: write nothing (``output_file`` must then be None).
     progress : callable, optional
         ``progress(done, total, case_id)``.
 
@@ -537,6 +541,9 @@ def evaluate_folder(
     """
     from ..parallel import run_tasks
 
+    if not write_summary and output_file is not None:
+        raise SettingsError(f"evaluate_folder: output_file={output_file!r} with write_summary=False; pass one or the "
+                            "other")
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     ev = resolve_labels(labels, ignore_label)
     cases = match_cases(pred_dir, ref_dir, ev.file_ending)
@@ -546,8 +553,6 @@ def evaluate_folder(
                        progress=progress, desc="evaluate")
     summary = Summary(ev, tuple(t.case_id for t in tasks), tuple(t.ref for t in tasks),
                       tuple(t.pred for t in tasks), np.stack(counts))
-    if output_file is True:
-        output_file = pred_dir / "summary.json"
-    if output_file:
-        summary.write(output_file)
+    if write_summary:
+        summary.write(pred_dir / SUMMARY_FILE if output_file is None else Path(output_file))
     return summary

@@ -4,8 +4,9 @@
 - :mod:`nnfast.infer.export`          logits -> segmentation/probabilities in the original geometry (streaming argmax).
 - :mod:`nnfast.infer.model`           trained model folders (nnfast's and nnU-Net's), checkpoints, fold weights.
 - :mod:`nnfast.infer.inputs`          listing, reading, checking and preprocessing the cases to predict.
-- :mod:`nnfast.infer.predict`         ``predict_folder`` (``nnfast predict``): pipelined, per-case error reports.
-- :mod:`nnfast.infer.validation`      ``validate_fold``: the trainer's final validation.
+- :mod:`nnfast.infer.predict`         ``predict_folder`` / ``PredictOptions`` (``nnfast predict``): per-case error reports.
+- :mod:`nnfast.infer.overlap`         preprocessing thread -> network -> export threads, bounded (``StagePipeline``).
+- :mod:`nnfast.infer.validation`      ``validate_fold``: the final validation that ``nnfast train`` passes to the trainer.
 
 Importing this package imports nothing heavy (torch is imported where it is used).
 """

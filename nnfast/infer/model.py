@@ -1,6 +1,7 @@
-"""Trained models for inference: the trainer's folder layout, checkpoints and the network they fit.
+"""Trained models for inference: a trainer folder's plans, checkpoints and the network they fit.
 
-Layout written by :mod:`nnfast.train.trainer` (``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>/``)::
+Layout (:mod:`nnfast.layout`; written by :mod:`nnfast.train.trainer`,
+``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>/``)::
 
     nnfast_plans.json            the plans the networks were built from
     dataset.json                 the dataset's dataset.json (file ending, labels, regions_class_order)
@@ -16,30 +17,24 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import layout
 from ..errors import CaseNotFoundError, PlanError, SettingsError, StoreError
 from ..labels import LabelManager
 
 __all__ = [
-    "TRAINER_NAME",
-    "PLANS_IDENTIFIER",
     "TrainedModel",
     "model_folder_for",
-    "stage_model_folder",
     "available_folds",
     "load_model",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Must match :mod:`nnfast.train.trainer` (``trainer_folder``).
-TRAINER_NAME = "nnfastTrainer"
-PLANS_IDENTIFIER = "nnfast_plans"
-_PLANS_FILES = ("nnfast_plans.json", "plans.json")
+_PLANS_FILES = (layout.plans_file_name(), "plans.json")
 
 
 @dataclass
@@ -94,7 +89,7 @@ class TrainedModel:
 
     def build_network(self):
         """A fresh network of this configuration (deep supervision off) holding the first fold's weights."""
-        from ..train.network import build_network
+        from ..network import build_network
 
         net = build_network(self.plans, self.config_name, self.num_input_channels, self.num_classes,
                             deep_supervision=False)
@@ -102,15 +97,9 @@ class TrainedModel:
         return net
 
 
-def stage_model_folder(model_folder: Path | str, config_name: str) -> Path:
-    """The trainer folder of configuration ``config_name`` beside ``model_folder`` (same trainer and plans: the
-    other stage of a cascade)."""
-    folder = Path(model_folder)
-    return folder.with_name(folder.name.rsplit("__", 1)[0] + f"__{config_name}")
-
-
-def model_folder_for(results_root: Path | str, task: str | int, config_name: str) -> Path:
-    """``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>`` of ``task``.
+def model_folder_for(results_root: Path | str, task: str | int, config_name: str, *,
+                     trainer: str = layout.TRAINER_NAME, plans_identifier: str = layout.PLANS_IDENTIFIER) -> Path:
+    """``<results>/<Dataset>/<trainer>__<plans>__<config>`` of ``task`` (:func:`nnfast.layout.trainer_folder`).
 
     Raises
     ------
@@ -120,7 +109,7 @@ def model_folder_for(results_root: Path | str, task: str | int, config_name: str
     from ..settings import find_dataset_folder
 
     ds = find_dataset_folder(task, Path(results_root))
-    return ds / f"{TRAINER_NAME}__{PLANS_IDENTIFIER}__{config_name}"
+    return layout.trainer_folder(ds.parent, ds.name, config_name, trainer=trainer, plans_identifier=plans_identifier)
 
 
 def _checkpoint_path(fold_dir: Path, checkpoint_name: str) -> Path | None:
@@ -139,9 +128,9 @@ def available_folds(model_folder: Path | str, checkpoint_name: str = "checkpoint
     """Folds of ``model_folder`` that hold ``checkpoint_name`` (``fold_all`` excluded, as nnU-Net does)."""
     out = []
     for d in sorted(Path(model_folder).glob("fold_*")):
-        m = re.fullmatch(r"fold_(\d+)", d.name)
-        if m and d.is_dir() and _checkpoint_path(d, checkpoint_name) is not None:
-            out.append(int(m.group(1)))
+        fold = layout.parse_fold_name(d.name)
+        if isinstance(fold, int) and d.is_dir() and _checkpoint_path(d, checkpoint_name) is not None:
+            out.append(fold)
     return sorted(out)
 
 
@@ -156,7 +145,7 @@ def _load_plans(folder: Path):
             except PlanError:
                 from ..plan.nnunet_compat import from_nnunet_plans
 
-                dj = folder / "dataset.json"
+                dj = folder / layout.DATASET_JSON
                 d = json.loads(p.read_text())
                 return from_nnunet_plans(d, json.loads(dj.read_text()) if dj.is_file() else None)
     raise PlanError(f"model folder `{folder}` has no plans ({' or '.join(_PLANS_FILES)}); it is not a trained "
@@ -227,12 +216,12 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
                                     "another --checkpoint")
     folds = tuple("all" if str(f) == "all" else int(f) for f in folds)
     plans = _load_plans(folder)
-    dj_path = folder / "dataset.json"
+    dj_path = folder / layout.DATASET_JSON
     dataset_json = json.loads(dj_path.read_text()) if dj_path.is_file() else {
         "labels": dict(plans.labels), "channel_names": dict(plans.channel_names), "file_ending": ".nii.gz"}
     weights, metas = [], []
     for f in folds:
-        fold_dir = folder / f"fold_{f}"
+        fold_dir = folder / layout.fold_name(f)
         path = _checkpoint_path(fold_dir, checkpoint_name)
         if path is None:
             raise CaseNotFoundError(f"fold {f}: `{fold_dir / (checkpoint_name + '.pt')}` does not exist; train that "
@@ -254,7 +243,7 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
     conf = plans.configuration(name)  # raises PlanError naming the available ones
     labels = LabelManager.from_plans(plans, dataset_json.get("regions_class_order"))
     labels.check_regions_class_order()
-    from ..train.network import build_network, network_input_channels
+    from ..network import build_network, network_input_channels
 
     meta = metas[0]  # nnfast records the network's input channels; nnU-Net's checkpoints do not
     n_in = int(meta.get("num_input_channels") or network_input_channels(plans, name, len(labels.foreground_labels)))

@@ -5,9 +5,9 @@ logits with every fold by sliding window (:mod:`nnfast.infer.sliding_window`) an
 averaging), then export them to the original geometry (:mod:`nnfast.infer.export`) and write ``<case><ending>`` with
 the input's spacing, origin and direction.
 
-Concurrency: a background thread reads and preprocesses the next case while the current one is predicted (at most
-one case waits), and exports run on ``workers`` threads while the next cases are predicted (at most ``workers``
-exports are pending, which bounds memory). Threads, not processes: the preprocessing and export kernels and torch
+Concurrency (:class:`~nnfast.infer.overlap.StagePipeline`): a background thread reads and preprocesses the next case
+while the current one is predicted (at most one case waits), and exports run on ``workers`` threads while the next
+cases are predicted (at most ``workers`` exports are pending, which bounds memory). Threads, not processes: the preprocessing and export kernels and torch
 release the GIL, and the logits (``C x V`` float32) are not copied between processes as nnU-Net's export pool does.
 
 Failures are per case: a case whose files are missing, unreadable, on different grids or hold NaNs is reported with
@@ -19,22 +19,26 @@ fed to the second stage as one extra input channel per foreground label.
 """
 from __future__ import annotations
 
+import itertools
 import logging
-import queue
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from .. import layout
+from ..device import resolve_device
 from ..errors import CaseNotFoundError, NnfastError, PlanError
 from .inputs import CaseInput, cases_from_file_lists, list_cases, preprocess_input
-from .model import TrainedModel, load_model, model_folder_for, stage_model_folder
+from .model import TrainedModel, load_model, model_folder_for
+from .overlap import Outcome, StagePipeline
 
-__all__ = ["PredictionReport", "predict_folder", "predict_logits", "load_model", "validate_fold"]
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+__all__ = ["PredictionReport", "PredictOptions", "predict_folder", "predict_logits"]
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +94,9 @@ def predict_logits(model: TrainedModel, data: np.ndarray, network=None, *, use_t
 
     ``network`` is reused when given (its weights are replaced fold by fold).
     """
-    from .sliding_window import _resolve_device, predict_sliding_window
+    from .sliding_window import predict_sliding_window
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     conf = model.configuration
     net = network if network is not None else model.build_network()
     bt = batch_tiles or _default_batch_tiles(conf.ndim, dev)
@@ -107,49 +111,27 @@ def predict_logits(model: TrainedModel, data: np.ndarray, network=None, *, use_t
     return out
 
 
-def _resolve_model(model_folder, task, config, settings, folds, checkpoint_name) -> TrainedModel:
+def _resolve_model(options: "PredictOptions") -> TrainedModel:
+    model_folder = options.model_folder
     if model_folder is None:
-        if task is None:
+        if options.task is None:
             raise PlanError("pass a model folder, or a task (and a configuration, default 3d_fullres)")
         from ..settings import resolve_settings
 
-        settings = settings or resolve_settings()
-        model_folder = model_folder_for(settings.require("results"), task, config or "3d_fullres")
-    return load_model(model_folder, folds, checkpoint_name, config_name=config)
+        settings = options.settings or resolve_settings()
+        model_folder = model_folder_for(settings.require("results"), options.task, options.config or "3d_fullres")
+    return load_model(model_folder, options.folds, options.checkpoint_name, config_name=options.config)
 
 
-def predict_folder(
-    inputs: Path | str | Sequence[Sequence[Path | str]],
-    output_folder: Path | str,
-    model_folder: Path | str | None = None,
-    *,
-    task: str | int | None = None,
-    config: str | None = None,
-    settings=None,
-    folds: Sequence | None = None,
-    checkpoint_name: str = "checkpoint_final",
-    use_tta: bool = True,
-    step: float = 0.5,
-    save_probabilities: bool = False,
-    device="auto",
-    workers: int = 1,
-    batch_tiles: int | None = None,
-    previous_stage_folder: Path | str | None = None,
-    previous_stage_model_folder: Path | str | None = None,
-    progress: Progress | None = None,
-    logits_hook: Callable[[str, np.ndarray, dict], None] | None = None,
-) -> PredictionReport:
-    """Predict every case of ``inputs`` and write ``<case><ending>`` to ``output_folder``.
+@dataclass(frozen=True)
+class PredictOptions:
+    """What :func:`predict_folder` predicts with and how (the ``nnfast predict`` flags).
 
-    Parameters
+    Attributes
     ----------
-    inputs : path or list of lists of paths
-        A folder of ``<case>_XXXX<ending>`` files, or the channel files of each case.
-    output_folder : path
-        Created if needed. Segmentations ``<case><ending>``; with ``save_probabilities`` also ``<case>.npz``
-        (``probabilities`` (C, z, y, x) float16, softmax) and ``<case>.json`` (the case's properties).
     model_folder : path, optional
-        Trainer folder; default ``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>`` of ``task``.
+        Trainer folder; default ``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>`` of ``task``
+        (:func:`nnfast.layout.trainer_folder`).
     task, config : optional
         Dataset and configuration, used to find the model folder (and, for ``config``, to check it).
     settings : Settings, optional
@@ -162,8 +144,11 @@ def predict_folder(
         Mirroring test-time augmentation over the axes training allowed.
     step : float
         Tile step as a fraction of the patch size (nnU-Net: 0.5).
-    device : str
-        ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+    save_probabilities : bool
+        Also write ``<case>.npz`` (``probabilities`` (C, z, y, x) float16, softmax) and ``<case>.json`` (the case's
+        properties).
+    device : str or torch.device
+        ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (:func:`nnfast.device.resolve_device`).
     workers : int
         Export threads (and cases exported concurrently).
     batch_tiles : int, optional
@@ -172,6 +157,43 @@ def predict_folder(
         Cascade only: folder with the previous stage's ``<case><ending>`` segmentations.
     previous_stage_model_folder : path, optional
         Cascade only: trainer folder of the previous stage (default: beside the model folder).
+    """
+
+    model_folder: Path | str | None = None
+    task: str | int | None = None
+    config: str | None = None
+    settings: Settings | None = None
+    folds: Sequence | None = None
+    checkpoint_name: str = "checkpoint_final"
+    use_tta: bool = True
+    step: float = 0.5
+    save_probabilities: bool = False
+    device: Any = "auto"
+    workers: int = 1
+    batch_tiles: int | None = None
+    previous_stage_folder: Path | str | None = None
+    previous_stage_model_folder: Path | str | None = None
+
+
+def predict_folder(
+    inputs: Path | str | Sequence[Sequence[Path | str]],
+    output_folder: Path | str,
+    options: PredictOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    logits_hook: Callable[[str, np.ndarray, dict], None] | None = None,
+) -> PredictionReport:
+    """Predict every case of ``inputs`` and write ``<case><ending>`` to ``output_folder``.
+
+    Parameters
+    ----------
+    inputs : path or list of lists of paths
+        A folder of ``<case>_XXXX<ending>`` files, or the channel files of each case.
+    output_folder : path
+        Created if needed. Segmentations ``<case><ending>``; with ``save_probabilities`` also ``<case>.npz`` and
+        ``<case>.json``.
+    options : PredictOptions, optional
+        The model and how to predict (default: ``PredictOptions()``, which needs ``model_folder`` or ``task``).
     progress : callable, optional
         ``progress(done, total, case_id)`` after each case.
     logits_hook : callable, optional
@@ -191,8 +213,9 @@ def predict_folder(
     """
     from ..io.atomic import write_json_atomic
 
+    opts = options if options is not None else PredictOptions()
     t_start = time.perf_counter()
-    model = _resolve_model(model_folder, task, config, settings, folds, checkpoint_name)
+    model = _resolve_model(opts)
     out_dir = Path(output_folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     ending = model.file_ending
@@ -204,31 +227,30 @@ def predict_folder(
 
     conf = model.configuration
     if conf.previous_stage is not None:
-        cases = _attach_previous_stage(cases, model, out_dir, previous_stage_folder, previous_stage_model_folder,
-                                       folds, checkpoint_name, use_tta, step, device, workers, batch_tiles, report)
+        cases = _attach_previous_stage(cases, model, out_dir, opts, report)
     for c in cases:
         if c.problem is not None:
             report.failed[c.case_id] = c.problem
     todo = [c for c in cases if c.problem is None]
     log.info("predicting %d case(s) with %s (%s, folds %s, TTA %s) into %s", len(todo), model.folder.name,
-             model.config_name, list(model.folds), use_tta, out_dir)
-    _run(model, todo, out_dir, ending, report, use_tta=use_tta, step=step, save_probabilities=save_probabilities,
-         device=device, workers=workers, batch_tiles=batch_tiles, progress=progress, logits_hook=logits_hook)
+             model.config_name, list(model.folds), opts.use_tta, out_dir)
+    _run(model, todo, out_dir, ending, report, opts, progress=progress, logits_hook=logits_hook)
     report.seconds["total"] = time.perf_counter() - t_start
     write_json_atomic(out_dir / "nnfast_predict.json", {
         "model_folder": str(model.folder), "configuration": model.config_name, "folds": list(model.folds),
-        "checkpoint": checkpoint_name, "use_tta": use_tta, "step": step, **report.to_json()})
+        "checkpoint": opts.checkpoint_name, "use_tta": opts.use_tta, "step": opts.step, **report.to_json()})
     if report.failed:
         log.error("%d case(s) failed: %s", len(report.failed), ", ".join(sorted(report.failed)))
     return report
 
 
-def _attach_previous_stage(cases, model, out_dir, prev_folder, prev_model_folder, folds, checkpoint_name, use_tta,
-                           step, device, workers, batch_tiles, report) -> list[CaseInput]:
+def _attach_previous_stage(cases, model, out_dir, opts: PredictOptions, report) -> list[CaseInput]:
     prev = model.configuration.previous_stage
     ending = model.file_ending
+    prev_folder = opts.previous_stage_folder
     if prev_folder is None:
-        prev_model = Path(prev_model_folder) if prev_model_folder else stage_model_folder(model.folder, prev)
+        prev_model = Path(opts.previous_stage_model_folder) if opts.previous_stage_model_folder \
+            else layout.sibling_stage_folder(model.folder, prev)
         if not prev_model.is_dir():
             raise CaseNotFoundError(
                 f"configuration `{model.config_name}` is the second stage of a cascade and needs the `{prev}` "
@@ -237,8 +259,9 @@ def _attach_previous_stage(cases, model, out_dir, prev_folder, prev_model_folder
         prev_folder = out_dir / f"previous_stage_{prev}"
         lists = [list(c.image_files) for c in cases if c.problem is None]
         log.info("cascade: predicting the %s stage into %s", prev, prev_folder)
-        sub = predict_folder(lists, prev_folder, prev_model, folds=folds, checkpoint_name=checkpoint_name,
-                             use_tta=use_tta, step=step, device=device, workers=workers, batch_tiles=batch_tiles)
+        sub = predict_folder(lists, prev_folder, PredictOptions(
+            model_folder=prev_model, folds=opts.folds, checkpoint_name=opts.checkpoint_name, use_tta=opts.use_tta,
+            step=opts.step, device=opts.device, workers=opts.workers, batch_tiles=opts.batch_tiles))
         for cid, msg in sub.failed.items():
             report.failed.setdefault(cid, f"previous stage ({prev}): {msg}")
     prev_folder = Path(prev_folder)
@@ -253,123 +276,66 @@ def _attach_previous_stage(cases, model, out_dir, prev_folder, prev_model_folder
     return [c for c in out if c.problem != "skipped"]
 
 
-_DONE = object()
+def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str, report: PredictionReport,
+         opts: PredictOptions, *, progress: Progress | None, logits_hook=None) -> None:
+    """Preprocess (a background thread) -> predict (this thread) -> export (``workers`` threads), overlapped and
+    bounded by :class:`~nnfast.infer.overlap.StagePipeline`."""
+    import torch
 
-
-def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str, report: PredictionReport, *,
-         use_tta, step, save_probabilities, device, workers, batch_tiles, progress, logits_hook=None) -> None:
     from ..native._jit import available_cores
     from .export import export_prediction
-    from .sliding_window import _resolve_device
 
-    dev = _resolve_device(device)
-    workers = max(1, int(workers))
+    dev = resolve_device(opts.device)
+    workers = max(1, int(opts.workers))
     export_threads = max(1, available_cores() // workers)
     fg = model.labels.foreground_labels
-    stop = threading.Event()
-    ready: queue.Queue = queue.Queue(maxsize=1)
-    secs = {"preprocess": 0.0, "predict": 0.0, "export": 0.0}
-    lock = threading.Lock()
+    net = model.build_network()
 
-    def producer() -> None:
-        for case in cases:
-            if stop.is_set():
-                break
-            t0 = time.perf_counter()
-            try:
-                item = (case, *preprocess_input(case, model.plans, model.config_name, fg), None)
-            except Exception as e:  # reported per case
-                item = (case, None, None, e)
-            with lock:
-                secs["preprocess"] += time.perf_counter() - t0
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
-        while not stop.is_set():
-            try:
-                ready.put(_DONE, timeout=0.2)
-                break
-            except queue.Full:
-                continue
+    def preprocess(case: CaseInput):
+        return preprocess_input(case, model.plans, model.config_name, fg)
 
-    def export(case: CaseInput, logits: np.ndarray, props: dict) -> Path:
+    def predict(case: CaseInput, prepared):
+        data, props = prepared
         t0 = time.perf_counter()
+        logits = predict_logits(model, data, net, use_tta=opts.use_tta, step=opts.step, device=dev,
+                                batch_tiles=opts.batch_tiles)
+        log.info("%s: predicted %s in %.1f s", case.case_id, tuple(logits.shape[1:]), time.perf_counter() - t0)
+        return logits, props
+
+    def export(case: CaseInput, predicted) -> Path:
+        logits, props = predicted
         path = export_prediction(logits, props, model.plans, model.config_name, out_dir / f"{case.case_id}{ending}",
-                                 save_probabilities=save_probabilities,
+                                 save_probabilities=opts.save_probabilities,
                                  regions_class_order=model.labels.regions_class_order, threads=export_threads)
         if logits_hook is not None:
             logits_hook(case.case_id, logits, props)
-        with lock:
-            secs["export"] += time.perf_counter() - t0
         return path
 
-    pending: dict[str, Future] = {}
-    done = 0
+    done = itertools.count(1)
 
-    def collect(block_until: int) -> None:
-        nonlocal done
-        while len(pending) > block_until:
-            cid = next(iter(pending))
-            try:
-                report.written[cid] = pending.pop(cid).result()
-            except Exception as e:
-                report.failed[cid] = _reason(e)
-            done += 1
-            if progress is not None:
-                progress(done, len(cases), cid)
+    def record(outcome: Outcome) -> None:
+        cid = outcome.item.case_id
+        if outcome.ok:
+            report.written[cid] = outcome.result
+        else:
+            report.failed[cid] = _reason(outcome.error)
+        n = next(done)
+        if progress is not None:
+            progress(n, len(cases), cid)
 
-    import torch
-
-    thread = threading.Thread(target=producer, name="nnfast-preprocess", daemon=True)
-    net = model.build_network()
+    pipeline = StagePipeline(preprocess, predict, export, workers=workers, prefetch=1, name="nnfast-predict")
     torch_threads = torch.get_num_threads()
     if dev.type == "cpu":  # leave a core to the preprocessing/export threads: OpenMP barriers stall when oversubscribed
         torch.set_num_threads(max(1, min(torch_threads, available_cores() - 1)))
-    thread.start()
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="nnfast-export") as pool:
-            while True:
-                item = ready.get()
-                if item is _DONE:
-                    break
-                case, data, props, err = item
-                if err is not None:
-                    report.failed[case.case_id] = _reason(err)
-                    done += 1
-                    if progress is not None:
-                        progress(done, len(cases), case.case_id)
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    logits = predict_logits(model, data, net, use_tta=use_tta, step=step, device=dev,
-                                            batch_tiles=batch_tiles)
-                except Exception as e:  # e.g. out of memory: reported, the next case still runs
-                    report.failed[case.case_id] = _reason(e)
-                    done += 1
-                    if progress is not None:
-                        progress(done, len(cases), case.case_id)
-                    continue
-                finally:
-                    secs["predict"] += time.perf_counter() - t0
-                del data
-                log.info("%s: predicted %s in %.1f s", case.case_id, tuple(logits.shape[1:]), time.perf_counter() - t0)
-                collect(workers - 1)  # bound the exports in flight (and the logits they hold)
-                pending[case.case_id] = pool.submit(export, case, logits, props)
-                del logits
-            collect(0)
+        pipeline.run(cases, record)
     finally:
-        stop.set()
-        thread.join(timeout=5)
         torch.set_num_threads(torch_threads)
-    report.seconds.update(secs)
+    secs = pipeline.seconds
+    report.seconds.update({"preprocess": secs["prepare"], "predict": secs["compute"], "export": secs["finish"]})
 
 
 def _reason(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     return msg if isinstance(e, NnfastError) else f"{type(e).__name__}: {msg}"
 
-
-from .validation import validate_fold  # noqa: E402  (nnfast.train's final validation looks it up here)

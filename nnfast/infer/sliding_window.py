@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..device import resolve_device
 from ..errors import GeometryError
 
 __all__ = [
@@ -166,16 +167,6 @@ def _pad_amounts(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, 
     return pads
 
 
-def _resolve_device(device):
-    import torch
-
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _accumulator_device(compute_device, nbytes: int, fraction: float):
     """The compute device when the accumulator fits in ``fraction`` of its free memory, else the CPU."""
     import torch
@@ -265,7 +256,7 @@ def predict_sliding_window(
     if mirror and max(max(c) for c in mirror) >= nd:
         raise GeometryError(f"mirror axes {tuple(mirror_axes)} do not exist for a {nd}D patch {patch}")
     batch_tiles = max(1, int(batch_tiles))
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
 
     shape = tuple(int(s) for s in tensor.shape[1:])

@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .. import layout
 from ..errors import CaseNotFoundError, StoreError
 
 __all__ = ["validate_fold", "NextStageWriter"]
@@ -33,20 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def _fold_of(fold_dir: Path):
-    name = fold_dir.name
-    if name == "fold_all":
-        return "all"
-    if name.startswith("fold_") and name[5:].isdigit():
-        return int(name[5:])
-    raise CaseNotFoundError(f"`{fold_dir}` is not a fold folder (fold_<k> or fold_all)")
-
-
-def _ground_truth(settings, name: str) -> Path:
-    for root, sub in ((settings.preprocessed, "gt_segmentations"), (settings.raw, "labelsTr")):
-        if root is not None and (Path(root) / name / sub).is_dir():
-            return Path(root) / name / sub
-    raise CaseNotFoundError(f"no ground truth for {name}: expected `<preprocessed>/{name}/gt_segmentations` or "
-                            f"`<raw>/{name}/labelsTr`")
+    fold = layout.parse_fold_name(fold_dir.name)
+    if fold is None:
+        raise CaseNotFoundError(f"`{fold_dir}` is not a fold folder (fold_<k> or fold_all)")
+    return fold
 
 
 class NextStageWriter:
@@ -76,7 +67,7 @@ class NextStageWriter:
     def __init__(self, model, next_stage: str, preprocessed_dir: Path, output_folder: Path, source: dict) -> None:
         self.model = model
         self.next_conf = model.plans.configuration(next_stage)
-        self.data_dir = Path(preprocessed_dir) / self.next_conf.data_identifier
+        self.data_dir = layout.case_store_folder(preprocessed_dir, self.next_conf.data_identifier)
         self.output_folder = Path(output_folder)
         self.source = dict(source)
         self.written: dict[str, Path] = {}
@@ -109,9 +100,8 @@ class NextStageWriter:
 
 def _previous_stage_predictions(model, fold, val: list[str], fold_dir: Path) -> Path | None:
     """The first stage's validation folder of the same fold when it holds every validation case, else None."""
-    from .model import stage_model_folder
-
-    folder = stage_model_folder(fold_dir.parent, model.configuration.previous_stage) / fold_dir.name / "validation"
+    folder = layout.validation_folder(
+        layout.sibling_stage_folder(fold_dir.parent, model.configuration.previous_stage) / fold_dir.name)
     ending = model.file_ending
     if folder.is_dir() and all((folder / f"{c}{ending}").is_file() for c in val):
         return folder
@@ -151,9 +141,9 @@ def validate_fold(fold_dir: Path | str, *, settings, device: Any = "auto", check
     from ..evaluate.metrics import evaluate_folder
     from ..io.dataset import load_dataset
     from ..settings import find_dataset_folder
-    from ..train.splits import SPLITS_FILE_NAME, fold_cases, load_or_create_splits
+    from ..splits import fold_cases, load_or_create_splits
     from .model import load_model
-    from .predict import predict_folder
+    from .predict import PredictOptions, predict_folder
 
     fold_dir = Path(fold_dir)
     fold = _fold_of(fold_dir)
@@ -161,7 +151,7 @@ def validate_fold(fold_dir: Path | str, *, settings, device: Any = "auto", check
     name = model.plans.dataset_name
     _, cases = load_dataset(find_dataset_folder(name, settings.require("raw")))
     by_id = {c.case_id: c for c in cases}
-    splits_file = settings.require("preprocessed") / name / SPLITS_FILE_NAME
+    splits_file = settings.require("preprocessed") / name / layout.SPLITS_FILE
     if not splits_file.is_file() and fold != "all":
         raise CaseNotFoundError(f"`{splits_file}` does not exist; the validation cases of fold {fold} are those "
                                 "of the training run's split")
@@ -170,7 +160,7 @@ def validate_fold(fold_dir: Path | str, *, settings, device: Any = "auto", check
     missing = [c for c in val if c not in by_id]
     if missing:
         raise CaseNotFoundError(f"validation case(s) {missing[:5]} of fold {fold} have no images in the raw dataset")
-    out = fold_dir / "validation"
+    out = layout.validation_folder(fold_dir)
     conf = model.configuration
     writer = None
     if conf.next_stage is not None and conf.next_stage in model.plans.configurations:
@@ -179,14 +169,14 @@ def validate_fold(fold_dir: Path | str, *, settings, device: Any = "auto", check
                      model.config_name, conf.next_stage)
         else:
             writer = NextStageWriter(model, conf.next_stage, settings.require("preprocessed") / name,
-                                     fold_dir.parent / "predicted_next_stage" / conf.next_stage,
+                                     layout.next_stage_folder(fold_dir.parent, conf.next_stage),
                                      {"configuration": model.config_name, "fold": fold, "checkpoint": checkpoint_name})
     prev_folder = _previous_stage_predictions(model, fold, val, fold_dir) if conf.previous_stage else None
     log.info("validating %s fold %s on %d case(s) into %s", model.config_name, fold, len(val), out)
-    report = predict_folder([list(by_id[c].image_files) for c in val], out, fold_dir.parent, folds=(fold,),
-                            checkpoint_name=checkpoint_name, use_tta=True, device=device,
-                            save_probabilities=save_probabilities, workers=workers, settings=settings,
-                            previous_stage_folder=prev_folder, logits_hook=writer)
+    options = PredictOptions(model_folder=fold_dir.parent, folds=(fold,), checkpoint_name=checkpoint_name,
+                             use_tta=True, device=device, save_probabilities=save_probabilities, workers=workers,
+                             settings=settings, previous_stage_folder=prev_folder)
+    report = predict_folder([list(by_id[c].image_files) for c in val], out, options, logits_hook=writer)
     if writer is not None and writer.skipped:
         first = next(iter(sorted(writer.skipped)))
         log.warning("%d case(s) got no %s input (e.g. %s: %s); preprocess the data of %s (`%s`) and validate this "
@@ -196,5 +186,6 @@ def validate_fold(fold_dir: Path | str, *, settings, device: Any = "auto", check
     if report.failed:
         raise CaseNotFoundError(f"{len(report.failed)} validation case(s) of fold {fold} failed: "
                                 + "; ".join(f"{k}: {v}" for k, v in sorted(report.failed.items())))
-    return evaluate_folder(out, _ground_truth(settings, name), model.dataset_json, workers=workers,
-                           output_file=out / "summary.json")
+    return evaluate_folder(out, layout.ground_truth_folder(settings.preprocessed, settings.raw, name),
+                           model.dataset_json, workers=workers,
+                           output_file=out / layout.SUMMARY_FILE)

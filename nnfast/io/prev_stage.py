@@ -6,6 +6,7 @@ final validation writes them: each fold predicts its validation cases, so the fi
 with a prediction from a network that did not train on it. Layout (nnU-Net's, with zarr instead of blosc2)::
 
     <results>/<Dataset>/nnfastTrainer__nnfast_plans__3d_lowres/predicted_next_stage/3d_cascade_fullres/
+                    (nnfast.layout.previous_stage_folder; this module only reads and writes the stores)
         <case_id>.zarr/
             zarr.json       group; attributes["nnfast"]: schema_version, kind, case_id, shape, source; written LAST
             seg/            int8 (int16 when labels need it) (1, x, y, z), fill value 0, one shard of small chunks
@@ -28,8 +29,8 @@ import numpy as np
 
 from ..errors import StoreError
 from .atomic import temporary_sibling
-from .store import DEFAULT_CHUNK_NBYTES, STORE_SUFFIX, _blosc, _install, _jsonable, _remove, _seg_dtype, \
-    _write_sharded, chunk_layout, read_group_attrs
+from .store import DEFAULT_CHUNK_NBYTES, STORE_SUFFIX, blosc_codec, chunk_layout, install_store, jsonable, \
+    read_group_attrs, remove_tree, seg_dtype, write_sharded
 from .store_reader import CaseReader, _open_array, parse_bbox
 
 __all__ = ["PREVIOUS_STAGE_KIND", "PREVIOUS_STAGE_SCHEMA_VERSION", "write_previous_stage",
@@ -81,25 +82,25 @@ def write_previous_stage(path: str | os.PathLike, seg: np.ndarray, *, patch_size
         raise StoreError(f"{path}: a previous-stage segmentation holds negative labels ({int(seg.min())})")
     if seg.dtype == np.bool_:
         seg = seg.astype(np.int8)
-    seg = np.ascontiguousarray(seg.astype(_seg_dtype(seg), copy=False))
+    seg = np.ascontiguousarray(seg.astype(seg_dtype(seg), copy=False))
     layout = chunk_layout(seg.shape, patch_size, seg.itemsize, max_chunk_nbytes=DEFAULT_CHUNK_NBYTES)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
         root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        _write_sharded(root, "seg", seg, layout, 0, _blosc("lz4hc", 5, "noshuffle"))
+        write_sharded(root, "seg", seg, layout, 0, blosc_codec("lz4hc", 5, "noshuffle"))
         root.attrs["nnfast"] = {  # written last: the attribute that says "complete"
             "schema_version": PREVIOUS_STAGE_SCHEMA_VERSION,
             "kind": PREVIOUS_STAGE_KIND,
             "case_id": case_id,
             "shape": [int(s) for s in seg.shape[1:]],
             "dtype": seg.dtype.name,
-            "source": _jsonable(dict(source or {}), "[source]"),
+            "source": jsonable(dict(source or {}), "[source]"),
             "complete": True,
         }
-        _install(tmp, path)
+        install_store(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_tree(tmp)
         raise
     logger.debug("wrote previous-stage segmentation %s %s", path, seg.shape[1:])
 

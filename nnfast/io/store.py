@@ -69,6 +69,12 @@ __all__ = [
     "DEFAULT_CHUNK_NBYTES",
     "StoreLayout",
     "chunk_layout",
+    "seg_dtype",
+    "jsonable",
+    "blosc_codec",
+    "write_sharded",
+    "install_store",
+    "remove_tree",
     "store_path",
     "list_case_ids",
     "write_case",
@@ -244,17 +250,17 @@ def _restore_key(value: int | list[int]) -> int | tuple[int, ...]:
 # writing
 # ----------------------------------------------------------------------------------------------------------
 
-def _jsonable(obj: Any, where: str) -> Any:
+def jsonable(obj: Any, where: str) -> Any:
     """Convert numpy scalars/arrays and tuples to plain JSON types; reject anything else."""
     if isinstance(obj, Mapping):
         out = {}
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise StoreError(f"properties{where}: keys must be strings for JSON, got {k!r}")
-            out[k] = _jsonable(v, f"{where}[{k!r}]")
+            out[k] = jsonable(v, f"{where}[{k!r}]")
         return out
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, np.generic):
@@ -264,7 +270,8 @@ def _jsonable(obj: Any, where: str) -> Any:
     raise StoreError(f"properties{where}: {type(obj).__name__} is not JSON-able; store it as a list/number/string")
 
 
-def _seg_dtype(seg: np.ndarray) -> np.dtype:
+def seg_dtype(seg: np.ndarray) -> np.dtype:
+    """The on-disk dtype of a segmentation: int8 when its values fit, else int16."""
     if seg.dtype == np.int8:
         return np.dtype(np.int8)
     if seg.size == 0:
@@ -292,13 +299,15 @@ def _pick_shuffle(arr: np.ndarray, layout: StoreLayout, cname: str, clevel: int)
     return "shuffle" if sizes["shuffle"] < sizes["noshuffle"] else "noshuffle"
 
 
-def _blosc(cname: str, clevel: int, shuffle: str):
+def blosc_codec(cname: str, clevel: int, shuffle: str):
+    """zarr v3's Blosc codec (``cname``, ``clevel``, ``shuffle`` as zarr names them)."""
     from zarr.codecs import BloscCodec
 
     return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle)
 
 
-def _write_sharded(group, name: str, arr: np.ndarray, layout: StoreLayout, fill_value, codec) -> None:
+def write_sharded(group, name: str, arr: np.ndarray, layout: StoreLayout, fill_value, codec) -> None:
+    """Write ``arr`` as array ``name`` of the zarr ``group`` with the chunks and shards of ``layout``."""
     z = group.create_array(
         name,
         shape=arr.shape,
@@ -331,7 +340,7 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE) failed: {os.strerror(err)}")
 
 
-def _install(tmp: Path, path: Path) -> None:
+def install_store(tmp: Path, path: Path) -> None:
     """Move the complete store ``tmp`` onto ``path``; an existing ``path`` is removed only afterwards."""
     if not os.path.lexists(path):
         try:
@@ -350,10 +359,11 @@ def _install(tmp: Path, path: Path) -> None:
         except BaseException:
             os.replace(old, path)
             raise
-    _remove(old)
+    remove_tree(old)
 
 
-def _remove(p: Path) -> None:
+def remove_tree(p: Path) -> None:
+    """Remove a store (folder) or file at ``p``, ignoring errors (cleanup of temporaries)."""
     if os.path.isdir(p) and not os.path.islink(p):
         shutil.rmtree(p, ignore_errors=True)
     else:
@@ -430,8 +440,8 @@ def write_case(
         raise StoreError(f"{path}: seg must be an integer array, got {seg.dtype}")
     if min(image.shape) <= 0:
         raise StoreError(f"{path}: empty image {image.shape}")
-    seg = seg.astype(_seg_dtype(seg), copy=False)
-    props = _jsonable(dict(properties), "")
+    seg = seg.astype(seg_dtype(seg), copy=False)
+    props = jsonable(dict(properties), "")
 
     locations: dict[str, np.ndarray] = {}
     keys: dict[str, int | list[int]] = {}
@@ -457,14 +467,14 @@ def write_case(
     tmp = temporary_sibling(path)
     try:
         root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        image_codec = _blosc(cname, clevel, image_shuffle)
-        seg_codec = _blosc(cname, clevel, "noshuffle")
-        _write_sharded(root, "image", np.ascontiguousarray(image), image_layout, 0.0, image_codec)
-        _write_sharded(root, "seg", np.ascontiguousarray(seg), seg_layout, -1, seg_codec)
+        image_codec = blosc_codec(cname, clevel, image_shuffle)
+        seg_codec = blosc_codec(cname, clevel, "noshuffle")
+        write_sharded(root, "image", np.ascontiguousarray(image), image_layout, 0.0, image_codec)
+        write_sharded(root, "seg", np.ascontiguousarray(seg), seg_layout, -1, seg_codec)
         cl = root.create_group("class_locations", attributes={"keys": keys})
         for arr_name, a in locations.items():
             z = cl.create_array(arr_name, shape=a.shape, dtype=a.dtype, chunks=(max(1, a.shape[0]), 4),
-                                compressors=[_blosc("lz4", 5, "shuffle")], fill_value=0)
+                                compressors=[blosc_codec("lz4", 5, "shuffle")], fill_value=0)
             if a.size:
                 z[...] = a
 
@@ -483,9 +493,9 @@ def write_case(
             "seg": array_info(seg, seg_layout, f"blosc-{cname}-{clevel}-noshuffle"),
             "complete": True,
         }
-        _install(tmp, path)
+        install_store(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_tree(tmp)
         raise
     logger.debug("wrote case store %s (image %s chunks %s, seg %s)", path, image.shape, image_layout.chunks,
                  seg.dtype)

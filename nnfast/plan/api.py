@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import layout
 from ..errors import DatasetError
 from ..io.atomic import read_json, write_json_atomic
 from ..io.dataset import CaseFiles, DatasetInfo, load_dataset
@@ -25,8 +26,8 @@ __all__ = ["PlanningResult", "plan_dataset", "load_dataset_for_task", "fingerpri
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_FILE = "nnfast_fingerprint.json"
-PLANS_FILE = "nnfast_plans.json"
+FINGERPRINT_FILE = layout.FINGERPRINT_FILE
+PLANS_FILE = layout.plans_file_name()
 STATE_FILE = "nnfast_state.json"
 
 

@@ -37,6 +37,7 @@ from ..errors import PlanError
 from ..fingerprint.schema import Fingerprint
 from ..io.atomic import read_json, write_json_atomic
 from ..io.dataset import DatasetInfo
+from ..layout import data_identifier
 from .schema import (
     Architecture,
     ConfigurationPlan,
@@ -78,7 +79,6 @@ LOWRES_CREATION_THRESHOLD = 0.25
 LOWRES_SPACING_FACTOR = 1.03
 MAX_NUMPOOL = 999999
 
-DATA_IDENTIFIER_PREFIX = "nnfast"
 PLANS_NAME = "nnfastPlans"
 
 _NORMALIZATION_BY_CHANNEL_NAME = {
@@ -347,7 +347,7 @@ def plan_experiment(
     )
 
     def ident(cfg: str) -> str:
-        return f"{DATA_IDENTIFIER_PREFIX}_{cfg}"
+        return data_identifier(cfg)
 
     fullres = lowres = None
     if median_shape_t[0] != 1:

@@ -14,13 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+from ..layout import GT_FOLDER, case_store_folder
+from ..plan.schema import CONFIGURATION_NAMES
 from ..settings import Settings
 
-__all__ = ["PreprocessSummary", "ConfigSummary", "preprocess_dataset", "configs_to_run"]
+__all__ = ["PreprocessSummary", "ConfigSummary", "preprocess_dataset", "configs_to_run", "PREPROCESSED_CONFIGURATIONS",
+           "CONFIG_CHOICES"]
 
 log = logging.getLogger(__name__)
 
 ConfigChoice = Literal["2d", "3d_fullres", "3d_lowres", "all"]
+#: configurations with case stores of their own (the cascade's second stage reads those of ``3d_fullres``)
+PREPROCESSED_CONFIGURATIONS: tuple[str, ...] = tuple(c for c in CONFIGURATION_NAMES if c != "3d_cascade_fullres")
+#: what ``config`` of :func:`preprocess_dataset` (and ``nnfast preprocess --config``) accepts
+CONFIG_CHOICES: tuple[str, ...] = (*PREPROCESSED_CONFIGURATIONS, "all")
 
 #: the kernel modules a preprocessing worker runs (compiled or loaded once in the parent before workers start)
 PREPROCESS_KERNELS = ("crop", "normalize", "resample", "resample_seg", "class_locations")
@@ -68,7 +75,7 @@ class PreprocessSummary:
 
 def configs_to_run(plans, config: ConfigChoice) -> tuple[list[str], list[str]]:
     """(configurations to preprocess, requested ones the plans do not have)."""
-    wanted = ["2d", "3d_fullres", "3d_lowres"] if config == "all" else [config]
+    wanted = list(PREPROCESSED_CONFIGURATIONS) if config == "all" else [config]
     present = [c for c in wanted if c in plans.configurations]
     return present, [c for c in wanted if c not in plans.configurations]
 
@@ -97,13 +104,13 @@ def preprocess_dataset(
     plans = res.plans
     names, missing = configs_to_run(plans, config)
     summary.skipped_configs = missing
-    _copy_ground_truth(res.cases, res.output_folder / "gt_segmentations")
+    _copy_ground_truth(res.cases, res.output_folder / GT_FOLDER)
     sizes_in = [sum(os.path.getsize(p) for p in c.image_files) for c in res.cases]
 
     for name in names:
         t1 = time.perf_counter()
         cfg = plans.configuration(name)
-        folder = res.output_folder / cfg.data_identifier
+        folder = case_store_folder(res.output_folder, cfg.data_identifier)
         folder.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(folder)
         chash = configuration_hash(plans, name)

@@ -32,12 +32,11 @@ import torch
 
 from ..errors import StoreError
 from ..io.atomic import atomic_target, read_json, write_json_atomic
+from ..layout import checkpoint_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_SCHEMA_VERSION",
-    "CHECKPOINT_NAMES",
-    "checkpoint_file",
     "save_checkpoint",
     "load_checkpoint",
     "find_resume_checkpoint",
@@ -49,13 +48,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "nnfast-checkpoint"
 CHECKPOINT_SCHEMA_VERSION = 1
-CHECKPOINT_NAMES = ("checkpoint_latest", "checkpoint_best", "checkpoint_final")
 _NOT_IN_SIDECAR = ("network_weights", "optimizer_state", "grad_scaler_state", "lr_scheduler_state", "rng")
-
-
-def checkpoint_file(folder: Path | str, name: str) -> Path:
-    """``<folder>/<name>.pt`` (``name`` without suffix, e.g. ``checkpoint_final``)."""
-    return Path(folder) / f"{name}.pt"
 
 
 def _json_safe(obj: Any) -> Any:

@@ -1,7 +1,7 @@
 """``nnfast train``: one training run of one configuration and fold (nnU-Net v2's ``nnUNetTrainer.run_training``).
 
 Files: ``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>/fold_<k>/`` (checkpoints, logs, progress plot;
-see :mod:`nnfast.train.layout`). The cross-validation split is ``<preprocessed>/<Dataset>/splits_final.json``
+see :mod:`nnfast.layout`). The cross-validation split is ``<preprocessed>/<Dataset>/splits_final.json``
 (nnU-Net's, created when missing, a user-written file honoured). Training data:
 ``<preprocessed>/<Dataset>/<data_identifier>/<case>.zarr``.
 
@@ -14,6 +14,14 @@ The cascade (``3d_cascade_fullres``): the network gets one extra input channel p
 ``<results>/<Dataset>/nnfastTrainer__nnfast_plans__3d_lowres/predicted_next_stage/3d_cascade_fullres/``, which the
 final validation of each ``3d_lowres`` fold fills for its validation cases (:mod:`nnfast.infer.validation`). Every
 case of the fold must have one before training starts.
+
+After the last epoch the caller's ``final_validation`` callable (``nnfast train`` passes
+:func:`nnfast.infer.validation.validate_fold`) predicts and scores the fold's validation cases; this package imports
+neither :mod:`nnfast.infer` nor :mod:`nnfast.evaluate`.
+
+Set-up in steps (:class:`_Run`): start the process (DDP, device, log file) -> restore (checkpoint, settings, trainer
+folder) -> the fold's data (split, cascade inputs) -> build the model (precision, network, loss, optimiser, resumed
+state) -> build the loaders.
 
 Reproducibility and exact resume: batch ``i`` of the training stream is a pure function of ``(seed, i)`` (see
 :mod:`nnfast.data.loader`), with ``i = epoch * iterations + step``; the validation stream likewise. A checkpoint
@@ -31,31 +39,30 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
 from .. import __version__
+from ..device import DeviceChoice, resolve_device
 from ..errors import DatasetError, PlanError, SettingsError
 from ..io.atomic import write_json_atomic
+from ..layout import (PLANS_IDENTIFIER, SPLITS_FILE, SUMMARY_FILE, TRAINER_NAME, Fold, case_store_folder, check_fold,
+                      checkpoint_file, fold_name, previous_stage_folder, trainer_folder, validation_folder)
 from ..settings import Settings, find_dataset_folder
-from .checkpoint import (capture_rng_state, checkpoint_file, find_resume_checkpoint, load_checkpoint,
-                         restore_rng_state, save_checkpoint)
+from ..splits import fold_cases, load_or_create_splits
+from .checkpoint import (capture_rng_state, find_resume_checkpoint, load_checkpoint, restore_rng_state,
+                         save_checkpoint)
 from .config import TrainConfig
 from .ddp import DistContext, all_reduce_sum, split_batch
-from .final_validation import InferenceUnavailableError, run_final_validation
-from .layout import (PLANS_IDENTIFIER, TRAINER_NAME, Fold, check_fold, fold_folder, fold_name,
-                     load_saved_train_config, prepare_trainer_folder, previous_stage_folder, trainer_folder)
+from .layout import TRAIN_CONFIG_FILE, prepare_trainer_folder
 from .progress import EpochRecord, TrainingHistory, TrainingLogFile, plot_progress, write_progress_files
 
-# layout / final-validation names re-exported for convenience
-__all__ = ["train", "TrainResult", "TRAINER_NAME", "PLANS_IDENTIFIER", "trainer_folder", "fold_folder",
-           "previous_stage_folder", "load_saved_train_config", "InferenceUnavailableError", "run_final_validation"]
+__all__ = ["train", "TrainResult", "TrainOptions", "FinalValidation"]
 
 log = logging.getLogger(__name__)
 
-DeviceChoice = Literal["auto", "cuda", "cpu"]
 _VAL_STREAM, _TRAIN_STREAM = 1, 0
 _FOLD_ALL_KEY = 1000  # seed key of fold "all"
 
@@ -84,8 +91,9 @@ class TrainResult:
     world_size : int
         Number of processes that trained together (DDP).
     validation : object
-        What the final validation returned (a :class:`nnfast.evaluate.metrics.Summary`; None when skipped,
-        ``validation_skipped`` says why); ``validation_dice`` is its foreground mean Dice.
+        What the ``final_validation`` callable returned (:func:`nnfast.infer.validation.validate_fold` returns a
+        :class:`nnfast.evaluate.metrics.Summary`; None when none was given or it was skipped, ``validation_skipped``
+        says why); ``validation_dice`` is its foreground mean Dice.
     """
 
     output_folder: Path
@@ -111,19 +119,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
-def _resolve_device(device: str, local_rank: int) -> torch.device:
-    if device not in ("auto", "cuda", "cpu"):
-        raise SettingsError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise SettingsError("device 'cuda' was requested but torch sees no CUDA device (CPU-only torch build, "
-                                "or no GPU visible: check CUDA_VISIBLE_DEVICES); use --device cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def _labels(plans) -> tuple[int, int | None]:
     """(number of segmentation heads, ignore label) of label (non-region) training."""
     from ..labels import LabelManager
@@ -184,6 +179,29 @@ def _config_diff(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ the run
+class FinalValidation(Protocol):
+    """What :func:`train` calls after the last epoch to predict and score the fold's validation cases (nnU-Net's
+    ``perform_actual_validation``); :func:`nnfast.infer.validation.validate_fold` is the one nnfast wires in (the
+    ``nnfast train`` command passes it). Training does not import inference: the caller decides."""
+
+    def __call__(self, fold_dir: Path, *, settings: Settings, device: Any, checkpoint_name: str,
+                 save_probabilities: bool, workers: int) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How :func:`train` runs (everything but what it trains); see :func:`train` for each field."""
+
+    device: DeviceChoice = "auto"
+    resume: bool = False
+    num_workers: int | None = None
+    num_workers_val: int | None = None
+    progress: Callable[[EpochRecord], None] | None = None
+    stop_after_epoch: int | None = None
+    final_validation: FinalValidation | None = None
+    save_probabilities: bool = False
+
+
 def train(
     task: str | int,
     settings: Settings,
@@ -197,7 +215,7 @@ def train(
     num_workers_val: int | None = None,
     progress: Callable[[EpochRecord], None] | None = None,
     stop_after_epoch: int | None = None,
-    final_validation: bool = True,
+    final_validation: FinalValidation | None = None,
     save_probabilities: bool = False,
 ) -> TrainResult:
     """Train ``config_name`` on ``fold`` of ``task`` (see the module docstring for files and semantics).
@@ -210,8 +228,8 @@ def train(
         Needs the preprocessed and results roots.
     config_name : str
         ``2d``, ``3d_fullres``, ``3d_lowres`` or ``3d_cascade_fullres``. The cascade's second stage needs the
-        first stage's segmentation of every case of the fold (:func:`previous_stage_folder`), which the final
-        validation of the five ``3d_lowres`` folds writes.
+        first stage's segmentation of every case of the fold (:func:`nnfast.layout.previous_stage_folder`), which
+        the final validation of the five ``3d_lowres`` folds writes.
     fold : int or "all"
         Cross-validation fold (0..4 with nnU-Net's split; higher: a seeded 80:20 split) or ``"all"``.
     train_config : TrainConfig, optional
@@ -230,10 +248,11 @@ def train(
         End this call once this many epochs are completed (in total), writing ``checkpoint_latest`` so that a
         later ``resume=True`` continues exactly (e.g. for time-limited cluster jobs). The LR schedule still follows
         ``num_epochs``.
-    final_validation : bool
-        After the last epoch, predict and score the validation cases (:func:`run_final_validation`, nnU-Net's
-        ``validation/`` folder with ``summary.json``); skipped with a warning when inference is not available,
-        and a failure there is logged without failing the training (the checkpoints are complete).
+    final_validation : FinalValidation, optional
+        Called once the last epoch is done (rank 0), with the fold folder, to predict and score the validation
+        cases: pass :func:`nnfast.infer.validation.validate_fold` for nnU-Net's ``validation/`` folder with
+        ``summary.json`` (what ``nnfast train`` does). None: no final validation. A failure there (an
+        :class:`~nnfast.errors.NnfastError`) is logged without failing the training (the checkpoints are complete).
     save_probabilities : bool
         The final validation also saves softmax probabilities (nnU-Net's ``--npz``, needed to ensemble
         configurations).
@@ -247,28 +266,82 @@ def train(
     DatasetError
         The configuration was not preprocessed, or (the cascade) previous-stage segmentations are missing.
     """
-    run = _Run(task, settings, config_name, fold, train_config, device, resume, num_workers, num_workers_val,
-               progress, stop_after_epoch, final_validation, save_probabilities)
+    options = TrainOptions(device=device, resume=resume, num_workers=num_workers, num_workers_val=num_workers_val,
+                           progress=progress, stop_after_epoch=stop_after_epoch, final_validation=final_validation,
+                           save_probabilities=save_probabilities)
+    run = _Run(task, settings, config_name, fold, train_config, options)
     try:
         return run.execute()
     finally:
         run.close()
 
 
+@dataclass
+class _Restored:
+    """What the restore step decided: the checkpoint to continue from (None: a new run) and the settings."""
+
+    checkpoint: dict | None
+    checkpoint_path: Path | None
+    cfg: TrainConfig
+
+
+@dataclass
+class _FoldData:
+    """The fold's cases and the source their batches are read from."""
+
+    train_ids: list[str]
+    val_ids: list[str]
+    source: Any  # nnfast.data.dataset.ZarrCaseSource
+
+
+@dataclass
+class _Model:
+    """The network (wrapped for compile/DDP as trained, and plain), its loss, optimiser and precision, with the
+    state a resumed checkpoint restored."""
+
+    net: torch.nn.Module
+    plain_net: torch.nn.Module
+    num_input_channels: int
+    loss_fn: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    amp_dtype: Any
+    compiled: bool
+    current_epoch: int = 0
+    best_ema: float | None = None
+    history: TrainingHistory = dataclasses.field(default_factory=TrainingHistory)
+    next_train_batch: int = 0
+    next_val_batch: int = 0
+
+
+@dataclass
+class _Loaders:
+    """The training and validation batch streams of this rank."""
+
+    train: Any  # nnfast.data.loader.PatchLoader
+    val: Any
+    num_workers: int
+    num_workers_val: int
+    batch_size: int  # per rank
+    mirror_axes: tuple[int, ...]
+
+
 class _Run:
     """State of one :func:`train` call (a class only to keep the steps readable)."""
 
-    def __init__(self, task, settings, config_name, fold, train_config, device, resume, num_workers,
-                 num_workers_val, progress, stop_after_epoch, final_validation, save_probabilities):
+    def __init__(self, task, settings: Settings, config_name: str, fold, train_config: TrainConfig | None,
+                 options: TrainOptions):
         self.t_start = time.perf_counter()
         self.settings = settings
         self.config_name = config_name
         self.fold = check_fold(fold)
-        self.resume = bool(resume)
-        self.progress = progress
-        self.stop_after_epoch = stop_after_epoch
-        self.final_validation = final_validation
-        self.save_probabilities = bool(save_probabilities)
+        self.options = options
+        self.resume = bool(options.resume)
+        self.progress = options.progress
+        self.stop_after_epoch = options.stop_after_epoch
+        self.final_validation = options.final_validation
+        self.save_probabilities = bool(options.save_probabilities)
         self.loaders: list = []
         self.ctx = DistContext()
 
@@ -293,18 +366,14 @@ class _Run:
             self.prev_stage_dir = previous_stage_folder(settings.require("results"), self.dataset,
                                                         self.conf.previous_stage, config_name)
             self.cascade_labels = tuple(range(1, self.num_classes))
-        self.data_dir = self.pre_dir / self.conf.data_identifier
+        self.data_dir = case_store_folder(self.pre_dir, self.conf.data_identifier)
         from ..io.store import list_case_ids
 
         self.case_ids = list_case_ids(self.data_dir) if self.data_dir.is_dir() else []
         if not self.case_ids:
             raise DatasetError(f"`{self.data_dir}` holds no preprocessed cases; run `nnfast preprocess --task {task} "
                                f"--config {config_name}` first")
-
-        self.device_choice = device
         self.train_config_arg = train_config
-        self.num_workers_arg = num_workers
-        self.num_workers_val_arg = num_workers_val
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -343,33 +412,47 @@ class _Run:
             checkpoint=last_ckpt if last_ckpt is not None and last_ckpt.is_file() else None,
             best_ema=self.best_ema, last_ema=self.history.last_ema, history=self.history,
             network=self.plain_net, wall_s=0.0, world_size=self.ctx.world_size)
-        if finished and self.final_validation and self.ctx.is_main:
+        if finished and self.final_validation is not None and self.ctx.is_main:
             self._final_validation(result)
         result.wall_s = time.perf_counter() - self.t_start
         return result
 
     # -- set-up -------------------------------------------------------------------------------------
     def _setup(self) -> None:
-        from ..data.batch import BatchSpec
-        from ..data.dataset import ZarrCaseSource
-        from ..data.loader import PatchLoader
-        from .loss import build_loss
-        from .network import build_network, network_input_channels
-        from .optim import PolyLRScheduler, build_optimizer
-        from .splits import SPLITS_FILE_NAME, fold_cases, load_or_create_splits
-        from .step import make_grad_scaler, resolve_amp, resolve_compile
+        """The steps before the first epoch: process and device, restore, the fold's data, model, loaders."""
+        self._start_process()
+        restored = self._restore()
+        self.cfg = restored.cfg
+        data = self._fold_data()
+        self.val_ids = list(data.val_ids)
+        model = self._build_model(restored)
+        self.net, self.plain_net, self.num_input_channels = model.net, model.plain_net, model.num_input_channels
+        self.loss_fn, self.optimizer, self.scheduler = model.loss_fn, model.optimizer, model.scheduler
+        self.scaler, self.amp_dtype = model.scaler, model.amp_dtype
+        self.current_epoch, self.best_ema, self.history = model.current_epoch, model.best_ema, model.history
+        loaders = self._build_loaders(data, model.next_train_batch, model.next_val_batch)
+        self.train_loader, self.val_loader = loaders.train, loaders.val
+        self.num_workers = loaders.num_workers
+        self.mirror_axes = loaders.mirror_axes
+        self._next_val = model.next_val_batch
+        self._log_start(restored, data, model, loaders)
 
-        want = self.device_choice
+    def _start_process(self) -> None:
+        """Join the DDP process group (when launched by torchrun), pick the device, open the log file."""
+        want = self.options.device
         self.ctx = DistContext.setup("cuda" if (want == "cuda" or (want == "auto" and torch.cuda.is_available()))
                                      else "cpu")
-        self.device = _resolve_device(want, self.ctx.local_rank)
+        self.device = resolve_device(want, local_rank=self.ctx.local_rank, strict=True)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
             torch.backends.cudnn.deterministic = False
-        main = self.ctx.is_main
-        self.logfile = TrainingLogFile(self.out / "training_log.txt", enabled=main)
+        self.logfile = TrainingLogFile(self.out / "training_log.txt", enabled=self.ctx.is_main)
 
+    def _restore(self) -> _Restored:
+        """The checkpoint to resume from and the hyperparameters (given > the resumed run's > defaults; batch and
+        patch size from the plan when unset); rank 0 prepares the trainer folder and writes ``train_config.json``."""
+        main = self.ctx.is_main
         ckpt_path = find_resume_checkpoint(self.out) if self.resume else None
         if self.resume and ckpt_path is None:
             log.warning("--resume: no checkpoint in %s, starting a new training", self.out)
@@ -378,7 +461,6 @@ class _Run:
                         "use --resume to continue instead", self.out)
         ckpt = load_checkpoint(ckpt_path, map_location=self.device) if ckpt_path is not None else None
 
-        # hyperparameters: given > the resumed run's > defaults; batch/patch size from the plan when unset
         cfg = self.train_config_arg
         if cfg is None:
             cfg = TrainConfig.from_json(ckpt["train_config"]) if ckpt is not None else TrainConfig()
@@ -387,23 +469,29 @@ class _Run:
             if diff:
                 log.warning("resuming with changed settings (checkpoint -> now): %s", diff)
         cfg = TrainConfig.from_plan(self.plans, self.config_name, **dataclasses.asdict(cfg))
-        self.cfg = cfg
 
         if main:
             prepare_trainer_folder(self.root, self.pre_dir, self.plans_file, self.plans, self.config_name,
                                    self.resume and ckpt is not None)
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.out / "train_config.json", cfg.to_json())
-        # the split: rank 0 creates splits_final.json, the others read it
+            write_json_atomic(self.out / TRAIN_CONFIG_FILE, cfg.to_json())
+        return _Restored(checkpoint=ckpt, checkpoint_path=ckpt_path, cfg=cfg)
+
+    def _fold_data(self) -> _FoldData:
+        """The fold's training and validation cases (rank 0 creates ``splits_final.json``, the others read it)
+        and, for the cascade, the check that every case has the first stage's segmentation."""
+        from ..data.dataset import ZarrCaseSource
+
+        main = self.ctx.is_main
+        splits_file = self.pre_dir / SPLITS_FILE
         splits = []
         if self.fold != "all":
             if main:
-                splits = load_or_create_splits(self.pre_dir / SPLITS_FILE_NAME, self.case_ids)
+                splits = load_or_create_splits(splits_file, self.case_ids)
             self.ctx.barrier()
             if not main:
-                splits = load_or_create_splits(self.pre_dir / SPLITS_FILE_NAME, self.case_ids)
+                splits = load_or_create_splits(splits_file, self.case_ids)
         tr_ids, val_ids = fold_cases(splits, self.fold, self.case_ids)
-        self.val_ids = list(val_ids)
         if not tr_ids:
             raise DatasetError(f"fold {self.fold} of {self.dataset} has no training cases")
         source = ZarrCaseSource(self.data_dir, previous_stage_folder=self.prev_stage_dir)
@@ -414,55 +502,60 @@ class _Run:
                 raise _missing_previous_stage_error(self.task, self.dataset, self.config_name,
                                                     self.conf.previous_stage, self.prev_stage_dir, missing,
                                                     len(fold_ids), splits, self.fold)
+        return _FoldData(train_ids=list(tr_ids), val_ids=list(val_ids), source=source)
 
-        # precision, compilation
+    def _build_model(self, restored: _Restored) -> _Model:
+        """Precision, network, loss, optimiser and LR schedule (seeded: a fresh run is reproducible), the resumed
+        checkpoint's state loaded into them, then SyncBatchNorm / ``torch.compile`` / DDP wrapping."""
+        from ..network import build_network, network_input_channels
+        from .loss import build_loss
+        from .optim import PolyLRScheduler, build_optimizer
+        from .step import make_grad_scaler, resolve_amp, resolve_compile
+
+        cfg, ckpt = restored.cfg, restored.checkpoint
         amp_dtype = resolve_amp(cfg.amp, self.device)
         if amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             log.warning("amp=bf16 requested but this GPU does not support bfloat16; using float16")
             amp_dtype = torch.float16
-        self.amp_dtype = amp_dtype
-        self.scaler = make_grad_scaler(amp_dtype, self.device)
+        scaler = make_grad_scaler(amp_dtype, self.device)
         do_compile = resolve_compile(cfg.compile, self.device) and self.device.type == "cuda"
         if cfg.compile == "on" and self.device.type != "cuda":
             log.warning("torch.compile is only used on CUDA; training on %s without it", self.device)
 
-        # network, loss, optimiser (seeded: a fresh run is reproducible; a resumed one restores the state below)
         torch.manual_seed(cfg.seed)
-        in_ch = self.num_input_channels = network_input_channels(self.plans, self.config_name, self.num_classes - 1)
+        in_ch = network_input_channels(self.plans, self.config_name, self.num_classes - 1)
         net = build_network(self.plans, self.config_name, in_ch, self.num_classes,
                             deep_supervision=cfg.deep_supervision).to(self.device)
         lowest = 1e-6 if (self.ctx.is_ddp and not do_compile) else 0.0  # nnU-Net: DDP needs a grad for every param
-        self.loss_fn = build_loss(self.conf, self.ignore_label, deep_supervision=cfg.deep_supervision,
-                                  lowest_weight=lowest, ddp=self.ctx.is_ddp)
-        self.optimizer = build_optimizer(net.parameters(), cfg)
-        self.scheduler = PolyLRScheduler.from_config(self.optimizer, cfg)
-        self.current_epoch = 0
-        self.best_ema: float | None = None
-        self.history = TrainingHistory()
-        next_train, next_val = 0, 0
+        loss_fn = build_loss(self.conf, self.ignore_label, deep_supervision=cfg.deep_supervision,
+                             lowest_weight=lowest, ddp=self.ctx.is_ddp)
+        optimizer = build_optimizer(net.parameters(), cfg)
+        scheduler = PolyLRScheduler.from_config(optimizer, cfg)
+        model = _Model(net=net, plain_net=net, num_input_channels=in_ch, loss_fn=loss_fn, optimizer=optimizer,
+                       scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, compiled=do_compile)
         if ckpt is not None:
             net.load_state_dict(ckpt["network_weights"])
-            self.optimizer.load_state_dict(ckpt["optimizer_state"])
-            if self.scaler is not None and ckpt.get("grad_scaler_state") is not None:
-                self.scaler.load_state_dict(ckpt["grad_scaler_state"])
+            optimizer.load_state_dict(ckpt["optimizer_state"])
+            if scaler is not None and ckpt.get("grad_scaler_state") is not None:
+                scaler.load_state_dict(ckpt["grad_scaler_state"])
             if ckpt.get("lr_scheduler_state"):
-                self.scheduler.load_state_dict(ckpt["lr_scheduler_state"])
+                scheduler.load_state_dict(ckpt["lr_scheduler_state"])
                 # the schedule follows the current settings (num_epochs may have been raised on resume)
-                self.scheduler.initial_lr, self.scheduler.max_steps = cfg.initial_lr, cfg.num_epochs
-                self.scheduler.exponent = cfg.poly_exponent
-            self.current_epoch = int(ckpt["current_epoch"])
-            self.best_ema = None if ckpt.get("best_ema") is None else float(ckpt["best_ema"])
-            self.history = TrainingHistory.from_dict(ckpt.get("history") or {})
-            self.history.truncate(self.current_epoch)
-            next_train = int(ckpt["loader"]["next_train_batch"])
-            next_val = int(ckpt["loader"]["next_val_batch"])
+                scheduler.initial_lr, scheduler.max_steps = cfg.initial_lr, cfg.num_epochs
+                scheduler.exponent = cfg.poly_exponent
+            model.current_epoch = int(ckpt["current_epoch"])
+            model.best_ema = None if ckpt.get("best_ema") is None else float(ckpt["best_ema"])
+            model.history = TrainingHistory.from_dict(ckpt.get("history") or {})
+            model.history.truncate(model.current_epoch)
+            model.next_train_batch = int(ckpt["loader"]["next_train_batch"])
+            model.next_val_batch = int(ckpt["loader"]["next_val_batch"])
             restore_rng_state(ckpt.get("rng"))
-            if self.current_epoch > cfg.num_epochs:
-                raise SettingsError(f"the checkpoint `{ckpt_path}` has {self.current_epoch} epochs, more than "
-                                    f"num_epochs={cfg.num_epochs}; pass a larger --epochs")
+            if model.current_epoch > cfg.num_epochs:
+                raise SettingsError(f"the checkpoint `{restored.checkpoint_path}` has {model.current_epoch} epochs, "
+                                    f"more than num_epochs={cfg.num_epochs}; pass a larger --epochs")
         if self.ctx.is_ddp:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # a no-op for nnU-Net's InstanceNorm nets
-        self.plain_net = net
+        model.plain_net = net
         if do_compile:
             net = torch.compile(net)
         if self.ctx.is_ddp:
@@ -470,54 +563,71 @@ class _Run:
             net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=not cfg.deep_supervision)
-        self.net = net
+        model.net = net
+        return model
 
-        # loaders (per rank: its share of the global batch and of the oversampled samples)
+    def _build_loaders(self, data: _FoldData, next_train: int, next_val: int) -> _Loaders:
+        """This rank's training and validation loaders (its share of the global batch and of the oversampled
+        samples), continuing at the batch indices of a resumed checkpoint."""
+        from ..data.batch import BatchSpec
+        from ..data.loader import PatchLoader
+
+        cfg = self.cfg
         bs, oversample = split_batch(cfg.batch_size, self.ctx.world_size, self.ctx.rank,
                                      cfg.oversample_foreground_percent)
         seed_tr, seed_val = _stream_seeds(cfg.seed, self.fold, self.ctx.rank)
-        nw = _default_workers(self.device, self.ctx.world_size) if self.num_workers_arg is None \
-            else max(0, int(self.num_workers_arg))
-        nwv = (0 if nw == 0 else max(1, nw // 2)) if self.num_workers_val_arg is None \
-            else max(0, int(self.num_workers_val_arg))
-        self.num_workers = nw
+        opts = self.options
+        nw = _default_workers(self.device, self.ctx.world_size) if opts.num_workers is None \
+            else max(0, int(opts.num_workers))
+        nwv = (0 if nw == 0 else max(1, nw // 2)) if opts.num_workers_val is None \
+            else max(0, int(opts.num_workers_val))
         key = None
         if self.ignore_label is not None:
             key = tuple([-1] + list(range(self.num_classes)))
-        spec = BatchSpec.from_plan(self.plans, self.config_name, num_channels=source.num_channels,
+        spec = BatchSpec.from_plan(self.plans, self.config_name, num_channels=data.source.num_channels,
                                    patch_size=cfg.patch_size, batch_size=bs, deep_supervision=cfg.deep_supervision,
                                    oversample_foreground_percent=oversample, annotated_classes_key=key,
                                    cascade_labels=self.cascade_labels)
         pin = self.device.type == "cuda"
-        self.train_loader = PatchLoader(source.subset(tr_ids), spec, num_workers=nw, base_seed=seed_tr,
-                                        start_batch=next_train, pin_memory=pin)
-        self.loaders.append(self.train_loader)
-        self.val_loader = None
-        if cfg.num_val_iterations_per_epoch > 0 and val_ids:
-            self.val_loader = PatchLoader(source.subset(val_ids), spec.with_train(False), num_workers=nwv,
-                                          base_seed=seed_val, start_batch=next_val, pin_memory=pin)
-            self.loaders.append(self.val_loader)
+
+        def make_loader(ids: list[str], num_workers: int, base_seed: int, train: bool, start_batch: int):
+            # the one PatchLoader call of training
+            loader = PatchLoader(data.source.subset(ids), spec.with_train(train), num_workers=num_workers,
+                                 base_seed=base_seed, start_batch=start_batch, pin_memory=pin)
+            self.loaders.append(loader)
+            return loader
+
+        train_loader = make_loader(data.train_ids, nw, seed_tr, True, next_train)
+        val_loader = None
+        if cfg.num_val_iterations_per_epoch > 0 and data.val_ids:
+            val_loader = make_loader(data.val_ids, nwv, seed_val, False, next_val)
         elif cfg.num_val_iterations_per_epoch > 0:
             log.warning("fold %s has no validation cases: no pseudo-Dice, no best checkpoint", self.fold)
-        self._next_val = next_val
-        self.mirror_axes = tuple(int(a) for a in self.train_loader.spec.augment.mirror_axes)
+        return _Loaders(train=train_loader, val=val_loader, num_workers=nw, num_workers_val=nwv, batch_size=bs,
+                        mirror_axes=tuple(int(a) for a in train_loader.spec.augment.mirror_axes))
 
+    def _log_start(self, restored: _Restored, data: _FoldData, model: _Model, loaders: _Loaders) -> None:
+        cfg, ckpt_path = self.cfg, restored.checkpoint_path
+        tr_ids, val_ids = data.train_ids, data.val_ids
         self.logfile.write(
             "",
             f"nnfast {__version__} training {self.dataset} {self.config_name} fold {self.fold} on {self.device}"
             + (f" ({self.ctx.world_size} processes)" if self.ctx.is_ddp else ""),
-            f"{'resuming from ' + ckpt_path.name + ' at epoch ' + str(self.current_epoch) if ckpt else 'new run'}",
+            f"{'resuming from ' + ckpt_path.name + ' at epoch ' + str(model.current_epoch) if restored.checkpoint else 'new run'}",
             f"{len(tr_ids)} training / {len(val_ids)} validation cases; batch {cfg.batch_size}"
-            + (f" ({bs} per rank)" if self.ctx.is_ddp else "") + f", patch {cfg.patch_size}, "
+            + (f" ({loaders.batch_size} per rank)" if self.ctx.is_ddp else "") + f", patch {cfg.patch_size}, "
             f"{cfg.num_epochs} epochs x {cfg.num_iterations_per_epoch} + {cfg.num_val_iterations_per_epoch} batches",
-            f"amp {amp_dtype or 'off'}, compile {do_compile}, loader workers {nw} + {nwv}, seed {cfg.seed}",
-            f"{in_ch} input channels" + (f" ({len(self.cascade_labels)} of them the `{self.conf.previous_stage}` "
-                                         f"segmentation from `{self.prev_stage_dir}`)" if self.cascade_labels else ""),
+            f"amp {model.amp_dtype or 'off'}, compile {model.compiled}, loader workers {loaders.num_workers} + "
+            f"{loaders.num_workers_val}, seed {cfg.seed}",
+            f"{model.num_input_channels} input channels"
+            + (f" ({len(self.cascade_labels)} of them the `{self.conf.previous_stage}` "
+               f"segmentation from `{self.prev_stage_dir}`)" if self.cascade_labels else ""),
             "train config: " + json.dumps(cfg.to_json()),
         )
         log.info("training %s %s fold %s on %s: %d train / %d val cases, %d epochs (starting at %d), amp %s, "
                  "compile %s, %d loader workers", self.dataset, self.config_name, self.fold, self.device,
-                 len(tr_ids), len(val_ids), cfg.num_epochs, self.current_epoch, amp_dtype, do_compile, nw)
+                 len(tr_ids), len(val_ids), cfg.num_epochs, model.current_epoch, model.amp_dtype, model.compiled,
+                 loaders.num_workers)
 
     # -- one epoch ----------------------------------------------------------------------------------
     def _epoch(self, epoch: int) -> EpochRecord:
@@ -652,13 +762,9 @@ class _Run:
             return
         self.logfile.write(f"final validation of {len(self.val_ids)} case(s)")
         try:
-            result.validation = run_final_validation(
-                self.out, settings=self.settings, device=self.device, save_probabilities=self.save_probabilities,
-                workers=max(1, min(8, self.num_workers)))
-        except InferenceUnavailableError as e:
-            log.warning("final validation skipped: %s", e)
-            self.logfile.write(f"final validation skipped: {e}")
-            result.validation_skipped = str(e)
+            result.validation = self.final_validation(
+                self.out, settings=self.settings, device=self.device, checkpoint_name="checkpoint_final",
+                save_probabilities=self.save_probabilities, workers=max(1, min(8, self.num_workers)))
         except NnfastError as e:  # the training itself is complete: report, do not fail
             log.error("final validation failed: %s", e)
             self.logfile.write(f"final validation failed: {e}")
@@ -667,4 +773,4 @@ class _Run:
             fg = (getattr(result.validation, "foreground_mean", None) or {}).get("Dice")
             result.validation_dice = None if fg is None else float(fg)
             self.logfile.write(f"final validation done: foreground mean Dice {fg} "
-                               f"({self.out / 'validation' / 'summary.json'})")
+                               f"({validation_folder(self.out) / SUMMARY_FILE})")

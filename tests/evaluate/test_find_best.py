@@ -11,8 +11,9 @@ import SimpleITK as sitk
 
 from evaluate._helpers import ellipsoid, write_seg
 from nnfast.errors import CaseNotFoundError, DatasetNotFoundError
-from nnfast.evaluate.find_best import find_best_configuration, model_folder
+from nnfast.evaluate.find_best import find_best_configuration
 from nnfast.io.image import ImageGeometry
+from nnfast.layout import trainer_folder
 from nnfast.settings import Settings
 
 SHAPE = (8, 20, 30)
@@ -48,7 +49,7 @@ def _tree(tmp_path, predictions, probabilities=True):
     for i in range(4):
         write_seg(_reference(i), pre / "gt_segmentations" / f"case_{i}.nii.gz", SPACING)
     for config, make in predictions.items():
-        folder = model_folder(results, NAME, config)
+        folder = trainer_folder(results, NAME, config)
         for i in range(4):
             val = folder / f"fold_{i // 2}" / "validation"
             seg, conf = make(i, _reference(i))
@@ -149,18 +150,12 @@ def test_untrained_configuration_or_fold_is_an_error(tmp_path):
         find_best_configuration(2, settings, folds=FOLDS)
 
 
-def test_model_folder_matches_the_trainer_layout(tmp_path):
-    from nnfast.train.trainer import trainer_folder
-
-    assert model_folder(tmp_path, NAME, "3d_lowres") == trainer_folder(tmp_path, NAME, "3d_lowres")
-
-
 def test_cli_evaluate_find_best_ensemble_apply(tmp_path, capsys):
     from nnfast.cli.main import main
 
     settings = _tree(tmp_path, {"2d": _misses("left"), "3d_fullres": _good_with_spurious})
     roots = ["--preprocessed", str(settings.preprocessed), "--results", str(settings.results)]
-    val = model_folder(settings.results, NAME, "3d_fullres") / "fold_0" / "validation"
+    val = trainer_folder(settings.results, NAME, "3d_fullres") / "fold_0" / "validation"
     gt = settings.preprocessed / NAME / "gt_segmentations"
     assert main(["evaluate", "--pred", str(val), "--ref", str(gt), "--task", "1", "--workers", "1", *roots]) == 0
     out = capsys.readouterr().out
@@ -175,7 +170,7 @@ def test_cli_evaluate_find_best_ensemble_apply(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "<- best" in out and "nnfast apply-postprocessing" in out
 
-    members = [model_folder(settings.results, NAME, c) / "fold_1" / "validation" for c in ("2d", "3d_fullres")]
+    members = [trainer_folder(settings.results, NAME, c) / "fold_1" / "validation" for c in ("2d", "3d_fullres")]
     assert main(["ensemble", "-i", *map(str, members), "-o", str(tmp_path / "ens"), "--workers", "1"]) == 0
     assert sorted(p.name for p in (tmp_path / "ens").glob("*.nii.gz")) == ["case_2.nii.gz", "case_3.nii.gz"]
 

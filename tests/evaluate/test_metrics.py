@@ -145,10 +145,10 @@ def test_geometry_mismatch_names_the_case(tmp_path):
     write_seg(np.zeros((4, 5, 6)), tmp_path / "p" / "a.nii.gz")
     write_seg(np.zeros((4, 5, 7)), tmp_path / "r" / "a.nii.gz")
     with pytest.raises(GeometryError, match=r"case a: .*shape"):
-        evaluate_folder(tmp_path / "p", tmp_path / "r", [1], output_file=None)
+        evaluate_folder(tmp_path / "p", tmp_path / "r", [1], write_summary=False)
     write_seg(np.zeros((4, 5, 6)), tmp_path / "r" / "a.nii.gz", spacing=(3.0, 0.8, 0.8))
     with pytest.raises(GeometryError, match=r"case a: .*spacing"):
-        evaluate_folder(tmp_path / "p", tmp_path / "r", [1], output_file=None)
+        evaluate_folder(tmp_path / "p", tmp_path / "r", [1], write_summary=False)
 
 
 def test_missing_reference_and_empty_folder(tmp_path):

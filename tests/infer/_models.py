@@ -57,7 +57,7 @@ def dataset_json(plans, file_ending=".nii.gz") -> dict:
 
 def make_model_folder(root: Path, plans, config: str, folds=(0,), seed: int = 0, n_in: int | None = None) -> Path:
     """A trainer folder ``root/nnfastTrainer__nnfast_plans__<config>`` with random-init checkpoints (trainer format)."""
-    from nnfast.train.network import build_network
+    from nnfast.network import build_network
 
     folder = Path(root) / f"nnfastTrainer__nnfast_plans__{config}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ from scipy.ndimage import gaussian_filter
 
 from nnfast.errors import CaseNotFoundError, PlanError
 from nnfast.infer.export import argmax_channels, logits_to_segmentation
-from nnfast.infer.predict import load_model, predict_folder, predict_logits
+from nnfast.infer.model import load_model
+from nnfast.infer.predict import PredictOptions, predict_folder, predict_logits
 from nnfast.preprocess.pipeline import preprocess_arrays
 
 from factories import write_image
@@ -158,7 +159,8 @@ def test_predicted_masks_have_the_input_geometry(tmp_path):
     assert list(plans.transpose_forward) != [0, 1, 2]
     model = make_model_folder(tmp_path / "results", plans, "3d_fullres")
     geoms = _inputs(tmp_path / "in")
-    rep = predict_folder(tmp_path / "in", tmp_path / "out", model, use_tta=False, device="cpu", workers=2)
+    rep = predict_folder(tmp_path / "in", tmp_path / "out",
+                         PredictOptions(model_folder=model, use_tta=False, device="cpu", workers=2))
     assert rep.ok and sorted(rep.written) == ["a", "b"]
     for cid, geom in geoms.items():
         out = tmp_path / "out" / f"{cid}.nii.gz"
@@ -182,7 +184,7 @@ def test_broken_cases_are_reported_and_the_others_written(tmp_path):
     write_image(body_image((16, 21, 8), rng), inp / "grid_0001.nii.gz", (1.0, 1.0, 3.0))
     write_image(body_image((16, 20, 8), rng), inp / "origin_0000.nii.gz", (1.0, 1.0, 3.0))
     write_image(body_image((16, 20, 8), rng), inp / "origin_0001.nii.gz", (1.0, 1.0, 3.0), origin=(0, 0, 5))
-    rep = predict_folder(inp, tmp_path / "out", model, use_tta=False, device="cpu")
+    rep = predict_folder(inp, tmp_path / "out", PredictOptions(model_folder=model, use_tta=False, device="cpu"))
     assert sorted(rep.written) == ["good"] and (tmp_path / "out" / "good.nii.gz").is_file()
     assert sorted(rep.failed) == ["grid", "missing", "origin"]
     assert "missing_0001.nii.gz" in rep.failed["missing"] and "is missing" in rep.failed["missing"]
@@ -203,8 +205,8 @@ def test_non_finite_image_is_reported(tmp_path):
     write_image(body_image((16, 20, 8), rng), tmp_path / "ok_0000.nii.gz", (1.0, 1.0, 3.0))
     two = [write_image(body_image((16, 20, 8), rng), tmp_path / f"two_{c:04d}.nii.gz", (1.0, 1.0, 3.0))
            for c in range(2)]
-    rep = predict_folder([[tmp_path / "nan_0000.mha"], [tmp_path / "ok_0000.nii.gz"], two], tmp_path / "out", model,
-                         use_tta=False, device="cpu")
+    rep = predict_folder([[tmp_path / "nan_0000.mha"], [tmp_path / "ok_0000.nii.gz"], two], tmp_path / "out",
+                         PredictOptions(model_folder=model, use_tta=False, device="cpu"))
     assert list(rep.written) == ["ok"]
     assert "nan_0000.mha" in rep.failed["nan"] and "NaN" in rep.failed["nan"]
     assert "expects 1 channel" in rep.failed["two"]
@@ -214,8 +216,8 @@ def test_probabilities_and_fold_ensemble(tmp_path):
     plans = tiny_plans()
     model_dir = make_model_folder(tmp_path / "results", plans, "3d_fullres", folds=(0, 1))
     _inputs(tmp_path / "in")
-    rep = predict_folder(tmp_path / "in", tmp_path / "out", model_dir, use_tta=False, device="cpu",
-                         save_probabilities=True)
+    rep = predict_folder(tmp_path / "in", tmp_path / "out",
+                         PredictOptions(model_folder=model_dir, use_tta=False, device="cpu", save_probabilities=True))
     assert rep.ok
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "a.nii.gz")))
     with np.load(tmp_path / "out" / "a.npz", allow_pickle=False) as z:
@@ -241,9 +243,11 @@ def test_cascade_runs_the_previous_stage_first(tmp_path):
     model = make_model_folder(results, plans, "3d_cascade_fullres", n_in=1 + 2)
     _inputs(tmp_path / "in")
     with pytest.raises(CaseNotFoundError, match="needs the `3d_lowres` predictions"):
-        predict_folder(tmp_path / "in", tmp_path / "out", model, use_tta=False, device="cpu")
+        predict_folder(tmp_path / "in", tmp_path / "out",
+                       PredictOptions(model_folder=model, use_tta=False, device="cpu"))
     make_model_folder(results, plans, "3d_lowres")
-    rep = predict_folder(tmp_path / "in", tmp_path / "out", model, use_tta=False, device="cpu")
+    rep = predict_folder(tmp_path / "in", tmp_path / "out",
+                         PredictOptions(model_folder=model, use_tta=False, device="cpu"))
     assert rep.ok and sorted(rep.written) == ["a", "b"]
     prev = tmp_path / "out" / "previous_stage_3d_lowres"
     assert (prev / "a.nii.gz").is_file() and (prev / "b.nii.gz").is_file()
@@ -308,7 +312,7 @@ p.predict_from_files_sequential({str(tmp_path / 'in')!r}, {str(tmp_path / 'nn_ou
     assert r.returncode == 0, r.stderr[-3000:]
     for folder in (ours, nn_dir):  # nnfast's layout and nnU-Net's
         out = tmp_path / f"out_{folder.name}"
-        rep = predict_folder(tmp_path / "in", out, folder, use_tta=True, device="cpu")
+        rep = predict_folder(tmp_path / "in", out, PredictOptions(model_folder=folder, use_tta=True, device="cpu"))
         assert rep.ok
         for cid, geom in geoms.items():
             ref = tmp_path / "nn_out" / f"{cid}.nii.gz"
@@ -340,7 +344,7 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
 def test_validate_fold_predicts_and_scores_the_validation_cases(tmp_path):
     from factories import make_raw_dataset
 
-    from nnfast.infer.predict import validate_fold
+    from nnfast.infer.validation import validate_fold
     from nnfast.settings import Settings
 
     settings = Settings(raw=tmp_path / "raw", preprocessed=tmp_path / "pre", results=tmp_path / "results")

@@ -12,7 +12,7 @@ import torch
 from nnfast.errors import GeometryError
 from nnfast.infer.sliding_window import (compute_steps, gaussian_importance_map, mirror_combinations,
                                          predict_sliding_window, tile_positions)
-from nnfast.train.network import build_network
+from nnfast.network import build_network
 
 from infer._models import dataset_json, tiny_plans
 

@@ -20,8 +20,7 @@ def ddp_train(rank: int, world: int, port: int, roots: dict, task: int, config: 
 
     settings = Settings(**{k: Path(v) for k, v in roots.items()})
     # the trainer joins the gloo group itself from the torchrun-style environment and leaves it at the end
-    res = train(task, settings, config, 0, TrainConfig.from_json(cfg_json), device="cpu", num_workers=0,
-                final_validation=False)
+    res = train(task, settings, config, 0, TrainConfig.from_json(cfg_json), device="cpu", num_workers=0)
     assert not dist.is_initialized()
     torch.save({k: v.detach().clone() for k, v in res.network.state_dict().items()},
                Path(out_dir) / f"rank{rank}.pt")

@@ -109,7 +109,7 @@ def test_from_json_rejects_unknown_keys_and_versions():
 
 
 def test_config_and_splits_do_not_import_torch():
-    code = ("import sys, nnfast.train.config, nnfast.train.splits; "
+    code = ("import sys, nnfast.train.config, nnfast.splits; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

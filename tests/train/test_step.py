@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from nnfast.network import PlainConvUNet
 from nnfast.plan.schema import Architecture
 from nnfast.train.config import TrainConfig
 from nnfast.train.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_scales, deep_supervision_weights
-from nnfast.train.network import PlainConvUNet
 from nnfast.train.optim import build_optimizer
 from nnfast.train.step import (ValidationResult, make_grad_scaler, pseudo_dice, resolve_amp, resolve_compile,
                                summarize_validation, train_step, validation_step)

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import socket
-import sys
 
 import numpy as np
 import pytest
@@ -25,8 +24,8 @@ from nnfast.train.config import TrainConfig
 from nnfast.train.ddp import split_batch
 from nnfast.train.optim import poly_lr
 from nnfast.train.progress import TrainingHistory
-from nnfast.train.trainer import (InferenceUnavailableError, fold_folder, run_final_validation, train,
-                                  trainer_folder)
+from nnfast.layout import fold_folder, trainer_folder
+from nnfast.train.trainer import train
 
 TASK = 31
 DATASET = "Dataset031_TrainTiny"
@@ -73,8 +72,7 @@ def test_training_learns_and_writes_its_files(dataset, tmp_path):
     settings = _settings(dataset, tmp_path)
     cfg = TrainConfig(num_epochs=6, num_iterations_per_epoch=8, num_val_iterations_per_epoch=8, save_every=4, **TINY)
     seen = []
-    res = train(TASK, settings, "3d_fullres", 0, cfg, device="cpu", num_workers=0, progress=seen.append,
-                final_validation=False)
+    res = train(TASK, settings, "3d_fullres", 0, cfg, device="cpu", num_workers=0, progress=seen.append)
     out = fold_folder(settings.results, DATASET, "3d_fullres", 0)
     assert res.output_folder == out and res.finished and res.epochs_completed == 6 and res.epochs_run == 6
     h = res.history.data
@@ -122,8 +120,8 @@ def test_training_learns_and_writes_its_files(dataset, tmp_path):
     best = load_checkpoint(out / "checkpoint_best.pt")
     assert best["best_ema"] == pytest.approx(res.best_ema)
     # the weights load into a freshly built network (strict)
+    from nnfast.network import build_network
     from nnfast.plan.planner import load_plans
-    from nnfast.train.network import build_network
 
     net = build_network(load_plans(root / "nnfast_plans.json"), "3d_fullres", 1, 3)
     net.load_state_dict(final["network_weights"])
@@ -133,18 +131,16 @@ def test_resume_continues_bit_for_bit(dataset, tmp_path):
     cfg = TrainConfig(num_epochs=3, num_iterations_per_epoch=3, num_val_iterations_per_epoch=2, **TINY)
     a_set = _settings(dataset, tmp_path / "a")
     b_set = _settings(dataset, tmp_path / "b")
-    a = train(TASK, a_set, "3d_fullres", 1, cfg, device="cpu", num_workers=0, final_validation=False)
+    a = train(TASK, a_set, "3d_fullres", 1, cfg, device="cpu", num_workers=0)
 
     # the interrupted run reads its batches through loader worker processes: same batches as in-process
-    b1 = train(TASK, b_set, "3d_fullres", 1, cfg, device="cpu", num_workers=1, stop_after_epoch=2,
-               final_validation=False)
+    b1 = train(TASK, b_set, "3d_fullres", 1, cfg, device="cpu", num_workers=1, stop_after_epoch=2)
     out_b = fold_folder(b_set.results, DATASET, "3d_fullres", 1)
     assert not b1.finished and b1.epochs_completed == 2 and b1.checkpoint == out_b / "checkpoint_latest.pt"
     assert load_checkpoint(b1.checkpoint)["current_epoch"] == 2
     assert not (out_b / "checkpoint_final.pt").exists()
     torch.manual_seed(999)  # whatever happens in between must not matter
-    b2 = train(TASK, b_set, "3d_fullres", 1, None, device="cpu", num_workers=0, resume=True,
-               final_validation=False)
+    b2 = train(TASK, b_set, "3d_fullres", 1, None, device="cpu", num_workers=0, resume=True)
     assert b2.finished and b2.epochs_run == 1 and b2.epochs_completed == 3 and b2.train_config == a.train_config
 
     assert _state_equal(a.network.state_dict(), b2.network.state_dict()) == []
@@ -158,24 +154,22 @@ def test_resume_continues_bit_for_bit(dataset, tmp_path):
     assert torch.equal(fa["rng"]["torch_cpu"], fb["rng"]["torch_cpu"])
 
     # resuming a finished run trains nothing more
-    b3 = train(TASK, b_set, "3d_fullres", 1, None, device="cpu", num_workers=0, resume=True,
-               final_validation=False)
+    b3 = train(TASK, b_set, "3d_fullres", 1, None, device="cpu", num_workers=0, resume=True)
     assert b3.finished and b3.epochs_run == 0
     assert _state_equal(a.network.state_dict(), b3.network.state_dict()) == []
 
 
 @pytest.mark.parametrize("config, patch, fold", [("2d", (32, 32), "all"), ("3d_lowres", (8, 16, 16), 0)])
 def test_2d_and_lowres_configurations_train(dataset, tmp_path, monkeypatch, config, patch, fold):
-    import types
-
     calls = []
-    fake = types.ModuleType("nnfast.infer.predict")
-    fake.validate_fold = lambda fold_dir, **kw: calls.append((fold_dir, kw)) or {"mean_dice": 0.5}
-    monkeypatch.setitem(sys.modules, "nnfast.infer.predict", fake)
+
+    def fake(fold_dir, **kw):
+        return calls.append((fold_dir, kw)) or {"mean_dice": 0.5}
+
     settings = _settings(dataset, tmp_path)
     cfg = TrainConfig(num_epochs=1, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1, patch_size=patch,
                       batch_size=2)
-    res = train(TASK, settings, config, fold, cfg, device="cpu", num_workers=0)
+    res = train(TASK, settings, config, fold, cfg, device="cpu", num_workers=0, final_validation=fake)
     out = fold_folder(settings.results, DATASET, config, fold)
     assert res.finished and out.name == ("fold_all" if fold == "all" else "fold_0")
     conv = torch.nn.Conv2d if config == "2d" else torch.nn.Conv3d
@@ -204,18 +198,20 @@ def test_cascade_trains_on_the_cross_validated_lowres_predictions(dataset, tmp_p
     it out); 3d_cascade_fullres trains on them as extra input channels, validates with fold 0's 3d_lowres
     predictions and predicts new images through both stages."""
     from nnfast.cli.main import main
+    from nnfast.infer import predict
+    from nnfast.infer.validation import validate_fold
     from nnfast.io.prev_stage import PreviousStageReader, read_previous_stage_metadata
     from nnfast.io.store_reader import CaseReader
+    from nnfast.layout import previous_stage_folder
     from nnfast.plan.api import load_current_plans
-    from nnfast.train.layout import previous_stage_folder
 
-    predict = pytest.importorskip("nnfast.infer.predict")
     real = predict.predict_folder
-    monkeypatch.setattr(predict, "predict_folder", lambda *a, **kw: real(*a, **{**kw, "use_tta": False}))  # speed
+    monkeypatch.setattr(predict, "predict_folder",  # speed
+                        lambda inputs, out, opts, **kw: real(inputs, out, dataclasses.replace(opts, use_tta=False), **kw))
     settings = _settings(dataset, tmp_path)
     cfg = TrainConfig(num_epochs=1, num_iterations_per_epoch=1, num_val_iterations_per_epoch=1, **TINY)
     for k in range(5):
-        r = train(TASK, settings, "3d_lowres", k, cfg, device="cpu", num_workers=0)
+        r = train(TASK, settings, "3d_lowres", k, cfg, device="cpu", num_workers=0, final_validation=validate_fold)
         assert r.validation_skipped is None, r.validation_skipped
     splits = json.loads((dataset.preprocessed / DATASET / "splits_final.json").read_text())
     plans = load_current_plans(TASK, dataset)
@@ -231,7 +227,8 @@ def test_cascade_trains_on_the_cross_validated_lowres_predictions(dataset, tmp_p
             assert set(np.unique(seg)) <= {0, 1, 2}
     assert sorted(p.name for p in prev.glob("*.zarr")) == sorted(f"{c}.zarr" for s in splits for c in s["val"])
 
-    res = train(TASK, settings, "3d_cascade_fullres", 0, cfg, device="cpu", num_workers=0)
+    res = train(TASK, settings, "3d_cascade_fullres", 0, cfg, device="cpu", num_workers=0,
+                final_validation=validate_fold)
     assert res.finished and res.validation_skipped is None and 0 <= res.validation_dice <= 1
     assert res.network.encoder.stages[0][0].convs[0].conv.in_channels == 3  # image + one channel per label
     ck = load_checkpoint(res.output_folder / "checkpoint_final.pt")
@@ -244,8 +241,8 @@ def test_cascade_trains_on_the_cross_validated_lowres_predictions(dataset, tmp_p
 
     # a new image through both stages: 3d_lowres is predicted first
     images = sorted((dataset.raw / DATASET / "imagesTr").glob("*_0000.nii.gz"))[:1]
-    report = real([images], tmp_path / "pred", res.output_folder.parent, folds=(0,), use_tta=False, device="cpu",
-                  settings=settings)
+    report = real([images], tmp_path / "pred", predict.PredictOptions(
+        model_folder=res.output_folder.parent, folds=(0,), use_tta=False, device="cpu", settings=settings))
     assert report.ok and len(report.written) == 1
     assert len(list((tmp_path / "pred" / "previous_stage_3d_lowres").glob("*.nii.gz"))) == 1
 
@@ -276,23 +273,37 @@ def test_bad_requests(dataset, tmp_path):
             train(TASK, settings, "3d_fullres", 0, device="cuda")
 
 
-def test_final_validation_hook_without_inference(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "nnfast.infer.predict", None)  # import fails as if the module were absent
-    with pytest.raises(InferenceUnavailableError, match="nnfast.infer.predict"):
-        run_final_validation(tmp_path, settings=Settings(), device="cpu")
-    assert issubclass(InferenceUnavailableError, NotImplementedError)
+def test_final_validation_is_the_callers_callable(dataset, tmp_path):
+    """train() calls the final validation it is given (it imports no inference); a failure there is reported and
+    the training stands."""
+    from nnfast.errors import CaseNotFoundError
+
+    settings = _settings(dataset, tmp_path)
+    cfg = TrainConfig(num_epochs=1, num_iterations_per_epoch=1, num_val_iterations_per_epoch=1, **TINY)
+    calls = []
+
+    def failing(fold_dir, **kwargs):
+        calls.append((fold_dir, kwargs))
+        raise CaseNotFoundError("no raw images")
+
+    res = train(TASK, settings, "3d_fullres", 0, cfg, device="cpu", num_workers=0, final_validation=failing)
+    assert res.finished and res.validation is None and res.validation_skipped == "failed: no raw images"
+    assert calls == [(res.output_folder, dict(settings=settings, device=torch.device("cpu"),
+                                              checkpoint_name="checkpoint_final", save_probabilities=False, workers=1))]
+    assert "final validation failed" in (res.output_folder / "training_log.txt").read_text()
 
 
 @pytest.mark.slow
 def test_final_validation_predicts_and_scores_the_validation_cases(dataset, tmp_path, monkeypatch):
-    predict = pytest.importorskip("nnfast.infer.predict")
-    if not hasattr(predict, "validate_fold"):
-        pytest.skip("nnfast.infer.predict has no validate_fold")
+    from nnfast.infer import predict
+    from nnfast.infer.validation import validate_fold
+
     real = predict.predict_folder
-    monkeypatch.setattr(predict, "predict_folder", lambda *a, **kw: real(*a, **{**kw, "use_tta": False}))  # speed
+    monkeypatch.setattr(predict, "predict_folder",  # speed
+                        lambda inputs, out, opts, **kw: real(inputs, out, dataclasses.replace(opts, use_tta=False), **kw))
     settings = _settings(dataset, tmp_path)
     cfg = TrainConfig(num_epochs=1, num_iterations_per_epoch=1, num_val_iterations_per_epoch=1, **TINY)
-    res = train(TASK, settings, "3d_fullres", 0, cfg, device="cpu", num_workers=0)
+    res = train(TASK, settings, "3d_fullres", 0, cfg, device="cpu", num_workers=0, final_validation=validate_fold)
     assert res.validation_skipped is None and 0 <= res.validation_dice <= 1
     splits = json.loads((dataset.preprocessed / DATASET / "splits_final.json").read_text())
     out = res.output_folder / "validation"
@@ -379,8 +390,8 @@ def test_ddp_gloo_two_processes(dataset, tmp_path):
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert _state_equal(w0, w1) == []  # DDP kept the replicas identical
+    from nnfast.network import build_network
     from nnfast.plan.planner import load_plans
-    from nnfast.train.network import build_network
 
     torch.manual_seed(cfg.seed)
     init = build_network(load_plans(dataset.preprocessed / DATASET / "nnfast_plans.json"), "3d_fullres", 1, 3)

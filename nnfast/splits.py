@@ -9,7 +9,8 @@ order. :func:`make_splits` does exactly that with NumPy only (scikit-learn is ne
 A ``splits_final.json`` already present (written by nnfast, nnU-Net or the user) is used as is. A fold beyond the
 file's folds gets nnU-Net's seeded random 80:20 split; fold ``"all"`` trains and validates on every case.
 
-This module does not import torch.
+Shared by training (the fold's training and validation cases) and inference (the final validation predicts the
+fold's validation cases). This module does not import torch.
 """
 from __future__ import annotations
 
@@ -17,22 +18,22 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import DatasetError
-from ..io.atomic import write_json_atomic
+from .errors import DatasetError
+from .io.atomic import write_json_atomic
+from .layout import SPLITS_FILE, Fold
 
 __all__ = ["Split", "Fold", "SPLITS_FILE_NAME", "make_splits", "load_or_create_splits", "fold_cases"]
 
 log = logging.getLogger(__name__)
 
-SPLITS_FILE_NAME = "splits_final.json"
+SPLITS_FILE_NAME = SPLITS_FILE
 
 #: one fold: ``{"train": [...], "val": [...]}``
 Split = dict[str, list[str]]
-Fold = Union[int, Literal["all"]]
 
 
 def _unique_sorted(case_ids: Sequence[str], where: str) -> list[str]:

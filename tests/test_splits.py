@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nnfast.errors import DatasetError
-from nnfast.train.splits import SPLITS_FILE_NAME, fold_cases, load_or_create_splits, make_splits
+from nnfast.splits import SPLITS_FILE_NAME, fold_cases, load_or_create_splits, make_splits
 
 
 def _ids(n, seed=0):

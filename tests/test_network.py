@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nnfast.plan.nnunet_compat import to_nnunet_plans
-from nnfast.train.network import PlainConvUNet, build_network, init_weights_he, set_deep_supervision
+from nnfast.network import PlainConvUNet, build_network, init_weights_he, set_deep_supervision
 
 from train._plans import LABELS, synthetic_plans
 

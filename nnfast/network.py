@@ -26,6 +26,9 @@ after transposition):
 
 Weights are initialised like nnU-Net (``InitWeights_He(1e-2)``): ``kaiming_normal_(a=0.01)`` on every (transposed)
 conv weight, biases zero; norm layers keep PyTorch's defaults (weight 1, bias 0).
+
+Shared by training (:mod:`nnfast.train` builds and trains it) and inference (:mod:`nnfast.infer` loads checkpoints
+into it), which is why it lives beside them and not in either.
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from ..errors import PlanError
-from ..plan.schema import Architecture, Plans
+from .errors import PlanError
+from .plan.schema import Architecture, Plans
 
 __all__ = [
     "ConvDropoutNormReLU",
