@@ -1,6 +1,7 @@
 """JIT policy for every kernel in :mod:`nnfast.native` (the one place that decides it).
 
-Rules (see ``../shared/STYLE.md`` and the reference's "Numba pitfalls"):
+Rules (they avoid Numba's known pitfalls: cache keys that ignore ``parallel=``, lazy compiles inside workers,
+oversubscribed threads):
 
 * :func:`serial` kernels are compiled with ``cache=True`` and ``nogil=True``. They are what worker
   processes run.
