@@ -18,5 +18,7 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.evaluate``     metrics, postprocessing, ensembling, choosing the best configuration.
 - ``nnfast.parallel``     per-case task execution: spawn pools with dead-worker detection, dask.distributed.
 - ``nnfast.cli``          the ``nnfast`` command.
+- ``nnfast.errors``       the exceptions nnfast raises on purpose (one base class, builtin mix-ins).
+- ``nnfast.extras``       optional dependencies (dask, matplotlib, psutil) imported on demand, with the pip command.
 """
 __version__ = "0.1.0"

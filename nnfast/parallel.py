@@ -2,7 +2,7 @@
 
 nnU-Net runs its per-case jobs (fingerprint, preprocessing) on a spawn ``multiprocessing.Pool`` and polls
 worker liveness; a worker stopped by the out-of-memory killer becomes "Some background worker is 6 feet
-under" with no hint of which case did it, or a hang (reference §1.2, §1.4, §2.2). :func:`run_tasks` keeps
+under" with no hint of which case did it, or a hang. :func:`run_tasks` keeps
 the spawn start method but owns the pool:
 
 * every worker has its own pipe and the parent knows which case each worker holds, so a dead worker
@@ -430,7 +430,7 @@ def _raise_task_error(value, key: str | None):
 def _sample_rss(slots: list[_Slot]) -> None:
     try:
         import psutil
-    except ImportError:  # pragma: no cover - psutil is a dependency
+    except ImportError:  # psutil is optional (nnfast[psutil]): the message then says less about memory
         return
     for slot in slots:
         try:
@@ -587,6 +587,9 @@ def _open_client(scheduler):
 
 
 def _run_dask(func, items, order, case_keys, scheduler, progress, initializer, initargs, threads, desc) -> list:
+    from .extras import require
+
+    require("distributed", "running tasks on a dask cluster (--scheduler)")
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
