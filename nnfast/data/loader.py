@@ -4,7 +4,7 @@
 :mod:`nnfast.data.batch`) that a trainer consumes with ``next(loader)``. Batch ``i`` is a pure function of
 ``(base_seed, i)``, so the stream of batches is the same with 0, 1 or N workers and can resume at any index.
 
-How the work is spread (compare nnU-Net's ``NonDetMultiThreadedAugmenter``, reference §1.5):
+How the work is spread (compare nnU-Net's ``NonDetMultiThreadedAugmenter``):
 
 * ``num_workers=0`` builds every batch in the calling process (debugging, tiny data).
 * With ``N`` workers, ``N`` *spawned* processes each own a :class:`~nnfast.data.batch.BatchBuilder`. One
