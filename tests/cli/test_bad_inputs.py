@@ -101,6 +101,12 @@ def test_unknown_task(capsys, roots, command, task, name):
     assert_error(capsys, [command, "--task", task, *_roots(roots)], name)
 
 
+def test_missing_roots_of_other_commands(capsys, tmp_path):
+    (tmp_path / "Task09_X").mkdir()
+    assert_error(capsys, ["convert", "--msd", tmp_path / "Task09_X"], "NNFAST_RAW")
+    assert_error(capsys, ["predict", "-i", tmp_path, "-o", tmp_path / "out", "--task", TASK], "NNFAST_RESULTS")
+
+
 def test_root_that_does_not_exist(capsys, tmp_path):
     assert_error(capsys, ["verify", "--task", TASK, "--raw", tmp_path / "nowhere"], "nowhere")
 
@@ -365,6 +371,14 @@ def test_evaluate_truncated_prediction(capsys, roots, tmp_path):
     _truncate(pred / "case_000.nii.gz")
     assert_error(capsys, ["evaluate", "--pred", pred, "--ref", ref, "--labels", "1", "--workers", "1"],
                  "case_000")
+
+
+def test_evaluate_prediction_on_another_grid(capsys, roots, tmp_path):
+    ref = _seg_folder(roots, tmp_path, "ref")
+    pred = _seg_folder(roots, tmp_path, "pred")
+    write_image(np.zeros((8, 16, 12), np.uint8), pred / "case_002.nii.gz", (1.0, 1.0, 1.0))
+    assert_error(capsys, ["evaluate", "--pred", pred, "--ref", ref, "--labels", "1", "--workers", "1"],
+                 "case_002", "shape")
 
 
 def test_evaluate_unknown_task(capsys, roots, tmp_path):
