@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,7 +338,7 @@ def test_predict_missing_and_empty_input(capsys, roots, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
-def _seg_folder(roots, tmp_path, name) -> "Path":
+def _seg_folder(roots, tmp_path, name) -> Path:
     d = tmp_path / name
     shutil.copytree(roots.raw / NAME / "labelsTr", d)
     return d
