@@ -495,3 +495,13 @@ def test_require_names_the_pip_command(monkeypatch):
         require("psutil", "sampling worker memory")
     assert isinstance(e.value, (NnfastError, ImportError))
     assert 'pip install "nnfast[psutil]"' in str(e.value) and "sampling worker memory" in str(e.value)
+
+
+def test_predict_corrupt_checkpoint(capsys, roots, tmp_path):
+    model = tmp_path / "model"
+    (model / "fold_0").mkdir(parents=True)
+    for name in ("nnfast_plans.json", "dataset.json"):
+        shutil.copy(roots.preprocessed / NAME / name, model / name)
+    (model / "fold_0" / "checkpoint_final.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert_error(capsys, ["predict", "-i", roots.raw / NAME / "imagesTr", "-o", tmp_path / "out", "--model-folder",
+                          model, "--device", "cpu"], "checkpoint_final.pt")
