@@ -8,7 +8,7 @@ Sizes (``NNFAST_BENCH_SCALE``):
 
 - ``0`` (default, CI with ``--benchmark-disable``): 8 CT-like cases, ~(40-64) x 160 x 160 at (2.5, 0.8, 0.8) mm.
 - ``1``: a 24-case abdominal CT set, ~(80-600) x 512 x 512 at (0.6-5, 0.6-0.95, 0.6-0.95) mm -- the size behind the
-  reference's figure of ~4 s for nnU-Net's plan step; it needs a 3d_lowres search, nnU-Net's slowest path.
+  ~4 s that nnU-Net's plan step takes on it; it needs a 3d_lowres search, nnU-Net's slowest path.
 
 Run ``NNFAST_BENCH_SCALE=1 pytest benchmarks/test_bench_plan.py --benchmark-enable -p no:cacheprovider`` and divide the
 two means (``group=plan``); ``test_plan_speedup`` prints and records the ratio of one timed run of each.

@@ -5,8 +5,6 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.native``       Numba kernels (cropping, intensity statistics, resampling, class locations); arrays in, arrays out.
 - ``nnfast.io``           image reading/writing (SimpleITK, nnU-Net conventions), dataset.json and case listing, atomic
                           writes, zarr case stores, the lean patch reader, the cascade's previous-stage stores.
-- ``nnfast.labels``      what dataset.json's labels mean (labels, regions, ignore label, painting, training targets):
-                          one ``LabelManager`` built once and passed to every stage.
 - ``nnfast.synth``        deterministic synthetic Decathlon-style datasets (CT-like and multi-channel MRI-like).
 - ``nnfast.convert``      Medical Segmentation Decathlon -> nnU-Net v2 layout.
 - ``nnfast.verify``       dataset checks that report every problem at once.
@@ -20,19 +18,23 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.infer``        sliding-window prediction, export to the original geometry, model loading, the final
                           validation of a trained fold.
 - ``nnfast.evaluate``     metrics, postprocessing, ensembling, choosing the best configuration.
-- ``nnfast.parallel``     per-case task execution: spawn pools with dead-worker detection, dask.distributed.
-- ``nnfast.workers``      the worker core under both process pools (task pool, patch loader): spawn, pipes, shared
-                          memory, one thread policy, dead-worker diagnosis, stop escalation.
 - ``nnfast.cli``          the ``nnfast`` command.
 
 Shared by the stages (one owner each):
 
+- ``nnfast.labels``       what dataset.json's labels mean (labels, regions, ``regions_class_order``, ignore label,
+                          painting, training targets): one ``LabelManager`` built once and passed to every stage.
 - ``nnfast.layout``       every folder and file name on disk: preprocessed folders, plans/fingerprint/splits files,
                           ``<trainer>__<plans>__<config>`` results folders, folds, checkpoints, validation,
                           ``predicted_next_stage``.
 - ``nnfast.network``      the plan-driven PlainConvUNet that training builds and inference loads.
 - ``nnfast.splits``       nnU-Net's cross-validation splits (``splits_final.json``).
 - ``nnfast.device``       the torch device rule (``auto``/``cuda``/``cpu``) of training and inference.
-- ``nnfast.settings``, ``nnfast.errors``   data roots; the error classes.
+- ``nnfast.parallel``     per-case task execution: spawn pools with dead-worker detection, dask.distributed.
+- ``nnfast.workers``      the worker core under both process pools (task pool, patch loader): spawn, pipes, shared
+                          memory, one thread policy, dead-worker diagnosis, stop escalation.
+- ``nnfast.settings``     data roots (flags, ``NNFAST_*``, ``nnUNet_*``).
+- ``nnfast.errors``       the exceptions nnfast raises on purpose (one base class, builtin mix-ins).
+- ``nnfast.extras``       optional dependencies (dask, matplotlib, psutil) imported on demand, with the pip command.
 """
 __version__ = "0.1.0"

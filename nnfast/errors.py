@@ -5,6 +5,13 @@ from __future__ import annotations
 __all__ = [
     "NnfastError",
     "SettingsError",
+    "UsageError",
+    "ConfigError",
+    "ShapeError",
+    "InputTypeError",
+    "MissingDependencyError",
+    "NotSupportedError",
+    "FileFormatError",
     "DatasetError",
     "DatasetNotFoundError",
     "CaseNotFoundError",
@@ -24,6 +31,35 @@ class NnfastError(Exception):
 
 class SettingsError(NnfastError, ValueError):
     """A data root or setting is missing or invalid; the message says which variable or flag to set."""
+
+
+class UsageError(NnfastError, ValueError):
+    """Arguments that do not fit together or lie out of range (a flag, a count, a fold); the message names them."""
+
+
+class ConfigError(NnfastError, ValueError):
+    """A training, augmentation or inference setting (a mode name, a weight, a schedule step) is invalid."""
+
+
+class ShapeError(NnfastError, ValueError):
+    """Arrays or sizes whose shape, dtype, axis count or layout does not fit what the function needs."""
+
+
+class InputTypeError(NnfastError, TypeError):
+    """An argument of the wrong type (not an array, not a network nnfast knows, state that is not JSON, a function that
+    cannot be sent to worker processes), or a question the object cannot answer (the length of an infinite loader)."""
+
+
+class MissingDependencyError(NnfastError, ImportError):
+    """An optional dependency is not installed; the message gives the ``pip install`` command that adds it."""
+
+
+class NotSupportedError(NnfastError, NotImplementedError):
+    """A feature nnfast does not implement (yet); the message says what to use instead."""
+
+
+class FileFormatError(NnfastError, ValueError):
+    """A file nnfast reads is corrupt or not in its format (invalid JSON, a text file where a binary one belongs)."""
 
 
 class DatasetError(NnfastError, ValueError):
@@ -67,16 +103,11 @@ class UnsupportedResamplingError(NnfastError, NotImplementedError):
 
 
 # Worker pools and the loader (nnfast.workers, nnfast.parallel, nnfast.data.loader).
-__all__ += ["WorkerStartError", "UsageError", "ClosedError"]
+__all__ += ["WorkerStartError", "ClosedError"]
 
 
 class WorkerStartError(NnfastError, RuntimeError):
     """A worker process failed while starting (importing the task's module, running its initializer, opening data)."""
-
-
-class UsageError(NnfastError, TypeError):
-    """An API was given the wrong kind of object (e.g. a function that cannot be sent to worker processes), or asked
-    for something its state does not have (the length of an infinite loader)."""
 
 
 class ClosedError(NnfastError, RuntimeError):

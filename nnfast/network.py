@@ -37,7 +37,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from .errors import PlanError
+from .errors import InputTypeError, PlanError
 from .plan.schema import Architecture, Plans
 
 __all__ = [
@@ -284,6 +284,6 @@ def set_deep_supervision(net: nn.Module, on: bool) -> None:
     mod = unwrap(net)
     decoder = getattr(mod, "decoder", None)
     if decoder is None or not hasattr(decoder, "deep_supervision"):
-        raise TypeError(f"set_deep_supervision needs a PlainConvUNet-like module with decoder.deep_supervision, "
-                        f"got {type(mod).__name__}")
+        raise InputTypeError(f"set_deep_supervision needs a PlainConvUNet-like module with decoder.deep_supervision, "
+                             f"got {type(mod).__name__}")
     decoder.deep_supervision = bool(on)

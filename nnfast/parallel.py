@@ -2,7 +2,7 @@
 
 nnU-Net runs its per-case jobs (fingerprint, preprocessing) on a spawn ``multiprocessing.Pool`` and polls
 worker liveness; a worker stopped by the out-of-memory killer becomes "Some background worker is 6 feet
-under" with no hint of which case did it, or a hang (reference §1.2, §1.4, §2.2). :func:`run_tasks` keeps
+under" with no hint of which case did it, or a hang. :func:`run_tasks` keeps
 the spawn start method but owns the pool, built on :mod:`nnfast.workers` (the worker core it shares with the patch
 loader: spawn, pipes, thread policy, dead-worker diagnosis, stop escalation):
 
@@ -32,7 +32,7 @@ import traceback
 import uuid
 from typing import Any, Callable, NamedTuple, Sequence
 
-from .errors import SettingsError, UsageError, WorkerDiedError, WorkerStartError
+from .errors import SettingsError, InputTypeError, WorkerDiedError, WorkerStartError
 from .ipc import PackedError, RemoteTraceback, dumps, loads, send_error, unpack_exception
 from .workers import Worker, died_error, start_workers, stop_workers, wait
 
@@ -287,7 +287,7 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
     try:
         payload = dumps((func, initializer, initargs))
     except Exception as exc:
-        raise UsageError(
+        raise InputTypeError(
             f"run_tasks with workers={workers} needs a module-level (picklable) function, initializer and "
             f"initargs; pickling failed: {type(exc).__name__}: {exc}") from exc
     n = len(items)
@@ -308,7 +308,7 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
                     try:
                         slot.send((slot.tasks[0], items[slot.tasks[0]]))  # if it died, its sentinel says so below
                     except Exception as exc:
-                        raise UsageError(f"the item of case {case_keys[slot.tasks[0]]} cannot be sent to a worker "
+                        raise InputTypeError(f"the item of case {case_keys[slot.tasks[0]]} cannot be sent to a worker "
                                          f"process: {type(exc).__name__}: {exc}") from exc
             ready = wait(slots, timeout=_SAMPLE_EVERY_S)
             for slot in list(slots):
@@ -360,7 +360,7 @@ def _raise_task_error(value, key: str | None):
 def _sample_rss(slots: list[Worker]) -> None:
     try:
         import psutil
-    except ImportError:  # pragma: no cover - psutil is a dependency
+    except ImportError:  # psutil is optional (nnfast[psutil]): the message then says less about memory
         return
     for slot in slots:
         try:
@@ -471,11 +471,14 @@ def _open_client(scheduler):
             raise
     if isinstance(scheduler, str):
         return Client(scheduler), None, True
-    raise UsageError(f"scheduler must be None, 'tcp://host:port', 'local:N' or a distributed.Client; "
+    raise InputTypeError(f"scheduler must be None, 'tcp://host:port', 'local:N' or a distributed.Client; "
                      f"got {type(scheduler).__name__}")
 
 
 def _run_dask(func, items, order, case_keys, scheduler, progress, initializer, initargs, threads, desc) -> list:
+    from .extras import require
+
+    require("distributed", "running tasks on a dask cluster (--scheduler)")
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 

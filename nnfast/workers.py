@@ -40,7 +40,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from .errors import SettingsError, UsageError, WorkerDiedError
+from .errors import SettingsError, InputTypeError, WorkerDiedError
 from .ipc import send_error
 
 __all__ = ["Worker", "start_workers", "wait", "died_error", "stop_workers", "create_shared_block",
@@ -106,7 +106,7 @@ def _serve(conn, handler: Callable[[int, Any], Any]) -> None:
         except (BrokenPipeError, EOFError, OSError):
             return
         except Exception as exc:  # the result cannot be pickled: nothing was written yet, report that
-            if not send_error(conn, index, UsageError(
+            if not send_error(conn, index, InputTypeError(
                     f"the result of {getattr(handler, '__name__', 'the task')!r} cannot be sent to the parent "
                     f"process: {type(exc).__name__}: {exc}"), None):
                 return

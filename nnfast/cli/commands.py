@@ -79,12 +79,13 @@ def format_plans_table(plans) -> str:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
     from ..synth import synthesize_msd
 
     kwargs = {}
     if args.min_shape or args.max_shape:
         if not (args.min_shape and args.max_shape):
-            raise SystemExit("nnfast synth: --min-shape and --max-shape go together")
+            raise UsageError("--min-shape and --max-shape go together")
         kwargs["shape_range"] = tuple(zip(args.min_shape, args.max_shape))
     path = synthesize_msd(Path(args.out), task_id=args.task_id, name=args.name, num_cases=args.cases,
                           num_test=args.test_cases, seed=args.seed, kind=args.kind, **kwargs)
@@ -216,7 +217,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # small cases, and plans for a small GPU memory budget (a small patch, 4 stages), keep the demo's CPU training to minutes
 DEMO_SHAPE_RANGE = ((24, 36), (72, 96), (72, 96))
 
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
     from ..layout import fold_folder
     from ..settings import find_dataset_folder
     from ..train.config import TrainConfig
@@ -227,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.validate_only:
         return _validate_only(args, settings)
     if args.val_best:
-        raise SystemExit("nnfast train: --val-best needs --validate-only (training validates checkpoint_final)")
+        raise UsageError("--val-best needs --validate-only (training validates checkpoint_final)")
     overrides = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations,
                  "num_val_iterations_per_epoch": args.val_iterations, "amp": args.amp,
                  "compile": "off" if args.no_compile else None, "seed": args.seed, "save_every": args.save_every}
@@ -295,10 +298,14 @@ def _validate_only(args: argparse.Namespace, settings) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from ..errors import CaseNotFoundError, UsageError
     from ..infer.predict import PredictOptions, predict_folder
 
     if args.model_folder is None and args.task is None:
-        raise SystemExit("nnfast predict: give --task (with --config) or --model-folder")
+        raise UsageError("give --task (with --config) or --model-folder")
+    if not Path(args.input).is_dir():
+        raise CaseNotFoundError(f"input folder `{args.input}` does not exist or is not a folder (-i/--input: the "
+                                "folder of <case>_XXXX images)")
     options = PredictOptions(model_folder=args.model_folder, task=args.task, config=args.config,
                              settings=_settings(args), folds=args.folds, checkpoint_name=args.checkpoint,
                              use_tta=not args.no_tta, step=args.step, save_probabilities=args.save_probabilities,

@@ -37,6 +37,72 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
+    return v
+
+
+def _tile_step(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the patch size in (0, 1], got {s!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the patch size in (0, 1], got {s}")
+    return v
+
+
+def _fold(s: str) -> str:
+    """A cross-validation fold: ``all`` or an integer >= 0 (kept as text, as the API takes it)."""
+    s = s.strip()
+    if s != "all" and not s.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a fold number (0, 1, ...) or 'all', got {s!r}")
+    return s
+
+
+def _scheduler(s: str) -> str:
+    """``local:N`` (N >= 1) or a dask scheduler address (``tcp://host:port``, ``host:port``)."""
+    if s.startswith("local:"):
+        n = s.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise argparse.ArgumentTypeError(f"expected 'local:N' with N >= 1 worker processes, got {s!r}")
+        return s
+    address = s.split("://", 1)[1] if "://" in s else s
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a dask scheduler address such as tcp://host:8786, or local:N, "
+                                         f"got {s!r}")
+    return s
+
+
+def _device(s: str) -> str:
+    """auto, cpu, cuda, cuda:N, or another device string torch accepts (checked by torch, imported only then)."""
+    if s in ("auto", "cpu", "cuda") or (s.startswith("cuda:") and s[5:].isdigit()):
+        return s
+    import torch
+
+    try:
+        torch.device(s)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}") from None
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnfast",
@@ -53,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=_positive_int, default=15, help="training epochs (CPU)")
     p.add_argument("--iterations", type=_positive_int, default=20, help="training iterations per epoch")
-    p.add_argument("--gpu-memory-gb", type=float, default=0.25,
+    p.add_argument("--gpu-memory-gb", type=_positive_float, default=0.25,
                    help="GPU memory target of the demo's plans (small: a patch the CPU trains in minutes)")
     p.add_argument("--skip-training", action="store_true", help="stop after preprocessing")
     _add_common(p)
@@ -63,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-id", type=int, default=1)
     p.add_argument("--name", default="SynthCT")
     p.add_argument("--cases", type=_positive_int, default=8)
-    p.add_argument("--test-cases", type=int, default=2)
+    p.add_argument("--test-cases", type=_non_negative_int, default=2)
     p.add_argument("--kind", choices=("ct", "mri"), default="ct", help="ct: int16 HU, 1 channel; mri: 4D multi-channel")
     p.add_argument("--min-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="smallest shape (z y x)")
     p.add_argument("--max-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), help="largest shape (z y x)")
@@ -86,11 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="verify, extract the fingerprint and write the experiment plans", allow_abbrev=False)
     p.add_argument("--task", required=True)
     p.add_argument("--workers", type=_positive_int, default=1)
-    p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="GPU memory target of the plans (nnU-Net: 8)")
+    p.add_argument("--gpu-memory-gb", type=_positive_float, default=8.0,
+                   help="GPU memory target of the plans (nnU-Net: 8)")
     p.add_argument("--no-verify", action="store_true", help="skip dataset verification")
     p.add_argument("--force", action="store_true", help="recompute the fingerprint and plans even if current")
     p.add_argument("--export-nnunet", action="store_true", help="also write nnUNetPlans.json and dataset_fingerprint.json")
-    p.add_argument("--scheduler", help="dask scheduler address (tcp://host:port) or local:N")
+    p.add_argument("--scheduler", type=_scheduler, help="dask scheduler address (tcp://host:port) or local:N")
     _add_roots(p)
     _add_common(p)
 
@@ -98,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--config", default="3d_fullres", choices=PREPROCESS_CONFIG_CHOICES)
     p.add_argument("--workers", type=_positive_int, default=2)
-    p.add_argument("--scheduler", help="dask scheduler address (tcp://host:port) or local:N")
-    p.add_argument("--gpu-memory-gb", type=float, default=8.0)
+    p.add_argument("--scheduler", type=_scheduler, help="dask scheduler address (tcp://host:port) or local:N")
+    p.add_argument("--gpu-memory-gb", type=_positive_float, default=8.0)
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--force", action="store_true", help="recompute every case even if its store is current")
     _add_roots(p)
@@ -109,13 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                        allow_abbrev=False)
     p.add_argument("--task", required=True)
     p.add_argument("--config", default="3d_fullres", choices=CONFIGURATION_NAMES)
-    p.add_argument("--fold", default="0", help="cross-validation fold 0..4 (nnU-Net's split) or 'all' (default 0)")
+    p.add_argument("--fold", type=_fold, default="0",
+                   help="cross-validation fold 0..4 (nnU-Net's split) or 'all' (default 0)")
     p.add_argument("--epochs", type=_positive_int, help="number of epochs (nnU-Net: 1000)")
     p.add_argument("--iterations", type=_positive_int, help="training batches per epoch (nnU-Net: 250)")
-    p.add_argument("--val-iterations", type=int, help="validation batches per epoch (nnU-Net: 50; 0 disables)")
+    p.add_argument("--val-iterations", type=_non_negative_int,
+                   help="validation batches per epoch (nnU-Net: 50; 0 disables)")
     p.add_argument("--device", default="auto", choices=get_args(DeviceChoice))
     p.add_argument("--resume", action="store_true", help="continue from the fold's last checkpoint")
-    p.add_argument("--workers", type=int, help="data loader processes (default: NNFAST_LOADER_WORKERS, "
+    p.add_argument("--workers", type=_non_negative_int, help="data loader processes (default: NNFAST_LOADER_WORKERS, "
                                                "nnUNet_n_proc_DA, else up to 12 per GPU; 0 = in-process)")
     p.add_argument("--no-compile", action="store_true", help="do not torch.compile the network (CUDA only anyway)")
     p.add_argument("--amp", choices=("auto", "fp16", "bf16", "off"),
@@ -143,13 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="configuration (default 3d_fullres; with --model-folder: the checkpoint's)")
     p.add_argument("--model-folder", help=f"trainer folder (default <results>/<Dataset>/{TRAINER_NAME}__"
                                           f"{PLANS_IDENTIFIER}__<config>); nnU-Net model folders are read too")
-    p.add_argument("--folds", nargs="+", help="folds to ensemble (default: every fold with the checkpoint)")
+    p.add_argument("--folds", nargs="+", type=_fold,
+                   help="folds to ensemble (default: every fold with the checkpoint)")
     p.add_argument("--checkpoint", default="checkpoint_final", help="checkpoint name (checkpoint_final/_best/_latest)")
     p.add_argument("--no-tta", action="store_true", help="disable mirroring test-time augmentation (8x faster in 3D)")
-    p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch size (nnU-Net: 0.5)")
+    p.add_argument("--step", type=_tile_step, default=0.5,
+                   help="tile step as a fraction of the patch size, in (0, 1] (nnU-Net: 0.5)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write <case>.npz (softmax probabilities, float16) and <case>.json (properties)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=_positive_int, default=2, help="export threads (cases exported concurrently)")
     p.add_argument("--prev-stage-folder", help="cascade: the previous stage's predictions (default: predicted first)")
     _add_roots(p)
@@ -176,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--configs", nargs="+", choices=CONFIGURATION_NAMES, help="configurations to consider (default: every "
                                                                  "trained one; the order breaks ties)")
-    p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds of the cross-validation")
+    p.add_argument("--folds", nargs="+", type=_non_negative_int, default=[0, 1, 2, 3, 4],
+                   help="folds of the cross-validation")
     p.add_argument("--no-ensembles", action="store_true", help="do not ensemble pairs of configurations")
     p.add_argument("--workers", type=_positive_int, default=2)
     _add_roots(p)
@@ -221,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args)
     except NnfastError as e:
+        print(f"nnfast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (permissions, a file where a folder belongs, a full disk)
         print(f"nnfast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

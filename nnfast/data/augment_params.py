@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from nnfast.errors import ConfigError, ShapeError
+
 if TYPE_CHECKING:  # pragma: no cover
     from nnfast.plan.schema import ConfigurationPlan
 
@@ -96,7 +98,7 @@ def get_patch_size(final_patch_size: Sequence[int], rot_x, rot_y, rot_z, scale_r
     elif coords.size == 2:
         best = np.maximum(best, np.abs(coords @ _rot_2d(rx)))
     else:
-        raise ValueError(f"get_patch_size: expected a 2D or 3D patch size, got {tuple(final_patch_size)}")
+        raise ShapeError(f"get_patch_size: expected a 2D or 3D patch size, got {tuple(final_patch_size)}")
     return tuple(int(v) for v in best / min(scale_range))
 
 
@@ -154,17 +156,17 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         if len(self.patch_size) not in (2, 3):
-            raise ValueError(f"AugmentConfig: patch_size must have 2 or 3 axes, got {self.patch_size}")
+            raise ConfigError(f"AugmentConfig: patch_size must have 2 or 3 axes, got {self.patch_size}")
         if len(self.initial_patch_size) != len(self.patch_size):
-            raise ValueError(f"AugmentConfig: initial_patch_size {self.initial_patch_size} and patch_size "
-                             f"{self.patch_size} differ in length")
+            raise ConfigError(f"AugmentConfig: initial_patch_size {self.initial_patch_size} and patch_size "
+                              f"{self.patch_size} differ in length")
         if self.do_dummy_2d and len(self.patch_size) != 3:
-            raise ValueError("AugmentConfig: dummy-2D augmentation needs a 3D patch")
+            raise ConfigError("AugmentConfig: dummy-2D augmentation needs a 3D patch")
         if any(a < 0 or a >= len(self.patch_size) for a in self.mirror_axes):
-            raise ValueError(f"AugmentConfig: mirror axes {self.mirror_axes} out of range for {self.patch_size}")
+            raise ConfigError(f"AugmentConfig: mirror axes {self.mirror_axes} out of range for {self.patch_size}")
         if self.ds_scales is not None and any(len(s) != len(self.patch_size) for s in self.ds_scales):
-            raise ValueError(f"AugmentConfig: every deep-supervision scale needs {len(self.patch_size)} entries, got "
-                             f"{self.ds_scales}")
+            raise ConfigError(f"AugmentConfig: every deep-supervision scale needs {len(self.patch_size)} entries, got "
+                              f"{self.ds_scales}")
 
     @property
     def ndim(self) -> int:
@@ -214,7 +216,7 @@ class AugmentConfig:
             deg = 180.0 if dummy else 30.0
             mirror = (0, 1, 2)
         else:
-            raise ValueError(f"AugmentConfig.from_patch_size: patch_size must have 2 or 3 axes, got {ps}")
+            raise ConfigError(f"AugmentConfig.from_patch_size: patch_size must have 2 or 3 axes, got {ps}")
         rot = (-deg * _DEG, deg * _DEG)
         initial = list(get_patch_size(ps, rot, rot, rot, (0.85, 1.25)))
         if dummy:
@@ -242,7 +244,7 @@ def rotation_matrix(angles: Sequence[float], scale: Sequence[float]) -> np.ndarr
         return _rot_z(angles[2]) @ _rot_y(angles[1]) @ _rot_x(angles[0]) @ np.diag(np.asarray(scale, np.float64))
     if len(scale) == 2:
         return _rot_2d(angles[-1]) @ np.diag(np.asarray(scale, np.float64))
-    raise ValueError(f"rotation_matrix: expected 2 or 3 scale factors, got {len(scale)}")
+    raise ShapeError(f"rotation_matrix: expected 2 or 3 scale factors, got {len(scale)}")
 
 
 @dataclass(frozen=True)
@@ -362,14 +364,14 @@ def needed_region(params: SpatialParams, patch_size: Sequence[int], center: Sequ
     ps = tuple(int(p) for p in patch_size)
     c = tuple(float(v) for v in center)
     if len(ps) != len(c):
-        raise ValueError(f"needed_region: patch_size {ps} and center {c} differ in length")
+        raise ShapeError(f"needed_region: patch_size {ps} and center {c} differ in length")
     nd = len(ps)
     lb = [0] * nd
     ub = [0] * nd
     a = params.matrix()
     first_t = nd - params.transform_ndim  # axes before this one are cropped (dummy-2D axis 0)
     if params.transform_ndim > nd:
-        raise ValueError(f"needed_region: a {params.transform_ndim}D transform does not fit a {nd}D patch")
+        raise ShapeError(f"needed_region: a {params.transform_ndim}D transform does not fit a {nd}D patch")
     for d in range(first_t if a is not None else nd):
         lb[d], ub[d] = _crop_bounds(c[d], ps[d])
     if a is not None:
@@ -383,7 +385,7 @@ def needed_region(params: SpatialParams, patch_size: Sequence[int], center: Sequ
             ub[first_t + k] = int(math.floor(pos[k].max() + eps)) + 2
     if clip_to is not None:
         if len(clip_to) != nd:
-            raise ValueError(f"needed_region: clip_to {clip_to} must have {nd} axes")
+            raise ShapeError(f"needed_region: clip_to {clip_to} must have {nd} axes")
         for d, (cl, cu) in enumerate(clip_to):
             lb[d] = max(lb[d], int(cl))
             ub[d] = max(lb[d], min(ub[d], int(cu)))

@@ -5,8 +5,7 @@ drawn in a fixed order (cases, forced-foreground flags, then per sample: patch b
 intensity parameters, noise). A batch is therefore the same whichever process builds it and whatever the number
 of loader workers, and a run can resume at any batch index.
 
-Per sample (nnU-Net v2's ``nnUNetDataLoader.generate_train_batch`` + ``nnUNetTrainer.get_training_transforms``,
-reference §1.5/§1.6):
+Per sample (nnU-Net v2's ``nnUNetDataLoader.generate_train_batch`` + ``nnUNetTrainer.get_training_transforms``):
 
 1. case uniform with replacement; the last ``round(bs * 0.33)`` samples are forced to contain foreground
    (:mod:`nnfast.data.sampler`);

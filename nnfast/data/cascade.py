@@ -1,5 +1,5 @@
 """The cascade's extra input channels: the previous stage's segmentation as one channel per foreground label, with
-nnU-Net's augmentations of them (``3d_cascade_fullres``; reference §1.6 row 12).
+nnU-Net's augmentations of them (``3d_cascade_fullres``).
 
 nnU-Net's loader reads the previous stage's segmentation as a second label channel, which every spatial transform
 (rotation, scaling, mirroring) warps together with the labels. After ``RemoveLabelTansform(-1, 0)`` its training
@@ -34,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import ShapeError
 from ..native import components as KC
 from ..native import morphology as KM
 from .augment_params import AugmentConfig
@@ -80,7 +81,7 @@ def onehot_into(seg: np.ndarray, labels: Sequence[int], out: np.ndarray) -> np.n
 
     seg: ``(*spatial)`` integer labels (-1 already replaced by 0); out: ``(len(labels), *spatial)`` float32."""
     if out.shape != (len(labels), *seg.shape):
-        raise ValueError(f"onehot_into: out must have shape {(len(labels), *seg.shape)}, got {out.shape}")
+        raise ShapeError(f"onehot_into: out must have shape {(len(labels), *seg.shape)}, got {out.shape}")
     for i, lab in enumerate(labels):
         np.equal(seg, lab, out=out[i], casting="unsafe")
     return out

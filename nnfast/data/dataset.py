@@ -39,7 +39,7 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from ..errors import CaseNotFoundError, DatasetError
+from ..errors import CaseNotFoundError, DatasetError, InputTypeError, MissingDependencyError
 from ..io.prev_stage import PreviousStageReader, missing_previous_stage
 from ..io.store import list_case_ids, read_case_metadata, store_path
 from ..io.store_reader import CaseReader, parse_bbox
@@ -334,8 +334,8 @@ def _import_blosc2():
     try:
         import blosc2
     except ImportError as e:  # pragma: no cover - blosc2 is installed where nnU-Net is
-        raise ImportError("reading nnU-Net's preprocessed folders (.b2nd files) needs blosc2: pip install blosc2 "
-                          "(or pip install 'nnfast[compat]')") from e
+        raise MissingDependencyError("reading nnU-Net's preprocessed folders (.b2nd files) needs blosc2: "
+                                     "pip install blosc2 (or pip install 'nnfast[compat]')") from e
     return blosc2
 
 
@@ -592,8 +592,8 @@ def source_to_json(source: CaseSource) -> str:
     try:
         return json.dumps({"class": f"{cls.__module__}:{cls.__qualname__}", "state": state})
     except TypeError as e:
-        raise TypeError(f"{cls.__name__}: loader workers receive a case source as JSON, but its state is not JSON "
-                        f"({e}); give it a JSON-able __getstate__/__setstate__ or use num_workers=0") from e
+        raise InputTypeError(f"{cls.__name__}: loader workers receive a case source as JSON, but its state is not JSON "
+                             f"({e}); give it a JSON-able __getstate__/__setstate__ or use num_workers=0") from e
 
 
 def source_from_json(text: str) -> CaseSource:

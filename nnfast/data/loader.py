@@ -4,7 +4,7 @@
 :mod:`nnfast.data.batch`) that a trainer consumes with ``next(loader)``. Batch ``i`` is a pure function of
 ``(base_seed, i)``, so the stream of batches is the same with 0, 1 or N workers and can resume at any index.
 
-How the work is spread (compare nnU-Net's ``NonDetMultiThreadedAugmenter``, reference §1.5):
+How the work is spread (compare nnU-Net's ``NonDetMultiThreadedAugmenter``):
 
 * ``num_workers=0`` builds every batch in the calling process (debugging, tiny data).
 * With ``N`` workers, ``N`` *spawned* processes each own a :class:`~nnfast.data.batch.BatchBuilder`. One
@@ -45,7 +45,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import ClosedError, SettingsError, UsageError, WorkerDiedError
+from ..errors import ClosedError, SettingsError, InputTypeError, WorkerDiedError
 from ..ipc import unpack_exception
 from ..native._jit import LOADER_WORKER_THREADS
 from ..workers import (Worker, create_shared_block, died_error, release_shared_block, start_workers, stop_workers,
@@ -259,7 +259,7 @@ class PatchLoader:
 
     def __len__(self) -> int:
         if self.num_batches is None:
-            raise UsageError("PatchLoader: an infinite loader (num_batches=None) has no length")
+            raise InputTypeError("PatchLoader: an infinite loader (num_batches=None) has no length")
         return self.num_batches
 
     @property

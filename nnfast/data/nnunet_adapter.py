@@ -1,7 +1,7 @@
 """Drop-in use of nnfast's :class:`~nnfast.data.loader.PatchLoader` inside nnU-Net v2's ``nnUNetTrainer``.
 
 nnU-Net's trainer gets its data from ``get_dataloaders()`` (two ``NonDetMultiThreadedAugmenter`` over
-``nnUNetDataLoader`` + batchgeneratorsv2 transforms, reference §1.5/§1.6). This module replaces exactly that
+``nnUNetDataLoader`` + batchgeneratorsv2 transforms). This module replaces exactly that
 method; the network, loss, optimizer, logging, checkpoints and final validation stay nnU-Net's. The loaders are
 built from the trainer's own state: plans/configuration, fold split (``do_split``, so ``splits_final.json``),
 per-rank batch size and oversampling, ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` (rotation,
@@ -57,7 +57,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from ..errors import DatasetError, SettingsError
+from ..errors import DatasetError, NotSupportedError, SettingsError
 from .augment_params import AugmentConfig
 from .batch import BatchSpec
 from .dataset import NnunetCaseSource, ZarrCaseSource
@@ -135,8 +135,8 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
     """
     lm = trainer.label_manager
     if lm.has_regions:
-        raise NotImplementedError("nnfast's loader does not implement region-based training "
-                                  "(ConvertSegmentationToRegionsTransform); use nnU-Net's own loader for this dataset")
+        raise NotSupportedError("nnfast's loader does not implement region-based training "
+                                "(ConvertSegmentationToRegionsTransform); use nnU-Net's own loader for this dataset")
     try:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA

@@ -39,6 +39,7 @@ import torch
 
 from nnfast.data.augment_params import AugmentConfig, Region, SpatialParams
 from nnfast.data.cascade import CascadeParams, augment_onehot, onehot_into, sample_cascade
+from nnfast.errors import ShapeError
 from nnfast.native import augment as K
 from nnfast.native import augment_intensity as KI
 
@@ -216,10 +217,10 @@ def spatial_patch(image_region: np.ndarray, seg_region: np.ndarray, params: Spat
     ps = tuple(int(p) for p in cfg.patch_size)
     nd = len(ps)
     if image_region.ndim != nd + 1 or seg_region.ndim != nd + 1 or image_region.shape[1:] != seg_region.shape[1:]:
-        raise ValueError(f"spatial_patch: expected image (c, *spatial) and seg (s, *spatial) with {nd} spatial axes of "
+        raise ShapeError(f"spatial_patch: expected image (c, *spatial) and seg (s, *spatial) with {nd} spatial axes of "
                          f"one shape, got {image_region.shape} and {seg_region.shape}")
     if tuple(image_region.shape[1:]) != region.shape:
-        raise ValueError(f"spatial_patch: the arrays' spatial shape {image_region.shape[1:]} is not the region's "
+        raise ShapeError(f"spatial_patch: the arrays' spatial shape {image_region.shape[1:]} is not the region's "
                          f"{region.shape} (read exactly the box needed_region returned)")
     image_region = np.asarray(image_region, dtype=np.float32)
     flips = tuple(d in params.mirror_axes for d in range(nd))
@@ -344,7 +345,7 @@ def deep_supervision_targets(seg: np.ndarray, scales: Sequence[Sequence[float]] 
     out = []
     for sc in scales:
         if len(sc) != len(spatial):
-            raise ValueError(f"deep_supervision_targets: scale {tuple(sc)} does not match seg spatial shape {spatial}")
+            raise ShapeError(f"deep_supervision_targets: scale {tuple(sc)} does not match seg spatial shape {spatial}")
         if all(v == 1 for v in sc):
             out.append(seg)
             continue
@@ -392,7 +393,7 @@ def augment_sample(image_region: np.ndarray, seg_region: np.ndarray, params: Spa
         Array shapes do not match ``region`` / ``cfg``, or the cascade without a second label channel.
     """
     if cascade_labels is not None and seg_region.shape[0] != 2:
-        raise ValueError(f"augment_sample: the cascade needs labels and the previous stage as 2 label channels, got "
+        raise ShapeError(f"augment_sample: the cascade needs labels and the previous stage as 2 label channels, got "
                          f"{seg_region.shape[0]}")
     p = sample_intensity(rng, cfg, image_region.shape[0]) if intensity is None else intensity
     image, seg = spatial_patch(image_region, seg_region, params, cfg, region, out_image, out_seg)
@@ -417,7 +418,7 @@ def validation_transform(image: np.ndarray, seg: np.ndarray, cfg: AugmentConfig)
 
     image: (c, *patch_size) float32, returned as is; seg: (s, *patch_size) integer labels."""
     if image.shape[1:] != seg.shape[1:]:
-        raise ValueError(f"validation_transform: image {image.shape} and seg {seg.shape} differ in spatial shape")
+        raise ShapeError(f"validation_transform: image {image.shape} and seg {seg.shape} differ in spatial shape")
     seg = np.array(seg, copy=True, order="C")
     seg[seg == -1] = 0
     return AugmentedSample(image, seg, deep_supervision_targets(seg, cfg.ds_scales), None)

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import CaseNotFoundError, GeometryError
+from ..errors import CaseNotFoundError, GeometryError, UsageError
 from ..labels import LabelManager
 
 __all__ = ["ensemble_folders", "ensemble_cases", "list_probabilities", "average_probabilities"]
@@ -55,7 +55,7 @@ def average_probabilities(files: Sequence[Path | str]) -> np.ndarray:
         The arrays differ in shape (the message names both files).
     """
     if not files:
-        raise ValueError("average_probabilities needs at least one file")
+        raise UsageError("average_probabilities needs at least one file")
     avg = None
     for f in files:
         f = Path(f)
@@ -202,7 +202,7 @@ def ensemble_folders(
     """
     folders = [Path(f) for f in folders]
     if len(folders) < 2:
-        raise ValueError(f"an ensemble needs at least two folders; got {len(folders)}")
+        raise UsageError(f"an ensemble needs at least two folders; got {len(folders)}")
     if dataset_json is None and (folders[0] / "dataset.json").is_file():
         dataset_json = folders[0] / "dataset.json"
     if isinstance(dataset_json, (str, Path)):

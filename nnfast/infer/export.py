@@ -10,7 +10,7 @@ probabilities: softmax (sigmoid for regions) of the resampled logits, the crop r
 background outside the box, transposed back.
 
 nnU-Net resamples every class in float64 and keeps all of them: ``C x V`` float64 intermediates for a ``V``-voxel
-image, hundreds of GB and many minutes for TotalSegmentator-like cases (reference §2.3). Here the classes are
+image, hundreds of GB and many minutes for TotalSegmentator-like cases (100+ classes). Here the classes are
 resampled in small groups (float32, :mod:`nnfast.native.resample` kernels) and reduced on the fly into a running
 maximum and its class index, so memory is ``O(V)`` whatever ``C``; groups of classes run on threads (the kernels
 release the GIL). The running argmax keeps the first maximal class, as ``np.argmax`` does. The resampled logits equal

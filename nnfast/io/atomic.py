@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import FileFormatError
+
 __all__ = ["temporary_sibling", "atomic_target", "write_json_atomic", "read_json"]
 
 
@@ -51,6 +53,19 @@ def write_json_atomic(path: Path, obj: Any, *, sort_keys: bool = False) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """Read a JSON file."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """Read a JSON file.
+
+    Raises
+    ------
+    FileFormatError
+        The file is not valid JSON (or not UTF-8); the message names it.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"`{path}` is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); the "
+                              "file is damaged: restore it or rerun the step that wrote it") from None
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"`{path}` is not a UTF-8 JSON file ({e.reason} at byte {e.start}); the file is "
+                              "damaged: restore it or rerun the step that wrote it") from None

@@ -14,7 +14,7 @@ or unsharded ``[bytes, blosc?]``.
 
 Processes and threads: a reader opens lazily on its first use, pickles as its path only, and holds nothing
 that breaks across ``fork`` (read-only ``mmap`` objects and numpy buffers; the context decoder has no
-threads or locks). One reader must not be used by two threads at once (it reuses one scratch chunk per array).
+threads or locks, and its c-blosc symbol is loaded on the first read of a process, not at import). One reader must not be used by two threads at once (it reuses one scratch chunk per array).
 """
 from __future__ import annotations
 
@@ -59,7 +59,17 @@ def _load_blosc_decompress_ctx():
     return fn
 
 
-_BLOSC_DECOMPRESS_CTX = _load_blosc_decompress_ctx()
+_UNLOADED = object()
+#: ``blosc_decompress_ctx`` once loaded (None: not exported, numcodecs decodes); loaded on first use, not at import
+_BLOSC_DECOMPRESS_CTX: object = _UNLOADED
+
+
+def _decompress_ctx():
+    """The ctypes ``blosc_decompress_ctx`` (or None), loaded on the first call of this process."""
+    global _BLOSC_DECOMPRESS_CTX
+    if _BLOSC_DECOMPRESS_CTX is _UNLOADED:
+        _BLOSC_DECOMPRESS_CTX = _load_blosc_decompress_ctx()
+    return _BLOSC_DECOMPRESS_CTX
 
 
 class _Unsupported(Exception):
@@ -295,7 +305,7 @@ class _LeanArray:
         """The hot loop of :meth:`read_into` for (c, x, y, z) blosc shards, with everything inlined."""
         buf_id, offset, length, views = self._buf_id, self._offset, self._length, self._views
         scratch, dest, fill = self._scratch, self._scratch_bytes, self.fill_value
-        ctx, addrs, dest_addr, nbytes = _BLOSC_DECOMPRESS_CTX, self._addrs, self._scratch_addr, self._chunk_nbytes
+        ctx, addrs, dest_addr, nbytes = _decompress_ctx(), self._addrs, self._scratch_addr, self._chunk_nbytes
         header = _BLOSC_HEADER.unpack_from
         p0, p1, p2, p3 = parts
         for f0, _, o0, c0 in p0:

@@ -1,6 +1,7 @@
 """JIT and thread policy for nnfast (the one place that decides them).
 
-Rules (see the project's STYLE guide and the reference's "Numba pitfalls"):
+Rules (they avoid Numba's known pitfalls: cache keys that ignore ``parallel=``, lazy compiles inside workers,
+oversubscribed threads):
 
 * :func:`serial` kernels are compiled with ``cache=True`` and ``nogil=True``. Every kernel is serial: processes
   (the worker pools of :mod:`nnfast.workers`) and, for GIL-free kernels, threads are the unit of parallelism. A

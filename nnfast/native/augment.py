@@ -39,6 +39,8 @@ import math
 
 import numpy as np
 
+from nnfast.errors import ShapeError
+
 from ._jit import register_warmup, serial
 
 __all__ = ["warp_3d", "warp_2d"]
@@ -429,24 +431,24 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
 
 def _check_warp_inputs(image, seg, matrix, centre, patch_shape, nd_matrix, what):
     if not isinstance(image, np.ndarray) or image.dtype != np.float32 or image.ndim != 4:
-        raise ValueError(f"{what}: image must be a float32 array (c, x, y, z), got "
+        raise ShapeError(f"{what}: image must be a float32 array (c, x, y, z), got "
                          f"{getattr(image, 'dtype', type(image))} with shape {getattr(image, 'shape', None)}")
     if seg is None:
         seg = np.zeros((0, *image.shape[1:]), np.int16)
     if not isinstance(seg, np.ndarray) or seg.ndim != 4 or seg.dtype not in (np.int8, np.int16, np.int32):
-        raise ValueError(f"{what}: seg must be an int8/int16/int32 array (c, x, y, z), got "
+        raise ShapeError(f"{what}: seg must be an int8/int16/int32 array (c, x, y, z), got "
                          f"{getattr(seg, 'dtype', type(seg))} with shape {getattr(seg, 'shape', None)}")
     if seg.shape[1:] != image.shape[1:]:
-        raise ValueError(f"{what}: seg spatial shape {seg.shape[1:]} differs from the image's {image.shape[1:]}")
+        raise ShapeError(f"{what}: seg spatial shape {seg.shape[1:]} differs from the image's {image.shape[1:]}")
     matrix = np.ascontiguousarray(matrix, dtype=np.float64)
     centre = np.ascontiguousarray(centre, dtype=np.float64)
     if matrix.shape != (nd_matrix, nd_matrix) or centre.shape != (nd_matrix,) or len(patch_shape) != nd_matrix:
-        raise ValueError(f"{what}: expected a ({nd_matrix}, {nd_matrix}) matrix and {nd_matrix} centre coordinates / "
+        raise ShapeError(f"{what}: expected a ({nd_matrix}, {nd_matrix}) matrix and {nd_matrix} centre coordinates / "
                          f"patch sizes, got {matrix.shape}, {centre.shape}, {tuple(patch_shape)}")
     if any(int(p) < 1 for p in patch_shape):
-        raise ValueError(f"{what}: patch_shape must be positive, got {tuple(patch_shape)}")
+        raise ShapeError(f"{what}: patch_shape must be positive, got {tuple(patch_shape)}")
     if int(np.prod(image.shape[1:], dtype=np.int64)) >= 2**31 - 1:
-        raise ValueError(f"{what}: a region of {image.shape[1:]} voxels per channel is too large (the kernels use "
+        raise ShapeError(f"{what}: a region of {image.shape[1:]} voxels per channel is too large (the kernels use "
                          "int32 offsets); read the box needed_region returns, not the whole case")
     return np.ascontiguousarray(image), np.ascontiguousarray(seg), matrix, centre
 
@@ -455,12 +457,12 @@ def _outputs(out_image, out_seg, img_shape, seg_shape, seg_dtype, what):
     if out_image is None:
         out_image = np.empty(img_shape, np.float32)
     elif out_image.shape != img_shape or out_image.dtype != np.float32 or not out_image.flags.c_contiguous:
-        raise ValueError(f"{what}: out_image must be C-contiguous float32 {img_shape}, got {out_image.dtype} "
+        raise ShapeError(f"{what}: out_image must be C-contiguous float32 {img_shape}, got {out_image.dtype} "
                          f"{out_image.shape}")
     if out_seg is None:
         out_seg = np.empty(seg_shape, seg_dtype)
     elif out_seg.shape != seg_shape or out_seg.dtype != seg_dtype or not out_seg.flags.c_contiguous:
-        raise ValueError(f"{what}: out_seg must be C-contiguous {np.dtype(seg_dtype)} {seg_shape}, got "
+        raise ShapeError(f"{what}: out_seg must be C-contiguous {np.dtype(seg_dtype)} {seg_shape}, got "
                          f"{out_seg.dtype} {out_seg.shape}")
     return out_image, out_seg
 

@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from nnfast.errors import ShapeError, UsageError
+
 from ._jit import register_warmup, serial
 
 __all__ = [
@@ -113,16 +115,16 @@ def blur_axis(src: np.ndarray, weights: np.ndarray, axis: int, out: np.ndarray |
     ``pad(mode='reflect')`` then ``conv``), as batchgeneratorsv2's ``blur_dimension``. ``out`` must differ from
     ``src``. 2D data: pass a (1, y, z) view and axes 1, 2."""
     if src.ndim != 3 or src.dtype != np.float32 or not src.flags.c_contiguous:
-        raise ValueError(f"blur_axis: src must be C-contiguous float32 (x, y, z), got {src.dtype} {src.shape}")
+        raise ShapeError(f"blur_axis: src must be C-contiguous float32 (x, y, z), got {src.dtype} {src.shape}")
     if axis not in (0, 1, 2):
-        raise ValueError(f"blur_axis: axis must be 0, 1 or 2, got {axis}")
+        raise UsageError(f"blur_axis: axis must be 0, 1 or 2, got {axis}")
     w = np.ascontiguousarray(weights, np.float64)
     if w.ndim != 1 or w.shape[0] % 2 != 1:
-        raise ValueError(f"blur_axis: weights must be 1D of odd length, got shape {w.shape}")
+        raise ShapeError(f"blur_axis: weights must be 1D of odd length, got shape {w.shape}")
     if out is None:
         out = np.empty_like(src)
     elif out.shape != src.shape or out.dtype != np.float32 or not out.flags.c_contiguous or np.shares_memory(out, src):
-        raise ValueError("blur_axis: out must be a separate C-contiguous float32 array of src's shape")
+        raise ShapeError("blur_axis: out must be a separate C-contiguous float32 array of src's shape")
     _blur_axis(src, out, w, axis)
     return out
 
@@ -157,7 +159,7 @@ def channel_stats(x: np.ndarray, with_std: bool = False) -> tuple[float, float, 
     """(mean, unbiased std, min, max) of one channel (any shape, C-contiguous float32); std is nan unless
     ``with_std`` (it costs a second pass)."""
     if x.dtype != np.float32 or not x.flags.c_contiguous or x.size == 0:
-        raise ValueError(f"channel_stats: expected a non-empty C-contiguous float32 array, got {x.dtype} {x.shape}")
+        raise ShapeError(f"channel_stats: expected a non-empty C-contiguous float32 array, got {x.dtype} {x.shape}")
     return _stats(x.reshape(-1), bool(with_std))
 
 
@@ -175,7 +177,7 @@ def _affine_clamp(x, a, b, lo, hi):
 def affine_clamp(x: np.ndarray, a: float, b: float, lo: float = -np.inf, hi: float = np.inf) -> None:
     """In place ``x = clip(x * a + b, lo, hi)`` on a C-contiguous float32 array (brightness, contrast)."""
     if x.dtype != np.float32 or not x.flags.c_contiguous:
-        raise ValueError(f"affine_clamp: expected a C-contiguous float32 array, got {x.dtype}")
+        raise ShapeError(f"affine_clamp: expected a C-contiguous float32 array, got {x.dtype}")
     _affine_clamp(x.reshape(-1), float(a), float(b), float(lo), float(hi))
 
 
@@ -239,7 +241,7 @@ def gamma_inplace(x: np.ndarray, gamma: float, invert: bool, retain_stats: bool)
     The power runs as numpy's SIMD ``np.power`` (see the module docstring); the rest is two fused Numba passes
     before it and two after."""
     if x.dtype != np.float32 or not x.flags.c_contiguous or x.size == 0:
-        raise ValueError(f"gamma_inplace: expected a non-empty C-contiguous float32 array, got {x.dtype} {x.shape}")
+        raise ShapeError(f"gamma_inplace: expected a non-empty C-contiguous float32 array, got {x.dtype} {x.shape}")
     flat = x.reshape(-1)
     sgn = -1.0 if invert else 1.0
     eps = 1e-7
@@ -284,11 +286,11 @@ def _gather3(src, i0, i1, i2, dst):
 def gather_nd(src: np.ndarray, indices: tuple[np.ndarray, ...], out: np.ndarray | None = None) -> np.ndarray:
     """``src[np.ix_(*indices)]`` for a 2D or 3D array (nearest-exact down-sampling with precomputed indices)."""
     if src.ndim not in (2, 3) or len(indices) != src.ndim:
-        raise ValueError(f"gather_nd: expected a 2D/3D array and as many index arrays, got {src.shape}, {len(indices)}")
+        raise ShapeError(f"gather_nd: expected a 2D/3D array and as many index arrays, got {src.shape}, {len(indices)}")
     idx = [np.ascontiguousarray(i, np.int64) for i in indices]
     for i, n in zip(idx, src.shape):
         if i.size and (i.min() < 0 or i.max() >= n):
-            raise ValueError(f"gather_nd: index out of range for an axis of size {n}")
+            raise ShapeError(f"gather_nd: index out of range for an axis of size {n}")
     s3 = src if src.ndim == 3 else src[None]
     i3 = idx if src.ndim == 3 else [np.zeros(1, np.int64), *idx]
     shape = tuple(i.shape[0] for i in idx)
@@ -331,12 +333,12 @@ def linear_resize_axis(src: np.ndarray, taps: tuple[np.ndarray, np.ndarray, np.n
     """Resize a C-contiguous float32 (x, y, z) volume along ``axis`` with linear taps ``(i0, i1, lambda1)``
     (:func:`linear_taps`, possibly reversed for a mirrored axis); returns a new array."""
     if src.dtype != np.float32 or src.ndim != 3 or not src.flags.c_contiguous or axis not in (0, 1, 2):
-        raise ValueError(f"linear_resize_axis: expected C-contiguous float32 (x, y, z) and axis 0-2, got {src.dtype} "
+        raise ShapeError(f"linear_resize_axis: expected C-contiguous float32 (x, y, z) and axis 0-2, got {src.dtype} "
                          f"{src.shape}, axis {axis}")
     i0, i1, lam = (np.ascontiguousarray(taps[0], np.int64), np.ascontiguousarray(taps[1], np.int64),
                    np.ascontiguousarray(taps[2], np.float64))
     if not (i0.shape == i1.shape == lam.shape) or i0.ndim != 1 or (i0.size and max(i0.max(), i1.max()) >= src.shape[axis]):
-        raise ValueError(f"linear_resize_axis: taps must be three 1D arrays of one length indexing axis {axis} "
+        raise ShapeError(f"linear_resize_axis: taps must be three 1D arrays of one length indexing axis {axis} "
                          f"(size {src.shape[axis]})")
     shape = list(src.shape)
     shape[axis] = i0.shape[0]
@@ -364,7 +366,7 @@ def mask_and_relabel(image: np.ndarray, seg: np.ndarray, mask_channels=()) -> No
 
     image: (c, *spatial) C-contiguous float32; seg: (s, *spatial) C-contiguous int."""
     if not image.flags.c_contiguous or not seg.flags.c_contiguous or image.shape[1:] != seg.shape[1:]:
-        raise ValueError(f"mask_and_relabel: C-contiguous image and seg of one spatial shape expected, got "
+        raise ShapeError(f"mask_and_relabel: C-contiguous image and seg of one spatial shape expected, got "
                          f"{image.shape} and {seg.shape}")
     ch = np.asarray(list(mask_channels), np.int64)
     img2 = image.reshape(image.shape[0], -1)

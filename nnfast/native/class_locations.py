@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nnfast.errors import InputTypeError, LabelError, ShapeError, UsageError
+
 from ._jit import register_warmup, serial
 
 __all__ = ["count_labels", "locate_ranked_voxels"]
@@ -92,17 +94,17 @@ def _locate_ranked(seg, lut, lo, starts, ranks, rows, out):
 def _spatial(seg: np.ndarray) -> np.ndarray:
     """(x, y, z) view of a (1, x, y, z) or (x, y, z) label map, C-ordered (copied only if its axes are not)."""
     if not isinstance(seg, np.ndarray):
-        raise TypeError(f"seg must be a numpy array of shape (1, x, y, z) or (x, y, z); got {type(seg).__name__}")
+        raise InputTypeError(f"seg must be a numpy array of shape (1, x, y, z) or (x, y, z); got {type(seg).__name__}")
     if seg.ndim == 4:
         if seg.shape[0] != 1:
-            raise ValueError(f"seg must have one channel, shape (1, x, y, z); got shape {seg.shape}")
+            raise ShapeError(f"seg must have one channel, shape (1, x, y, z); got shape {seg.shape}")
         seg = seg[0]
     if seg.ndim != 3:
-        raise ValueError(f"seg must have shape (1, x, y, z) or (x, y, z); got shape {seg.shape}")
+        raise ShapeError(f"seg must have shape (1, x, y, z) or (x, y, z); got shape {seg.shape}")
     if seg.dtype == np.bool_:
         seg = seg.view(np.uint8)
     if seg.dtype.kind not in "iuf":
-        raise ValueError(f"seg must have an integer or float dtype; got {seg.dtype}")
+        raise ShapeError(f"seg must have an integer or float dtype; got {seg.dtype}")
     strides = [abs(s) for s, n in zip(seg.strides, seg.shape) if n > 1]
     if strides != sorted(strides, reverse=True):
         seg = np.ascontiguousarray(seg)  # C-order ranks need a C-order walk; keep it cache friendly
@@ -114,10 +116,10 @@ def _lookup(labels) -> tuple[np.ndarray, int, np.ndarray]:
     if labels.size == 0:
         return labels, 0, np.full(1, -1, np.int32)
     if np.unique(labels).size != labels.size:
-        raise ValueError(f"labels must be distinct; got {labels.tolist()}")
+        raise UsageError(f"labels must be distinct; got {labels.tolist()}")
     lo, hi = int(labels.min()), int(labels.max())
     if hi - lo >= _MAX_LABEL_SPAN:
-        raise ValueError(f"labels span {lo}..{hi}, more than {_MAX_LABEL_SPAN} values; relabel to small integers")
+        raise LabelError(f"labels span {lo}..{hi}, more than {_MAX_LABEL_SPAN} values; relabel to small integers")
     lut = np.full(hi - lo + 1, -1, np.int32)
     lut[labels - lo] = np.arange(labels.size, dtype=np.int32)
     return labels, lo, lut
@@ -182,19 +184,19 @@ def locate_ranked_voxels(seg: np.ndarray, labels, label_index, ranks) -> np.ndar
     label_index = np.asarray(label_index, dtype=np.int64).reshape(-1)
     ranks = np.asarray(ranks, dtype=np.int64).reshape(-1)
     if label_index.shape != ranks.shape:
-        raise ValueError(f"label_index and ranks must have one entry per request; got {label_index.shape} and "
+        raise ShapeError(f"label_index and ranks must have one entry per request; got {label_index.shape} and "
                          f"{ranks.shape}")
     out = np.full((ranks.size, 4), -1, np.int64)
     if ranks.size == 0:
         return out
     if label_index.min() < 0 or label_index.max() >= labels.size or ranks.min() < 0:
-        raise ValueError(f"label_index must lie in [0, {labels.size}) and ranks be >= 0")
+        raise UsageError(f"label_index must lie in [0, {labels.size}) and ranks be >= 0")
     order = np.lexsort((ranks, label_index))  # by label, then rank
     starts = np.searchsorted(label_index[order], np.arange(labels.size + 1)).astype(np.int64)
     _locate_ranked(seg, lut, np.int64(lo), starts, ranks[order], order.astype(np.int64), out)
     if out[:, 0].min() < 0:
         missing = np.flatnonzero(out[:, 0] < 0)[0]
-        raise ValueError(f"request {missing} asks for voxel rank {ranks[missing]} of label "
+        raise UsageError(f"request {missing} asks for voxel rank {ranks[missing]} of label "
                          f"{labels[label_index[missing]]}, which has fewer voxels")
     return out
 

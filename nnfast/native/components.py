@@ -25,6 +25,8 @@ from typing import Iterable
 
 import numpy as np
 
+from nnfast.errors import InputTypeError, ShapeError, UsageError
+
 from ._jit import register_warmup, serial
 
 __all__ = ["label_components", "keep_largest_component", "remove_all_but_largest_component",
@@ -232,11 +234,11 @@ _MASK_LUT = np.array([0, 1], np.uint8)
 def _as_zyx(arr: np.ndarray, what: str) -> np.ndarray:
     """A 3D view of a 2D (y, x) or 3D array (2D becomes (1, y, x), which gives 8-connectivity)."""
     if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{what} must be a numpy array; got {type(arr).__name__}")
+        raise InputTypeError(f"{what} must be a numpy array; got {type(arr).__name__}")
     if arr.ndim == 2:
         return arr[None]
     if arr.ndim != 3:
-        raise ValueError(f"{what} must be 2D or 3D; got shape {arr.shape}")
+        raise ShapeError(f"{what} must be 2D or 3D; got shape {arr.shape}")
     return arr
 
 
@@ -244,7 +246,7 @@ def _mask_view(mask: np.ndarray, allow_permute: bool) -> tuple[np.ndarray, tuple
     """A C-contiguous uint8 0/1 view (or copy) of ``mask`` (3D) and the axis permutation applied, if any."""
     if mask.dtype != np.bool_:
         if mask.dtype.kind not in "iuf":
-            raise ValueError(f"mask must be boolean or numeric (nonzero = foreground); got dtype {mask.dtype}")
+            raise ShapeError(f"mask must be boolean or numeric (nonzero = foreground); got dtype {mask.dtype}")
         mask = mask != 0
     perm = None
     if not mask.flags.c_contiguous:
@@ -327,7 +329,7 @@ def _value_lut(values: Iterable[int], dtype) -> tuple[np.ndarray | None, int]:
     """Membership table of ``values`` (those a ``dtype`` voxel can hold) and its offset; (None, 0) if none can."""
     vals = sorted({int(v) for v in values})
     if not vals:
-        raise ValueError("values must name at least one label")
+        raise UsageError("values must name at least one label")
     info = np.iinfo(dtype)
     vals = [v for v in vals if info.min <= v <= info.max]
     if not vals:
@@ -341,7 +343,7 @@ def _value_lut(values: Iterable[int], dtype) -> tuple[np.ndarray | None, int]:
 def _check_seg(seg: np.ndarray) -> np.ndarray:
     a = _as_zyx(seg, "seg")
     if a.dtype.kind not in "iu":
-        raise ValueError(f"seg must be an integer label map; got dtype {a.dtype}")
+        raise ShapeError(f"seg must be an integer label map; got dtype {a.dtype}")
     return a
 
 
@@ -374,7 +376,7 @@ def remove_all_but_largest_component(seg: np.ndarray, values: Iterable[int], bac
     """
     a = _check_seg(seg)
     if not a.flags.writeable:
-        raise ValueError("seg must be writeable (the removal happens in place); pass a copy")
+        raise ShapeError("seg must be writeable (the removal happens in place); pass a copy")
     lut, lo = _value_lut(values, a.dtype)
     if lut is None:
         return 0
@@ -428,7 +430,7 @@ def erase_runs(seg: np.ndarray, runs: np.ndarray, background: int = 0) -> int:
     if runs.shape[0]:
         if runs[:, :2].min() < 0 or runs[:, 0].max() >= a.shape[0] or runs[:, 1].max() >= a.shape[1] \
                 or runs[:, 2].min() < 0 or runs[:, 3].max() > a.shape[2]:
-            raise ValueError(f"runs reach outside seg of shape {a.shape}")
+            raise ShapeError(f"runs reach outside seg of shape {a.shape}")
         _erase_runs(a, runs, a.dtype.type(background))
     return int((runs[:, 3] - runs[:, 2]).sum())
 

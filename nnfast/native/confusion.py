@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from nnfast.errors import InputTypeError, ShapeError, UsageError
+
 from ._jit import register_warmup, serial
 
 __all__ = ["joint_histogram", "joint_histogram_runs"]
@@ -89,15 +91,15 @@ def _flat_pair(ref: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def _prepare(ref, pred, values):
     if not isinstance(ref, np.ndarray) or not isinstance(pred, np.ndarray):
-        raise TypeError("ref and pred must be numpy arrays")
+        raise InputTypeError("ref and pred must be numpy arrays")
     if ref.shape != pred.shape:
-        raise ValueError(f"ref and pred must have the same shape; got {ref.shape} and {pred.shape}")
+        raise ShapeError(f"ref and pred must have the same shape; got {ref.shape} and {pred.shape}")
     for name, a in (("ref", ref), ("pred", pred)):
         if a.dtype.kind not in "iub":
-            raise ValueError(f"{name} must be an integer label map; got dtype {a.dtype}")
+            raise ShapeError(f"{name} must be an integer label map; got dtype {a.dtype}")
     vals = [int(v) for v in values]
     if len(set(vals)) != len(vals):
-        raise ValueError(f"values must be distinct; got {vals}")
+        raise UsageError(f"values must be distinct; got {vals}")
     if ref.dtype == np.bool_:
         ref = ref.view(np.uint8)
     if pred.dtype == np.bool_:
@@ -156,12 +158,12 @@ def joint_histogram_runs(ref: np.ndarray, pred: np.ndarray, runs: np.ndarray, va
     if ref.ndim == 2:
         ref, pred = ref[None], pred[None]
     if ref.ndim != 3:
-        raise ValueError(f"ref and pred must be 2D or 3D; got shape {ref.shape}")
+        raise ShapeError(f"ref and pred must be 2D or 3D; got shape {ref.shape}")
     runs = np.ascontiguousarray(runs, np.int64).reshape(-1, 4)
     if runs.shape[0]:
         if runs[:, :3].min() < 0 or runs[:, 0].max() >= ref.shape[0] or runs[:, 1].max() >= ref.shape[1] \
                 or runs[:, 3].max() > ref.shape[2]:
-            raise ValueError(f"runs reach outside the arrays of shape {ref.shape}")
+            raise ShapeError(f"runs reach outside the arrays of shape {ref.shape}")
         _joint_histogram_runs(ref, pred, runs, lut, lo, out)
     return out
 

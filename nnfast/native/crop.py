@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nnfast.errors import InputTypeError, LabelError, ShapeError
+
 from ._jit import register_warmup, serial
 
 __all__ = ["nonzero_mask", "nonzero_mask_and_bbox", "bbox_from_mask", "label_outside_mask", "seg_from_mask"]
@@ -256,15 +258,15 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
 
 def _check_data(data: np.ndarray) -> np.ndarray:
     if not isinstance(data, np.ndarray):
-        raise TypeError(f"data must be a numpy array of shape (c, x, y, z); got {type(data).__name__}")
+        raise InputTypeError(f"data must be a numpy array of shape (c, x, y, z); got {type(data).__name__}")
     if data.ndim != 4:
-        raise ValueError(f"data must have shape (c, x, y, z) (4 axes); got shape {data.shape}")
+        raise ShapeError(f"data must have shape (c, x, y, z) (4 axes); got shape {data.shape}")
     if data.shape[0] < 1:
-        raise ValueError(f"data must have at least one channel; got shape {data.shape}")
+        raise ShapeError(f"data must have at least one channel; got shape {data.shape}")
     if data.dtype == np.bool_:
         return data.view(np.uint8)
     if data.dtype.kind not in "iuf":
-        raise ValueError(f"data must have an integer or floating dtype; got {data.dtype}")
+        raise ShapeError(f"data must have an integer or floating dtype; got {data.dtype}")
     return data
 
 
@@ -350,12 +352,12 @@ def bbox_from_mask(mask: np.ndarray) -> list[list[int]]:
         If ``mask`` is not a 3D array.
     """
     if not isinstance(mask, np.ndarray):
-        raise TypeError(f"mask must be a numpy array of shape (x, y, z); got {type(mask).__name__}")
+        raise InputTypeError(f"mask must be a numpy array of shape (x, y, z); got {type(mask).__name__}")
     if mask.ndim != 3:
-        raise ValueError(f"mask must have shape (x, y, z) (3 axes); got shape {mask.shape}")
+        raise ShapeError(f"mask must have shape (x, y, z) (3 axes); got shape {mask.shape}")
     if mask.dtype != np.bool_:
         if mask.dtype.kind not in "iuf":
-            raise ValueError(f"mask must be boolean or numeric; got dtype {mask.dtype}")
+            raise ShapeError(f"mask must be boolean or numeric; got dtype {mask.dtype}")
         mask = mask != 0
     perm = _memory_order(mask.strides)
     box = _bbox(mask.transpose(perm))
@@ -394,10 +396,10 @@ def label_outside_mask(seg: np.ndarray, mask: np.ndarray, label: int = -1) -> np
         in ``uint8``; nnU-Net raises ``OverflowError`` there — cast the labels to int8/int16 first).
     """
     if seg.ndim != 4 or mask.ndim != 3 or seg.shape[1:] != mask.shape:
-        raise ValueError(f"seg must have shape (k, x, y, z) and mask (x, y, z) with equal spatial shapes; got "
+        raise ShapeError(f"seg must have shape (k, x, y, z) and mask (x, y, z) with equal spatial shapes; got "
                          f"seg {seg.shape} and mask {mask.shape}")
     if seg.dtype.kind not in "iuf":
-        raise ValueError(f"seg must have an integer or floating dtype; got {seg.dtype}")
+        raise ShapeError(f"seg must have an integer or floating dtype; got {seg.dtype}")
     _check_representable(label, seg.dtype, "seg")
     if mask.dtype != np.bool_:
         mask = mask != 0
@@ -425,7 +427,7 @@ def seg_from_mask(mask: np.ndarray, label: int = -1) -> np.ndarray:
         If ``mask`` is not 3D or ``label`` does not fit int8.
     """
     if mask.ndim != 3:
-        raise ValueError(f"mask must have shape (x, y, z); got {mask.shape}")
+        raise ShapeError(f"mask must have shape (x, y, z); got {mask.shape}")
     _check_representable(label, np.dtype(np.int8), "the label map without seg")
     if mask.dtype != np.bool_:
         mask = mask != 0
@@ -438,7 +440,7 @@ def _check_representable(label: int, dtype: np.dtype, what: str) -> None:
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         if not info.min <= label <= info.max:
-            raise ValueError(f"{what} has dtype {dtype}, which cannot hold the label {label} written outside the "
+            raise LabelError(f"{what} has dtype {dtype}, which cannot hold the label {label} written outside the "
                              f"nonzero region; cast it to a signed dtype (int8/int16) first")
 
 

@@ -1,6 +1,6 @@
 """Foreground intensity statistics for the dataset fingerprint, without holding 1e8 samples.
 
-nnU-Net's rule (``DatasetFingerprintExtractor``, reference §1.2): per case and channel it draws
+nnU-Net's rule (``DatasetFingerprintExtractor``): per case and channel it draws
 ``int(1e8 // n_cases)`` foreground voxels *with replacement* (``RandomState(1234)``), concatenates all cases'
 draws and takes ``mean``, ``np.std`` (ddof 0), ``min``, ``max`` and ``np.percentile(x, (0.5, 50, 99.5))``
 (linear interpolation). Every non-empty case therefore has the same weight, whatever its foreground size:
@@ -54,7 +54,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from nnfast.errors import DatasetError
+from nnfast.errors import DatasetError, ShapeError, UsageError
 
 from ._jit import register_warmup, serial
 
@@ -254,16 +254,16 @@ def foreground_summary(image_channel: np.ndarray, fg_mask: np.ndarray, sketch_si
     """
     if not isinstance(image_channel, np.ndarray) or image_channel.ndim != 3:
         got = image_channel.shape if isinstance(image_channel, np.ndarray) else type(image_channel).__name__
-        raise ValueError(f"image_channel must be an array of shape (x, y, z); got {got}")
+        raise ShapeError(f"image_channel must be an array of shape (x, y, z); got {got}")
     if not isinstance(fg_mask, np.ndarray) or fg_mask.shape != image_channel.shape:
         got = fg_mask.shape if isinstance(fg_mask, np.ndarray) else type(fg_mask).__name__
-        raise ValueError(f"fg_mask must have the image's shape {image_channel.shape}; got {got}")
+        raise ShapeError(f"fg_mask must have the image's shape {image_channel.shape}; got {got}")
     if fg_mask.dtype != np.bool_:
-        raise ValueError(f"fg_mask must be boolean (e.g. seg[0] > 0); got dtype {fg_mask.dtype}")
+        raise ShapeError(f"fg_mask must be boolean (e.g. seg[0] > 0); got dtype {fg_mask.dtype}")
     if image_channel.dtype.kind not in "iuf":
-        raise ValueError(f"image_channel must have an integer or float dtype; got {image_channel.dtype}")
+        raise ShapeError(f"image_channel must have an integer or float dtype; got {image_channel.dtype}")
     if int(sketch_size) < 1:
-        raise ValueError(f"sketch_size must be >= 1; got {sketch_size}")
+        raise UsageError(f"sketch_size must be >= 1; got {sketch_size}")
     sketch_size = int(sketch_size)
     dtype = image_channel.dtype
     if dtype in _SMALL_INT:

@@ -63,6 +63,8 @@ from typing import Literal
 
 import numpy as np
 
+from nnfast.errors import InputTypeError, ShapeError, UsageError
+
 from ._jit import register_warmup, serial
 
 __all__ = ["footprint", "footprint_shift_threshold", "binary_operation"]
@@ -294,16 +296,16 @@ def _dilate(x, invert, sft0, sft, lo, hi, offsets, window_max, out):
 # --------------------------------------------------------------------------------------------- footprint
 def _check_radius(radius) -> float:
     if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, numbers.Real):
-        raise ValueError(f"radius must be a positive real number; got {radius!r}")
+        raise UsageError(f"radius must be a positive real number; got {radius!r}")
     r = float(radius)
     if not math.isfinite(r) or r <= 0:
-        raise ValueError(f"radius must be a positive finite number; got {radius!r}")
+        raise UsageError(f"radius must be a positive finite number; got {radius!r}")
     return r
 
 
 def _check_ndim(ndim) -> int:
     if ndim not in (2, 3) or isinstance(ndim, bool):
-        raise ValueError(f"ndim must be 2 (disk) or 3 (ball); got {ndim!r}")
+        raise UsageError(f"ndim must be 2 (disk) or 3 (ball); got {ndim!r}")
     return int(ndim)
 
 
@@ -427,24 +429,24 @@ def binary_operation(mask: np.ndarray, radius: float, op: Operation, out: np.nda
         wrong shape, dtype or layout, or overlapping ``mask``.
     """
     if not isinstance(mask, np.ndarray):
-        raise TypeError(f"mask must be a numpy array; got {type(mask).__name__}")
+        raise InputTypeError(f"mask must be a numpy array; got {type(mask).__name__}")
     if mask.ndim not in (2, 3):
-        raise ValueError(f"mask must be 2D (y, x) or 3D (x, y, z); got shape {mask.shape}")
+        raise ShapeError(f"mask must be 2D (y, x) or 3D (x, y, z); got shape {mask.shape}")
     if mask.dtype.type not in _DTYPES:
-        raise ValueError(f"mask dtype must be one of bool, uint8, int8, int16, float32, float64; got {mask.dtype}")
+        raise ShapeError(f"mask dtype must be one of bool, uint8, int8, int16, float32, float64; got {mask.dtype}")
     if op not in _OPS:
-        raise ValueError(f"op must be one of {', '.join(_OPS)}; got {op!r}")
+        raise UsageError(f"op must be one of {', '.join(_OPS)}; got {op!r}")
     plan = _plan(radius, mask.ndim)
     if out is None:
         out = np.empty(mask.shape, np.bool_)
     else:
         if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy array; got {type(out).__name__}")
+            raise InputTypeError(f"out must be a numpy array; got {type(out).__name__}")
         if out.shape != mask.shape or out.dtype != np.bool_ or not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError(f"out must be a writeable C-contiguous bool array of shape {mask.shape}; got "
+            raise ShapeError(f"out must be a writeable C-contiguous bool array of shape {mask.shape}; got "
                              f"{out.dtype} {out.shape} (C-contiguous: {out.flags.c_contiguous})")
         if np.shares_memory(out, mask):
-            raise ValueError("out must not overlap mask; pass a separate array")
+            raise ShapeError("out must not overlap mask; pass a separate array")
     if mask.size == 0:
         return out
     x = np.ascontiguousarray(mask) if mask.dtype.isnative else mask.astype(mask.dtype.newbyteorder("="))

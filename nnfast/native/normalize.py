@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nnfast.errors import PlanError, ShapeError
+
 from ._jit import register_warmup, serial
 
 __all__ = ["ct_normalize", "zscore_normalize", "masked_moments"]
@@ -42,9 +44,9 @@ def ct_normalize(image: np.ndarray, lower: float, upper: float, mean: float, std
     if out is None:
         out = np.empty(image.shape, np.float32)
     if out.shape != image.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {image.shape}, got {out.dtype} {out.shape}")
+        raise ShapeError(f"out must be a C-contiguous float32 array of shape {image.shape}, got {out.dtype} {out.shape}")
     if not np.isfinite([lower, upper, mean, std]).all():
-        raise ValueError(f"CT normalization needs finite statistics, got lower={lower}, upper={upper}, mean={mean}, std={std}")
+        raise PlanError(f"CT normalization needs finite statistics, got lower={lower}, upper={upper}, mean={mean}, std={std}")
     _ct_normalize(image, out, np.float32(lower), np.float32(upper), np.float32(mean), np.float32(max(std, 1e-8)))
     return out
 
@@ -95,7 +97,7 @@ def masked_moments(image: np.ndarray, mask: np.ndarray | None) -> tuple[int, flo
         return image.size, float(mean), float(std)
     mask = np.ascontiguousarray(mask, dtype=np.bool_)
     if mask.shape != image.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+        raise ShapeError(f"mask shape {mask.shape} differs from image shape {image.shape}")
     n, mean, std = _masked_moments(image, mask)
     return int(n), float(mean), float(std)
 
@@ -129,7 +131,7 @@ def zscore_normalize(image: np.ndarray, mask: np.ndarray | None, out: np.ndarray
     if out is None:
         out = np.empty(image.shape, np.float32)
     if out.shape != image.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {image.shape}")
+        raise ShapeError(f"out must be a C-contiguous float32 array of shape {image.shape}")
     n, mean, std = masked_moments(image, mask)
     if n == 0:
         out[...] = image

@@ -42,6 +42,8 @@ import math
 
 import numpy as np
 
+from nnfast.errors import InputTypeError, ShapeError, UsageError
+
 from ._jit import register_warmup, serial
 
 __all__ = ["resize_image", "resize_image_separate_z", "axis_taps", "nearest_indices", "check_new_shape"]
@@ -302,9 +304,9 @@ def axis_taps(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray
         Tap weights (scipy's exact arithmetic).
     """
     if order not in (0, 1, 3):
-        raise ValueError(f"order must be 0, 1 or 3; got {order}")
+        raise UsageError(f"order must be 0, 1 or 3; got {order}")
     if n_in < 1 or n_out < 1:
-        raise ValueError(f"axis sizes must be >= 1; got {n_in} -> {n_out}")
+        raise ShapeError(f"axis sizes must be >= 1; got {n_in} -> {n_out}")
     return _taps(int(n_in), int(n_out), int(order))
 
 
@@ -385,21 +387,21 @@ def check_new_shape(new_shape) -> tuple[int, int, int]:
     try:
         shape = tuple(int(s) for s in new_shape)
     except TypeError:
-        raise TypeError(f"new_shape must be a sequence of 3 ints; got {new_shape!r}") from None
+        raise InputTypeError(f"new_shape must be a sequence of 3 ints; got {new_shape!r}") from None
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"new_shape must be 3 positive sizes (x, y, z); got {tuple(new_shape)}")
+        raise ShapeError(f"new_shape must be 3 positive sizes (x, y, z); got {tuple(new_shape)}")
     return shape  # type: ignore[return-value]
 
 
 def _check_image(data, new_shape, name: str = "data") -> tuple[int, int, int]:
     if not isinstance(data, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array of shape (c, x, y, z); got {type(data).__name__}")
+        raise InputTypeError(f"{name} must be a numpy array of shape (c, x, y, z); got {type(data).__name__}")
     if data.ndim != 4:
-        raise ValueError(f"{name} must have shape (c, x, y, z) (4 axes); got shape {data.shape}")
+        raise ShapeError(f"{name} must have shape (c, x, y, z) (4 axes); got shape {data.shape}")
     if data.dtype not in (np.float32, np.float64):
-        raise ValueError(f"{name} must be float32 or float64 (cast images first); got {data.dtype}")
+        raise ShapeError(f"{name} must be float32 or float64 (cast images first); got {data.dtype}")
     if data.shape[0] < 1 or min(data.shape[1:]) < 1:
-        raise ValueError(f"{name} must have at least one channel and one voxel per axis; got shape {data.shape}")
+        raise ShapeError(f"{name} must have at least one channel and one voxel per axis; got shape {data.shape}")
     return check_new_shape(new_shape)
 
 
@@ -409,7 +411,7 @@ def _inter(precise: bool):
 
 def _check_order(order: int) -> int:
     if order not in (0, 1, 3):
-        raise ValueError(f"order must be 0, 1 or 3 (nnU-Net uses 3 for images, 1 for probabilities); got {order}")
+        raise UsageError(f"order must be 0, 1 or 3 (nnU-Net uses 3 for images, 1 for probabilities); got {order}")
     return int(order)
 
 
@@ -525,9 +527,9 @@ def resize_image_separate_z(data: np.ndarray, new_shape, axis: int, order: int =
     shape = _check_image(data, new_shape)
     order = _check_order(order)
     if axis not in (0, 1, 2):
-        raise ValueError(f"axis must be the spatial axis 0, 1 or 2 of (x, y, z); got {axis}")
+        raise UsageError(f"axis must be the spatial axis 0, 1 or 2 of (x, y, z); got {axis}")
     if order_z not in (0, 1):
-        raise ValueError(f"order_z must be 0 or 1; got {order_z}")
+        raise UsageError(f"order_z must be 0 or 1; got {order_z}")
     n_c = data.shape[0]
     in_shape = tuple(data.shape[1:])
     out = np.empty((n_c, *shape), np.float32)

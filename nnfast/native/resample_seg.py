@@ -30,6 +30,8 @@ import math
 
 import numpy as np
 
+from nnfast.errors import InputTypeError, LabelError, ShapeError, UsageError
+
 from ._jit import register_warmup, serial
 from .resample import check_new_shape
 
@@ -172,25 +174,25 @@ def label_taps(n_in: int, n_out: int, order: int = 1) -> tuple[np.ndarray, np.nd
     Returns ``idx`` (n_out, 2) int64, ``w`` (n_out, 2) float64 and the nearest index ``nn`` (n_out,) int64.
     """
     if order not in (0, 1):
-        raise ValueError(f"label resampling supports order 0 or 1; got {order}")
+        raise UsageError(f"label resampling supports order 0 or 1; got {order}")
     if n_in < 1 or n_out < 1:
-        raise ValueError(f"axis sizes must be >= 1; got {n_in} -> {n_out}")
+        raise ShapeError(f"axis sizes must be >= 1; got {n_in} -> {n_out}")
     return _linear_taps(int(n_in), int(n_out), int(order))
 
 
 def _check_seg(seg, new_shape, labels) -> tuple[np.ndarray, tuple[int, int, int]]:
     if not isinstance(seg, np.ndarray):
-        raise TypeError(f"seg must be a numpy array of shape (x, y, z) or (c, x, y, z); got {type(seg).__name__}")
+        raise InputTypeError(f"seg must be a numpy array of shape (x, y, z) or (c, x, y, z); got {type(seg).__name__}")
     if seg.ndim not in (3, 4):
-        raise ValueError(f"seg must have shape (x, y, z) or (c, x, y, z); got shape {seg.shape}")
+        raise ShapeError(f"seg must have shape (x, y, z) or (c, x, y, z); got shape {seg.shape}")
     if seg.dtype not in _LABEL_DTYPES:
-        raise ValueError(f"seg must be int8, int16, int32 or uint8 labels; got {seg.dtype} (cast label maps first)")
+        raise ShapeError(f"seg must be int8, int16, int32 or uint8 labels; got {seg.dtype} (cast label maps first)")
     shape = check_new_shape(new_shape)
     if labels is not None and seg.size:
         allowed = np.asarray(labels)
         if not np.isin(seg, allowed).all():
             extra = np.setdiff1d(np.unique(seg), allowed)
-            raise ValueError(f"seg holds values {extra.tolist()[:10]} that are not in labels {allowed.tolist()}")
+            raise LabelError(f"seg holds values {extra.tolist()[:10]} that are not in labels {allowed.tolist()}")
     return seg, shape  # type: ignore[return-value]
 
 
@@ -272,7 +274,7 @@ def resize_labels_separate_z(seg: np.ndarray, new_shape, axis: int, order: int =
     """
     seg, shape = _check_seg(seg, new_shape, labels)
     if axis not in (0, 1, 2):
-        raise ValueError(f"axis must be the spatial axis 0, 1 or 2 of (x, y, z); got {axis}")
+        raise UsageError(f"axis must be the spatial axis 0, 1 or 2 of (x, y, z); got {axis}")
     in_shape = seg.shape[-3:]
     taps = [label_taps(max(in_shape[a], 1), shape[a], order) for a in range(3)]
     taps[axis] = label_taps(max(in_shape[axis], 1), shape[axis], 0)  # nearest along z

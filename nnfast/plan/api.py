@@ -103,8 +103,11 @@ def plan_dataset(
         for w in report.warnings:
             log.warning("%s", w)
         if report.errors:
+            shown = "; ".join(p.format(info.root) for p in report.errors[:3])
+            more = f"; and {len(report.errors) - 3} more" if len(report.errors) > 3 else ""
             raise DatasetError(
-                f"dataset `{info.root}` failed verification with {len(report.errors)} error(s):\n{report.format()}"
+                f"dataset `{info.root}` failed verification with {len(report.errors)} error(s): {shown}{more}; "
+                f"`nnfast verify --task {task}` reports every problem with its case"
             )
         state["verified_signature"] = signature
         write_json_atomic(state_file, state)

@@ -280,8 +280,9 @@ def _validate(fingerprint: Fingerprint, dataset: DatasetInfo, gpu_memory_target_
                         f"{dataset.num_channels} ({dataset.channel_names}); re-extract the fingerprint")
     if not len(dataset.labels):
         raise PlanError(f"dataset.json of {dataset.name} declares no labels")
-    if not gpu_memory_target_in_gb > 0:
-        raise PlanError(f"gpu_memory_target_in_gb must be > 0, got {gpu_memory_target_in_gb}")
+    if not 0 < gpu_memory_target_in_gb < float("inf"):
+        raise PlanError(f"gpu_memory_target_in_gb (--gpu-memory-gb) must be a finite number > 0, got "
+                        f"{gpu_memory_target_in_gb}")
     if overwrite_target_spacing is not None:
         if len(overwrite_target_spacing) != 3 or not all(float(s) > 0 for s in overwrite_target_spacing):
             raise PlanError(f"overwrite_target_spacing must be 3 positive spacings in mm (reader axis order), got "

@@ -13,6 +13,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from ..errors import ShapeError
+
 __all__ = ["Topology", "get_pool_and_conv_props", "pad_shape", "get_shape_must_be_divisible_by"]
 
 
@@ -68,7 +70,7 @@ def pad_shape(shape: Sequence[float], must_be_divisible_by: int | Sequence[int])
     else:
         factors = [int(f) for f in must_be_divisible_by]
         if len(factors) != len(shape):
-            raise ValueError(f"pad_shape: must_be_divisible_by has {len(factors)} entries but shape {tuple(shape)} has "
+            raise ShapeError(f"pad_shape: must_be_divisible_by has {len(factors)} entries but shape {tuple(shape)} has "
                              f"{len(shape)} axes")
     out = []
     for s, f in zip(map(_py_number, shape), factors):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from typing import Protocol, Sequence
 
+from ..errors import PlanError
+
 __all__ = ["compute_conv_feature_map_size"]
 
 
@@ -72,15 +74,15 @@ def compute_conv_feature_map_size(
     n_conv_dec = [int(n) for n in architecture.n_conv_per_stage_decoder]
     n_stages = len(strides)
     if not (len(features) == len(n_conv) == n_stages and len(n_conv_dec) == n_stages - 1):
-        raise ValueError(
+        raise PlanError(
             f"architecture has {n_stages} strides, {len(features)} features_per_stage, {len(n_conv)} n_conv_per_stage "
             f"and {len(n_conv_dec)} n_conv_per_stage_decoder; expected n, n, n and n - 1"
         )
     size = [int(p) for p in patch_size]
     if any(len(s) != len(size) for s in strides):
-        raise ValueError(f"patch_size {tuple(size)} has {len(size)} axes but the strides are {strides}")
+        raise PlanError(f"patch_size {tuple(size)} has {len(size)} axes but the strides are {strides}")
     if num_input_channels < 1 or num_classes < 1:
-        raise ValueError(f"need at least one input channel and one class, got {num_input_channels} and {num_classes}")
+        raise PlanError(f"need at least one input channel and one class, got {num_input_channels} and {num_classes}")
 
     # spatial size of every encoder stage's output
     stage_voxels = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from nnfast.errors import ShapeError
 from nnfast.native.crop import label_outside_mask, nonzero_mask_and_bbox, seg_from_mask
 
 __all__ = ["crop_to_nonzero"]
@@ -49,10 +50,10 @@ def crop_to_nonzero(
     """
     if not isinstance(data, np.ndarray) or data.ndim != 4:
         got = data.shape if isinstance(data, np.ndarray) else type(data).__name__
-        raise ValueError(f"crop_to_nonzero: data must be an array of shape (c, x, y, z); got {got}")
+        raise ShapeError(f"crop_to_nonzero: data must be an array of shape (c, x, y, z); got {got}")
     if seg is not None and (not isinstance(seg, np.ndarray) or seg.ndim != 4 or seg.shape[1:] != data.shape[1:]):
         got = seg.shape if isinstance(seg, np.ndarray) else type(seg).__name__
-        raise ValueError(f"crop_to_nonzero: seg must have shape (k, {', '.join(map(str, data.shape[1:]))}) to match "
+        raise ShapeError(f"crop_to_nonzero: seg must have shape (k, {', '.join(map(str, data.shape[1:]))}) to match "
                          f"data {data.shape}; got {got}")
     mask, bbox = nonzero_mask_and_bbox(data)
     slicer = tuple(slice(start, end) for start, end in bbox)

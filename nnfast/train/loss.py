@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PlanError
+from ..errors import ConfigError, InputTypeError, PlanError, ShapeError
 from ..plan.schema import ConfigurationPlan
 from .ddp import AllGatherGrad, is_distributed
 
@@ -163,7 +163,7 @@ class DiceCELoss(nn.Module):
         """Loss of ``logits`` ``(b, c, *spatial)`` against the label map ``target`` ``(b, 1, *spatial)``."""
         target = _label_map(target, logits.ndim)
         if target.shape[1] != 1:
-            raise ValueError(f"DiceCELoss needs a label map of shape (b, 1, *spatial), got {tuple(target.shape)}")
+            raise ShapeError(f"DiceCELoss needs a label map of shape (b, 1, *spatial), got {tuple(target.shape)}")
         labels = target[:, 0].long()
         # one log-softmax feeds both terms (nnU-Net runs softmax and log-softmax separately): p = exp(log p)
         log_p = torch.log_softmax(logits, 1)
@@ -210,7 +210,7 @@ def deep_supervision_weights(n_outputs: int, lowest_weight: float = 0.0) -> list
     With a single output (a 2-stage network) its weight stays 1: nnU-Net would zero it and divide by zero.
     """
     if n_outputs < 1:
-        raise ValueError(f"deep supervision needs at least one output, got n_outputs={n_outputs}")
+        raise ConfigError(f"deep supervision needs at least one output, got n_outputs={n_outputs}")
     w = np.array([1.0 / 2 ** i for i in range(n_outputs)])
     if n_outputs > 1:
         w[-1] = lowest_weight
@@ -232,17 +232,18 @@ class DeepSupervisionLoss(nn.Module):
     def __init__(self, loss: nn.Module, weights: Sequence[float]) -> None:
         super().__init__()
         if not any(w != 0 for w in weights):
-            raise ValueError(f"at least one deep-supervision weight must be non-zero, got {list(weights)}")
+            raise ConfigError(f"at least one deep-supervision weight must be non-zero, got {list(weights)}")
         self.loss = loss
         self.weights = tuple(float(w) for w in weights)
 
     def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
         """``outputs`` / ``targets``: lists (highest resolution first) of equal length ``len(weights)``."""
         if not isinstance(outputs, (list, tuple)) or not isinstance(targets, (list, tuple)):
-            raise TypeError(f"deep supervision needs lists of outputs and targets, got {type(outputs).__name__} and "
-                            f"{type(targets).__name__}; switch deep supervision on in the network and the loader")
+            raise InputTypeError(f"deep supervision needs lists of outputs and targets, got {type(outputs).__name__} "
+                                 f"and {type(targets).__name__}; switch deep supervision on in the network and the "
+                                 "loader")
         if len(outputs) != len(self.weights) or len(targets) != len(self.weights):
-            raise ValueError(f"deep supervision expects {len(self.weights)} outputs and targets, got "
+            raise ShapeError(f"deep supervision expects {len(self.weights)} outputs and targets, got "
                              f"{len(outputs)} outputs and {len(targets)} targets")
         total = None
         for w, o, t in zip(self.weights, outputs, targets):

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch
 
+from ..errors import ConfigError
 from .config import TrainConfig
 
 __all__ = ["build_optimizer", "poly_lr", "PolyLRScheduler"]
@@ -24,7 +25,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict[str, An
 
 def _poly(step: int, initial_lr: float, max_steps: int, exponent: float) -> float:
     if not 0 <= step <= max_steps:
-        raise ValueError(f"poly learning rate: step {step} is outside [0, {max_steps}]")
+        raise ConfigError(f"poly learning rate: step {step} is outside [0, {max_steps}]")
     return initial_lr * (1 - step / max_steps) ** exponent
 
 

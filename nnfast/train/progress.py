@@ -138,7 +138,15 @@ def plot_progress(history: TrainingHistory, path: Path | str) -> None:
     """Draw nnU-Net's ``progress.png``: losses with pseudo-Dice and its EMA, epoch time, learning rate.
 
     Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch); written atomically.
+
+    Raises
+    ------
+    MissingDependencyError
+        matplotlib is not installed (``pip install "nnfast[plot]"``).
     """
+    from ..extras import require
+
+    require("matplotlib", "drawing progress.png")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

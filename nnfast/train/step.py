@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError, UsageError
 from .config import AmpMode, CompileMode
 
 __all__ = [
@@ -53,7 +54,7 @@ def resolve_amp(mode: AmpMode, device: torch.device | str) -> torch.dtype | None
     """
     device = torch.device(device)
     if mode not in ("auto", "fp16", "bf16", "off"):
-        raise ValueError(f"amp mode must be 'auto', 'fp16', 'bf16' or 'off', got {mode!r}")
+        raise ConfigError(f"amp mode must be 'auto', 'fp16', 'bf16' or 'off', got {mode!r}")
     if mode == "off" or device.type != "cuda":
         return None
     return torch.bfloat16 if mode == "bf16" else torch.float16
@@ -71,7 +72,7 @@ def resolve_compile(mode: CompileMode, device: torch.device | str) -> bool:
     on Windows; off on CPU and MPS). ``on`` forces it (except on MPS, where torch.compile does not work)."""
     device = torch.device(device)
     if mode not in ("auto", "on", "off"):
-        raise ValueError(f"compile mode must be 'auto', 'on' or 'off', got {mode!r}")
+        raise ConfigError(f"compile mode must be 'auto', 'on' or 'off', got {mode!r}")
     if mode == "off" or device.type == "mps":
         return False
     if mode == "on":
@@ -204,7 +205,7 @@ def summarize_validation(results: Sequence[ValidationResult]) -> tuple[float, np
     """Epoch summary of validation batches: mean loss, global per-class pseudo-Dice (counts summed over all
     batches first) and their NaN-ignoring mean (nnU-Net's ``mean_fg_dice``; NaN if every class is NaN)."""
     if not results:
-        raise ValueError("no validation results to summarise")
+        raise UsageError("no validation results to summarise")
     loss = float(torch.stack([r.loss for r in results]).mean())
     tp = torch.stack([r.tp for r in results]).sum(0)
     fp = torch.stack([r.fp for r in results]).sum(0)

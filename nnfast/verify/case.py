@@ -2,9 +2,10 @@
 
 Per case: every declared channel file and the label file exist; no file is truncated/corrupt; images are 3D
 (one volume per channel file), finite and not all zero (NaN/inf stored in a float NIfTI file are read as 0 by
-SimpleITK, whose libnifti zeroes them: such files are scanned raw, only when the array read holds a 0, and reported
-as a warning for images and an error for labels); channels share shape, spacing, origin and direction; the
-label is a 3D integer map whose values are non-negative and declared; it shares the image grid; it has foreground.
+SimpleITK, whose libnifti zeroes them, which hides a corrupt scan: such files are scanned raw, only when the array
+read holds a 0, and reported as an error naming the file and the count of non-finite voxels, for images as for
+labels); channels share shape, spacing, origin and direction; the label is a 3D integer map whose values are
+non-negative and declared; it shares the image grid; it has foreground.
 
 Tolerances: spacing is compared with ``np.allclose`` defaults, as nnU-Net's ``verify_dataset_integrity``; origin
 and direction with ``rtol = atol = 1e-4`` (mm for origins). nnU-Net only warns about origin/direction differences
@@ -144,8 +145,9 @@ def _check_image_values(data: np.ndarray, path: str, task: CaseTask, problems: l
             s_nan, s_inf = _stored_nonfinite(data, path)
             if s_nan or s_inf:
                 _err(problems, task, path, "image file stores non-finite values", "finite values (SimpleITK, "
-                     "and so nnU-Net and nnfast, read NaN/inf in NIfTI files as 0; check that 0 is right there)",
-                     f"{s_nan} NaN and {s_inf} inf voxel(s)", severity="warning")
+                     "and so nnU-Net and nnfast, read NaN/inf in NIfTI files as 0, which hides a corrupt scan; "
+                     "replace them with a sensible value, e.g. the background intensity)",
+                     f"{s_nan} NaN and {s_inf} inf voxel(s)")
     if lo is None:
         lo, hi = data.min(), data.max()
     if lo == 0 and hi == 0:

@@ -1,6 +1,6 @@
 """Verify a raw dataset before anything else touches it, collecting every problem into one report.
 
-Reproduces and extends nnU-Net v2's ``verify_dataset_integrity`` (reference §1.0, §2.8). nnU-Net stops at the
+Reproduces and extends nnU-Net v2's ``verify_dataset_integrity``. nnU-Net stops at the
 first failing assertion, prints, and only warns about origin/direction; :func:`verify_dataset` never stops early
 and returns a :class:`~nnfast.verify.report.VerifyReport` with one :class:`~nnfast.verify.report.Problem` per
 finding (case, file, expected, found).

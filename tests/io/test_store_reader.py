@@ -244,6 +244,7 @@ def test_numcodecs_decode_path_equals_direct_path(stores, monkeypatch):
     import nnfast.io.store_reader as store_reader
 
     assert store_reader._BLOSC_DECOMPRESS_CTX is not None  # the fast path is what the other tests exercised
+    assert store_reader._decompress_ctx() is not None  # loaded on first use, not at import
     monkeypatch.setattr(store_reader, "_BLOSC_DECOMPRESS_CTX", None)
     path = stores["multichannel_int8"]
     reader = CaseReader(path)
@@ -327,3 +328,15 @@ def test_fork_safe(stores):
     for bbox, (img, seg) in zip(boxes, results):
         np.testing.assert_array_equal(img, reference(path, "image", bbox, 0))
         np.testing.assert_array_equal(seg, reference(path, "seg", bbox, -1))
+
+
+def test_blosc_library_is_loaded_on_first_use_not_at_import():
+    import subprocess
+    import sys
+
+    code = ("import nnfast.io.store_reader as r\n"
+            "assert r._BLOSC_DECOMPRESS_CTX is r._UNLOADED\n"
+            "ctx = r._decompress_ctx()\n"
+            "assert ctx is not r._UNLOADED and r._decompress_ctx() is ctx\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from nnfast.plan.topology import Topology, get_pool_and_conv_props, get_shape_must_be_divisible_by, pad_shape
 
-# documented examples (reference §1.3, computed with nnU-Net's function; Hippocampus in explanation_plans_files.md)
+# examples computed with nnU-Net's get_pool_and_conv_props
 EXAMPLES = [
     ((1.0, 1.0, 1.0), (36, 50, 35), (3, 3, 3), (40, 56, 40)),
     ((2.5, 0.8, 0.8), (96, 160, 160), (4, 5, 5), (96, 160, 160)),

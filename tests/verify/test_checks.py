@@ -336,13 +336,13 @@ def test_non_finite_image_nrrd_is_an_error(tmp_path, bad):
     assert p.case == "c1" and ("1 NaN" in p.found if np.isnan(bad) else "1 inf" in p.found)
 
 
-def test_non_finite_stored_in_nifti_is_a_warning(ds):
+def test_non_finite_stored_in_nifti_is_an_error(ds):
     img = image().astype(np.float32)
     img[1, 2, 3] = np.nan
     img[2, 2, 3:5] = (np.inf, -np.inf)
     f = write(img, ds / "imagesTr" / "c1_0000.nii.gz")
     assert not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(f)))).any()  # SimpleITK reads NaN as 0
-    p = only(verify_dataset(ds), "stores non-finite", severity="warning")
+    p = only(verify_dataset(ds), "stores non-finite")
     assert p.case == "c1" and p.file == f and p.found == "1 NaN and 2 inf voxel(s)"
 
 
