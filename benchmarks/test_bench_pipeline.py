@@ -8,7 +8,6 @@
 Peak memory is the summed RSS of the process tree, sampled every 50 ms; recorded in ``extra_info``.
 """
 import shutil
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 

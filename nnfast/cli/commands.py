@@ -198,7 +198,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = train(task_id, settings, "3d_fullres", fold=0, train_config=cfg, device="cpu", num_workers=0,
                    final_validation=validate_fold)
     if result.validation is not None:
-        print(f"      held-out validation cases of fold 0 (sliding window + mirroring, original geometry):")
+        print("      held-out validation cases of fold 0 (sliding window + mirroring, original geometry):")
         print("      " + result.validation.format().replace("\n", "\n      "))
     else:
         print(f"      final validation skipped: {result.validation_skipped}")

@@ -12,7 +12,7 @@ import torch
 from nnfast.plan.planner import write_plans
 from nnfast.plan.schema import Architecture, InheritedConfiguration
 
-from train._plans import LABELS, synthetic_plans
+from train._plans import synthetic_plans
 
 torch.set_num_threads(1)  # OpenMP barriers collapse on a loaded 2-core machine
 

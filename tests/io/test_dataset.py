@@ -4,7 +4,7 @@ import pytest
 
 from factories import make_raw_dataset
 from nnfast.errors import DatasetError
-from nnfast.io.dataset import dataset_json_problems, list_training_cases, load_dataset, load_dataset_json
+from nnfast.io.dataset import dataset_json_problems, load_dataset, load_dataset_json
 
 GOOD = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 2, "file_ending": ".nii.gz"}
 

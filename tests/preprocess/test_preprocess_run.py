@@ -4,13 +4,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from factories import make_raw_dataset
-from nnfast.io.store import is_complete, load_case
+from nnfast.io.store import load_case
 from nnfast.preprocess.api import preprocess_dataset
 from nnfast.settings import Settings
 
