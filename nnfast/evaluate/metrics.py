@@ -227,10 +227,11 @@ def compute_metrics(pred: np.ndarray, ref: np.ndarray, labels_or_regions: Sequen
     """
     labels = EvaluationLabels.from_labels(labels_or_regions, ignore_label)
     counts = count_matrix(pred, ref, labels)
-    return {t: _plain(counts_to_metrics(counts[k])) for k, t in enumerate(labels.targets)}
+    return {t: plain_metrics(counts_to_metrics(counts[k])) for k, t in enumerate(labels.targets)}
 
 
-def _plain(d: dict) -> dict:
+def plain_metrics(d: dict) -> dict:
+    """Metric values as plain Python ``float``/``int`` (JSON-ready); NumPy scalars converted."""
     return {k: (float(v) if isinstance(v, (float, np.floating)) else int(v)) for k, v in d.items()}
 
 
@@ -296,12 +297,12 @@ class Summary:
             per_case.append({
                 "reference_file": self.reference_files[i],
                 "prediction_file": self.prediction_files[i],
-                "metrics": {label_key(t): _plain(m) for t, m in self._per_case[i].items()},
+                "metrics": {label_key(t): plain_metrics(m) for t, m in self._per_case[i].items()},
             })
         return {
             "metric_per_case": per_case,
-            "mean": {label_key(t): _plain(m) for t, m in self._mean.items()},
-            "foreground_mean": _plain(self._fg),
+            "mean": {label_key(t): plain_metrics(m) for t, m in self._mean.items()},
+            "foreground_mean": plain_metrics(self._fg),
             "schema_version": SUMMARY_SCHEMA_VERSION,
             "nnfast_version": __version__,
         }

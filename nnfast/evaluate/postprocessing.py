@@ -229,10 +229,10 @@ class PostprocessingPlan:
 
 
 def _means(summary: Summary) -> dict:
-    from .metrics import _plain
+    from .metrics import plain_metrics
 
-    return {"foreground_mean": _plain(summary.foreground_mean),
-            "mean": {label_key(t): _plain(m) for t, m in summary.mean.items()}}
+    return {"foreground_mean": plain_metrics(summary.foreground_mean),
+            "mean": {label_key(t): plain_metrics(m) for t, m in summary.mean.items()}}
 
 
 # --------------------------------------------------------------------------------------------- per case

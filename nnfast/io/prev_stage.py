@@ -31,7 +31,7 @@ from ..errors import StoreError
 from .atomic import temporary_sibling
 from .store import DEFAULT_CHUNK_NBYTES, STORE_SUFFIX, blosc_codec, chunk_layout, install_store, jsonable, \
     read_group_attrs, remove_tree, seg_dtype, write_sharded
-from .store_reader import CaseReader, _open_array, parse_bbox
+from .store_reader import CaseReader, open_array, parse_bbox
 
 __all__ = ["PREVIOUS_STAGE_KIND", "PREVIOUS_STAGE_SCHEMA_VERSION", "write_previous_stage",
            "read_previous_stage_metadata", "previous_stage_complete", "missing_previous_stage",
@@ -163,7 +163,7 @@ class PreviousStageReader:
     def open(self) -> "PreviousStageReader":
         if self._seg is None:
             read_previous_stage_metadata(self.path)
-            seg = _open_array(self.path / "seg", False)
+            seg = open_array(self.path / "seg", False)
             if len(seg.shape) != 4 or seg.shape[0] != 1:
                 seg.close()
                 raise StoreError(f"`{self.path}`: seg must be (1, x, y, z), got {seg.shape}")

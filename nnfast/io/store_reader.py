@@ -33,7 +33,7 @@ from numcodecs.blosc import decompress as _decompress
 from ..errors import StoreError
 from .store import read_case_metadata
 
-__all__ = ["CaseReader"]
+__all__ = ["CaseReader", "open_array", "parse_bbox"]
 
 _MISSING = (1 << 64) - 1
 _BLOSC_HEADER = struct.Struct("<I4xI")  # blosc1 header from byte 4: nbytes, (blocksize), cbytes
@@ -354,7 +354,9 @@ class _ZarrArray:
         pass
 
 
-def _open_array(array_dir: Path, force_zarr: bool):
+def open_array(array_dir: Path, force_zarr: bool):
+    """A read-only array of a store (``image``/``seg`` folder): the lean reader, or zarr-python when ``force_zarr`` or
+    when the lean reader cannot read the layout."""
     if not force_zarr:
         try:
             return _LeanArray(array_dir)
@@ -417,9 +419,9 @@ class CaseReader:
         """Parse metadata and shard indexes now (otherwise done on first use)."""
         if self._image is None:
             meta = read_case_metadata(self.path)
-            image = _open_array(self.path / "image", self.force_zarr)
+            image = open_array(self.path / "image", self.force_zarr)
             try:
-                seg = _open_array(self.path / "seg", self.force_zarr)
+                seg = open_array(self.path / "seg", self.force_zarr)
             except BaseException:
                 image.close()
                 raise
