@@ -2,7 +2,7 @@
 
 One column per evaluated label (or region): a dot per case at its Dice (the colour of the label in the overlay
 pictures, :data:`nnfast.visualize.overlay.PALETTE`), a box of the cases' Dice (median, quartiles, whiskers at 1.5
-IQR), the mean as a black bar, and the ``worst`` lowest cases named beside their dots. Cases where the label is
+IQR), the mean as a black triangle, and the ``worst`` lowest cases below the median named beside their dots. Cases where the label is
 absent from both reference and prediction have no Dice (NaN, nnU-Net's rule); their count is written under the
 column. The title gives the number of cases and the foreground mean Dice (the number ``find-best`` ranks by).
 
@@ -52,7 +52,7 @@ def plot_summary(summary, path: Path | str, *, worst: int = 3) -> Path:
     n_cases = len(summary.case_ids)
     dice = np.array([[float(summary.metric_per_case[i][t]["Dice"]) for t in targets] for i in range(n_cases)],
                     dtype=np.float64).reshape(n_cases, len(targets))
-    fig_w = max(5.0, 1.6 * len(targets) + 2.0)
+    fig_w = max(6.0, 1.6 * len(targets) + 2.0)
     fig = Figure(figsize=(fig_w, 5.0), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -68,8 +68,9 @@ def plot_summary(summary, path: Path | str, *, worst: int = 3) -> Path:
                        whiskerprops=dict(color="0.3"), capprops=dict(color="0.3"))
             x = k + rng.uniform(-0.15, 0.15, ok.sum())
             ax.scatter(x, col[ok], s=22, color=color, edgecolors="black", linewidths=0.4, zorder=3)
-            ax.hlines(float(np.mean(col[ok])), k - 0.3, k + 0.3, colors="black", linewidth=1.5, zorder=4)
-            order = np.argsort(col[ok], kind="stable")[:max(0, worst)]
+            ax.scatter([k + 0.33], [float(np.mean(col[ok]))], marker="<", s=40, color="black", zorder=4)
+            below = col[ok] < np.median(col[ok])  # only cases below the median are named (no pile at Dice 1)
+            order = [j for j in np.argsort(col[ok], kind="stable")[:max(0, worst)] if below[j]]
             ids = np.asarray(summary.case_ids)[ok]
             for j in order:
                 ax.annotate(str(ids[j]), (x[j], col[ok][j]), xytext=(6, -3), textcoords="offset points",
@@ -89,7 +90,7 @@ def plot_summary(summary, path: Path | str, *, worst: int = 3) -> Path:
     fg = summary.foreground_mean.get("Dice", float("nan"))
     fg_text = "n/a" if fg is None or math.isnan(fg) else f"{fg:.4f}"
     ax.set_title(f"Dice per case and label: {n_cases} case(s), foreground mean Dice {fg_text}\n"
-                 f"(dots: cases, box: quartiles, bar: mean; the {worst} lowest named)", fontsize=10)
+                 f"(dots: cases, box: quartiles, \u25c0: mean; lowest cases named)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
