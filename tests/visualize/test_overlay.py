@@ -204,3 +204,22 @@ def test_help_imports_no_matplotlib():
             "assert 'matplotlib' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_preprocessed_store_as_source(ct_dataset, tmp_path):
+    from nnfast.io.store import load_case
+    from nnfast.preprocess.api import preprocess_dataset
+
+    preprocess_dataset(1, ct_dataset, config="3d_fullres", workers=1, verify=False)
+    stores = sorted((ct_dataset.preprocessed / "Dataset001_CT").glob("*/case_000.zarr"))
+    assert len(stores) == 1
+    image, seg, props, _ = load_case(stores[0])
+    back = np.argsort(props["transpose_forward"])
+    seg = np.where(seg[0] < 0, 0, seg[0]).transpose(back)  # reader order, as the picture shows it
+    report = overlay_dataset(1, ct_dataset, tmp_path / "out", source="3d_fullres", cases=["case_000", "case_001"])
+    res = {r.case_id: r for r in report.results}
+    assert not report.failed and not res["case_000"].problems
+    (panel,) = res["case_000"].panels
+    assert panel.found and panel.shape == seg.shape[1:]
+    assert _outline_colour_fraction(_png(res["case_000"]), panel, _slice(seg, panel) == 1, np.array(PALETTE[0])) > 0.95
+    assert not res["case_001"].panels[0].found
