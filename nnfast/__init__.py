@@ -18,6 +18,8 @@ Map of the package (one subpackage per pipeline stage):
                           3d_lowres, the cascade), checkpoints, DDP.
 - ``nnfast.infer``        sliding-window prediction, export to the original geometry, model loading.
 - ``nnfast.evaluate``     metrics, postprocessing, ensembling, choosing the best configuration.
+- ``nnfast.visualize``    pictures: per-case overlays of image, reference and prediction (``nnfast overlay``), the
+                          evaluation's ``summary.png``; matplotlib imported only when drawing.
 - ``nnfast.parallel``     per-case task execution: spawn pools with dead-worker detection, dask.distributed.
 - ``nnfast.cli``          the ``nnfast`` command.
 """

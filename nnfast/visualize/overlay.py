@@ -22,6 +22,7 @@ matplotlib's Agg canvas is used directly (no pyplot, no global backend switch), 
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -247,11 +248,12 @@ def render_case(
                 break
     lo, hi = window
 
-    problems = list(problems)
+    fig_w = _PANEL_IN * len(views) + 0.2
+    problems = [line for p in problems for line in textwrap.wrap(p, width=int(fig_w * 14))]
     legend_rows = math.ceil((len(targets) + 1) / 4)
     title_lines = 2 + len(problems)
     top_in, bottom_in = 0.28 * title_lines + 0.35, 0.3 * legend_rows + 0.2
-    fig_w, fig_h = _PANEL_IN * len(views) + 0.2, _PANEL_IN + top_in + bottom_in
+    fig_h = _PANEL_IN + top_in + bottom_in
     fig = Figure(figsize=(fig_w, fig_h), dpi=_DPI)
     FigureCanvasAgg(fig)
     fig.subplots_adjust(left=0.1 / fig_w, right=1 - 0.1 / fig_w, top=1 - top_in / fig_h, bottom=bottom_in / fig_h,
@@ -292,8 +294,8 @@ def render_case(
     fig.text(0.5, 1 - 0.42 / fig_h, subtitle + f"; window [{lo:.4g}, {hi:.4g}]", ha="center", va="top", fontsize=9)
     for i, p in enumerate(problems):
         fig.text(0.5, 1 - (0.70 + 0.28 * i) / fig_h, p, ha="center", va="top", fontsize=9, color="#c00000")
-    handles = [Patch(facecolor=[c / 255 for c in t.color], edgecolor="black", label=f"{t.name} ({label_key(t.key)})")
-               for t in targets]
+    handles = [Patch(facecolor=[c / 255 for c in t.color], edgecolor="black",
+                     label=f"{t.name} ({', '.join(map(str, t.members))})") for t in targets]
     shown = [s for s in (reference, prediction) if s is not None]
     if any(np.any(~np.isin(s, declared)) for s in shown):
         handles.append(Patch(facecolor=[c / 255 for c in UNDECLARED_COLOR], edgecolor="black",
