@@ -170,9 +170,23 @@ def test_bad_input_is_named_and_the_run_goes_on(ct_dataset, tmp_path, caplog):
     assert main(args + [str(tmp_path / "cli2"), "--cases", "case_002"]) == 2
 
 
-def test_workers_draw_the_same_pictures(ct_dataset, tmp_path):
+def test_tasks_travel_to_worker_processes(ct_dataset, tmp_path, monkeypatch):
+    """What ``--workers`` sends to a spawned worker: every task pickles and draws the same picture once unpickled
+    (a real pool is started by nnfast.parallel's own tests; here it would only add seconds)."""
+    import pickle
+
+    import nnfast.parallel
+
+    sent = []
+
+    def fake_run_tasks(func, items, **kwargs):
+        assert kwargs["workers"] == 2 and kwargs["warmup"] is False
+        sent.extend(items)
+        return [func(pickle.loads(pickle.dumps(t))) for t in items]
+
+    monkeypatch.setattr(nnfast.parallel, "run_tasks", fake_run_tasks)
     report = overlay_dataset(1, ct_dataset, tmp_path / "out", workers=2)
-    assert len(report.written) == 3
+    assert len(sent) == 3 and len(report.written) == 3
     assert all(p.suffix == ".png" for p in (tmp_path / "out").iterdir())
 
 
