@@ -227,7 +227,7 @@ def test_preprocessed_store_as_source(ct_dataset, tmp_path):
     preprocess_dataset(1, ct_dataset, config="3d_fullres", workers=1, verify=False)
     stores = sorted((ct_dataset.preprocessed / "Dataset001_CT").glob("*/case_000.zarr"))
     assert len(stores) == 1
-    image, seg, props, _ = load_case(stores[0])
+    _, seg, props, _ = load_case(stores[0])
     back = np.argsort(props["transpose_forward"])
     seg = np.where(seg[0] < 0, 0, seg[0]).transpose(back)  # reader order, as the picture shows it
     report = overlay_dataset(1, ct_dataset, tmp_path / "out", source="3d_fullres", cases=["case_000", "case_001"])
