@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import GeometryError
 from ..labels import LabelManager, LabelOrRegion, label_key
 
 __all__ = ["PALETTE", "UNDECLARED_COLOR", "FILL_ALPHA", "VIEWS", "Target", "label_targets", "choose_slice",
@@ -222,6 +223,11 @@ def render_case(
     Returns
     -------
     OverlayPicture
+
+    Raises
+    ------
+    GeometryError
+        ``image`` is not 3D.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -231,7 +237,7 @@ def render_case(
 
     image = np.asarray(image)
     if image.ndim != 3:
-        raise ValueError(f"render_case expects a (z, y, x) volume, got shape {image.shape}")
+        raise GeometryError(f"an overlay needs one (z, y, x) volume, got shape {image.shape}")
     views = [v for v in views if v in _VIEW_AXIS] or ["axial"]
     if image.shape[0] == 1:
         views = ["axial"]
