@@ -36,6 +36,9 @@ def test_evaluate_writes_summary_png(tmp_path, capsys):
     png = imread(png_file)
     assert png.shape[0] >= 400 and png.shape[1] >= 500
     assert _has_colour(png, PALETTE[0]) > 20 and _has_colour(png, PALETTE[1]) > 20  # the dots of both labels
+    # evaluating the folder again without a file ending does not take summary.png for a prediction
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--labels", "1", "2", "-q"]) == 0
+    assert len(json.loads((pred / "summary.json").read_text())["metric_per_case"]) == 4
     # -o elsewhere: the picture follows the summary file
     assert main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--dataset-json",
                  str(tmp_path / "dataset.json"), "-o", str(tmp_path / "res" / "cv.json"), "-q"]) == 0
