@@ -18,6 +18,8 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.infer``        sliding-window prediction, export to the original geometry, model loading, the final
                           validation of a trained fold.
 - ``nnfast.evaluate``     metrics, postprocessing, ensembling, choosing the best configuration.
+- ``nnfast.visualize``    pictures: per-case overlays of image, reference and prediction (``nnfast overlay``), the
+                          evaluation's ``summary.png``; matplotlib imported only when drawing.
 - ``nnfast.cli``          the ``nnfast`` command.
 
 Shared by the stages (one owner each):

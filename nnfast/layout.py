@@ -32,7 +32,7 @@ from .errors import CaseNotFoundError, SettingsError
 
 __all__ = [
     "TRAINER_NAME", "PLANS_IDENTIFIER", "DATA_IDENTIFIER_PREFIX", "DATASET_JSON", "FINGERPRINT_FILE",
-    "SPLITS_FILE", "GT_FOLDER", "VALIDATION_FOLDER", "SUMMARY_FILE", "NEXT_STAGE_FOLDER", "CHECKPOINT_NAMES", "Fold",
+    "SPLITS_FILE", "GT_FOLDER", "VALIDATION_FOLDER", "SUMMARY_FILE", "SUMMARY_PICTURE", "NEXT_STAGE_FOLDER", "CHECKPOINT_NAMES", "Fold",
     "check_fold", "fold_name", "parse_fold_name", "plans_file_name", "data_identifier", "case_store_folder",
     "trainer_folder_name",
     "trainer_folder", "fold_folder", "checkpoint_file", "validation_folder", "next_stage_folder",
@@ -50,6 +50,7 @@ GT_FOLDER = "gt_segmentations"
 VALIDATION_FOLDER = "validation"
 #: nnU-Net's metrics file (``nnfast evaluate``'s default output, ``validation/summary.json``)
 SUMMARY_FILE = "summary.json"
+SUMMARY_PICTURE = "summary.png"  # the evaluation's picture beside SUMMARY_FILE
 NEXT_STAGE_FOLDER = "predicted_next_stage"
 CHECKPOINT_NAMES = ("checkpoint_latest", "checkpoint_best", "checkpoint_final")
 

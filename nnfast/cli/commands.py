@@ -141,6 +141,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..convert.msd import convert_msd
+    from ..layout import SUMMARY_PICTURE, VALIDATION_FOLDER
     from ..plan.api import plan_dataset
     from ..settings import Settings, dataset_folder_name
     from ..synth import synthesize_msd
@@ -200,6 +201,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if result.validation is not None:
         print("      held-out validation cases of fold 0 (sliding window + mirroring, original geometry):")
         print("      " + result.validation.format().replace("\n", "\n      "))
+        pictures = _demo_pictures(task_id, settings, result, root / "overlays", args.workers)
+        if pictures is not None:
+            print(f"      pictures: {pictures} (held-out cases: reference outlined, prediction filled), "
+                  f"{result.output_folder / VALIDATION_FOLDER / SUMMARY_PICTURE}")
     else:
         print(f"      final validation skipped: {result.validation_skipped}")
     out = root / "predictions"
@@ -212,6 +217,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s{dice_text}")
     print(f"data in {root}; training curves in {result.output_folder / 'progress.png'}")
     return 0
+
+
+def _demo_pictures(task_id: int, settings, result, folder: Path, workers: int) -> Path | None:
+    """``nnfast overlay`` of the demo's held-out cases with their validation predictions, and the validation's
+    ``summary.png``; None without matplotlib."""
+    from ..layout import SUMMARY_PICTURE, VALIDATION_FOLDER
+    from ..visualize.api import overlay_dataset
+    from ..visualize.summary_plot import plot_summary
+
+    try:
+        overlay_dataset(task_id, settings, folder, cases=list(result.validation.case_ids),
+                        pred_dir=result.output_folder / VALIDATION_FOLDER, workers=workers)
+        plot_summary(result.validation, result.output_folder / VALIDATION_FOLDER / SUMMARY_PICTURE)
+    except ImportError as e:  # matplotlib is an optional extra
+        print(f"      pictures not drawn ({e}); install matplotlib for them")
+        return None
+    return folder
 
 
 # small cases, and plans for a small GPU memory budget (a small patch, 4 stages), keep the demo's CPU training to minutes
@@ -357,10 +379,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with progress_bar("evaluate", args.quiet) as prog:
         summary = evaluate_folder(Path(args.pred), Path(args.ref), labels, args.workers,
                                   ignore_label=args.ignore_label, output_file=output, progress=prog)
+    picture = _summary_picture(summary, output)
     if not args.quiet:
         print(summary.format())
-        print(f"written to {output}")
+        print(f"written to {output}" + (f" and {picture}" if picture else ""))
     return 0
+
+
+def _summary_picture(summary, summary_file: Path) -> Path | None:
+    """Draw ``summary.png`` beside the summary file; a missing matplotlib costs the picture only."""
+    from ..visualize.summary_plot import plot_summary, summary_plot_path
+
+    try:
+        return plot_summary(summary, summary_plot_path(summary_file))
+    except ImportError as e:  # matplotlib is an optional extra
+        print(f"nnfast evaluate: summary.png not drawn ({e}); install matplotlib for it", file=sys.stderr)
+        return None
 
 
 def cmd_find_best(args: argparse.Namespace) -> int:
@@ -396,3 +430,19 @@ def cmd_apply_postprocessing(args: argparse.Namespace) -> int:
         steps = "; ".join(s.describe() for s in plan.steps) or "no steps (files copied)"
         print(f"postprocessed {len(written)} case(s) into {args.output}: {steps}")
     return 0
+
+
+# ------------------------------------------------------------------------------- pictures
+__all__ += ["cmd_overlay"]
+
+
+def cmd_overlay(args: argparse.Namespace) -> int:
+    from ..visualize.api import overlay_dataset
+
+    with progress_bar("overlay", args.quiet) as prog:
+        report = overlay_dataset(args.task, _settings(args), Path(args.output), cases=args.cases,
+                                 pred_dir=Path(args.pred) if args.pred else None, workers=args.workers,
+                                 channel=args.channel, views=tuple(args.views), source=args.source, progress=prog)
+    if not args.quiet or not report.written:  # the problems of each case are logged as warnings already
+        print(report.format(details=False), file=sys.stdout if report.written else sys.stderr)
+    return 0 if report.written else 2

@@ -14,6 +14,7 @@ from ..device import DeviceChoice
 from ..layout import PLANS_IDENTIFIER, TRAINER_NAME
 from ..plan.schema import CONFIGURATION_NAMES
 from ..preprocess.api import CONFIG_CHOICES as PREPROCESS_CONFIG_CHOICES
+from ..preprocess.api import PREPROCESSED_CONFIGURATIONS
 
 __all__ = ["main", "build_parser"]
 
@@ -220,6 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-label", type=int, help="with --labels: reference value whose voxels are not counted")
     p.add_argument("-o", "--output", metavar="FILE", help="summary file (default: <pred>/summary.json)")
     p.add_argument("--workers", type=_positive_int, default=2)
+    _add_roots(p)
+    _add_common(p)
+
+    p = sub.add_parser("overlay", help="PNG pictures of images with their reference labels (outlines) and "
+                                       "predictions (fill), one per case", allow_abbrev=False,
+                       epilog="Problems with a case (missing from --pred, a grid that differs from the image, label "
+                              "values not in dataset.json) are named in its picture's title and as warnings; the "
+                              "exit status is 0 when at least one picture was written, 2 when none could be drawn.")
+    p.add_argument("--task", required=True, help="the dataset (7, 007, Dataset007_Name)")
+    p.add_argument("--cases", nargs="+", metavar="ID", help="case ids to draw (default: every training case)")
+    p.add_argument("--pred", metavar="DIR", help="folder of predicted segmentations <case><file_ending> to draw too")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the <case>.png pictures")
+    p.add_argument("--channel", type=int, default=0, help="image channel to show (default 0)")
+    p.add_argument("--views", nargs="+", choices=("axial", "coronal", "sagittal"), default=["axial"],
+                   help="slices to show, each through the most foreground (default: axial)")
+    p.add_argument("--source", default="raw", choices=("raw", *PREPROCESSED_CONFIGURATIONS),
+                   help="raw files (default) or the preprocessed stores of a configuration")
+    p.add_argument("--workers", type=_positive_int, default=1)
     _add_roots(p)
     _add_common(p)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import CaseNotFoundError, DatasetError, GeometryError, SettingsError
 from ..labels import LabelManager, LabelOrRegion, label_key, parse_label_key
-from ..layout import SUMMARY_FILE
+from ..layout import SUMMARY_FILE, SUMMARY_PICTURE
 
 __all__ = [
     "LabelOrRegion",
@@ -376,14 +376,15 @@ def _aggregate(counts: np.ndarray, targets: Sequence[LabelOrRegion]):
 def list_segmentations(folder: Path, file_ending: str | None = None) -> dict[str, Path]:
     """``{case_id: path}`` of the segmentation files in ``folder`` (hidden files skipped), sorted by file name.
 
-    ``file_ending`` (e.g. ``".nii.gz"``) selects the files; without it every known image ending is accepted.
+    ``file_ending`` (e.g. ``".nii.gz"``) selects the files; without it every known image ending is accepted except
+    ``summary.png``, the picture ``nnfast evaluate`` draws beside ``summary.json`` (not a segmentation of a case).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CaseNotFoundError(f"folder `{folder}` does not exist")
     out = {}
     for p in sorted(folder.iterdir(), key=lambda q: q.name):
-        if p.name.startswith(".") or not p.is_file():
+        if p.name.startswith(".") or not p.is_file() or (file_ending is None and p.name == SUMMARY_PICTURE):
             continue
         cid = _case_id(p.name, file_ending)
         if cid is not None:

@@ -17,6 +17,11 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert (fold / "checkpoint_final.pt").is_file() and (fold / "progress.png").stat().st_size > 0
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     assert "foreground_mean" in summary
+    # pictures: the held-out cases' overlays and the validation's summary.png
+    held_out = sorted(c["prediction_file"].rsplit("/", 1)[-1].replace(".nii.gz", ".png")
+                      for c in summary["metric_per_case"])
+    assert sorted(p.name for p in (folder / "overlays").glob("*.png")) == held_out
+    assert (fold / "validation" / "summary.png").stat().st_size > 0
     preds = sorted((folder / "predictions").glob("*.nii.gz"))
     assert len(preds) == 2
     for p in preds:
