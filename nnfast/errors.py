@@ -95,7 +95,20 @@ class StoreError(NnfastError, ValueError):
 
 
 class WorkerDiedError(NnfastError, RuntimeError):
-    """A worker process died (often killed by the out-of-memory killer)."""
+    """A worker process died (often killed by the out-of-memory killer).
+
+    Attributes
+    ----------
+    exitcode : int or None
+        The worker's exit code (negative: the signal that killed it); None when unknown (a dask worker). Set by
+        :func:`nnfast.workers.died_error` and :mod:`nnfast.parallel`.
+    case : str or None
+        The case the worker was processing, when known. Set by :func:`nnfast.parallel.run_tasks` only.
+    """
+
+    # declared for the type checker; the code that raises the error sets them (no class default)
+    exitcode: int | None
+    case: str | None
 
 
 class UnsupportedResamplingError(NnfastError, NotImplementedError):

@@ -27,7 +27,7 @@ depends on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union, cast
 
 import numpy as np
 
@@ -146,12 +146,13 @@ class LabelManager:
         """The labels of a parsed dataset.json (``labels`` and, for regions, ``regions_class_order``)."""
         if not isinstance(d, Mapping):
             raise DatasetError(f"expected a dataset.json object, found {type(d).__name__}")
-        return cls(d.get("labels"), d.get("regions_class_order"))
+        # the JSON value as found: __post_init__ validates it (DatasetError) and normalizes lists to tuples
+        return cls(cast(Mapping[str, LabelOrRegion], d.get("labels")), d.get("regions_class_order"))
 
     @classmethod
     def from_plans(cls, plans, regions_class_order: Sequence[int] | None = None) -> "LabelManager":
         """The labels of ``plans.labels`` (the plans do not store ``regions_class_order``: pass dataset.json's)."""
-        return cls(plans.labels, regions_class_order)
+        return cls(plans.labels, None if regions_class_order is None else tuple(regions_class_order))
 
     # ---------------------------------------------------------------------------------------- what is declared
     @property
@@ -162,7 +163,7 @@ class LabelManager:
     @property
     def ignore_label(self) -> int | None:
         v = self.labels.get("ignore")
-        return None if v is None else int(v)
+        return None if v is None else int(cast(int, v))  # __post_init__ rejects a list as the ignore label
 
     @property
     def has_ignore_label(self) -> bool:
@@ -280,6 +281,7 @@ class LabelManager:
         """Paint region channels ``first .. first + k - 1`` (``probabilities`` (k, *spatial)) into ``seg`` in place:
         voxels above 0.5 get the channel's label of ``regions_class_order``, later channels win. Returns ``seg``."""
         rco = self.check_regions_class_order()
+        assert rco is not None, "paint_regions is for labels with regions"  # its callers check has_regions
         for j in range(probabilities.shape[0]):
             seg[probabilities[j] > 0.5] = rco[first + j]
         return seg
@@ -342,8 +344,9 @@ class LabelManager:
             Channel ``i`` is ``isin(seg, region_i)``.
         """
         regions = list(self.foreground_regions)
-        if with_ignore and self.has_ignore_label:
-            regions.append(self.ignore_label)
+        ignore = self.ignore_label
+        if with_ignore and ignore is not None:  # self.has_ignore_label
+            regions.append(ignore)
         out = np.zeros((len(regions), *seg.shape), bool)
         for i, r in enumerate(regions):
             members = _members(r)

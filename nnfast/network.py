@@ -32,7 +32,7 @@ into it), which is why it lives beside them and not in either.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -53,9 +53,11 @@ __all__ = [
     "unwrap",
 ]
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-_TRANSP_CONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+# layer constructors by spatial ndim; typed as plain constructors because torch types each class's sizes for its own
+# ndim (``int | tuple[int, int]`` vs ``int | tuple[int, int, int]``), which mypy would meet to ``int`` for the pair
+_CONV: dict[int, Callable[..., nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
+_TRANSP_CONV: dict[int, Callable[..., nn.Module]] = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_INSTANCE_NORM: dict[int, Callable[..., nn.Module]] = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 NetworkOutput = Union[torch.Tensor, list[torch.Tensor]]
 
@@ -265,7 +267,7 @@ def unwrap(net: nn.Module) -> nn.Module:
     """The plain module behind ``torch.compile`` (``_orig_mod``) and DDP/DataParallel (``module``) wrappers."""
     while True:
         if hasattr(net, "_orig_mod"):
-            net = net._orig_mod
+            net = cast(nn.Module, net._orig_mod)  # torch.compile's wrapper; Module.__getattr__ says Tensor | Module
         elif isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             net = net.module
         else:

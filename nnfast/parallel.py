@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, cast
 
 from .errors import SettingsError, InputTypeError, WorkerDiedError, WorkerStartError
 from .ipc import PackedError, RemoteTraceback, dumps, loads, send_error, unpack_exception
@@ -223,8 +223,8 @@ def _warmup(which: bool | tuple[str, ...] = True) -> None:
     t0 = time.perf_counter()
     if which is True:
         native.warmup()
-    else:
-        native.warmup(tuple(which))
+    else:  # run_tasks calls this only when its `warmup` is set, so `which` is not False here
+        native.warmup(tuple(cast(tuple[str, ...], which)))
     logger.debug("numba warm-up took %.2f s", time.perf_counter() - t0)
 
 

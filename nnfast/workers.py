@@ -38,10 +38,13 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import SettingsError, InputTypeError, WorkerDiedError
 from .ipc import send_error
+
+if TYPE_CHECKING:
+    from multiprocessing.shared_memory import SharedMemory
 
 __all__ = ["Worker", "start_workers", "wait", "died_error", "stop_workers", "create_shared_block",
            "release_shared_block", "peak_rss"]
@@ -238,7 +241,7 @@ def stop_workers(workers: list[Worker], *, graceful: bool = True, join_s: float 
 
 
 # ------------------------------------------------------------------------------------------ shared memory
-def create_shared_block(prefix: str, nbytes: int, what: str, advice: str):
+def create_shared_block(prefix: str, nbytes: int, what: str, advice: str) -> SharedMemory:
     """A new ``multiprocessing.shared_memory.SharedMemory`` named ``<prefix><pid>_<random>`` of ``nbytes``.
 
     Raises
@@ -262,7 +265,7 @@ def create_shared_block(prefix: str, nbytes: int, what: str, advice: str):
                                       size=max(1, int(nbytes)))
 
 
-def release_shared_block(shm) -> None:
+def release_shared_block(shm: SharedMemory | None) -> None:
     """Close and unlink ``shm``; an exported view still alive does not stop the unlink."""
     if shm is None:
         return

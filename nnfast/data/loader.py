@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 import weakref
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 
@@ -52,6 +53,9 @@ from ..workers import (Worker, create_shared_block, died_error, release_shared_b
                        wait)
 from .batch import BatchArrays, BatchBuilder, BatchSpec, allocate_batch, check_source
 from .dataset import CaseSource, source_from_json, source_to_json
+
+if TYPE_CHECKING:
+    from multiprocessing.shared_memory import SharedMemory
 
 __all__ = ["PatchLoader", "SHM_PREFIX"]
 
@@ -167,7 +171,7 @@ class PatchLoader:
         self._closed = True  # until the workers exist; close() is safe on a half-built loader
         self._released = False
         self._workers: list[Worker] = []
-        self._shm = None
+        self._shm: SharedMemory | None = None
         self._slots: list[BatchArrays] = []
         self.source = source
         self.spec = _checked_spec(source, spec)
@@ -176,10 +180,12 @@ class PatchLoader:
             raise SettingsError(f"PatchLoader: num_workers must be >= 0, got {num_workers}")
         if num_batches is not None and int(num_batches) < 0:
             raise SettingsError(f"PatchLoader: num_batches must be >= 0 or None, got {num_batches}")
-        self.base_seed = int(np.random.SeedSequence().entropy % (2**63)) if base_seed is None else int(base_seed)
+        # a SeedSequence made without entropy draws an int (NumPy's stubs allow a sequence or None: given entropy)
+        self.base_seed = (int(cast(int, np.random.SeedSequence().entropy) % (2**63)) if base_seed is None
+                          else int(base_seed))
         self.start_batch = int(start_batch)
         self.num_batches = None if num_batches is None else int(num_batches)
-        self._end = None if num_batches is None else self.start_batch + self.num_batches
+        self._end = None if self.num_batches is None else self.start_batch + self.num_batches
         self._next = self.start_batch        # next batch index to deliver
         self._dispatched = self.start_batch  # next batch index to hand to a worker
         self._done: dict[int, list[str]] = {}
@@ -302,6 +308,7 @@ class PatchLoader:
         data = torch.empty(spec.data_shape, dtype=torch.float32, pin_memory=self.pin_memory)
         targets = [torch.empty(s, dtype=torch.int16, pin_memory=self.pin_memory) for s in spec.target_shapes]
         arrays = BatchArrays(data.numpy(), [t.numpy() for t in targets])
+        assert self._builder is not None  # __next__ builds locally only when the loader has a builder
         _, keys = self._builder.build(self.base_seed, index, arrays)
         return _batch_dict(data, targets, keys, spec)
 
@@ -399,11 +406,8 @@ def _remote_error(index: int, payload, w: Worker) -> BaseException:
     exc = unpack_exception(payload)
     if exc.args and isinstance(exc.args[0], str):
         exc.args = (f"{exc.args[0]} [{where}]",) + exc.args[1:]
-    else:
-        try:
-            exc.add_note(where)
-        except AttributeError:  # pragma: no cover - Python 3.10
-            pass
+    elif sys.version_info >= (3, 11):  # BaseException.add_note is new in 3.11; 3.10 gets no note
+        exc.add_note(where)
     return exc
 
 

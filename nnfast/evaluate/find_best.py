@@ -273,7 +273,7 @@ def find_best_configuration(
     task_str = str(parse_task(task)[0])
     folds = tuple(folds)
     explicit = configs is not None
-    order = list(configs) if explicit else list(CONFIG_ORDER)
+    order = list(configs) if configs is not None else list(CONFIG_ORDER)
     trained = []
     for c in order:
         f = layout.trainer_folder(results, name, c)
@@ -327,9 +327,9 @@ def find_best_configuration(
                 log.info("%s: %.5f", ident, summary.foreground_dice)
 
     best = candidates[0]
-    for c in candidates[1:]:
-        if _rank_key(c) > _rank_key(best):
-            best = c
+    for cand in candidates[1:]:
+        if _rank_key(cand) > _rank_key(best):
+            best = cand
     plan = determine_postprocessing(best.folder, gt, dataset_json, workers, progress=progress)
     pp_file = best.folder / PLAN_FILE
     commands = predict_commands(task_str, best.configs, folds, pp_file)

@@ -21,7 +21,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 
@@ -81,7 +81,7 @@ class EvaluationLabels:
     @property
     def foreground_labels(self) -> tuple[int, ...]:
         """Every label value occurring in a target, without 0 (nnU-Net's ``foreground_labels``)."""
-        vals = set()
+        vals: set[int] = set()
         for t in self.targets:
             vals.update(_members(t))
         return tuple(sorted(v for v in vals if v != 0))
@@ -255,6 +255,10 @@ class Summary:
     reference_files: tuple[str, ...]
     prediction_files: tuple[str, ...]
     counts: np.ndarray
+    # derived from counts by __post_init__ (not constructor arguments)
+    _per_case: list[dict[LabelOrRegion, dict[str, Any]]] = field(init=False, repr=False, compare=False)
+    _mean: dict[LabelOrRegion, dict[str, float]] = field(init=False, repr=False, compare=False)
+    _fg: dict[str, float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         counts = np.asarray(self.counts, np.int64).reshape(len(self.case_ids), len(self.labels.targets), 4)
@@ -331,7 +335,9 @@ class Summary:
         refs = tuple(str(c.get("reference_file", "")) for c in cases)
         preds = tuple(str(c.get("prediction_file", "")) for c in cases)
         ids = tuple(_case_id(Path(p).name, labels.file_ending) for p in preds)
-        return cls(labels, ids, refs, preds, counts)
+        # nnfast and nnU-Net write prediction files with a known ending, which _case_id strips; a hand-made
+        # summary.json naming a file without one would put None here (kept as it was)
+        return cls(labels, cast(tuple[str, ...], ids), refs, preds, counts)
 
     def format(self) -> str:
         """A readable table: per target mean Dice / IoU, cases where it is absent (NaN), mean voxel counts."""

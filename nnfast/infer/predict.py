@@ -315,7 +315,7 @@ def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str
 
     def record(outcome: Outcome) -> None:
         cid = outcome.item.case_id
-        if outcome.ok:
+        if outcome.error is None:  # outcome.ok
             report.written[cid] = outcome.result
         else:
             report.failed[cid] = _reason(outcome.error)

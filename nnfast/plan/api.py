@@ -13,7 +13,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .. import layout
 from ..errors import DatasetError
@@ -21,6 +21,9 @@ from ..io.atomic import read_json, write_json_atomic
 from ..io.dataset import CaseFiles, DatasetInfo, load_dataset
 from ..settings import Settings, find_dataset_folder
 from ..fingerprint.schema import Fingerprint
+
+if TYPE_CHECKING:
+    from .schema import Plans
 
 __all__ = ["PlanningResult", "plan_dataset", "load_dataset_for_task", "fingerprint_path", "plans_path", "load_current_plans"]
 
@@ -36,7 +39,7 @@ class PlanningResult:
     info: DatasetInfo
     cases: list[CaseFiles]
     fingerprint: Fingerprint
-    plans: object  # nnfast.plan.schema.Plans
+    plans: Plans
     output_folder: Path
     fingerprint_reused: bool
     plans_reused: bool

@@ -39,7 +39,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, cast
 
 import numpy as np
 import torch
@@ -330,6 +330,11 @@ class _Loaders:
 class _Run:
     """State of one :func:`train` call (a class only to keep the steps readable)."""
 
+    # set by _setup() from the restored model; declared because mypy cannot infer them from its tuple assignment
+    current_epoch: int
+    best_ema: float | None
+    history: TrainingHistory
+
     def __init__(self, task, settings: Settings, config_name: str, fold, train_config: TrainConfig | None,
                  options: TrainOptions):
         self.t_start = time.perf_counter()
@@ -499,6 +504,7 @@ class _Run:
             fold_ids = sorted(set(tr_ids) | set(val_ids))
             missing = source.subset(fold_ids).missing_previous_stage()
             if missing:
+                assert self.conf.previous_stage is not None  # prev_stage_dir is set only for a cascade's 2nd stage
                 raise _missing_previous_stage_error(self.task, self.dataset, self.config_name,
                                                     self.conf.previous_stage, self.prev_stage_dir, missing,
                                                     len(fold_ids), splits, self.fold)
@@ -524,8 +530,8 @@ class _Run:
 
         torch.manual_seed(cfg.seed)
         in_ch = network_input_channels(self.plans, self.config_name, self.num_classes - 1)
-        net = build_network(self.plans, self.config_name, in_ch, self.num_classes,
-                            deep_supervision=cfg.deep_supervision).to(self.device)
+        net: torch.nn.Module = build_network(self.plans, self.config_name, in_ch, self.num_classes,
+                                             deep_supervision=cfg.deep_supervision).to(self.device)
         lowest = 1e-6 if (self.ctx.is_ddp and not do_compile) else 0.0  # nnU-Net: DDP needs a grad for every param
         loss_fn = build_loss(self.conf, self.ignore_label, deep_supervision=cfg.deep_supervision,
                              lowest_weight=lowest, ddp=self.ctx.is_ddp)
@@ -557,7 +563,7 @@ class _Run:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # a no-op for nnU-Net's InstanceNorm nets
         model.plain_net = net
         if do_compile:
-            net = torch.compile(net)
+            net = cast(torch.nn.Module, torch.compile(net))  # an OptimizedModule; torch types the result as a callable
         if self.ctx.is_ddp:
             # without deep supervision the decoder's other segmentation heads get no gradient
             net = torch.nn.parallel.DistributedDataParallel(
@@ -573,6 +579,7 @@ class _Run:
         from ..data.loader import PatchLoader
 
         cfg = self.cfg
+        assert cfg.batch_size is not None  # TrainConfig.from_plan (in _restore) filled it in
         bs, oversample = split_batch(cfg.batch_size, self.ctx.world_size, self.ctx.rank,
                                      cfg.oversample_foreground_percent)
         seed_tr, seed_val = _stream_seeds(cfg.seed, self.fold, self.ctx.rank)
@@ -613,7 +620,7 @@ class _Run:
             "",
             f"nnfast {__version__} training {self.dataset} {self.config_name} fold {self.fold} on {self.device}"
             + (f" ({self.ctx.world_size} processes)" if self.ctx.is_ddp else ""),
-            f"{'resuming from ' + ckpt_path.name + ' at epoch ' + str(model.current_epoch) if restored.checkpoint else 'new run'}",
+            f"{'resuming from ' + ckpt_path.name + ' at epoch ' + str(model.current_epoch) if ckpt_path is not None else 'new run'}",
             f"{len(tr_ids)} training / {len(val_ids)} validation cases; batch {cfg.batch_size}"
             + (f" ({loaders.batch_size} per rank)" if self.ctx.is_ddp else "") + f", patch {cfg.patch_size}, "
             f"{cfg.num_epochs} epochs x {cfg.num_iterations_per_epoch} + {cfg.num_val_iterations_per_epoch} batches",
@@ -712,6 +719,7 @@ class _Run:
         return written
 
     def _payload(self) -> dict[str, Any]:
+        assert self.cfg.patch_size is not None  # TrainConfig.from_plan (in _restore) filled it in
         return {
             "network_weights": self.plain_net.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
@@ -761,6 +769,7 @@ class _Run:
             result.validation_skipped = "the fold has no validation cases"
             return
         self.logfile.write(f"final validation of {len(self.val_ids)} case(s)")
+        assert self.final_validation is not None  # execute() calls this only when a final validation was given
         try:
             result.validation = self.final_validation(
                 self.out, settings=self.settings, device=self.device, checkpoint_name="checkpoint_final",
