@@ -14,6 +14,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -93,6 +94,27 @@ def _write_inputs(folder: Path) -> None:
     write_image(body_image((30, 20, 8), rng), folder / "b_0000.nii.gz", (1.0, 0.7, 3.0))
 
 
+def _as_trainer_checkpoints(folder: Path, folds) -> None:
+    """Rewrite the folds' checkpoints as ``nnfast train`` writes them (its save_checkpoint, with optimizer, RNG and
+    history state next to the weights), so that the export is tested on the real format."""
+    from nnfast.network import build_network
+    from nnfast.train.checkpoint import capture_rng_state, save_checkpoint
+
+    for f in folds:
+        path = folder / f"fold_{f}" / "checkpoint_final.pt"
+        ck = torch.load(path, weights_only=True)
+        net = build_network(tiny_plans(), "3d_fullres", 1, 3)
+        net.load_state_dict(ck["network_weights"])
+        opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+        net(torch.zeros(1, 1, 8, 16, 16))[0].sum().backward()
+        opt.step()  # a real optimizer state; the weights are then put back
+        net.load_state_dict(ck["network_weights"])
+        save_checkpoint(path, {**{k: v for k, v in ck.items() if k not in ("format", "schema_version")},
+                               "optimizer_state": opt.state_dict(), "grad_scaler_state": None,
+                               "lr_scheduler_state": None, "rng": capture_rng_state(), "current_epoch": 7,
+                               "best_ema": 0.5, "history": {"train_losses": [1.0] * 7}})
+
+
 def _labels(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
@@ -102,7 +124,8 @@ def interop(tmp_path_factory):
     """nnfast model -> zip (nnfast export-model) -> nnU-Net's install, predictions, ensemble, postprocessing."""
     root = tmp_path_factory.mktemp("interop")
     results = root / "nnfast_results"
-    make_model_folder(results / DATASET, tiny_plans(), "3d_fullres", folds=(0, 1))
+    folder = make_model_folder(results / DATASET, tiny_plans(), "3d_fullres", folds=(0, 1))
+    _as_trainer_checkpoints(folder, (0, 1))
     _write_inputs(root / "in")
     zip_file = root / "model.zip"
     assert main(["export-model", "--task", "999", "--config", "3d_fullres", "--results", str(results),
@@ -125,6 +148,7 @@ def test_export_is_nnunets_zip_layout_and_nnunet_predicts_what_nnfast_predicts(i
     ck = torch.load(installed / "fold_1" / "checkpoint_final.pth", weights_only=True)  # no pickled code
     assert ck["trainer_name"] == "nnUNetTrainer" and ck["init_args"]["configuration"] == "3d_fullres"
     assert ck["init_args"]["fold"] == 1 and tuple(ck["inference_allowed_mirroring_axes"]) == (0, 1, 2)
+    assert ck["current_epoch"] == 7 and "optimizer_state" not in ck and "rng" not in ck
     ours = torch.load(root / "nnfast_results" / DATASET / "nnfastTrainer__nnfast_plans__3d_fullres" / "fold_1" /
                       "checkpoint_final.pt", weights_only=True)["network_weights"]
     assert ck["network_weights"].keys() == ours.keys()
@@ -161,6 +185,8 @@ def test_install_refuses_zip_slip_before_writing_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.zip" in err and "escaping" in err
     assert not (tmp_path / "r2").exists()
+    assert main(["install-model", str(tmp_path / "missing.zip"), "--results", str(tmp_path / "r2")]) == 2
+    assert "missing.zip` does not exist" in capsys.readouterr().err
     (tmp_path / "not.zip").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(FileFormatError, match="not a readable zip"):
         install_model(tmp_path / "not.zip", tmp_path / "r3")
@@ -268,6 +294,11 @@ def test_predictor_equals_nnunet_predictor(interop, tmp_path):
     ref_b = _labels(root / "nn_tta1" / "b.nii.gz")
     np.testing.assert_array_equal(got[1].segmentation, ref_b)
     np.testing.assert_array_equal(got[2].segmentation, ref_b)
+
+    it = pred.stream([(img, props)] * 4)  # a consumer that stops early stops the pipeline's threads
+    assert next(it).index == 0
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("nnfast-stream")]
 
     with pytest.raises(ShapeError, match="2 channel"):
         pred.predict_array(np.concatenate([img, img]), props)
