@@ -82,9 +82,10 @@ def _epoch(model, fold, checkpoint_name: str):
     return None
 
 
-def export_model(results_root: Path | str, task: str | int, output_zip: Path | str, configs: Sequence[str] = (
-        "3d_fullres",), *, folds: Sequence | None = None, checkpoint_name: str = "checkpoint_final",
-                 trainer: str = layout.TRAINER_NAME, plans_identifier: str = layout.PLANS_IDENTIFIER) -> Path:
+def export_model(results_root: Path | str, task: str | int, output_zip: Path | str,
+                 configs: Sequence[str] = ("3d_fullres",), *, folds: Sequence | None = None,
+                 checkpoint_name: str = "checkpoint_final", trainer: str = layout.TRAINER_NAME,
+                 plans_identifier: str = layout.PLANS_IDENTIFIER) -> Path:
     """Write the trained ``configs`` of ``task`` as an nnU-Net model zip (layout in the module docstring).
 
     Parameters
