@@ -6,6 +6,8 @@
     <Dataset>/nnUNetTrainer__<plans name>__<config>/
         dataset.json
         plans.json                  nnU-Net's plans (nnfast's converted by :func:`nnfast.plan.nnunet_compat.to_nnunet_plans`)
+        dataset_fingerprint.json    (from nnfast_fingerprint.json, where the folder has one)
+        fold_<k>/progress.png, fold_<k>/validation/summary.json   (where training wrote them)
         fold_<k>/<checkpoint>.pth   keys nnU-Net's predictor reads: ``network_weights``, ``init_args`` (``plans``,
                                     ``configuration``, ``fold``, ``dataset_json``), ``trainer_name``
                                     (``nnUNetTrainer``: the network is nnU-Net's default PlainConvUNet, same state-dict
@@ -43,6 +45,10 @@ log = logging.getLogger(__name__)
 #: The trainer whose ``build_network_architecture`` builds nnfast's network in nnU-Net (PlainConvUNet from the plans).
 NNUNET_TRAINER_NAME = "nnUNetTrainer"
 _NNUNET_PLANS_FILE = "plans.json"
+_NNUNET_FINGERPRINT_FILE = "dataset_fingerprint.json"
+#: files of a fold folder that nnU-Net's export puts into the zip too (``nnUNetv2_export_model_to_zip`` of an installed
+#: model needs them)
+_FOLD_EXTRAS = ("progress.png", "debug.json", f"{layout.VALIDATION_FOLDER}/{layout.SUMMARY_FILE}")
 
 
 def _nnunet_plans(model) -> dict:
@@ -54,6 +60,19 @@ def _nnunet_plans(model) -> dict:
     from ..plan.nnunet_compat import to_nnunet_plans
 
     return to_nnunet_plans(model.plans, model.dataset_json)
+
+
+def _nnunet_fingerprint(folder: Path) -> dict | None:
+    """nnU-Net's ``dataset_fingerprint.json`` of a trainer folder (its own, or nnfast's converted), if it has one."""
+    own = folder / _NNUNET_FINGERPRINT_FILE
+    if own.is_file():
+        return json.loads(own.read_text())
+    ours = folder / layout.FINGERPRINT_FILE
+    if not ours.is_file():
+        return None
+    from ..fingerprint.schema import Fingerprint
+
+    return Fingerprint.from_json(json.loads(ours.read_text())).to_nnunet()
 
 
 def _checkpoint_bytes(model, index: int, fold, nn_plans: dict, epoch) -> bytes:
@@ -129,9 +148,17 @@ def export_model(results_root: Path | str, task: str | int, output_zip: Path | s
             config, NNUNET_TRAINER_NAME, str(nn_plans.get("plans_name", "nnUNetPlans")))
         entries.append((str(dest / layout.DATASET_JSON), json.dumps(model.dataset_json, indent=4).encode()))
         entries.append((str(dest / _NNUNET_PLANS_FILE), json.dumps(nn_plans, indent=4).encode()))
+        fingerprint = _nnunet_fingerprint(folder)
+        if fingerprint is not None:
+            entries.append((str(dest / _NNUNET_FINGERPRINT_FILE), json.dumps(fingerprint, indent=4).encode()))
         for i, fold in enumerate(model.folds):
             data = _checkpoint_bytes(model, i, fold, nn_plans, _epoch(model, fold, name))
-            entries.append((str(dest / layout.fold_name(fold) / f"{name}.pth"), data))
+            fold_dir = layout.fold_name(fold)
+            entries.append((str(dest / fold_dir / f"{name}.pth"), data))
+            for extra in _FOLD_EXTRAS:  # what nnU-Net's export also carries, where training wrote it
+                f = folder / fold_dir / extra
+                if f.is_file():
+                    entries.append((str(dest / fold_dir / extra), f.read_bytes()))
         log.info("export-model: %s, folds %s", dest, list(model.folds))
     out = Path(output_zip)
     with atomic_target(out, suffix=".zip") as tmp:

@@ -10,6 +10,7 @@ files. nnU-Net accumulates the sliding window in float16 even on the CPU; it is 
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -115,6 +116,24 @@ def _as_trainer_checkpoints(folder: Path, folds) -> None:
                                "best_ema": 0.5, "history": {"train_losses": [1.0] * 7}})
 
 
+def _training_files(folder: Path, fold: int) -> None:
+    """The fingerprint and one fold's progress.png, written by nnfast's own writers (what training leaves)."""
+    from nnfast.fingerprint.schema import Fingerprint, IntensityStats
+    from nnfast.io.atomic import write_json_atomic
+    from nnfast.train.progress import TrainingHistory, plot_progress
+
+    stats = IntensityStats(mean=0.0, median=0.0, std=1.0, min=-1.0, max=1.0, percentile_99_5=1.0,
+                           percentile_00_5=-1.0)
+    fp = Fingerprint(case_ids=("c0", "c1"), spacings=((3.0, 1.0, 1.0),) * 2, shapes_after_crop=((10, 24, 24),) * 2,
+                     foreground_intensity_properties_per_channel=(stats,), median_relative_size_after_cropping=1.0)
+    write_json_atomic(folder / "nnfast_fingerprint.json", fp.to_json())
+    history = TrainingHistory()
+    for e in range(3):
+        history.append(train_loss=1.0 - e / 10, val_loss=1.1 - e / 10, dice_per_class=[0.1 * e, 0.2 * e], lr=1e-2,
+                       start=float(e), end=e + 1.0)
+    plot_progress(history, folder / f"fold_{fold}" / "progress.png")
+
+
 def _labels(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
@@ -126,6 +145,7 @@ def interop(tmp_path_factory):
     results = root / "nnfast_results"
     folder = make_model_folder(results / DATASET, tiny_plans(), "3d_fullres", folds=(0, 1))
     _as_trainer_checkpoints(folder, (0, 1))
+    _training_files(folder, fold=0)
     _write_inputs(root / "in")
     zip_file = root / "model.zip"
     assert main(["export-model", "--task", "999", "--config", "3d_fullres", "--results", str(results),
@@ -143,8 +163,13 @@ def test_export_is_nnunets_zip_layout_and_nnunet_predicts_what_nnfast_predicts(i
     with zipfile.ZipFile(root / "model.zip") as zf:
         names = sorted(zf.namelist())
     assert names == sorted([f"{NN_FOLDER}/dataset.json", f"{NN_FOLDER}/plans.json",
+                            f"{NN_FOLDER}/dataset_fingerprint.json", f"{NN_FOLDER}/fold_0/progress.png",
                             f"{NN_FOLDER}/fold_0/checkpoint_final.pth", f"{NN_FOLDER}/fold_1/checkpoint_final.pth"])
     installed = root / "nn_results" / NN_FOLDER
+    trained = root / "nnfast_results" / DATASET / "nnfastTrainer__nnfast_plans__3d_fullres"
+    assert (installed / "fold_0" / "progress.png").read_bytes() == (trained / "fold_0" / "progress.png").read_bytes()
+    fingerprint = json.loads((installed / "dataset_fingerprint.json").read_text())
+    assert "case_ids" not in fingerprint and fingerprint["spacings"] == [[3.0, 1.0, 1.0]] * 2
     ck = torch.load(installed / "fold_1" / "checkpoint_final.pth", weights_only=True)  # no pickled code
     assert ck["trainer_name"] == "nnUNetTrainer" and ck["init_args"]["configuration"] == "3d_fullres"
     assert ck["init_args"]["fold"] == 1 and tuple(ck["inference_allowed_mirroring_axes"]) == (0, 1, 2)
