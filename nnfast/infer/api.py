@@ -160,7 +160,8 @@ class Predictor:
         if isinstance(item, Mapping):
             return self._prepare(item.get("image"), item.get("properties"), item.get("previous_stage"), where)
         if isinstance(item, (list, tuple)) and item and isinstance(item[0], np.ndarray):
-            return self._prepare(*item[:3], where=where)
+            return self._prepare(item[0], item[1] if len(item) > 1 else None, item[2] if len(item) > 2 else None,
+                                 where)
         if isinstance(item, (list, tuple)) and item and all(isinstance(p, (str, Path)) for p in item):
             case = CaseInput(f"case_{index}", tuple(Path(p) for p in item))
             data, geom = read_case(case)
