@@ -13,6 +13,10 @@ Image: (1, 24, 64, 64) by default; (1, 100, 256, 256) at (3.0, 0.8, 0.8) mm at s
 ``extra_info``: ``peak_mib``, the peak of Python/NumPy allocations during one call (``tracemalloc``; torch's CPU
 allocator is not traced).
 
+Measured at scale 1 on the 2-core development machine (busy, load 7-8; 2026-12-06, two rounds each): nnU-Net 65.8 s,
+nnfast 50.7 s (min; medians 69.5 / 52.6 s): 1.3x, the sliding window dominating on the CPU. Tiny default size:
+2.34 -> 0.95 s.
+
 Run::
 
     NNFAST_BENCH_SCALE=1 pytest benchmarks/test_bench_predictor.py --benchmark-enable -p no:cacheprovider \\
