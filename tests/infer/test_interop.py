@@ -81,6 +81,8 @@ os.makedirs(j(root, "nn_ens"))
 os.makedirs(j(root, "nn_pp"))
 fns, kwargs = [keep_largest, keep_largest], [{"labels_or_regions": [1, 2]}, {"labels_or_regions": 2}]
 save_pickle((fns, kwargs), j(root, "postprocessing.pkl"))
+from nnunetv2.model_sharing.model_export import export_pretrained_model
+export_pretrained_model(999, j(root, "nn_export.zip"), configurations=("3d_fullres",), folds=(0,))
 for case in ("a", "b"):
     merge_files([j(root, f"nn_tta{t}", f"{case}.npz") for t in (1, 0)], j(root, "nn_ens", case), ".nii.gz", rw, lm)
     load_postprocess_save(j(root, "nn_tta1", f"{case}.nii.gz"), j(root, "nn_pp", f"{case}.nii.gz"), rw, fns, kwargs)
@@ -116,11 +118,20 @@ def _as_trainer_checkpoints(folder: Path, folds) -> None:
                                "best_ema": 0.5, "history": {"train_losses": [1.0] * 7}})
 
 
-def _training_files(folder: Path, fold: int) -> None:
-    """The fingerprint and one fold's progress.png, written by nnfast's own writers (what training leaves)."""
+def _training_files(folder: Path, fold: int, inputs: Path) -> None:
+    """The fingerprint, and one fold's progress.png and validation/summary.json, written by nnfast's own writers
+    (what training and its final validation leave; nnU-Net's export needs them)."""
+    from nnfast.evaluate.metrics import evaluate_folder
     from nnfast.fingerprint.schema import Fingerprint, IntensityStats
+    from nnfast.infer.predict import PredictOptions, predict_folder
     from nnfast.io.atomic import write_json_atomic
     from nnfast.train.progress import TrainingHistory, plot_progress
+
+    for tta in (True, False):  # a stand-in validation: the model's predictions scored against its TTA predictions
+        predict_folder(inputs, folder.parent / f"val_tta{int(tta)}", PredictOptions(
+            model_folder=folder, folds=(fold,), use_tta=tta, device="cpu", workers=1))
+    evaluate_folder(folder.parent / "val_tta0", folder.parent / "val_tta1", [1, 2],
+                    output_file=folder / f"fold_{fold}" / "validation" / "summary.json")
 
     stats = IntensityStats(mean=0.0, median=0.0, std=1.0, min=-1.0, max=1.0, percentile_99_5=1.0,
                            percentile_00_5=-1.0)
@@ -145,8 +156,8 @@ def interop(tmp_path_factory):
     results = root / "nnfast_results"
     folder = make_model_folder(results / DATASET, tiny_plans(), "3d_fullres", folds=(0, 1))
     _as_trainer_checkpoints(folder, (0, 1))
-    _training_files(folder, fold=0)
     _write_inputs(root / "in")
+    _training_files(folder, fold=0, inputs=root / "in")
     zip_file = root / "model.zip"
     assert main(["export-model", "--task", "999", "--config", "3d_fullres", "--results", str(results),
                  "-o", str(zip_file), "-q"]) == 0
@@ -164,6 +175,7 @@ def test_export_is_nnunets_zip_layout_and_nnunet_predicts_what_nnfast_predicts(i
         names = sorted(zf.namelist())
     assert names == sorted([f"{NN_FOLDER}/dataset.json", f"{NN_FOLDER}/plans.json",
                             f"{NN_FOLDER}/dataset_fingerprint.json", f"{NN_FOLDER}/fold_0/progress.png",
+                            f"{NN_FOLDER}/fold_0/validation/summary.json",
                             f"{NN_FOLDER}/fold_0/checkpoint_final.pth", f"{NN_FOLDER}/fold_1/checkpoint_final.pth"])
     installed = root / "nn_results" / NN_FOLDER
     trained = root / "nnfast_results" / DATASET / "nnfastTrainer__nnfast_plans__3d_fullres"
@@ -192,6 +204,26 @@ def test_export_is_nnunets_zip_layout_and_nnunet_predicts_what_nnfast_predicts(i
             ref = _labels(root / "nn_tta1" / f"{case}.nii.gz")
             assert len(np.unique(ref)) > 1
             np.testing.assert_array_equal(_labels(out / f"{case}.nii.gz"), ref)
+
+
+def test_install_model_installs_a_zip_that_nnunet_exported(interop, tmp_path):
+    """nnU-Net's own export (``export_pretrained_model``, fold 0) of the installed model, installed by nnfast."""
+    root = interop
+    with zipfile.ZipFile(root / "nn_export.zip") as zf:
+        names = set(zf.namelist())
+    assert {f"{NN_FOLDER}/fold_0/checkpoint_final.pth", f"{NN_FOLDER}/fold_0/progress.png",
+            f"{NN_FOLDER}/fold_0/validation/summary.json", f"{NN_FOLDER}/dataset_fingerprint.json"} <= names
+    folders = install_model(root / "nn_export.zip", tmp_path / "res")
+    assert folders == [tmp_path / "res" / NN_FOLDER]
+    trained = root / "nnfast_results" / DATASET / "nnfastTrainer__nnfast_plans__3d_fullres"
+    for folder, out in ((folders[0], "theirs"), (trained, "ours")):
+        assert main(["predict", "-i", str(root / "in"), "-o", str(tmp_path / out), "--model-folder", str(folder),
+                     "--folds", "0", "--no-tta", "--device", "cpu", "--workers", "1", "-q"]) == 0
+    for case in ("a", "b"):
+        np.testing.assert_array_equal(_labels(tmp_path / "theirs" / f"{case}.nii.gz"),
+                                      _labels(tmp_path / "ours" / f"{case}.nii.gz"))
+        np.testing.assert_array_equal(_labels(tmp_path / "ours" / f"{case}.nii.gz"),
+                                      _labels(root / "nnfast_results" / DATASET / "val_tta0" / f"{case}.nii.gz"))
 
 
 def test_install_refuses_zip_slip_before_writing_anything(tmp_path, capsys):
