@@ -4,7 +4,8 @@ Map of the package (one subpackage per pipeline stage):
 
 - ``nnfast.native``       Numba kernels (cropping, intensity statistics, resampling, class locations); arrays in, arrays out.
 - ``nnfast.io``           image reading/writing (SimpleITK, nnU-Net conventions), dataset.json and case listing, atomic
-                          writes, zarr case stores, the lean patch reader, the cascade's previous-stage stores.
+                          writes, zarr case stores, the lean patch reader, the cascade's previous-stage stores, the
+                          data-only reader of nnU-Net's pickles.
 - ``nnfast.synth``        deterministic synthetic Decathlon-style datasets (CT-like and multi-channel MRI-like).
 - ``nnfast.convert``      Medical Segmentation Decathlon -> nnU-Net v2 layout.
 - ``nnfast.verify``       dataset checks that report every problem at once.
@@ -16,7 +17,7 @@ Map of the package (one subpackage per pipeline stage):
                           checkpoints, DDP; imports neither ``infer`` nor ``evaluate`` (the caller wires in the final
                           validation).
 - ``nnfast.infer``        sliding-window prediction, export to the original geometry, model loading, the final
-                          validation of a trained fold.
+                          validation of a trained fold, the in-memory ``Predictor``, model zips (nnU-Net's layout).
 - ``nnfast.evaluate``     metrics, postprocessing, ensembling, choosing the best configuration.
 - ``nnfast.visualize``    pictures: per-case overlays of image, reference and prediction (``nnfast overlay``), the
                           evaluation's ``summary.png``; matplotlib imported only when drawing.

@@ -339,6 +339,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# ------------------------------------------------------------------------------- model zips
+__all__ += ["cmd_export_model", "cmd_install_model"]
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from ..infer.model_zip import export_model
+
+    out = export_model(_settings(args).require("results"), args.task, Path(args.output), args.config,
+                       folds=args.folds, checkpoint_name=args.checkpoint, trainer=args.trainer,
+                       plans_identifier=args.plans)
+    if not args.quiet:
+        print(f"wrote {out} (install with `nnUNetv2_install_pretrained_model_from_zip {out}` or "
+              f"`nnfast install-model {out}`)")
+    return 0
+
+
+def cmd_install_model(args: argparse.Namespace) -> int:
+    from ..infer.model_zip import install_model
+
+    folders = install_model(Path(args.zip), _settings(args).require("results"))
+    if not args.quiet:
+        print("\n".join([f"installed {len(folders)} model folder(s):"] + [f"  {f}" for f in folders]))
+    return 0
+
+
 # ------------------------------------------------------------------------------- evaluation and model selection
 __all__ += ["cmd_evaluate", "cmd_find_best", "cmd_ensemble", "cmd_apply_postprocessing"]
 

@@ -209,6 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_roots(p)
     _add_common(p)
 
+    p = sub.add_parser("export-model", help="write a trained model as an nnU-Net model zip "
+                                            "(nnUNetv2_install_pretrained_model_from_zip installs it)",
+                       allow_abbrev=False)
+    p.add_argument("--task", required=True, help="dataset of the trained model")
+    p.add_argument("--config", nargs="+", default=["3d_fullres"], choices=CONFIGURATION_NAMES,
+                   help="configuration(s) to export (default 3d_fullres)")
+    p.add_argument("--folds", nargs="+", type=_fold, help="folds to export (default: every fold with the checkpoint)")
+    p.add_argument("--checkpoint", default="checkpoint_final", help="checkpoint to export (checkpoint_final/_best)")
+    p.add_argument("--trainer", default=TRAINER_NAME, help=f"trainer of the model folder (default {TRAINER_NAME})")
+    p.add_argument("--plans", default=PLANS_IDENTIFIER,
+                   help=f"plans identifier of the model folder (default {PLANS_IDENTIFIER})")
+    p.add_argument("-o", "--output", required=True, metavar="ZIP", help="the zip file to write")
+    _add_roots(p)
+    _add_common(p)
+
+    p = sub.add_parser("install-model", help="install a model zip (from nnfast export-model or nnU-Net's "
+                                             "nnUNetv2_export_model_to_zip) into the results root",
+                       allow_abbrev=False)
+    p.add_argument("zip", help="the model zip")
+    _add_roots(p)
+    _add_common(p)
+
     p = sub.add_parser("evaluate", help="Dice/IoU of predicted segmentations against references (summary.json)",
                        allow_abbrev=False)
     p.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted segmentations")
@@ -258,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ensemble", help="average the saved probabilities of several predictions of the same cases",
                        allow_abbrev=False)
     p.add_argument("-i", "--input", nargs="+", required=True, metavar="DIR",
-                   help="prediction folders made with --save-probabilities")
+                   help="prediction folders made with --save-probabilities (nnfast's or nnU-Net's --save_probabilities)")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.add_argument("--dataset-json", metavar="FILE", help="labels (default: dataset.json of the first folder)")
     p.add_argument("--save-probabilities", action="store_true", help="also write the averaged probabilities")
@@ -270,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", required=True, metavar="DIR", help="folder of segmentations")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the postprocessed segmentations")
     p.add_argument("--plan", required=True, metavar="FILE",
-                   help="postprocessing.json written by `nnfast find-best` (nnU-Net's postprocessing.json works too)")
+                   help="postprocessing.json written by `nnfast find-best` (nnU-Net's postprocessing.json or "
+                        "postprocessing.pkl work too)")
     p.add_argument("--workers", type=_positive_int, default=2)
     _add_common(p)
     return parser

@@ -388,40 +388,19 @@ def _fill_box(arr, out: np.ndarray, lbs: Sequence[int], ubs: Sequence[int], pad,
     np.copyto(out[(*lead, *inner)], chunk, casting="same_kind")
 
 
-#: What nnU-Net's properties pickles may refer to (numpy 1.x and 2.x module names): arrays, dtypes, scalars.
-_PICKLE_ALLOWED = {
-    **{(m, n): None for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")},
-    **{(m, "_frombuffer"): None for m in ("numpy.core.numeric", "numpy._core.numeric")},
-    ("numpy", "ndarray"): None, ("numpy", "dtype"): None, ("collections", "OrderedDict"): None,
-    **{("builtins", n): None for n in ("set", "frozenset", "complex", "bytearray")},
-    ("_codecs", "encode"): None,  # how protocols 0-2 write the bytes of an array: str -> bytes, nothing else
-}
-
-
 def _load_nnunet_properties(path: Path) -> dict:
-    """``pickle.load`` of an nnU-Net properties file that builds only data (``_PICKLE_ALLOWED``)."""
-    import _compat_pickle
-    import pickle
+    """An nnU-Net properties file, read with :func:`nnfast.io.safe_pickle.load_data_pickle` (data only)."""
+    from ..io.safe_pickle import load_data_pickle
 
-    class _DataOnly(pickle.Unpickler):
-        def find_class(self, module: str, name: str):
-            # Python 2 names (protocols 0-2), mapped as the base class maps them; Python 3 names pass unchanged
-            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-            if (module, name) not in _PICKLE_ALLOWED:
-                raise DatasetError(f"{path} refers to `{module}.{name}`; nnU-Net's properties files hold only "
-                                   "containers, numbers and numpy arrays, so nnfast refuses to load it (it could "
-                                   "run code); preprocess the dataset again with nnUNetv2_preprocess")
-            return super().find_class(module, name)
-
-    try:
-        with open(path, "rb") as f:
-            props = _DataOnly(f).load()
-    except DatasetError:
-        raise
-    except Exception as e:  # truncated or not a pickle
-        raise DatasetError(f"{path} is not a readable nnU-Net properties file ({type(e).__name__}: {e}); "
-                           "preprocess the dataset again with nnUNetv2_preprocess") from e
+    props = load_data_pickle(
+        path,
+        refuse=lambda name: DatasetError(
+            f"{path} refers to `{name}`; nnU-Net's properties files hold only containers, numbers and numpy "
+            "arrays, so nnfast refuses to load it (it could run code); preprocess the dataset again with "
+            "nnUNetv2_preprocess"),
+        unreadable=lambda reason: DatasetError(
+            f"{path} is not a readable nnU-Net properties file ({reason}); preprocess the dataset again with "
+            "nnUNetv2_preprocess"))
     if not isinstance(props, dict):
         raise DatasetError(f"{path} holds a {type(props).__name__}, not nnU-Net's properties dict")
     return props

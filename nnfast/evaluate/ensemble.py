@@ -8,7 +8,10 @@ and write it with the case's geometry. Every folder must hold the same cases.
 
 nnfast's predictions store the probabilities as ``<case>.npz`` (key ``probabilities``, (C, z, y, x), float16 or
 float32) with a ``<case>.json`` sidecar holding the case's properties, among them ``geometry``
-(:meth:`nnfast.io.image.ImageGeometry.to_json`); the geometry of the first folder's sidecar is used. No pickles.
+(:meth:`nnfast.io.image.ImageGeometry.to_json`); the geometry of the first folder's sidecar is used. nnU-Net's
+``--save_probabilities`` output (``<case>.npz`` with the same ``probabilities`` layout, ``<case>.pkl`` properties) is
+read too: the ``.pkl`` through the data-only unpickler (:mod:`nnfast.io.safe_pickle`), its ``sitk_stuff`` giving the
+geometry; nnU-Net's prediction folders also hold the dataset.json that gives the labels.
 
 Axis order: probabilities (C, z, y, x), the reader's order of the original image; segmentations (z, y, x).
 """
@@ -21,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import CaseNotFoundError, GeometryError, UsageError
+from ..errors import CaseNotFoundError, DatasetError, GeometryError, UsageError
 from ..labels import LabelManager
 
 __all__ = ["ensemble_folders", "ensemble_cases", "list_probabilities", "average_probabilities"]
@@ -86,14 +89,37 @@ class _Task:
     save_probabilities: bool
 
 
-def _geometry(npz: Path):
+def _nnunet_geometry(pkl: Path, shape) -> tuple:
+    """Geometry from nnU-Net's ``<case>.pkl`` (its ``--save_probabilities`` properties), read data-only."""
+    from ..io.image import ImageGeometry
+    from ..io.safe_pickle import load_data_pickle
+
+    props = load_data_pickle(
+        pkl, refuse=lambda name: DatasetError(f"`{pkl}` refers to `{name}`; nnU-Net's properties files hold only "
+                                              "data, so nnfast refuses to load it (it could run code)"),
+        unreadable=lambda reason: DatasetError(f"`{pkl}` is not a readable nnU-Net properties file ({reason})"))
+    sitk = props.get("sitk_stuff") if isinstance(props, Mapping) else None
+    if not isinstance(sitk, Mapping) or not {"spacing", "origin", "direction"} <= set(sitk):
+        raise DatasetError(f"`{pkl}` has no SimpleITK geometry (`sitk_stuff` with spacing, origin, direction); "
+                           "nnfast ensembles predictions of images read with SimpleITK (.nii.gz, .nrrd, .mha)")
+    geom = ImageGeometry(tuple(float(v) for v in props["spacing"]), tuple(float(v) for v in sitk["spacing"]),
+                         tuple(float(v) for v in sitk["origin"]), tuple(float(v) for v in sitk["direction"]),
+                         tuple(int(v) for v in shape))
+    return geom, {"geometry": geom.to_json()}
+
+
+def _geometry(npz: Path, shape=None):
+    """Geometry of a saved probability file: nnfast's ``<case>.json`` sidecar, else nnU-Net's ``<case>.pkl``."""
     from ..io.atomic import read_json
     from ..io.image import ImageGeometry
 
     side = npz.with_suffix(".json")
+    if not side.is_file() and npz.with_suffix(".pkl").is_file() and shape is not None:
+        return _nnunet_geometry(npz.with_suffix(".pkl"), shape)
     if not side.is_file():
         raise CaseNotFoundError(f"`{side}` (the geometry of `{npz.name}`) is missing; the ensemble needs the "
-                                "sidecar that nnfast writes next to every saved probability file")
+                                "sidecar that nnfast writes next to every saved probability file (or nnU-Net's "
+                                f"`{npz.with_suffix('.pkl').name}`)")
     d = read_json(side)
     geom = d.get("geometry") if isinstance(d, Mapping) else None
     if geom is None:
@@ -113,8 +139,8 @@ def _ensemble_case(task: _Task) -> str:
     from ..io.image import write_segmentation
 
     files = [Path(f) for f in task.files]
-    geometry, sidecar = _geometry(files[0])
     probs = average_probabilities(files)
+    geometry, sidecar = _geometry(files[0], probs.shape[1:])
     if tuple(probs.shape[1:]) != tuple(geometry.shape):
         raise GeometryError(f"probabilities of case {task.case_id} have spatial shape {probs.shape[1:]} but its "
                             f"image has {geometry.shape} (z, y, x)")

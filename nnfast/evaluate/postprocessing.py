@@ -19,7 +19,9 @@ writing files.
 
 The decision is stored as JSON (``postprocessing.json``), never as a pickle; the file carries nnU-Net's own
 ``postprocessing.json`` keys (``postprocessing_fns``, ``postprocessing_kwargs``, ``input_folder``, ``postprocessed``),
-so nnU-Net's JSON can be read back and applied by nnfast too.
+so nnU-Net's JSON can be read back and applied by nnfast too. nnU-Net's ``postprocessing.pkl`` is read as well, through
+the data-only unpickler (:mod:`nnfast.io.safe_pickle`): its references to nnU-Net's
+``remove_all_but_largest_component_from_segmentation`` become that step, any other function is refused by name.
 
 Axis order: label maps as read from files, (z, y, x).
 """
@@ -59,6 +61,27 @@ POSTPROCESSING_POOL_MIN_VOXELS = 500_000_000
 APPLY_POOL_MIN_VOXELS = 250_000_000
 PLAN_SCHEMA_VERSION = 1
 _NNUNET_FN = "remove_all_but_largest_component_from_segmentation"
+
+
+_NNUNET_FN_MODULE = "nnunetv2.postprocessing.remove_connected_components"
+
+
+def _read_nnunet_pkl(path: Path) -> dict:
+    """nnU-Net's ``postprocessing.pkl`` (``(functions, kwargs)``) as the JSON form :meth:`PostprocessingPlan.from_json`
+    reads. The functions are references to nnU-Net's code: its largest-component function is mapped to its name
+    (nothing is imported), any other reference is refused by name (:mod:`nnfast.io.safe_pickle`)."""
+    from ..io.safe_pickle import load_data_pickle
+
+    data = load_data_pickle(
+        path, stand_ins={(_NNUNET_FN_MODULE, _NNUNET_FN): _NNUNET_FN},
+        refuse=lambda name: DatasetError(
+            f"`{path}` refers to `{name}`; nnfast applies only nnU-Net's `{_NNUNET_FN_MODULE}.{_NNUNET_FN}` from a "
+            "postprocessing.pkl and loads nothing else from it (it could run code)"),
+        unreadable=lambda reason: DatasetError(f"`{path}` is not a readable nnU-Net postprocessing.pkl ({reason})"))
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise DatasetError(f"`{path}` holds a {type(data).__name__}; nnU-Net's postprocessing.pkl holds the pair "
+                           "(functions, kwargs)")
+    return {"postprocessing_fns": list(data[0]), "postprocessing_kwargs": list(data[1])}
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -210,8 +233,10 @@ class PostprocessingPlan:
 
         path = Path(path)
         if path.suffix == ".pkl":
-            raise DatasetError(f"`{path}` is a pickle; nnfast reads postprocessing plans only as JSON (nnU-Net writes "
-                               "postprocessing.json next to postprocessing.pkl: pass that file)")
+            if not path.is_file():
+                raise DatasetError(f"nnU-Net postprocessing pickle `{path}` does not exist (nnUNetv2_find_best_"
+                                   "configuration writes postprocessing.pkl into the cross-validation folder)")
+            return cls.from_json(_read_nnunet_pkl(path), where=f"`{path}`")
         if not path.is_file():
             raise CaseNotFoundError(f"postprocessing plan `{path}` does not exist; `nnfast find-best` writes one")
         return cls.from_json(read_json(path), where=f"`{path}`")

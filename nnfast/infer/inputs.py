@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CaseNotFoundError, GeometryError, ImageReadError
 
-__all__ = ["CaseInput", "list_cases", "cases_from_file_lists", "read_case", "preprocess_input"]
+__all__ = ["CaseInput", "list_cases", "cases_from_file_lists", "read_case", "preprocess_image", "preprocess_input"]
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +173,43 @@ def read_case(case: CaseInput):
     return data, ref
 
 
+def preprocess_image(data: np.ndarray, spacing: Sequence[float], plans, config_name: str,
+                     foreground_labels: Sequence[int] = (), previous_stage: np.ndarray | None = None,
+                     case_id: str | None = None, where: str = "the previous-stage segmentation"
+                     ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Preprocess an image held in memory exactly as for training (:func:`nnfast.preprocess.pipeline.preprocess_arrays`).
+
+    ``data`` is ``(c, z, y, x)`` in the reader's order with ``spacing`` in the same order (nnU-Net's readers'
+    convention). For the cascade's second stage ``previous_stage`` (the first stage's label map, ``(z, y, x)`` or
+    ``(1, z, y, x)``) is preprocessed as the label map (cropped, resampled like labels) and appended as one float32
+    channel per foreground label (nnU-Net's ``convert_labelmap_to_one_hot``).
+
+    Returns
+    -------
+    data : ndarray (c, x, y, z) float32, preprocessed, nnU-Net axis order
+    properties : dict (:func:`preprocess_arrays`'s)
+    """
+    from ..preprocess.pipeline import preprocess_arrays
+
+    seg = None
+    if previous_stage is not None:
+        seg = previous_stage if previous_stage.ndim == data.ndim else previous_stage[None]
+        if seg.shape[1:] != data.shape[1:]:
+            raise GeometryError(f"{where} has shape {tuple(seg.shape[1:])} but the image has {tuple(data.shape[1:])}")
+    data, seg, props, _ = preprocess_arrays(data, seg, tuple(spacing), plans, config_name, case_id or "",
+                                            with_class_locations=False)
+    if previous_stage is not None:
+        onehot = np.empty((len(foreground_labels), *data.shape[1:]), np.float32)
+        for i, lab in enumerate(foreground_labels):
+            np.equal(seg[0], lab, out=onehot[i], casting="unsafe")
+        data = np.concatenate([data, onehot])
+    return data, props
+
+
 def preprocess_input(case: CaseInput, plans, config_name: str, foreground_labels: Sequence[int] = ()
                      ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read ``case`` and preprocess it exactly as for training (:func:`nnfast.preprocess.pipeline.preprocess_arrays`).
-
-    For the cascade's second stage (``case.previous_stage_file`` set) the previous stage's segmentation is
-    preprocessed as the label map (cropped, resampled like labels) and appended as one float32 channel per
-    foreground label (nnU-Net's ``convert_labelmap_to_one_hot``).
+    """Read ``case`` and preprocess it exactly as for training (:func:`preprocess_image`; the cascade's second stage
+    reads ``case.previous_stage_file``).
 
     Returns
     -------
@@ -187,22 +217,13 @@ def preprocess_input(case: CaseInput, plans, config_name: str, foreground_labels
     properties : dict (:func:`preprocess_arrays`'s plus ``case_id``, ``geometry``, ``image_files``)
     """
     from ..io.image import read_label
-    from ..preprocess.pipeline import preprocess_arrays
 
     data, geom = read_case(case)
-    seg = None
+    prev = None
     if case.previous_stage_file is not None:
-        seg, sgeom = read_label(case.previous_stage_file)
-        if seg.shape[1:] != data.shape[1:]:
-            raise GeometryError(f"previous-stage segmentation `{case.previous_stage_file}` has shape {seg.shape[1:]} "
-                                f"but the image has {data.shape[1:]}")
-    data, seg, props, _ = preprocess_arrays(data, seg, geom.spacing, plans, config_name, case.case_id,
-                                            with_class_locations=False)
-    if case.previous_stage_file is not None:
-        onehot = np.empty((len(foreground_labels), *data.shape[1:]), np.float32)
-        for i, lab in enumerate(foreground_labels):
-            np.equal(seg[0], lab, out=onehot[i], casting="unsafe")
-        data = np.concatenate([data, onehot])
+        prev, _ = read_label(case.previous_stage_file)
+    data, props = preprocess_image(data, geom.spacing, plans, config_name, foreground_labels, prev, case.case_id,
+                                   where=f"previous-stage segmentation `{case.previous_stage_file}`")
     props["case_id"] = case.case_id
     props["geometry"] = geom.to_json()
     props["image_files"] = [str(p) for p in case.image_files]

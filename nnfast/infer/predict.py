@@ -182,6 +182,7 @@ def predict_folder(
     *,
     progress: Progress | None = None,
     logits_hook: Callable[[str, np.ndarray, dict], None] | None = None,
+    model: TrainedModel | None = None,
 ) -> PredictionReport:
     """Predict every case of ``inputs`` and write ``<case><ending>`` to ``output_folder``.
 
@@ -200,6 +201,8 @@ def predict_folder(
         ``logits_hook(case_id, logits, properties)`` in an export thread after the case is written, with the fold
         average of the logits ``(C, x, y, z)`` float32 on the preprocessed grid (the final validation of a cascade's
         first stage writes the next stage's inputs with it); an exception fails that case.
+    model : TrainedModel, optional
+        An already loaded model (:class:`nnfast.infer.api.Predictor` loads once); default: loaded from ``options``.
 
     Returns
     -------
@@ -215,7 +218,7 @@ def predict_folder(
 
     opts = options if options is not None else PredictOptions()
     t_start = time.perf_counter()
-    model = _resolve_model(opts)
+    model = model if model is not None else _resolve_model(opts)
     out_dir = Path(output_folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     ending = model.file_ending
