@@ -374,7 +374,8 @@ class LabelManager:
         return self.segmentation_from_probabilities(logits)
 
     # ---------------------------------------------------------------------------------------- training targets
-    def region_targets(self, seg: np.ndarray, *, with_ignore: bool = True) -> np.ndarray:
+    def region_targets(self, seg: np.ndarray, *, with_ignore: bool = True, out: np.ndarray | None = None
+                       ) -> np.ndarray:
         """Region channels of a label map (batchgeneratorsv2's ``ConvertSegmentationToRegionsTransform`` on
         nnU-Net's ``foreground_regions`` + ``[ignore_label]``).
 
@@ -385,16 +386,22 @@ class LabelManager:
         with_ignore : bool
             Append a channel ``seg == ignore_label`` when the dataset has one (nnU-Net's trainer does; its loss
             masks with it).
+        out : ndarray (n_regions [+ 1], *spatial), optional
+            Written in place (any numeric or bool dtype; e.g. a loader's int16 batch slot) and returned.
 
         Returns
         -------
-        ndarray of bool, (n_regions [+ 1], *spatial)
+        ndarray of bool (or ``out``'s dtype), (n_regions [+ 1], *spatial)
             Channel ``i`` is ``isin(seg, region_i)``.
         """
         regions = list(self.foreground_regions)
         if with_ignore and self.has_ignore_label:
             regions.append(self.ignore_label)
-        out = np.zeros((len(regions), *seg.shape), bool)
+        if out is None:
+            out = np.zeros((len(regions), *seg.shape), bool)
+        elif out.shape != (len(regions), *seg.shape):
+            raise GeometryError(f"region targets of a {seg.shape} label map have shape {(len(regions), *seg.shape)}, "
+                                f"the output array has {out.shape}")
         for i, r in enumerate(regions):
             members = _members(r)
             if len(members) == 1:

@@ -48,7 +48,7 @@ from .. import __version__
 from ..device import DeviceChoice, resolve_device
 from ..errors import DatasetError, PlanError, SettingsError
 from ..io.atomic import write_json_atomic
-from ..layout import (PLANS_IDENTIFIER, SPLITS_FILE, SUMMARY_FILE, TRAINER_NAME, Fold, case_store_folder, check_fold,
+from ..layout import (DATASET_JSON, PLANS_IDENTIFIER, SPLITS_FILE, SUMMARY_FILE, TRAINER_NAME, Fold, case_store_folder, check_fold,
                       checkpoint_file, fold_name, previous_stage_folder, trainer_folder, validation_folder)
 from ..settings import Settings, find_dataset_folder
 from ..splits import fold_cases, load_or_create_splits
@@ -119,20 +119,29 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
-def _labels(plans) -> tuple[int, int | None]:
-    """(number of segmentation heads, ignore label) of label (non-region) training."""
+def _labels(plans, pre_dir: Path):
+    """The dataset's :class:`~nnfast.labels.LabelManager`: region training (``regions_class_order`` from the
+    preprocessed folder's dataset.json, checked now, not after training) or labels ``0..C-1``."""
     from ..labels import LabelManager
 
     lm = LabelManager.from_plans(plans)
     if lm.has_regions:
-        regions = [k for k, v in lm.labels.items() if isinstance(v, tuple) and len(v) > 1]
-        raise SettingsError(f"dataset {plans.dataset_name} defines regions ({', '.join(regions)}); nnfast trains "
-                            "label maps only (region-based training is not implemented in nnfast.data / "
-                            "nnfast.train.loss)")
+        djson = pre_dir / DATASET_JSON
+        try:
+            rco = json.loads(djson.read_text(encoding="utf-8")).get("regions_class_order")
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{plans.dataset_name} defines regions, so training needs `regions_class_order` from "
+                               f"`{djson}`, which cannot be read ({e}); run `nnfast preprocess` again") from None
+        lm = LabelManager.from_plans(plans, rco)
+        try:
+            lm.check_regions_class_order()
+        except PlanError as e:
+            raise PlanError(f"`{djson}`: {e}") from None
+        return lm
     values = list(lm.all_labels)
     if values != list(range(len(values))):
         raise PlanError(f"labels of {plans.dataset_name} must be 0..{len(values) - 1}, got {values}")
-    return lm.num_segmentation_heads, lm.ignore_label
+    return lm
 
 
 def _missing_previous_stage_error(task, dataset: str, config_name: str, prev: str, folder: Path,
@@ -260,7 +269,7 @@ def train(
     Raises
     ------
     SettingsError
-        Bad fold/device/settings, region labels, or a DDP launch without rendezvous variables.
+        Bad fold/device/settings, or a DDP launch without rendezvous variables.
     PlanError
         No plans, or plans changed since the run being resumed.
     DatasetError
@@ -358,14 +367,15 @@ class _Run:
         self.conf = self.plans.configuration(config_name)
         self.root = trainer_folder(settings.require("results"), self.dataset, config_name)
         self.out = self.root / fold_name(self.fold)
-        self.num_classes, self.ignore_label = _labels(self.plans)
+        self.labels = _labels(self.plans, self.pre_dir)
+        self.num_classes, self.ignore_label = self.labels.num_segmentation_heads, self.labels.ignore_label
         self.task = task
         self.prev_stage_dir = None
         self.cascade_labels: tuple[int, ...] | None = None
         if self.conf.previous_stage is not None:
             self.prev_stage_dir = previous_stage_folder(settings.require("results"), self.dataset,
                                                         self.conf.previous_stage, config_name)
-            self.cascade_labels = tuple(range(1, self.num_classes))
+            self.cascade_labels = self.labels.foreground_labels
         self.data_dir = case_store_folder(self.pre_dir, self.conf.data_identifier)
         from ..io.store import list_case_ids
 
@@ -523,12 +533,12 @@ class _Run:
             log.warning("torch.compile is only used on CUDA; training on %s without it", self.device)
 
         torch.manual_seed(cfg.seed)
-        in_ch = network_input_channels(self.plans, self.config_name, self.num_classes - 1)
+        in_ch = network_input_channels(self.plans, self.config_name, len(self.labels.foreground_labels))
         net = build_network(self.plans, self.config_name, in_ch, self.num_classes,
                             deep_supervision=cfg.deep_supervision).to(self.device)
         lowest = 1e-6 if (self.ctx.is_ddp and not do_compile) else 0.0  # nnU-Net: DDP needs a grad for every param
         loss_fn = build_loss(self.conf, self.ignore_label, deep_supervision=cfg.deep_supervision,
-                             lowest_weight=lowest, ddp=self.ctx.is_ddp)
+                             lowest_weight=lowest, ddp=self.ctx.is_ddp, regions=self.labels.has_regions)
         optimizer = build_optimizer(net.parameters(), cfg)
         scheduler = PolyLRScheduler.from_config(optimizer, cfg)
         model = _Model(net=net, plain_net=net, num_input_channels=in_ch, loss_fn=loss_fn, optimizer=optimizer,
@@ -581,13 +591,12 @@ class _Run:
             else max(0, int(opts.num_workers))
         nwv = (0 if nw == 0 else max(1, nw // 2)) if opts.num_workers_val is None \
             else max(0, int(opts.num_workers_val))
-        key = None
-        if self.ignore_label is not None:
-            key = tuple([-1] + list(range(self.num_classes)))
+        key = self.labels.annotated_classes_key
         spec = BatchSpec.from_plan(self.plans, self.config_name, num_channels=data.source.num_channels,
                                    patch_size=cfg.patch_size, batch_size=bs, deep_supervision=cfg.deep_supervision,
                                    oversample_foreground_percent=oversample, annotated_classes_key=key,
-                                   cascade_labels=self.cascade_labels)
+                                   cascade_labels=self.cascade_labels,
+                                   labels=self.labels if self.labels.has_regions else None)
         pin = self.device.type == "cuda"
 
         def make_loader(ids: list[str], num_workers: int, base_seed: int, train: bool, start_batch: int):
@@ -669,14 +678,16 @@ class _Run:
         """Validation loss and global pseudo-Dice per foreground class over this epoch's validation batches."""
         from .step import pseudo_dice, validation_step
 
-        n_fg = self.num_classes - 1
+        regions = self.labels.has_regions
+        n_fg = self.num_classes if regions else self.num_classes - 1  # every region head is foreground
         if self.val_loader is None:
             return float("nan"), [float("nan")] * n_fg
         self.net.eval()
         counts = torch.zeros((3, n_fg), dtype=torch.int64, device=self.device)
         loss_sum = torch.zeros((2,), dtype=torch.float64, device=self.device)  # (sum of losses, batches)
         for _ in range(self.cfg.num_val_iterations_per_epoch):
-            r = validation_step(self.net, next(self.val_loader), self.loss_fn, self.amp_dtype, self.ignore_label)
+            r = validation_step(self.net, next(self.val_loader), self.loss_fn, self.amp_dtype, self.ignore_label,
+                                regions)
             counts[0] += r.tp
             counts[1] += r.fp
             counts[2] += r.fn
