@@ -209,6 +209,7 @@ class TrainOptions:
     stop_after_epoch: int | None = None
     final_validation: FinalValidation | None = None
     save_probabilities: bool = False
+    pretrained_weights: str | os.PathLike | None = None
 
 
 def train(
@@ -226,6 +227,7 @@ def train(
     stop_after_epoch: int | None = None,
     final_validation: FinalValidation | None = None,
     save_probabilities: bool = False,
+    pretrained_weights: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``config_name`` on ``fold`` of ``task`` (see the module docstring for files and semantics).
 
@@ -265,6 +267,10 @@ def train(
     save_probabilities : bool
         The final validation also saves softmax probabilities (nnU-Net's ``--npz``, needed to ensemble
         configurations).
+    pretrained_weights : path, optional
+        Fine-tune: an nnfast or nnU-Net checkpoint whose weights initialise the network (nnU-Net's
+        ``-pretrained_weights``; :mod:`nnfast.train.pretrained`: every parameter but the segmentation heads and, with
+        another input channel count, the first convolution). Checked before any training work; not with ``resume``.
 
     Raises
     ------
@@ -277,7 +283,7 @@ def train(
     """
     options = TrainOptions(device=device, resume=resume, num_workers=num_workers, num_workers_val=num_workers_val,
                            progress=progress, stop_after_epoch=stop_after_epoch, final_validation=final_validation,
-                           save_probabilities=save_probabilities)
+                           save_probabilities=save_probabilities, pretrained_weights=pretrained_weights)
     run = _Run(task, settings, config_name, fold, train_config, options)
     try:
         return run.execute()
@@ -384,6 +390,26 @@ class _Run:
             raise DatasetError(f"`{self.data_dir}` holds no preprocessed cases; run `nnfast preprocess --task {task} "
                                f"--config {config_name}` first")
         self.train_config_arg = train_config
+        self.pretrained = self._check_pretrained(options.pretrained_weights)
+
+    def _check_pretrained(self, path) -> tuple[Path, dict] | None:
+        """Read the pretrained weights and check them against this configuration's network (built on the meta
+        device: no memory, no time) before anything is written."""
+        if path is None:
+            return None
+        from ..network import build_network, network_input_channels
+        from .pretrained import plan_pretrained, read_network_weights
+
+        if self.resume:
+            raise SettingsError("--pretrained-weights starts a new training from those weights; it cannot be "
+                                "combined with --resume (nnU-Net refuses the same)")
+        path = Path(path)
+        weights = read_network_weights(path)
+        in_ch = network_input_channels(self.plans, self.config_name, len(self.labels.foreground_labels))
+        with torch.device("meta"):
+            net = build_network(self.plans, self.config_name, in_ch, self.num_classes)
+        plan_pretrained(net, weights, path)
+        return path, weights
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -541,6 +567,12 @@ class _Run:
                              lowest_weight=lowest, ddp=self.ctx.is_ddp, regions=self.labels.has_regions)
         optimizer = build_optimizer(net.parameters(), cfg)
         scheduler = PolyLRScheduler.from_config(optimizer, cfg)
+        if self.pretrained is not None and ckpt is None:
+            from .pretrained import load_pretrained_weights
+
+            plan = load_pretrained_weights(net, *self.pretrained)
+            self.logfile.write(f"pretrained weights from {plan.path}: {len(plan.copied)} entries copied; kept "
+                               "initialised: " + ("; ".join(f"{k} ({why})" for k, why in plan.skipped) or "none"))
         model = _Model(net=net, plain_net=net, num_input_channels=in_ch, loss_fn=loss_fn, optimizer=optimizer,
                        scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, compiled=do_compile)
         if ckpt is not None:
