@@ -2,7 +2,8 @@
 ``validation_step`` / ``on_validation_epoch_end``), plus the device-dependent AMP / compile decisions.
 
 Batches are dicts like nnU-Net's loader yields: ``data`` float ``(b, c, *patch)`` and ``target`` either a label map
-``(b, 1, *patch)`` or, with deep supervision, a list of label maps highest resolution first (spatial axes in nnU-Net
+``(b, 1, *patch)`` (region training: region channels ``(b, r [+ 1], *patch)``) or, with deep supervision, a list of
+them highest resolution first (spatial axes in nnU-Net
 order). Tensors are moved to the network's device with ``non_blocking=True`` (pin them in the loader).
 
 Both steps return tensors that stay on the device (no synchronisation per step); call ``float()`` / ``.cpu()`` when

@@ -15,6 +15,11 @@ The cascade (``3d_cascade_fullres``): the network gets one extra input channel p
 final validation of each ``3d_lowres`` fold fills for its validation cases (:mod:`nnfast.infer.validation`). Every
 case of the fold must have one before training starts.
 
+Region labels (:attr:`nnfast.labels.LabelManager.has_regions`): one sigmoid head per region, region targets from the
+loader, Dice + BCE (:class:`~nnfast.train.loss.DiceBCELoss`), pseudo-Dice per region (logit > 0);
+``regions_class_order`` comes from the preprocessed folder's dataset.json and is checked before training.
+Fine-tuning (``pretrained_weights``): :mod:`nnfast.train.pretrained`, checked before anything is written.
+
 After the last epoch the caller's ``final_validation`` callable (``nnfast train`` passes
 :func:`nnfast.infer.validation.validate_fold`) predicts and scores the fold's validation cases; this package imports
 neither :mod:`nnfast.infer` nor :mod:`nnfast.evaluate`.
