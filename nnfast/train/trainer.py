@@ -53,8 +53,9 @@ from .. import __version__
 from ..device import DeviceChoice, resolve_device
 from ..errors import DatasetError, PlanError, SettingsError
 from ..io.atomic import write_json_atomic
-from ..layout import (DATASET_JSON, PLANS_IDENTIFIER, SPLITS_FILE, SUMMARY_FILE, TRAINER_NAME, Fold, case_store_folder, check_fold,
-                      checkpoint_file, fold_name, previous_stage_folder, trainer_folder, validation_folder)
+from ..layout import (DATASET_JSON, PLANS_IDENTIFIER, SPLITS_FILE, SUMMARY_FILE, TRAINER_NAME, Fold, case_store_folder,
+                      check_fold, checkpoint_file, fold_name, previous_stage_folder, trainer_folder,
+                      validation_folder)
 from ..settings import Settings, find_dataset_folder
 from ..splits import fold_cases, load_or_create_splits
 from .checkpoint import (capture_rng_state, find_resume_checkpoint, load_checkpoint, restore_rng_state,
