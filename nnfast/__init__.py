@@ -13,8 +13,9 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.plan``         experiment planning identical to nnU-Net v2's ExperimentPlanner; nnUNetPlans.json export.
 - ``nnfast.preprocess``   cropping, normalization, resampling, class locations, case stores; parallel, distributed, resumable.
 - ``nnfast.data``         patch sampling, augmentation, the multiprocess loader, the nnU-Net trainer drop-in.
-- ``nnfast.train``        Dice+CE with deep supervision, the training run (2d, 3d_fullres, 3d_lowres, the cascade),
-                          checkpoints, DDP; imports neither ``infer`` nor ``evaluate`` (the caller wires in the final
+- ``nnfast.train``        Dice+CE with deep supervision (Dice+BCE for regions), the training run (2d, 3d_fullres,
+                          3d_lowres, the cascade, region labels), checkpoints, DDP, fine-tuning from nnfast or nnU-Net
+                          weights (``train.pretrained``); imports neither ``infer`` nor ``evaluate`` (the caller wires in the final
                           validation).
 - ``nnfast.infer``        sliding-window prediction, export to the original geometry, model loading, the final
                           validation of a trained fold, the in-memory ``Predictor``, model zips (nnU-Net's layout).

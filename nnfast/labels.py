@@ -55,16 +55,25 @@ def parse_label_key(key: str) -> LabelOrRegion:
 
 
 # --------------------------------------------------------------------------------------------- validation
-def label_problems(labels: Any, *, check_numbering: bool = True) -> list[str]:
+#: ``label_problems(regions_class_order=...)`` left out: the order is not checked (the dataset.json's is passed).
+_NOT_GIVEN: Any = object()
+
+
+def label_problems(labels: Any, *, check_numbering: bool = True,
+                   regions_class_order: Any = _NOT_GIVEN) -> list[str]:
     """Every problem with the ``labels`` entry of a dataset.json (empty list when fine).
 
-    Labels are non-negative integers (lists of them for regions); background is 0; the plain (non-list) labels other
-    than ``ignore`` are consecutive from 0; the ignore label is the highest. Datasets whose regions are written as
-    lists beside non-consecutive plain labels are rejected by the consecutive rule today (nnfast trains label maps
-    only); accepting nnU-Net's region dataset.json is a change to this function alone.
+    Labels are non-negative integers (lists of them for regions); background is 0; the ignore label is the
+    highest. Without regions the labels other than ``ignore`` are consecutive from 0. With regions (an entry lists
+    several labels, nnU-Net's ``has_regions``; ``documentation/region_based_training.md``) the plain labels need not
+    be consecutive (``{"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3}``);
+    instead no region may contain background 0 or repeat another, and ``regions_class_order`` (dataset.json's, passed
+    here; None when the dataset.json has none) must list one label per foreground region, each a label the regions
+    use. Left out, ``regions_class_order`` is not checked.
 
-    ``check_numbering=False`` checks the entries only (not background, consecutiveness and the ignore label):
-    :func:`nnfast.io.dataset.dataset_json_problems` does so when the dataset.json has other problems already.
+    ``check_numbering=False`` checks the entries only (not background, consecutiveness, the ignore label and the
+    regions): :func:`nnfast.io.dataset.dataset_json_problems` does so when the dataset.json has other problems
+    already.
     """
     if not isinstance(labels, dict) or not labels:
         return [f"`labels` must be a non-empty object such as {{\"background\": 0, \"organ\": 1}}, found {labels!r}"]
@@ -77,6 +86,8 @@ def label_problems(labels: Any, *, check_numbering: bool = True) -> list[str]:
             problems.append(f"label `{k}` is negative ({v!r}); labels must be non-negative integers")
     if problems or not check_numbering:
         return problems
+    if any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values()):
+        return _region_problems(labels, regions_class_order)
     plain = sorted(int(v) for k, v in labels.items() if not isinstance(v, (list, tuple)) and k != "ignore")
     if 0 not in plain and not any(isinstance(v, (list, tuple)) for v in labels.values()):
         problems.append("`labels` must declare background as 0")
@@ -85,6 +96,45 @@ def label_problems(labels: Any, *, check_numbering: bool = True) -> list[str]:
     ign = labels.get("ignore")
     if isinstance(ign, int) and plain and ign <= max(plain):
         problems.append(f"the ignore label ({ign}) must be the highest label (others go up to {max(plain)})")
+    return problems
+
+
+def _region_problems(labels: dict, regions_class_order: Any) -> list[str]:
+    """:func:`label_problems` of a region dataset (entries already checked to be non-negative integers)."""
+    problems = []
+    ign = labels.get("ignore")
+    if isinstance(ign, (list, tuple)):
+        return [f"the ignore label must be one integer, found {ign!r}"]
+    entries = {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in labels.items() if k != "ignore"}
+    if (0,) not in entries.values():
+        problems.append("`labels` must declare background as 0 (e.g. \"background\": 0)")
+    used = sorted({x for m in entries.values() for x in m})
+    if isinstance(ign, int) and used and ign <= max(used):
+        problems.append(f"the ignore label ({ign}) must be the highest label (the regions use up to {max(used)})")
+    regions = {k: m for k, m in entries.items() if m != (0,)}
+    seen: dict[frozenset, str] = {}
+    for k, m in regions.items():
+        if 0 in m:
+            problems.append(f"region `{k}` {list(m)} contains background 0; a region is a union of foreground labels")
+        if frozenset(m) in seen:
+            problems.append(f"regions `{seen[frozenset(m)]}` and `{k}` are the same labels {sorted(set(m))}")
+        seen.setdefault(frozenset(m), k)
+    rco = regions_class_order
+    if rco is _NOT_GIVEN:
+        return problems
+    if rco is None:
+        problems.append(f"the labels define {len(regions)} regions ({', '.join(regions)}) but `regions_class_order` "
+                        f"is missing; add e.g. \"regions_class_order\": {[min(m) for m in regions.values()]} (the "
+                        "label each region paints, in painting order)")
+    elif not isinstance(rco, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in rco):
+        problems.append(f"`regions_class_order` must be a list of integer labels, found {rco!r}")
+    else:
+        if len(rco) != len(regions):
+            problems.append(f"`regions_class_order` {list(rco)} has {len(rco)} entries but the labels define "
+                            f"{len(regions)} regions ({', '.join(regions)}); give one label per region")
+        bad = [x for x in rco if x not in used or x == 0]
+        if bad:
+            problems.append(f"`regions_class_order` {list(rco)} names {bad}, which no region uses (labels {used[1:]})")
     return problems
 
 
@@ -326,7 +376,8 @@ class LabelManager:
         return self.segmentation_from_probabilities(logits)
 
     # ---------------------------------------------------------------------------------------- training targets
-    def region_targets(self, seg: np.ndarray, *, with_ignore: bool = True) -> np.ndarray:
+    def region_targets(self, seg: np.ndarray, *, with_ignore: bool = True, out: np.ndarray | None = None
+                       ) -> np.ndarray:
         """Region channels of a label map (batchgeneratorsv2's ``ConvertSegmentationToRegionsTransform`` on
         nnU-Net's ``foreground_regions`` + ``[ignore_label]``).
 
@@ -337,23 +388,38 @@ class LabelManager:
         with_ignore : bool
             Append a channel ``seg == ignore_label`` when the dataset has one (nnU-Net's trainer does; its loss
             masks with it).
+        out : ndarray (n_regions [+ 1], *spatial), optional
+            Written in place (any numeric or bool dtype; e.g. a loader's int16 batch slot) and returned.
 
         Returns
         -------
-        ndarray of bool, (n_regions [+ 1], *spatial)
+        ndarray of bool (or ``out``'s dtype), (n_regions [+ 1], *spatial)
             Channel ``i`` is ``isin(seg, region_i)``.
         """
         regions = list(self.foreground_regions)
         ignore = self.ignore_label
         if with_ignore and ignore is not None:  # self.has_ignore_label
             regions.append(ignore)
-        out = np.zeros((len(regions), *seg.shape), bool)
+        if out is None:
+            out = np.zeros((len(regions), *seg.shape), bool)
+        elif out.shape != (len(regions), *seg.shape):
+            raise GeometryError(f"region targets of a {seg.shape} label map have shape {(len(regions), *seg.shape)}, "
+                                f"the output array has {out.shape}")
+        top = max((max(_members(r)) for r in regions), default=0)
+        small = seg.dtype.kind in "iub" and seg.size and 0 <= int(seg.min()) and int(seg.max()) <= max(top, 255)
         for i, r in enumerate(regions):
             members = _members(r)
             if len(members) == 1:
-                np.equal(seg, members[0], out=out[i])
+                np.equal(seg, members[0], out=out[i], casting="unsafe")
+            elif small:  # a lookup table: one gather instead of np.isin's sort-based membership test
+                lut = np.zeros(max(top, int(seg.max())) + 1, bool)
+                lut[list(members)] = True
+                if out.dtype == np.bool_:
+                    np.take(lut, seg, out=out[i], mode="clip")
+                else:
+                    np.copyto(out[i], np.take(lut, seg, mode="clip"), casting="unsafe")
             else:
-                out[i] = np.isin(seg, members)
+                np.copyto(out[i], np.isin(seg, members), casting="unsafe")
         return out
 
     def one_hot(self, seg: np.ndarray, dtype=np.bool_) -> np.ndarray:

@@ -103,3 +103,58 @@ def make_raw_dataset(
         "name": name,
     }, indent=2))
     return root
+
+
+#: nnU-Net's region dataset.json (``documentation/region_based_training.md``): label files hold 1 oedema,
+#: 2 non-enhancing tumour, 3 enhancing tumour; the network predicts the nested regions.
+BRATS_REGION_LABELS = {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": [3]}
+BRATS_REGIONS_CLASS_ORDER = [1, 2, 3]
+
+
+def brats_case(shape, rng, n_channels: int = 2) -> tuple[list[np.ndarray], np.ndarray]:
+    """A BraTS-like case: a head (0 outside) with a nested tumour, whole (label 1..3) > core (2..3) > enhancing (3).
+
+    Each channel sees a different contrast of the three tissues, so no single channel separates all regions (as in
+    BraTS: oedema shows in FLAIR, the enhancing rim in T1c). Returns ``(channels, labels)`` in (z, y, x) order.
+    """
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    head = (zz / 0.9) ** 2 + (yy / 0.85) ** 2 + (xx / 0.85) ** 2 < 1
+    c = rng.uniform(-0.2, 0.2, 3)
+    r = rng.uniform(0.4, 0.55, 3)
+    dist = np.sqrt(((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2)
+    seg = np.zeros(shape, np.uint8)
+    seg[(dist < 1) & head] = 1                       # oedema: the whole tumour's outer shell
+    seg[(dist < 0.65) & head] = 3                    # enhancing rim
+    seg[(dist < 0.4) & head] = 2                     # necrotic / non-enhancing centre (core, not enhancing)
+    contrast = [(1.6, 0.8, 0.9), (0.9, 0.5, 1.7), (1.3, 1.2, 0.4), (0.7, 1.5, 1.1)]  # per channel: labels 1, 2, 3
+    chans = []
+    for ch in range(n_channels):
+        im = np.where(head, 1.0 + rng.normal(0, 0.08, shape), 0.0)
+        for lab, k in zip((1, 2, 3), contrast[ch % len(contrast)]):
+            im[seg == lab] = k + rng.normal(0, 0.08, int((seg == lab).sum()))
+        im[~head] = 0
+        chans.append((300 * im).astype(np.float32))
+    return chans, seg
+
+
+def make_brats_dataset(raw_root: Path, dataset_id: int, name: str, shapes: Sequence[tuple[int, int, int]],
+                       spacing=(1.0, 1.0, 1.0), *, n_channels: int = 2, seed: int = 0,
+                       labels: dict | None = None, regions_class_order: Sequence[int] | None = None) -> Path:
+    """Write a BraTS-like raw region dataset ``Dataset{id:03d}_{name}`` (nnU-Net's region dataset.json)."""
+    rng = np.random.default_rng(seed)
+    root = raw_root / f"Dataset{dataset_id:03d}_{name}"
+    names = ("FLAIR", "T1c", "T2", "T1")
+    for i, shape in enumerate(shapes):
+        cid = f"case_{i:03d}"
+        chans, seg = brats_case(shape, rng, n_channels)
+        for c, im in enumerate(chans):
+            write_image(im, root / "imagesTr" / f"{cid}_{c:04d}.nii.gz", spacing)
+        write_image(seg, root / "labelsTr" / f"{cid}.nii.gz", spacing)
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(c): names[c] for c in range(n_channels)},
+        "labels": labels if labels is not None else BRATS_REGION_LABELS,
+        "regions_class_order": list(regions_class_order if regions_class_order is not None
+                                    else BRATS_REGIONS_CLASS_ORDER),
+        "numTraining": len(shapes), "file_ending": ".nii.gz", "name": name,
+    }, indent=2))
+    return root

@@ -169,3 +169,22 @@ def test_frozen_and_from_plans():
 def test_cheap_to_import():
     code = "import sys, nnfast.labels; assert 'torch' not in sys.modules and 'numba' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_region_label_problems():
+    """nnU-Net's region dataset.json is accepted (plain labels beside regions need not be consecutive); a missing or
+    short ``regions_class_order``, background inside a region and duplicate regions are problems."""
+    doc = {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3}
+    assert label_problems(doc, regions_class_order=[1, 2, 3]) == []
+    assert label_problems({**doc, "ignore": 4}, regions_class_order=[1, 2, 3]) == []
+    LabelManager(doc, [1, 2, 3]).check_regions_class_order()  # and nnU-Net builds the same labels
+    _theirs(doc, [1, 2, 3])
+    (missing,) = label_problems(doc, regions_class_order=None)
+    assert "`regions_class_order` is missing" in missing and "[1, 2, 3]" in missing
+    (short,) = label_problems(doc, regions_class_order=[1, 2])
+    assert "has 2 entries but the labels define 3 regions (whole_tumor, tumor_core, enhancing_tumor)" in short
+    assert "names [7]" in label_problems(doc, regions_class_order=[1, 2, 7])[0]
+    assert "contains background 0" in label_problems({**doc, "bad": [0, 1]}, regions_class_order=[1, 2, 3, 1])[0]
+    assert "are the same labels [2, 3]" in label_problems({**doc, "again": [3, 2]},
+                                                          regions_class_order=[1, 2, 3, 2])[0]
+    assert "must be the highest" in label_problems({**doc, "ignore": 2}, regions_class_order=[1, 2, 3])[0]

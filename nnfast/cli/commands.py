@@ -279,7 +279,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     res = train(args.task, settings, args.config, fold, cfg, device=args.device, resume=args.resume,
                 num_workers=args.workers, progress=report, stop_after_epoch=args.stop_after_epoch,
-                final_validation=None if args.no_val else _final_validation(), save_probabilities=args.npz)
+                final_validation=None if args.no_val else _final_validation(), save_probabilities=args.npz,
+                pretrained_weights=args.pretrained_weights)
     if not quiet:
         state = "finished" if res.finished else f"stopped after {res.epochs_completed} of {res.num_epochs} epochs"
         best = "n/a" if res.best_ema is None else f"{res.best_ema:.4f}"

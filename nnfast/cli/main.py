@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-best", action="store_true", help="validate checkpoint_best instead of checkpoint_final")
     p.add_argument("--npz", action="store_true", help="the final validation also saves softmax probabilities "
                                                      "(needed to ensemble configurations)")
+    p.add_argument("--pretrained-weights", metavar="CKPT",
+                   help="fine-tune: initialise the network from an nnfast .pt or nnU-Net .pth checkpoint (all but "
+                        "the segmentation heads; nnU-Net's -pretrained_weights)")
     _add_roots(p)
     _add_common(p)
 

@@ -30,7 +30,11 @@ augmentations), drawn after the intensity parameters.
 Batch layout (nnU-Net's): ``data`` float32 ``(b, c, *patch_size)`` (``c`` = image channels, plus the cascade's
 one-hot channels); ``target`` one int16 ``(b, 1, *shape_k)``
 array per deep-supervision scale (highest resolution first), or one ``(b, 1, *patch_size)`` array without deep
-supervision; ``keys`` the case ids. Axes are nnU-Net's ``(x, y, z)`` after transposition.
+supervision; ``keys`` the case ids. Region training (``BatchSpec.labels`` set, a
+:class:`~nnfast.labels.LabelManager` with regions): each target is ``(b, r, *shape_k)`` int16 0/1, one channel per
+foreground region plus, with an ignore label, the ignore mask last (:meth:`~nnfast.labels.LabelManager.region_targets`
+of the label map at that scale; nnU-Net converts before ``DownsampleSegForDSTransform``, and nearest-exact
+downsampling commutes with a voxel-wise conversion, so the targets are the same). Axes are nnU-Net's ``(x, y, z)`` after transposition.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ from .sampler import SamplerConfig, forced_foreground, get_bbox, sample_batch_ca
 from .transforms import augment_sample, deep_supervision_targets
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..labels import LabelManager
     from ..plan.schema import Plans
 
 __all__ = ["BatchSpec", "BatchArrays", "BatchBuilder", "batch_rng", "allocate_batch", "check_source"]
@@ -84,6 +89,8 @@ class BatchSpec:
     cascade_labels : tuple of int or None
         The cascade: the foreground labels, one extra input channel each, made from the previous stage's
         segmentation (the source must read it as a second label channel).
+    labels : LabelManager or None
+        Region training: the dataset's labels (with regions); targets become region channels. None: label maps.
     """
 
     augment: AugmentConfig
@@ -95,6 +102,7 @@ class BatchSpec:
     annotated_classes_key: tuple[int, ...] | None = None
     clip_to_sampled_box: bool = True
     cascade_labels: tuple[int, ...] | None = None
+    labels: "LabelManager | None" = None
     sampler: SamplerConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +116,8 @@ class BatchSpec:
                 raise SettingsError(f"BatchSpec: cascade_labels must be the foreground labels (>= 1), got "
                                  f"{self.cascade_labels}")
             object.__setattr__(self, "cascade_labels", labels)
+        if self.labels is not None and not self.labels.has_regions:
+            raise SettingsError(f"BatchSpec: labels are for region training; {self.labels!r} has no regions")
         ps = tuple(int(p) for p in self.augment.patch_size)
         initial = tuple(int(p) for p in (self.augment.initial_patch_size if self.train else ps))
         if len(ps) == 2:
@@ -121,10 +131,11 @@ class BatchSpec:
     def __getstate__(self) -> dict:
         return {k: getattr(self, k) for k in ("augment", "batch_size", "num_channels", "train",
                                               "oversample_foreground_percent", "probabilistic_oversampling",
-                                              "annotated_classes_key", "clip_to_sampled_box", "cascade_labels")}
+                                              "annotated_classes_key", "clip_to_sampled_box", "cascade_labels", "labels")}
 
     def __setstate__(self, state: dict) -> None:
         object.__setattr__(self, "cascade_labels", None)
+        object.__setattr__(self, "labels", None)
         for k, v in state.items():
             object.__setattr__(self, k, v)
         self.__post_init__()
@@ -153,12 +164,21 @@ class BatchSpec:
         return (int(self.batch_size), self.num_input_channels, *self.patch_size)
 
     @property
+    def num_target_channels(self) -> int:
+        """Channels of a target: 1 (a label map), or the region channels (plus the ignore mask)."""
+        if self.labels is None:
+            return 1
+        return len(self.labels.foreground_regions) + (1 if self.labels.has_ignore_label else 0)
+
+    @property
     def target_shapes(self) -> list[tuple[int, ...]]:
-        """``(b, 1, *shape)`` per deep-supervision scale (``round(patch * scale)``), or the patch's alone."""
+        """``(b, t, *shape)`` per deep-supervision scale (``round(patch * scale)``), or the patch's alone;
+        ``t`` = :attr:`num_target_channels`."""
         scales = self.augment.ds_scales
+        b, t = int(self.batch_size), self.num_target_channels
         if scales is None:
-            return [(int(self.batch_size), 1, *self.patch_size)]
-        return [(int(self.batch_size), 1, *(round(p * s) for p, s in zip(self.patch_size, sc))) for sc in scales]
+            return [(b, t, *self.patch_size)]
+        return [(b, t, *(round(p * s) for p, s in zip(self.patch_size, sc))) for sc in scales]
 
     @property
     def nbytes(self) -> int:
@@ -195,7 +215,7 @@ class BatchSpec:
             Override the plan's (a trainer's patch size; one DDP rank's share of the global batch).
         fields
             Further :class:`BatchSpec` fields: ``oversample_foreground_percent``, ``probabilistic_oversampling``,
-            ``annotated_classes_key``, ``clip_to_sampled_box``, ``cascade_labels``.
+            ``annotated_classes_key``, ``clip_to_sampled_box``, ``cascade_labels``, ``labels``.
 
         Raises
         ------
@@ -310,7 +330,8 @@ class BatchBuilder:
         self._case_ids = list(source.case_ids)
         self._scratch = _Scratch()
         sc = spec.augment.ds_scales
-        self._first_is_full = sc is None or all(v == 1 for v in sc[0])
+        # the full-resolution label map can be written straight into the batch (not for region targets)
+        self._first_is_full = (sc is None or all(v == 1 for v in sc[0])) and spec.labels is None
 
     def allocate(self) -> BatchArrays:
         return allocate_batch(self.spec)
@@ -389,6 +410,11 @@ class BatchBuilder:
         self._store_targets(seg, deep_supervision_targets(seg, spec.augment.ds_scales), out, j)
 
     def _store_targets(self, seg: np.ndarray, targets: list[np.ndarray] | None, out: BatchArrays, j: int) -> None:
+        lm = self.spec.labels
+        if lm is not None:  # ConvertSegmentationToRegionsTransform, at every scale
+            for k, t in enumerate(targets if targets is not None else [seg]):
+                lm.region_targets(t[0], out=out.targets[k][j])
+            return
         if targets is None:
             if not np.shares_memory(seg, out.targets[0][j]):
                 out.targets[0][j] = seg

@@ -44,7 +44,9 @@ and only the default ``nnUNetTrainer`` augmentation: a trainer variant that over
 (``3d_cascade_fullres``) reads the previous stage's segmentations from the trainer's
 ``folder_with_segs_from_previous_stage`` (nnU-Net's ``predicted_next_stage`` ``.b2nd`` files; with nnfast stores,
 from ``previous_stage_folder=`` / ``NNFAST_LOADER_PREVIOUS_STAGE``: nnfast's own ``predicted_next_stage`` folder).
-Not supported (``NotImplementedError``): region-based training.
+Region-based training (the trainer's ``label_manager.has_regions``): targets are region channels (the ignore mask
+last), built from the label map at every deep-supervision scale, which nnU-Net's ``DC_and_BCE_loss`` and its
+region ``validation_step`` take as they are (int16 0/1 instead of bool: both cast).
 
 Importing this module does not need nnunetv2; only :class:`nnUNetTrainerNnfastLoader` does (ImportError with
 the install hint otherwise).
@@ -57,7 +59,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from ..errors import DatasetError, NotSupportedError, SettingsError
+from ..errors import DatasetError, SettingsError
 from .augment_params import AugmentConfig
 from .batch import BatchSpec
 from .dataset import NnunetCaseSource, ZarrCaseSource
@@ -128,15 +130,15 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
 
     Raises
     ------
-    NotImplementedError
-        Region-based trainings.
     DatasetError
         The cascade and some case has no previous-stage segmentation (named, before any worker starts).
     """
     lm = trainer.label_manager
+    regions = None
     if lm.has_regions:
-        raise NotSupportedError("nnfast's loader does not implement region-based training "
-                                "(ConvertSegmentationToRegionsTransform); use nnU-Net's own loader for this dataset")
+        from ..labels import LabelManager
+
+        regions = LabelManager.from_dataset_json(trainer.dataset_json)
     try:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -189,7 +191,8 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
     spec = BatchSpec(augment=aug, batch_size=batch_size, num_channels=base.num_channels,
                      oversample_foreground_percent=float(trainer.oversample_foreground_percent),
                      probabilistic_oversampling=bool(trainer.probabilistic_oversampling),
-                     annotated_classes_key=key, cascade_labels=tuple(cascade_labels) if cascade_labels else None)
+                     annotated_classes_key=key, cascade_labels=tuple(cascade_labels) if cascade_labels else None,
+                     labels=regions)
     common = dict(pin_memory=pin, num_batches=None, num_cached=num_cached)
     n_tr, n_val = int(trainer.num_iterations_per_epoch), int(trainer.num_val_iterations_per_epoch)
     epoch = int(getattr(trainer, "current_epoch", 0))

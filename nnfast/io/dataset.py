@@ -101,7 +101,8 @@ def dataset_json_problems(d: Any) -> list[str]:
         elif sorted(cn.keys(), key=lambda k: (len(k), k)) != [str(i) for i in range(len(cn))]:
             problems.append(f"`channel_names` keys must be \"0\"..\"{len(cn) - 1}\", found {list(cn.keys())}")
     if "labels" in d:
-        problems.extend(label_problems(d["labels"], check_numbering=not problems))
+        problems.extend(label_problems(d["labels"], check_numbering=not problems,
+                                       regions_class_order=d.get("regions_class_order")))
     if "numTraining" in d and (not isinstance(d["numTraining"], int) or d["numTraining"] < 1):
         problems.append(f"`numTraining` must be a positive integer, found {d['numTraining']!r}")
     if "file_ending" in d and (not isinstance(d["file_ending"], str) or not d["file_ending"].startswith(".")):

@@ -1,6 +1,7 @@
 """Training building blocks reproducing nnU-Net v2's ``nnUNetTrainer`` defaults.
 
-- :mod:`nnfast.train.loss`     Dice + CE loss with deep supervision (nnU-Net's ``DC_and_CE_loss``).
+- :mod:`nnfast.train.loss`     Dice + CE loss with deep supervision (nnU-Net's ``DC_and_CE_loss``), Dice + BCE for
+  region training (``DC_and_BCE_loss``).
 - :mod:`nnfast.train.optim`    SGD (Nesterov) and the polynomial learning-rate schedule.
 - :mod:`nnfast.train.config`   :class:`~nnfast.train.config.TrainConfig` hyperparameters (JSON round trip).
 - :mod:`nnfast.train.step`     one training / validation step (AMP, gradient clipping, pseudo-Dice counts).
@@ -9,6 +10,8 @@
 - :mod:`nnfast.train.progress` per-epoch history, ``training_log.txt``, ``progress.{json,csv,png}``.
 - :mod:`nnfast.train.ddp`      process groups and nnU-Net's per-rank batch/oversampling split.
 - :mod:`nnfast.train.layout`   the copies of plans/dataset.json beside the checkpoints, ``train_config.json``.
+- :mod:`nnfast.train.pretrained` fine-tuning: nnfast/nnU-Net checkpoint weights into a new network
+  (nnU-Net's ``load_pretrained_weights``).
 
 Shared with inference, outside this package: the network (:mod:`nnfast.network`), the splits (:mod:`nnfast.splits`),
 the device rule (:mod:`nnfast.device`) and the folder layout (:mod:`nnfast.layout`). This package imports neither

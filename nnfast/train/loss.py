@@ -11,6 +11,11 @@ Reproduces ``nnunetv2/training/loss`` as ``nnUNetTrainer._build_loss`` configure
 - :class:`DiceCELoss` = ``DC_and_CE_loss(weight_ce=1, weight_dice=1)``: ``CE(logits, target[:, 0].long()) - dice``,
   so the total can be negative. With an ignore label those voxels are masked out of both terms (CE through
   ``ignore_index``; CE is 0 when every voxel is ignored).
+- :class:`DiceBCELoss` = ``DC_and_BCE_loss`` as configured for region training (one sigmoid channel per region):
+  ``BCEWithLogits(logits, y) + SoftDice(sigmoid(logits), y, do_bg=True)``. The target holds one 0/1 channel per
+  region (:meth:`nnfast.labels.LabelManager.region_targets`), with an ignore label one more channel last, which
+  masks both terms (BCE: ``sum(bce * mask) / max(sum(mask), 1e-8)``, the mask counted once per voxel as nnU-Net
+  does).
 - :class:`DeepSupervisionLoss` = ``DeepSupervisionWrapper``: ``sum_i w_i * loss(out_i, target_i)`` over the outputs of
   every decoder stage (highest resolution first), ``w_i = 2^-i``, lowest resolution weight 0, normalised to sum 1.
 
@@ -33,6 +38,7 @@ from .ddp import AllGatherGrad, is_distributed
 __all__ = [
     "SoftDiceLoss",
     "DiceCELoss",
+    "DiceBCELoss",
     "DeepSupervisionLoss",
     "deep_supervision_scales",
     "deep_supervision_weights",
@@ -185,6 +191,54 @@ class DiceCELoss(nn.Module):
         return loss
 
 
+class DiceBCELoss(nn.Module):
+    """nnU-Net's ``DC_and_BCE_loss`` (region training): ``weight_ce * BCEWithLogits + weight_dice * SoftDice``.
+
+    Parameters
+    ----------
+    batch_dice : bool
+        See :class:`SoftDiceLoss`.
+    use_ignore_label : bool
+        The target's last channel marks ignored voxels (nnU-Net's ``use_ignore_label``); they are excluded from both
+        terms.
+    weight_ce, weight_dice, smooth, ddp :
+        As in :class:`DiceCELoss` (the Dice includes every channel: ``do_bg=True``).
+    """
+
+    def __init__(self, batch_dice: bool = False, use_ignore_label: bool = False, weight_ce: float = 1.0,
+                 weight_dice: float = 1.0, smooth: float = 1e-5, ddp: bool = False) -> None:
+        super().__init__()
+        self.use_ignore_label = bool(use_ignore_label)
+        self.weight_ce = float(weight_ce)
+        self.weight_dice = float(weight_dice)
+        self.dc = SoftDiceLoss(batch_dice=batch_dice, do_bg=True, smooth=smooth, apply_softmax=False, ddp=ddp)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of ``logits`` ``(b, r, *spatial)`` against region targets ``(b, r [+ 1], *spatial)`` (bool, integer
+        or float 0/1; the extra last channel is the ignore mask with ``use_ignore_label``)."""
+        n = logits.shape[1] + (1 if self.use_ignore_label else 0)
+        if target.ndim != logits.ndim or target.shape[1] != n:
+            raise ShapeError(f"DiceBCELoss needs region targets of shape (b, {n}, *spatial) for {logits.shape[1]} "
+                             f"region outputs{' and the ignore channel' if self.use_ignore_label else ''}, got "
+                             f"{tuple(target.shape)}")
+        mask = None
+        if self.use_ignore_label:
+            mask = target[:, -1:] == 0
+            target = target[:, :-1]
+        y = target.to(torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=logits.device)
+        if self.weight_dice != 0:
+            loss = loss + self.weight_dice * self.dc(torch.sigmoid(logits), y, loss_mask=mask)
+        if self.weight_ce != 0:
+            if mask is None:
+                ce = F.binary_cross_entropy_with_logits(logits, y)
+            else:
+                ce = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * mask).sum() \
+                    / mask.sum(dtype=torch.float32).clamp_min(1e-8)
+            loss = loss + self.weight_ce * ce
+        return loss
+
+
 def deep_supervision_scales(strides: Sequence[Sequence[int]]) -> list[list[float]]:
     """Scale of every deep-supervision output relative to the patch (nnU-Net's ``_get_deep_supervision_scales``).
 
@@ -254,8 +308,9 @@ class DeepSupervisionLoss(nn.Module):
 
 
 def build_loss(config: ConfigurationPlan, ignore_label: int | None = None,
-               deep_supervision: bool = True, lowest_weight: float = 0.0, ddp: bool = False) -> nn.Module:
-    """The loss nnU-Net's trainer builds for a configuration (``nnUNetTrainer._build_loss``, label training).
+               deep_supervision: bool = True, lowest_weight: float = 0.0, ddp: bool = False,
+               regions: bool = False) -> nn.Module:
+    """The loss nnU-Net's trainer builds for a configuration (``nnUNetTrainer._build_loss``).
 
     Parameters
     ----------
@@ -270,13 +325,20 @@ def build_loss(config: ConfigurationPlan, ignore_label: int | None = None,
     ddp : bool
         The run is distributed (nnU-Net passes ``self.is_ddp``): with the plan's ``batch_dice`` the Dice terms are
         all-gathered over the ranks (see :class:`SoftDiceLoss`).
+    regions : bool
+        Region training (:attr:`nnfast.labels.LabelManager.has_regions`): :class:`DiceBCELoss` on region targets
+        (with an ignore label, their last channel is the ignore mask) instead of :class:`DiceCELoss`.
 
     Raises
     ------
     PlanError
         If the configuration's network has fewer than 2 stages.
     """
-    loss: nn.Module = DiceCELoss(batch_dice=config.batch_dice, ignore_label=ignore_label, ddp=ddp)
+    loss: nn.Module
+    if regions:
+        loss = DiceBCELoss(batch_dice=config.batch_dice, use_ignore_label=ignore_label is not None, ddp=ddp)
+    else:
+        loss = DiceCELoss(batch_dice=config.batch_dice, ignore_label=ignore_label, ddp=ddp)
     if not deep_supervision:
         return loss
     n_outputs = config.architecture.n_stages - 1

@@ -2,7 +2,8 @@
 ``validation_step`` / ``on_validation_epoch_end``), plus the device-dependent AMP / compile decisions.
 
 Batches are dicts like nnU-Net's loader yields: ``data`` float ``(b, c, *patch)`` and ``target`` either a label map
-``(b, 1, *patch)`` or, with deep supervision, a list of label maps highest resolution first (spatial axes in nnU-Net
+``(b, 1, *patch)`` (region training: region channels ``(b, r [+ 1], *patch)``) or, with deep supervision, a list of
+them highest resolution first (spatial axes in nnU-Net
 order). Tensors are moved to the network's device with ``non_blocking=True`` (pin them in the loader).
 
 Both steps return tensors that stay on the device (no synchronisation per step); call ``float()`` / ``.cpu()`` when
@@ -159,13 +160,16 @@ class ValidationResult:
 
 
 def validation_step(network: nn.Module, batch: Mapping[str, Any], loss_fn: nn.Module,
-                    amp_dtype: torch.dtype | None = None, ignore_label: int | None = None) -> ValidationResult:
-    """Loss and pseudo-Dice counts of one batch (nnU-Net's ``validation_step``, label training), without gradients.
+                    amp_dtype: torch.dtype | None = None, ignore_label: int | None = None,
+                    regions: bool = False) -> ValidationResult:
+    """Loss and pseudo-Dice counts of one batch (nnU-Net's ``validation_step``), without gradients.
 
     The loss is computed like in training (all deep-supervision outputs when the network returns a list); the
     counts use the highest-resolution output only: ``argmax`` over classes against the target, voxels with
     ``ignore_label`` excluded, background dropped. The target values must lie in ``[0, C)`` apart from
-    ``ignore_label``.
+    ``ignore_label``. With ``regions`` the target holds region channels (the ignore mask last when
+    ``ignore_label`` is set) and each output channel is its region, predicted where ``sigmoid > 0.5`` (logit > 0);
+    the counts are per region (``ValidationResult`` then has one entry per region).
     """
     device = _device_of(network)
     data = _to(batch["data"], device)
@@ -178,6 +182,8 @@ def validation_step(network: nn.Module, batch: Mapping[str, Any], loss_fn: nn.Mo
             output = output[0]
         if isinstance(target, (list, tuple)):
             target = target[0]
+        if regions:
+            return _region_counts(output, target, loss, ignore_label is not None)
         n_classes = output.shape[1]
         pred = output.argmax(1).reshape(-1)
         labels = (target[:, 0] if target.ndim == output.ndim else target).reshape(-1).long()
@@ -190,6 +196,25 @@ def validation_step(network: nn.Module, batch: Mapping[str, Any], loss_fn: nn.Mo
         fp = confusion.sum(0) - tp
         fn = confusion.sum(1) - tp
     return ValidationResult(loss=loss.detach().float(), tp=tp[1:], fp=fp[1:], fn=fn[1:])
+
+
+def _region_counts(output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor,
+                   has_ignore: bool) -> ValidationResult:
+    """Per-region TP/FP/FN of ``sigmoid(output) > 0.5`` against region targets (nnU-Net's ``get_tp_fp_fn_tn``
+    with the ignore mask)."""
+    pred = output > 0  # sigmoid(x) > 0.5 exactly where x > 0
+    if has_ignore:
+        keep = target[:, -1:] == 0
+        target = target[:, :-1]
+        pred = pred & keep
+        ref = (target != 0) & keep
+    else:
+        ref = target != 0
+    axes = [0, *range(2, output.ndim)]
+    tp = (pred & ref).sum(axes)
+    fp = (pred & ~ref).sum(axes)
+    fn = (~pred & ref).sum(axes)
+    return ValidationResult(loss=loss.detach().float(), tp=tp, fp=fp, fn=fn)
 
 
 def pseudo_dice(tp: Any, fp: Any, fn: Any) -> np.ndarray:

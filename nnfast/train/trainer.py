@@ -15,6 +15,11 @@ The cascade (``3d_cascade_fullres``): the network gets one extra input channel p
 final validation of each ``3d_lowres`` fold fills for its validation cases (:mod:`nnfast.infer.validation`). Every
 case of the fold must have one before training starts.
 
+Region labels (:attr:`nnfast.labels.LabelManager.has_regions`): one sigmoid head per region, region targets from the
+loader, Dice + BCE (:class:`~nnfast.train.loss.DiceBCELoss`), pseudo-Dice per region (logit > 0);
+``regions_class_order`` comes from the preprocessed folder's dataset.json and is checked before training.
+Fine-tuning (``pretrained_weights``): :mod:`nnfast.train.pretrained`, checked before anything is written.
+
 After the last epoch the caller's ``final_validation`` callable (``nnfast train`` passes
 :func:`nnfast.infer.validation.validate_fold`) predicts and scores the fold's validation cases; this package imports
 neither :mod:`nnfast.infer` nor :mod:`nnfast.evaluate`.
@@ -48,8 +53,9 @@ from .. import __version__
 from ..device import DeviceChoice, resolve_device
 from ..errors import DatasetError, PlanError, SettingsError
 from ..io.atomic import write_json_atomic
-from ..layout import (PLANS_IDENTIFIER, SPLITS_FILE, SUMMARY_FILE, TRAINER_NAME, Fold, case_store_folder, check_fold,
-                      checkpoint_file, fold_name, previous_stage_folder, trainer_folder, validation_folder)
+from ..layout import (DATASET_JSON, PLANS_IDENTIFIER, SPLITS_FILE, SUMMARY_FILE, TRAINER_NAME, Fold, case_store_folder,
+                      check_fold, checkpoint_file, fold_name, previous_stage_folder, trainer_folder,
+                      validation_folder)
 from ..settings import Settings, find_dataset_folder
 from ..splits import fold_cases, load_or_create_splits
 from .checkpoint import (capture_rng_state, find_resume_checkpoint, load_checkpoint, restore_rng_state,
@@ -119,20 +125,29 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
-def _labels(plans) -> tuple[int, int | None]:
-    """(number of segmentation heads, ignore label) of label (non-region) training."""
+def _labels(plans, pre_dir: Path):
+    """The dataset's :class:`~nnfast.labels.LabelManager`: region training (``regions_class_order`` from the
+    preprocessed folder's dataset.json, checked now, not after training) or labels ``0..C-1``."""
     from ..labels import LabelManager
 
     lm = LabelManager.from_plans(plans)
     if lm.has_regions:
-        regions = [k for k, v in lm.labels.items() if isinstance(v, tuple) and len(v) > 1]
-        raise SettingsError(f"dataset {plans.dataset_name} defines regions ({', '.join(regions)}); nnfast trains "
-                            "label maps only (region-based training is not implemented in nnfast.data / "
-                            "nnfast.train.loss)")
+        djson = pre_dir / DATASET_JSON
+        try:
+            rco = json.loads(djson.read_text(encoding="utf-8")).get("regions_class_order")
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{plans.dataset_name} defines regions, so training needs `regions_class_order` from "
+                               f"`{djson}`, which cannot be read ({e}); run `nnfast preprocess` again") from None
+        lm = LabelManager.from_plans(plans, rco)
+        try:
+            lm.check_regions_class_order()
+        except PlanError as e:
+            raise PlanError(f"`{djson}`: {e}") from None
+        return lm
     values = list(lm.all_labels)
     if values != list(range(len(values))):
         raise PlanError(f"labels of {plans.dataset_name} must be 0..{len(values) - 1}, got {values}")
-    return lm.num_segmentation_heads, lm.ignore_label
+    return lm
 
 
 def _missing_previous_stage_error(task, dataset: str, config_name: str, prev: str, folder: Path,
@@ -200,6 +215,7 @@ class TrainOptions:
     stop_after_epoch: int | None = None
     final_validation: FinalValidation | None = None
     save_probabilities: bool = False
+    pretrained_weights: str | os.PathLike | None = None
 
 
 def train(
@@ -217,6 +233,7 @@ def train(
     stop_after_epoch: int | None = None,
     final_validation: FinalValidation | None = None,
     save_probabilities: bool = False,
+    pretrained_weights: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``config_name`` on ``fold`` of ``task`` (see the module docstring for files and semantics).
 
@@ -256,11 +273,15 @@ def train(
     save_probabilities : bool
         The final validation also saves softmax probabilities (nnU-Net's ``--npz``, needed to ensemble
         configurations).
+    pretrained_weights : path, optional
+        Fine-tune: an nnfast or nnU-Net checkpoint whose weights initialise the network (nnU-Net's
+        ``-pretrained_weights``; :mod:`nnfast.train.pretrained`: every parameter but the segmentation heads and, with
+        another input channel count, the first convolution). Checked before any training work; not with ``resume``.
 
     Raises
     ------
     SettingsError
-        Bad fold/device/settings, region labels, or a DDP launch without rendezvous variables.
+        Bad fold/device/settings, or a DDP launch without rendezvous variables.
     PlanError
         No plans, or plans changed since the run being resumed.
     DatasetError
@@ -268,7 +289,7 @@ def train(
     """
     options = TrainOptions(device=device, resume=resume, num_workers=num_workers, num_workers_val=num_workers_val,
                            progress=progress, stop_after_epoch=stop_after_epoch, final_validation=final_validation,
-                           save_probabilities=save_probabilities)
+                           save_probabilities=save_probabilities, pretrained_weights=pretrained_weights)
     run = _Run(task, settings, config_name, fold, train_config, options)
     try:
         return run.execute()
@@ -363,14 +384,15 @@ class _Run:
         self.conf = self.plans.configuration(config_name)
         self.root = trainer_folder(settings.require("results"), self.dataset, config_name)
         self.out = self.root / fold_name(self.fold)
-        self.num_classes, self.ignore_label = _labels(self.plans)
+        self.labels = _labels(self.plans, self.pre_dir)
+        self.num_classes, self.ignore_label = self.labels.num_segmentation_heads, self.labels.ignore_label
         self.task = task
         self.prev_stage_dir = None
         self.cascade_labels: tuple[int, ...] | None = None
         if self.conf.previous_stage is not None:
             self.prev_stage_dir = previous_stage_folder(settings.require("results"), self.dataset,
                                                         self.conf.previous_stage, config_name)
-            self.cascade_labels = tuple(range(1, self.num_classes))
+            self.cascade_labels = self.labels.foreground_labels
         self.data_dir = case_store_folder(self.pre_dir, self.conf.data_identifier)
         from ..io.store import list_case_ids
 
@@ -379,6 +401,26 @@ class _Run:
             raise DatasetError(f"`{self.data_dir}` holds no preprocessed cases; run `nnfast preprocess --task {task} "
                                f"--config {config_name}` first")
         self.train_config_arg = train_config
+        self.pretrained = self._check_pretrained(options.pretrained_weights)
+
+    def _check_pretrained(self, path) -> tuple[Path, dict] | None:
+        """Read the pretrained weights and check them against this configuration's network (built on the meta
+        device: no memory, no time) before anything is written."""
+        if path is None:
+            return None
+        from ..network import build_network, network_input_channels
+        from .pretrained import plan_pretrained, read_network_weights
+
+        if self.resume:
+            raise SettingsError("--pretrained-weights starts a new training from those weights; it cannot be "
+                                "combined with --resume (nnU-Net refuses the same)")
+        path = Path(path)
+        weights = read_network_weights(path)
+        in_ch = network_input_channels(self.plans, self.config_name, len(self.labels.foreground_labels))
+        with torch.device("meta"):
+            net = build_network(self.plans, self.config_name, in_ch, self.num_classes)
+        plan_pretrained(net, weights, path)
+        return path, weights
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -529,14 +571,20 @@ class _Run:
             log.warning("torch.compile is only used on CUDA; training on %s without it", self.device)
 
         torch.manual_seed(cfg.seed)
-        in_ch = network_input_channels(self.plans, self.config_name, self.num_classes - 1)
+        in_ch = network_input_channels(self.plans, self.config_name, len(self.labels.foreground_labels))
         net: torch.nn.Module = build_network(self.plans, self.config_name, in_ch, self.num_classes,
                                              deep_supervision=cfg.deep_supervision).to(self.device)
         lowest = 1e-6 if (self.ctx.is_ddp and not do_compile) else 0.0  # nnU-Net: DDP needs a grad for every param
         loss_fn = build_loss(self.conf, self.ignore_label, deep_supervision=cfg.deep_supervision,
-                             lowest_weight=lowest, ddp=self.ctx.is_ddp)
+                             lowest_weight=lowest, ddp=self.ctx.is_ddp, regions=self.labels.has_regions)
         optimizer = build_optimizer(net.parameters(), cfg)
         scheduler = PolyLRScheduler.from_config(optimizer, cfg)
+        if self.pretrained is not None and ckpt is None:
+            from .pretrained import load_pretrained_weights
+
+            plan = load_pretrained_weights(net, *self.pretrained)
+            self.logfile.write(f"pretrained weights from {plan.path}: {len(plan.copied)} entries copied; kept "
+                               "initialised: " + ("; ".join(f"{k} ({why})" for k, why in plan.skipped) or "none"))
         model = _Model(net=net, plain_net=net, num_input_channels=in_ch, loss_fn=loss_fn, optimizer=optimizer,
                        scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, compiled=do_compile)
         if ckpt is not None:
@@ -588,13 +636,12 @@ class _Run:
             else max(0, int(opts.num_workers))
         nwv = (0 if nw == 0 else max(1, nw // 2)) if opts.num_workers_val is None \
             else max(0, int(opts.num_workers_val))
-        key = None
-        if self.ignore_label is not None:
-            key = tuple([-1] + list(range(self.num_classes)))
+        key = self.labels.annotated_classes_key
         spec = BatchSpec.from_plan(self.plans, self.config_name, num_channels=data.source.num_channels,
                                    patch_size=cfg.patch_size, batch_size=bs, deep_supervision=cfg.deep_supervision,
                                    oversample_foreground_percent=oversample, annotated_classes_key=key,
-                                   cascade_labels=self.cascade_labels)
+                                   cascade_labels=self.cascade_labels,
+                                   labels=self.labels if self.labels.has_regions else None)
         pin = self.device.type == "cuda"
 
         def make_loader(ids: list[str], num_workers: int, base_seed: int, train: bool, start_batch: int):
@@ -676,14 +723,16 @@ class _Run:
         """Validation loss and global pseudo-Dice per foreground class over this epoch's validation batches."""
         from .step import pseudo_dice, validation_step
 
-        n_fg = self.num_classes - 1
+        regions = self.labels.has_regions
+        n_fg = self.num_classes if regions else self.num_classes - 1  # every region head is foreground
         if self.val_loader is None:
             return float("nan"), [float("nan")] * n_fg
         self.net.eval()
         counts = torch.zeros((3, n_fg), dtype=torch.int64, device=self.device)
         loss_sum = torch.zeros((2,), dtype=torch.float64, device=self.device)  # (sum of losses, batches)
         for _ in range(self.cfg.num_val_iterations_per_epoch):
-            r = validation_step(self.net, next(self.val_loader), self.loss_fn, self.amp_dtype, self.ignore_label)
+            r = validation_step(self.net, next(self.val_loader), self.loss_fn, self.amp_dtype, self.ignore_label,
+                                regions)
             counts[0] += r.tp
             counts[1] += r.fp
             counts[2] += r.fn

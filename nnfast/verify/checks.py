@@ -9,7 +9,8 @@ Dataset-wide checks (this module):
 
 - ``dataset.json`` exists, is valid JSON, has no key twice in one object (JSON readers keep only the last one, so
   a case listed twice in ``dataset`` silently disappears), and passes
-  :func:`nnfast.io.dataset.dataset_json_problems` (required keys, consecutive labels from 0, ...).
+  :func:`nnfast.io.dataset.dataset_json_problems` (required keys, consecutive labels from 0 or
+  regions with a matching ``regions_class_order``, ...).
 - ``numTraining`` equals the number of training cases found.
 - ``imagesTr``/``labelsTr`` exist (unless ``dataset`` lists the files); every file in them is accounted for: an
   image named without the 4-digit channel suffix or with a channel index that ``channel_names`` does not declare
@@ -19,7 +20,8 @@ Dataset-wide checks (this module):
 - Duplicate cases: the same id twice in ``dataset`` (see above), two ids pointing at the same file (the same
   data would land in training and validation folds), ids differing only in letter case (their files collide on
   case-insensitive file systems: warning).
-- A declared foreground label that no case contains is a warning.
+- A declared foreground label that no case contains is a warning; a region none of whose labels any case contains
+  is an error (its channel could never learn anything).
 
 Per-case checks run on worker threads (:mod:`nnfast.verify.case`), one case per thread at a time, each file
 read once.
@@ -135,8 +137,25 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
         if never:
             problems.append(Problem("warning", None, djson, "declared labels never occur in any case",
                                     "every declared foreground label in some case", f"labels {never} absent"))
+        problems.extend(_region_label_problems(d, seen, djson))
     logger.info("verified %s: %d error(s), %d warning(s)", root, len(report.errors), len(report.warnings))
     return report
+
+
+def _region_label_problems(d: dict, seen: set[int], djson: Path) -> list[Problem]:
+    """Regions none of whose labels occurs in any label file: that region channel could never be trained."""
+    try:
+        lm = LabelManager.from_dataset_json(d)
+    except DatasetError:
+        return []
+    out = []
+    for name, members in lm.labels.items():
+        m = members if isinstance(members, tuple) else (members,)
+        if lm.has_regions and name != "ignore" and m != (0,) and not seen.intersection(m):
+            out.append(Problem("error", None, djson, f"region `{name}` names labels that no label file contains",
+                               f"labels {list(m)} in some file of labelsTr",
+                               f"only {sorted(seen)} in the label files"))
+    return out
 
 
 def _size(t: CaseTask) -> float:

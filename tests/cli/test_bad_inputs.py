@@ -505,3 +505,35 @@ def test_predict_corrupt_checkpoint(capsys, roots, tmp_path):
     (model / "fold_0" / "checkpoint_final.pt").write_bytes(b"PK\x03\x04 truncated")
     assert_error(capsys, ["predict", "-i", roots.raw / NAME / "imagesTr", "-o", tmp_path / "out", "--model-folder",
                           model, "--device", "cpu"], "checkpoint_final.pt")
+
+
+# --------------------------------------------------------------------------------------- regions, fine-tuning
+@pytest.mark.parametrize("labels,rco,name", [
+    ({"background": 0, "whole": [1, 2], "ghost": [3]}, [1, 3], "region `ghost` names labels"),
+    ({"background": 0, "whole": [1, 2], "core": 2}, [1], "regions_class_order"),
+], ids=["region-names-missing-label", "short-regions-class-order"])
+def test_bad_regions(capsys, roots, tmp_path, labels, rco, name):
+    s = _copy_dataset(roots, tmp_path)
+    shutil.rmtree(s.preprocessed)
+    dj = s.raw / NAME / "dataset.json"
+    d = json.loads(dj.read_text())
+    dj.write_text(json.dumps({**d, "labels": labels, "regions_class_order": rco}))
+    assert name in _verify_report(capsys, s)
+    for command in ("plan", "preprocess"):
+        assert_error(capsys, [command, "--task", TASK, *_roots(s)], name)
+    assert not s.preprocessed.exists() or not any(s.preprocessed.rglob("*.zarr"))
+
+
+def test_train_pretrained_weights_missing_or_of_another_architecture(capsys, roots, tmp_path):
+    import torch
+
+    from nnfast.network import build_network
+    from nnfast.plan.api import load_current_plans
+
+    s = Settings(raw=roots.raw, preprocessed=roots.preprocessed, results=tmp_path / "res")
+    argv = ["train", "--task", TASK, "--epochs", "1", "--device", "cpu", *_roots(s)]
+    assert_error(capsys, [*argv, "--pretrained-weights", tmp_path / "none.pth"], "none.pth", "do not exist")
+    other = tmp_path / "other.pt"
+    torch.save(build_network(load_current_plans(TASK, roots), "2d", 1, 3).state_dict(), other)
+    assert_error(capsys, [*argv, "--pretrained-weights", other], str(other), "do not fit this network")
+    assert not (tmp_path / "res").exists()

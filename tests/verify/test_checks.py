@@ -469,3 +469,20 @@ def test_nnunet_agrees_on_clean_and_broken(clean_raw, tmp_path):
     report = verify_dataset(broken)
     assert [p.what for p in report.errors] == ["spacing differs from image `%s`" % case.name.replace(
         ".nii.gz", "_0000.nii.gz")], report.format()
+
+
+REGIONS = {"background": 0, "whole_tumor": [1, 2, 3], "tumor_core": [2, 3], "enhancing_tumor": 3}
+
+
+def test_region_dataset_is_checked_not_rejected(ds):
+    """nnU-Net's region dataset.json passes; a region whose labels no label file holds is an error; a missing or
+    short ``regions_class_order`` is a dataset.json error."""
+    set_json(ds, labels={"background": 0, "whole": [1, 2], "core": 2}, regions_class_order=[1, 2])
+    report = verify_dataset(ds)
+    assert report.ok and report.problems == [], report.format()
+    set_json(ds, labels=REGIONS, regions_class_order=[1, 2, 3])  # label files hold 1 and 2 only
+    p = only(verify_dataset(ds), "region `enhancing_tumor` names labels that no label file contains")
+    assert "[3]" in p.expected and "[0, 1, 2]" in p.found
+    set_json(ds, labels={"background": 0, "whole": [1, 2], "core": 2}, regions_class_order=[1])
+    p = only(verify_dataset(ds), "dataset.json is malformed")
+    assert "`regions_class_order` [1] has 1 entries but the labels define 2 regions (whole, core)" in p.found
