@@ -52,13 +52,15 @@ def format_plans_table(plans) -> str:
     """A readable table of every configuration of ``plans``."""
     from ..plan.schema import CONFIGURATION_NAMES
 
-    names = [n for n in CONFIGURATION_NAMES if n in plans.configurations]
+    names = [n for n in CONFIGURATION_NAMES if n in plans.configurations] + \
+        [n for n in plans.configurations if n not in CONFIGURATION_NAMES]
     cfgs = [plans.configuration(n) for n in names]
     rows = [
         ("spacing (mm)", lambda c: _fmt_list([round(float(x), 4) for x in c.spacing])),
         ("median shape", lambda c: _fmt_list(list(c.median_image_size_in_voxels))),
         ("patch size", lambda c: _fmt_list(list(c.patch_size))),
         ("batch size", lambda c: str(c.batch_size)),
+        ("network", lambda c: c.architecture.network_class),
         ("stages", lambda c: str(c.architecture.n_stages)),
         ("features", lambda c: ",".join(str(f) for f in c.architecture.features_per_stage)),
         ("strides", lambda c: _fmt_list(c.architecture.strides)),
@@ -70,7 +72,7 @@ def format_plans_table(plans) -> str:
     ]
     table = [["", *names]] + [[label, *(f(c) for c in cfgs)] for label, f in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = [f"plans for {plans.dataset_name} (transpose {list(plans.transpose_forward)})"]
+    lines = [f"plans `{plans.plans_name}` for {plans.dataset_name} (transpose {list(plans.transpose_forward)})"]
     for i, r in enumerate(table):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
         if i == 0:
@@ -116,14 +118,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..plan.api import plan_dataset
 
     t0 = time.perf_counter()
+    if args.transfer_from is not None:
+        from ..plan.transfer import transfer_plans
+
+        plans, path = transfer_plans(args.transfer_from, args.task, _settings(args), preset=args.preset,
+                                     source_plans=args.plans, target_plans=args.plans, replan=args.replan,
+                                     export_nnunet=args.export_nnunet)
+        if not args.quiet:
+            print(format_plans_table(plans))
+            print(f"\nwrote {path} (plans of {args.transfer_from}) in {time.perf_counter() - t0:.2f} s")
+        return 0
     with progress_bar("fingerprint", args.quiet) as prog:
         res = plan_dataset(args.task, _settings(args), workers=args.workers, scheduler=args.scheduler,
-                           gpu_memory_gb=args.gpu_memory_gb, verify=not args.no_verify, force=args.force,
-                           export_nnunet=args.export_nnunet, progress=prog)
+                           gpu_memory_gb=args.gpu_memory_gb, preset=args.preset, plans_identifier=args.plans,
+                           target_spacing=args.target_spacing, verify=not args.no_verify, force=args.force,
+                           replan=args.replan, export_nnunet=args.export_nnunet, progress=prog)
     if not args.quiet:
         print(format_plans_table(res.plans))
         reused = " (fingerprint reused)" if res.fingerprint_reused else ""
-        print(f"\nwrote {res.output_folder}{reused} in {time.perf_counter() - t0:.2f} s")
+        kept = "kept the plans on disk" if res.plans_reused else "wrote the plans"
+        print(f"\n{kept} `{res.plans_identifier}` in {res.output_folder}{reused} in {time.perf_counter() - t0:.2f} s")
     return 0
 
 
@@ -133,7 +147,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     with progress_bar("preprocess", args.quiet) as prog:
         summary = preprocess_dataset(args.task, _settings(args), config=args.config, workers=args.workers,
                                      scheduler=args.scheduler, gpu_memory_gb=args.gpu_memory_gb,
-                                     verify=not args.no_verify, force=args.force, progress=prog)
+                                     verify=not args.no_verify, force=args.force, progress=prog,
+                                     plans_identifier=args.plans, preset=args.preset, replan=args.replan)
     if not args.quiet:
         print(summary.format())
     return 0

@@ -12,6 +12,7 @@ from typing import Sequence, get_args
 from .. import __version__
 from ..device import DeviceChoice
 from ..layout import PLANS_IDENTIFIER, TRAINER_NAME
+from ..plan.presets import PRESETS
 from ..plan.schema import CONFIGURATION_NAMES
 from ..preprocess.api import CONFIG_CHOICES as PREPROCESS_CONFIG_CHOICES
 
@@ -23,6 +24,11 @@ def _add_roots(p: argparse.ArgumentParser) -> None:
     g.add_argument("--raw", metavar="PATH", help="raw datasets root (NNFAST_RAW / nnUNet_raw)")
     g.add_argument("--preprocessed", metavar="PATH", help="preprocessed root (NNFAST_PREPROCESSED / nnUNet_preprocessed)")
     g.add_argument("--results", metavar="PATH", help="results root (NNFAST_RESULTS / nnUNet_results)")
+
+
+def _add_plans(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--plans", metavar="NAME", default=None,
+                   help=help or f"plans identifier (default {PLANS_IDENTIFIER}; e.g. nnfast_ResEncM_plans)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -134,10 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="verify, extract the fingerprint and write the experiment plans", allow_abbrev=False)
     p.add_argument("--task", required=True)
     p.add_argument("--workers", type=_positive_int, default=1)
-    p.add_argument("--gpu-memory-gb", type=_positive_float, default=8.0,
-                   help="GPU memory target of the plans (nnU-Net: 8)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="planner: default (nnU-Net's ExperimentPlanner, PlainConvUNet) or nnU-Net's residual-encoder "
+                        "presets resenc-m/-l/-xl (nnUNetPlannerResEncM/L/XL)")
+    _add_plans(p, "plans to write (default: the preset's, nnfast_plans / nnfast_ResEncM_plans / ...)")
+    p.add_argument("--gpu-memory-gb", type=_positive_float, default=None,
+                   help="GPU memory target of the plans (default: the preset's, nnU-Net: 8, 8, 24, 40). Plans on "
+                        "disk are never replaced: when this or --target-spacing would change them, give --plans NAME "
+                        "to write new plans beside them (or --replan)")
+    p.add_argument("--target-spacing", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
+                   help="3d_fullres target spacing in mm, reader axis order (nnU-Net's -overwrite_target_spacing)")
     p.add_argument("--no-verify", action="store_true", help="skip dataset verification")
     p.add_argument("--force", action="store_true", help="recompute the fingerprint and plans even if current")
+    p.add_argument("--replan", action="store_true", help="overwrite the plans on disk (hand edits included)")
+    p.add_argument("--transfer-from", metavar="DATASET",
+                   help="take the plans (architecture, spacing) of this dataset, with this dataset's intensity "
+                        "statistics and labels (nnU-Net's nnUNetv2_move_plans_between_datasets)")
     p.add_argument("--export-nnunet", action="store_true", help="also write nnUNetPlans.json and dataset_fingerprint.json")
     p.add_argument("--scheduler", type=_scheduler, help="dask scheduler address (tcp://host:port) or local:N")
     _add_roots(p)
@@ -145,10 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="plan if needed, then preprocess every training case", allow_abbrev=False)
     p.add_argument("--task", required=True)
-    p.add_argument("--config", default="3d_fullres", choices=PREPROCESS_CONFIG_CHOICES)
+    p.add_argument("--config", default="3d_fullres",
+                   help=f"a configuration of the plans ({', '.join(PREPROCESS_CONFIG_CHOICES)}, or a custom one)")
+    _add_plans(p)
     p.add_argument("--workers", type=_positive_int, default=2)
     p.add_argument("--scheduler", type=_scheduler, help="dask scheduler address (tcp://host:port) or local:N")
-    p.add_argument("--gpu-memory-gb", type=_positive_float, default=8.0)
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="planner preset when planning is needed")
+    p.add_argument("--gpu-memory-gb", type=_positive_float, default=None,
+                   help="GPU memory target when planning is needed (plans on disk are used as they are)")
+    p.add_argument("--replan", action="store_true", help="re-plan and overwrite the plans on disk")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--force", action="store_true", help="recompute every case even if its store is current")
     _add_roots(p)
