@@ -255,7 +255,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if overrides:  # the resumed run's settings, changed only where a flag says so
             dataset = find_dataset_folder(args.task, settings.require("preprocessed")).name
-            saved = load_saved_train_config(fold_folder(settings.require("results"), dataset, args.config, fold))
+            saved = load_saved_train_config(fold_folder(settings.require("results"), dataset, args.config, fold,
+                                                        plans_identifier=_plans_id(args)))
             cfg = (saved or TrainConfig()).replace(**overrides)
     else:
         cfg = TrainConfig(**overrides)
@@ -272,7 +273,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     res = train(args.task, settings, args.config, fold, cfg, device=args.device, resume=args.resume,
                 num_workers=args.workers, progress=report, stop_after_epoch=args.stop_after_epoch,
-                final_validation=None if args.no_val else _final_validation(), save_probabilities=args.npz)
+                final_validation=None if args.no_val else _final_validation(), save_probabilities=args.npz,
+                plans_identifier=_plans_id(args))
     if not quiet:
         state = "finished" if res.finished else f"stopped after {res.epochs_completed} of {res.num_epochs} epochs"
         best = "n/a" if res.best_ema is None else f"{res.best_ema:.4f}"
@@ -285,6 +287,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"final validation: foreground mean Dice {dice}; metrics in "
                   f"{res.output_folder / 'validation' / 'summary.json'}")
     return 0
+
+
+def _plans_id(args: argparse.Namespace) -> str:
+    """``--plans`` (checked) or the default plans identifier."""
+    from ..layout import PLANS_IDENTIFIER, check_plans_identifier
+
+    return check_plans_identifier(args.plans) if getattr(args, "plans", None) else PLANS_IDENTIFIER
 
 
 def _final_validation():
@@ -300,7 +309,7 @@ def _validate_only(args: argparse.Namespace, settings) -> int:
 
     dataset = find_dataset_folder(args.task, settings.require("preprocessed")).name
     fold = args.fold if args.fold == "all" else args.fold.strip()
-    folder = fold_folder(settings.require("results"), dataset, args.config, fold)
+    folder = fold_folder(settings.require("results"), dataset, args.config, fold, plans_identifier=_plans_id(args))
     checkpoint = "checkpoint_best" if args.val_best else "checkpoint_final"
     summary = _final_validation()(folder, settings=settings, device=args.device, checkpoint_name=checkpoint,
                                   save_probabilities=args.npz, workers=max(1, args.workers or 1))
@@ -322,6 +331,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CaseNotFoundError(f"input folder `{args.input}` does not exist or is not a folder (-i/--input: the "
                                 "folder of <case>_XXXX images)")
     options = PredictOptions(model_folder=args.model_folder, task=args.task, config=args.config,
+                             plans_identifier=_plans_id(args),
                              settings=_settings(args), folds=args.folds, checkpoint_name=args.checkpoint,
                              use_tta=not args.no_tta, step=args.step, save_probabilities=args.save_probabilities,
                              device=args.device, workers=args.workers, previous_stage_folder=args.prev_stage_folder)
@@ -382,7 +392,7 @@ def cmd_find_best(args: argparse.Namespace) -> int:
     from ..evaluate.find_best import find_best_configuration
 
     with progress_bar("find-best", args.quiet) as prog:
-        best = find_best_configuration(args.task, _settings(args), args.configs, tuple(args.folds),
+        best = find_best_configuration(args.task, _settings(args), args.configs, tuple(args.folds), plans=args.plans,
                                        workers=args.workers, allow_ensembling=not args.no_ensembles, progress=prog)
     print(best.format())
     print(f"\nwritten to {best.info_file}")

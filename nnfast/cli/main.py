@@ -26,6 +26,10 @@ def _add_roots(p: argparse.ArgumentParser) -> None:
     g.add_argument("--results", metavar="PATH", help="results root (NNFAST_RESULTS / nnUNet_results)")
 
 
+_CONFIG_HELP = (f"{', '.join(CONFIGURATION_NAMES)} or a custom configuration of the plans (e.g. 3d_fullres_bs40, "
+                "nnU-Net's inherits_from); checked against the loaded plans")
+
+
 def _add_plans(p: argparse.ArgumentParser, help: str | None = None) -> None:
     p.add_argument("--plans", metavar="NAME", default=None,
                    help=help or f"plans identifier (default {PLANS_IDENTIFIER}; e.g. nnfast_ResEncM_plans)")
@@ -180,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration and fold (nnU-Net's trainer; DDP via torchrun)",
                        allow_abbrev=False)
     p.add_argument("--task", required=True)
-    p.add_argument("--config", default="3d_fullres", choices=CONFIGURATION_NAMES)
+    p.add_argument("--config", default="3d_fullres", help=_CONFIG_HELP)
+    _add_plans(p)
     p.add_argument("--fold", type=_fold, default="0",
                    help="cross-validation fold 0..4 (nnU-Net's split) or 'all' (default 0)")
     p.add_argument("--epochs", type=_positive_int, help="number of epochs (nnU-Net: 1000)")
@@ -213,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", required=True, help="folder of <case>_XXXX<ending> images (one file per channel)")
     p.add_argument("-o", "--output", required=True, help="output folder for <case><ending> segmentations")
     p.add_argument("--task", help="dataset of the trained model (with --config; or give --model-folder)")
-    p.add_argument("--config", choices=CONFIGURATION_NAMES,
-                   help="configuration (default 3d_fullres; with --model-folder: the checkpoint's)")
+    p.add_argument("--config", help="configuration (default 3d_fullres; with --model-folder: the checkpoint's); "
+                                    + _CONFIG_HELP)
+    _add_plans(p, f"plans of the model found from --task (default {PLANS_IDENTIFIER})")
     p.add_argument("--model-folder", help=f"trainer folder (default <results>/<Dataset>/{TRAINER_NAME}__"
                                           f"{PLANS_IDENTIFIER}__<config>); nnU-Net model folders are read too")
     p.add_argument("--folds", nargs="+", type=_fold,
@@ -250,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "ensemble, decide postprocessing, print the inference commands",
                        allow_abbrev=False)
     p.add_argument("--task", required=True)
-    p.add_argument("--configs", nargs="+", choices=CONFIGURATION_NAMES, help="configurations to consider (default: every "
-                                                                 "trained one; the order breaks ties)")
+    p.add_argument("--configs", nargs="+", help="configurations to consider (default: every trained one; the order "
+                                                "breaks ties); " + _CONFIG_HELP)
+    p.add_argument("--plans", nargs="+", metavar="NAME",
+                   help="plans identifiers whose models are ranked together (default: every one with trained models)")
     p.add_argument("--folds", nargs="+", type=_non_negative_int, default=[0, 1, 2, 3, 4],
                    help="folds of the cross-validation")
     p.add_argument("--no-ensembles", action="store_true", help="do not ensemble pairs of configurations")

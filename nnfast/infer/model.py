@@ -137,7 +137,9 @@ def available_folds(model_folder: Path | str, checkpoint_name: str = "checkpoint
 def _load_plans(folder: Path):
     from ..plan.planner import load_plans
 
-    for name in _PLANS_FILES:
+    parts = folder.name.split("__")  # <trainer>__<plans identifier>__<config>: that plans file first
+    names = ((layout.plans_file_name(parts[1]),) if len(parts) == 3 else ()) + _PLANS_FILES
+    for name in dict.fromkeys(names):
         p = folder / name
         if p.is_file():
             try:

@@ -187,7 +187,14 @@ def to_nnunet_plans(plans: Plans, dataset_json: Mapping[str, Any]) -> dict[str, 
     preset = preset_for_planner(plans.experiment_planner)
     configurations: dict[str, Any] = {}
     for name, c in plans.configurations.items():
-        if isinstance(c, InheritedConfiguration):
+        if isinstance(c, InheritedConfiguration) and c.overrides:
+            parent = _config_to_nnunet(plans.configuration(c.inherits_from), plans_name, plans.plans_name,
+                                       preset is not None and preset.residual)
+            own = _config_to_nnunet(plans.configuration(name), plans_name, plans.plans_name,
+                                    preset is not None and preset.residual)
+            configurations[name] = {"inherits_from": c.inherits_from,
+                                    **{k: v for k, v in own.items() if parent.get(k) != v and k != "inherits_from"}}
+        elif isinstance(c, InheritedConfiguration):
             configurations[name] = c.to_json()
         else:
             configurations[name] = _config_to_nnunet(c, plans_name, plans.plans_name,

@@ -302,15 +302,21 @@ class ConfigurationPlan:
 
 @dataclass(frozen=True)
 class InheritedConfiguration:
-    """A configuration defined as another one plus overrides (nnU-Net's ``{"inherits_from": ...}`` entries)."""
+    """A configuration defined as another one plus overrides (nnU-Net's ``{"inherits_from": ...}`` entries, e.g. a
+    custom ``"3d_fullres_bs40": {"inherits_from": "3d_fullres", "batch_size": 40}``).
+
+    ``overrides`` holds the other keys as written in the plans file (:meth:`ConfigurationPlan.to_json` keys); like
+    nnU-Net, the parent's entry updated with them is the configuration.
+    """
 
     name: str
     inherits_from: str
     previous_stage: str | None = None
     next_stage: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"inherits_from": self.inherits_from}
+        d: dict[str, Any] = {"inherits_from": self.inherits_from, **self.overrides}
         if self.previous_stage is not None:
             d["previous_stage"] = self.previous_stage
         if self.next_stage is not None:
@@ -374,6 +380,12 @@ class Plans:
             return conf
         parent = self._resolve(conf.inherits_from, (*visited, name))
         # nnU-Net: parent dict updated with the child's keys; keys the child lacks come from the parent
+        if conf.overrides:
+            try:
+                parent = ConfigurationPlan.from_json(name, {**parent.to_json(), **conf.overrides})
+            except (KeyError, TypeError, ValueError) as e:
+                raise PlanError(f"configuration `{name}` of plans `{self.plans_name}`: its overrides "
+                                f"{sorted(conf.overrides)} of `{conf.inherits_from}` are invalid ({e})") from None
         return dataclasses.replace(
             parent,
             name=name,
@@ -424,7 +436,8 @@ class Plans:
             if "inherits_from" in c and "architecture" not in c:
                 configurations[name] = InheritedConfiguration(
                     name=name, inherits_from=c["inherits_from"], previous_stage=c.get("previous_stage"),
-                    next_stage=c.get("next_stage"))
+                    next_stage=c.get("next_stage"),
+                    overrides={k: v for k, v in c.items() if k not in ("inherits_from", "previous_stage", "next_stage")})
             else:
                 configurations[name] = ConfigurationPlan.from_json(name, c)
         return cls(

@@ -122,10 +122,7 @@ def test_root_that_is_a_file(capsys, tmp_path):
 @pytest.mark.parametrize("argv,name", [
     (["verify", "--task", TASK, "--workers", "0"], "--workers"),
     (["plan", "--task", TASK, "--workers", "-1"], "--workers"),
-    (["train", "--task", TASK, "--config", "3d"], "--config"),
     (["train", "--task", TASK, "--epochs", "0"], "--epochs"),
-    (["predict", "-i", "in", "-o", "out", "--task", TASK, "--config", "3d"], "--config"),
-    (["find-best", "--task", TASK, "--configs", "4d"], "--configs"),
     (["find-best", "--task", TASK, "--folds", "x"], "--folds"),
     (["synth", "--out", "x", "--cases", "0"], "--cases"),
     (["demo", "--cases", "-3"], "--cases"),
@@ -173,6 +170,21 @@ def test_preprocess_configuration_not_in_the_plans(capsys, roots):
     err = assert_error(capsys, ["preprocess", "--task", TASK, "--config", "4d", "--workers", "1", *_roots(roots)],
                        "--config", "4d", "3d_fullres")
     assert "available" in err
+
+
+def test_configuration_names_checked_against_the_plans(capsys, roots, tmp_path):
+    """--config takes custom configurations, so a wrong name is caught where the plans or models are loaded."""
+    err = assert_error(capsys, ["train", "--task", TASK, "--config", "3d", "--device", "cpu", *_roots(roots)],
+                       "`3d`", "3d_fullres")
+    assert "available" in err
+    (tmp_path / "in").mkdir()
+    (roots.results / NAME).mkdir(exist_ok=True)
+    try:
+        assert_error(capsys, ["predict", "-i", tmp_path / "in", "-o", tmp_path / "out", "--task", TASK, "--config",
+                              "3d", *_roots(roots)], "__3d")
+        assert_error(capsys, ["find-best", "--task", TASK, "--configs", "4d", *_roots(roots)], "4d")
+    finally:
+        (roots.results / NAME).rmdir()
 
 
 def test_unknown_preset_and_plans(capsys, roots):
