@@ -110,3 +110,35 @@ def test_resenc_plans_beside_the_default(roots, capsys):
 
     code, _, err = _cli(capsys, s, "preprocess", "--task", TASK, "--plans", "nope_plans", "--workers", "1", "-q")
     assert code == 2 and "nope_plans" in err
+
+
+def test_replanned_only_when_the_dataset_changed(roots, capsys, caplog):
+    """A changed dataset re-plans (saying so, with what differs); under hand-edited plans it is an error instead."""
+    import logging
+
+    import SimpleITK as sitk
+
+    s = roots
+    assert _cli(capsys, s, "plan", "--task", TASK, "--gpu-memory-gb", "0.05", "-q")[0] == 0
+    before = _plans(s)
+    image = next((s.raw / NAME / "imagesTr").glob("*_0000.nii.gz"))
+    img = sitk.ReadImage(str(image))
+    sitk.WriteImage(sitk.Cast(img, sitk.sitkFloat32) * 3.0 + 500.0, str(image))  # other intensities
+
+    with caplog.at_level(logging.WARNING, logger="nnfast.plan.api"):
+        assert _cli(capsys, s, "preprocess", "--task", TASK, "--workers", "1", "-q")[0] == 0
+    assert any("changed" in r.getMessage() and "re-planned" in r.getMessage() for r in caplog.records)
+    after = _plans(s)
+    key = "foreground_intensity_properties_per_channel"
+    assert after[key] != before[key]
+    assert after["configurations"]["3d_fullres"]["patch_size"] == before["configurations"]["3d_fullres"]["patch_size"]
+
+    # hand-edited plans and a changed dataset: refused, the file untouched
+    f = s.preprocessed / NAME / "nnfast_plans.json"
+    after["configurations"]["3d_fullres"]["batch_size"] = 5
+    f.write_text(json.dumps(after))
+    img = sitk.ReadImage(str(image))
+    sitk.WriteImage(img * 2.0, str(image))
+    code, _, err = _cli(capsys, s, "preprocess", "--task", TASK, "--workers", "1", "-q")
+    assert code == 2 and "edited by hand" in err and "--replan" in err
+    assert json.loads(f.read_text())["configurations"]["3d_fullres"]["batch_size"] == 5
