@@ -90,10 +90,12 @@ def current_fingerprint(info: DatasetInfo, cases: list[CaseFiles], out: Path, si
 
 
 def plans_differences(old, new, limit: int = 6) -> list[str]:
-    """``path: old -> new`` for every field in which two plans differ (their JSON; nnfast's version ignored)."""
+    """``path: old -> new`` for every field in which two plans differ (their JSON; nnfast's version, the schema version
+    and ``plans_name`` -- the file name is the identifier -- ignored, so that plans of an older nnfast compare equal)."""
     a, b = old.to_json(), new.to_json()
     for d in (a, b):
-        d.pop("nnfast_version", None)
+        for k in ("nnfast_version", "schema_version", "plans_name"):
+            d.pop(k, None)
     out: list[str] = []
 
     def walk(x, y, path: str) -> None:

@@ -185,3 +185,17 @@ def test_custom_configuration_inherits_with_overrides(cascade_plans, tmp_path):
     p.write_text(json.dumps(d))
     with pytest.raises(PlanError, match="bad"):
         load_plans(p).configuration("bad")
+
+
+def test_schema_version_1_files_still_load(cascade_plans, tmp_path):
+    """Plans written before the network class could vary (schema 1, PlainConvUNet only) read unchanged."""
+    d = cascade_plans.to_json()
+    d["schema_version"] = 1
+    for c in d["configurations"].values():
+        c.get("architecture", {}).pop("network_class", None)
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(d))
+    old = load_plans(p)
+    assert old.configuration("3d_fullres").architecture.network_class == "PlainConvUNet"
+    assert old.configuration("3d_fullres") == cascade_plans.configuration("3d_fullres")
+    assert old.to_json()["schema_version"] == PLANS_SCHEMA_VERSION == 2
