@@ -1,9 +1,9 @@
 """Trained models for inference: a trainer folder's plans, checkpoints and the network they fit.
 
 Layout (:mod:`nnfast.layout`; written by :mod:`nnfast.train.trainer`,
-``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>/``)::
+``<results>/<Dataset>/nnfastTrainer__<plans identifier>__<config>/``)::
 
-    nnfast_plans.json            the plans the networks were built from
+    <plans identifier>.json      the plans the networks were built from (nnfast_plans.json, nnfast_ResEncM_plans.json)
     dataset.json                 the dataset's dataset.json (file ending, labels, regions_class_order)
     fold_<k>/<checkpoint>.pt     torch.save of plain containers and tensors (loads with ``weights_only=True``):
                                  ``network_weights`` (state dict), ``configuration``, ``num_input_channels``,
