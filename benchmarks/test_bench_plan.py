@@ -133,3 +133,60 @@ def test_plan_speedup(workdir, nnunet_warm, record_property):
     print(f"\nplan step: nnU-Net {t1 - t0:.3f} s, nnfast {1e3 * (t2 - t1):.2f} ms, speed-up {ratio:.0f}x "
           f"({list(ref['configurations'])})")
     assert ratio > 1
+
+
+# ---------------------------------------------------------------------------------------- ResEnc-M preset
+def _run_nnunet_resenc_m(d: Path) -> dict:
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+        nnUNetPlannerResEncM,
+    )
+
+    with _nnunet_env(d), contextlib.redirect_stdout(io.StringIO()):
+        nnUNetPlannerResEncM(DATASET_NAME).plan_experiment()
+    return read_json(d / "preprocessed" / DATASET_NAME / "nnUNetResEncUNetMPlans.json")
+
+
+def _run_nnfast_resenc_m(d: Path):
+    info, _ = load_dataset(d / "raw" / DATASET_NAME)
+    fp = Fingerprint.from_json(read_json(d / "preprocessed" / DATASET_NAME / "nnfast_fingerprint.json"))
+    plans = plan_experiment(fp, info, preset="resenc-m")
+    write_plans(plans, d / "preprocessed" / DATASET_NAME / "nnfast_ResEncM_plans.json")
+    return plans
+
+
+@pytest.mark.compat
+@pytest.mark.benchmark(group="plan-resenc-m")
+def test_plan_resenc_m_nnunet(benchmark, workdir, nnunet_warm):
+    ref = benchmark.pedantic(_run_nnunet_resenc_m, args=(workdir,), rounds=1 if benchmark.disabled else 3,
+                             iterations=1)
+    benchmark.extra_info["configurations"] = list(ref["configurations"])
+
+
+@pytest.mark.benchmark(group="plan-resenc-m")
+def test_plan_resenc_m_nnfast(benchmark, workdir):
+    plans = benchmark.pedantic(_run_nnfast_resenc_m, args=(workdir,), rounds=1 if benchmark.disabled else 50,
+                               iterations=1)
+    benchmark.extra_info["configurations"] = list(plans.configurations)
+
+
+@pytest.mark.compat
+def test_plan_resenc_m_speedup(workdir, nnunet_warm, record_property):
+    """ResEnc-M: one timed run of each after a warm-up of each; the same plans; nnfast faster."""
+    from nnfast.plan.nnunet_compat import to_nnunet_plans
+
+    _run_nnunet_resenc_m(workdir)  # imports the residual planner module and builds its first networks
+    t0 = time.perf_counter()
+    ref = _run_nnunet_resenc_m(workdir)
+    t1 = time.perf_counter()
+    ours = _run_nnfast_resenc_m(workdir)
+    t2 = time.perf_counter()
+    exported = json.loads(json.dumps(to_nnunet_plans(ours, read_json(workdir / "raw" / DATASET_NAME / "dataset.json"))))
+    exported.pop("nnfast")
+    assert exported == ref
+    ratio = (t1 - t0) / (t2 - t1)
+    record_property("nnunet_s", t1 - t0)
+    record_property("nnfast_s", t2 - t1)
+    record_property("speedup", ratio)
+    print(f"\nResEnc-M plan step: nnU-Net {t1 - t0:.3f} s, nnfast {1e3 * (t2 - t1):.2f} ms, speed-up {ratio:.0f}x "
+          f"({list(ref['configurations'])})")
+    assert ratio > 1

@@ -10,7 +10,9 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.convert``      Medical Segmentation Decathlon -> nnU-Net v2 layout.
 - ``nnfast.verify``       dataset checks that report every problem at once.
 - ``nnfast.fingerprint``  dataset fingerprint (spacings, shapes after crop, foreground intensity statistics).
-- ``nnfast.plan``         experiment planning identical to nnU-Net v2's ExperimentPlanner; nnUNetPlans.json export.
+- ``nnfast.plan``         experiment planning identical to nnU-Net v2's ExperimentPlanner and ResEnc M/L/XL planners
+                          (``plan.presets``); plans identifiers side by side (``plan.api``); plan transfer between
+                          datasets (``plan.transfer``); nnUNetPlans.json export.
 - ``nnfast.preprocess``   cropping, normalization, resampling, class locations, case stores; parallel, distributed, resumable.
 - ``nnfast.data``         patch sampling, augmentation, the multiprocess loader, the nnU-Net trainer drop-in.
 - ``nnfast.train``        Dice+CE with deep supervision (Dice+BCE for regions), the training run (2d, 3d_fullres,

@@ -32,8 +32,9 @@ from .errors import CaseNotFoundError, SettingsError
 
 __all__ = [
     "TRAINER_NAME", "PLANS_IDENTIFIER", "DATA_IDENTIFIER_PREFIX", "DATASET_JSON", "FINGERPRINT_FILE",
-    "SPLITS_FILE", "GT_FOLDER", "VALIDATION_FOLDER", "SUMMARY_FILE", "SUMMARY_PICTURE", "NEXT_STAGE_FOLDER", "CHECKPOINT_NAMES", "Fold",
-    "check_fold", "fold_name", "parse_fold_name", "plans_file_name", "data_identifier", "case_store_folder",
+    "SPLITS_FILE", "GT_FOLDER", "VALIDATION_FOLDER", "SUMMARY_FILE", "SUMMARY_PICTURE", "NEXT_STAGE_FOLDER",
+    "CHECKPOINT_NAMES", "Fold", "check_fold", "fold_name", "parse_fold_name", "check_plans_identifier",
+    "plans_file_name", "data_identifier", "case_store_folder",
     "trainer_folder_name",
     "trainer_folder", "fold_folder", "checkpoint_file", "validation_folder", "next_stage_folder",
     "previous_stage_folder", "sibling_stage_folder", "ground_truth_folder",
@@ -88,6 +89,21 @@ def parse_fold_name(name: str) -> Fold | None:
         return "all"
     m = re.fullmatch(r"fold_(\d+)", name)
     return int(m.group(1)) if m else None
+
+
+def check_plans_identifier(plans_identifier: str) -> str:
+    """``plans_identifier`` if it can name a plans file and a results folder: letters, digits, ``.``, ``-`` and
+    single ``_`` (``__`` separates the parts of ``<trainer>__<plans>__<config>``).
+
+    Raises
+    ------
+    SettingsError
+        Anything else (empty, a path, ``__``).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", plans_identifier or "") or "__" in plans_identifier:
+        raise SettingsError(f"plans identifier {plans_identifier!r} must be letters, digits, '.', '-' and single '_' "
+                            "(e.g. nnfast_plans, nnfast_ResEncM_plans, my_plans_24gb)")
+    return plans_identifier
 
 
 def plans_file_name(plans_identifier: str = PLANS_IDENTIFIER) -> str:

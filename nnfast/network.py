@@ -252,8 +252,13 @@ def build_network(plans: Plans, config_name: str, num_input_channels: int, num_c
     PlanError
         If the configuration does not exist or the counts are invalid.
     """
-    return PlainConvUNet(plans.configuration(config_name).architecture, num_input_channels, num_classes,
-                         deep_supervision)
+    arch = plans.configuration(config_name).architecture
+    if arch.network_class != "PlainConvUNet":
+        from .errors import NotSupportedError
+
+        raise NotSupportedError(f"configuration `{config_name}` of plans `{plans.plans_name}` uses {arch.network_class}, "
+                                "which this nnfast's build_network cannot build yet (PlainConvUNet only)")
+    return PlainConvUNet(arch, num_input_channels, num_classes, deep_supervision)
 
 
 def network_input_channels(plans: Plans, config_name: str, n_foreground_labels: int) -> int:

@@ -52,13 +52,15 @@ def format_plans_table(plans) -> str:
     """A readable table of every configuration of ``plans``."""
     from ..plan.schema import CONFIGURATION_NAMES
 
-    names = [n for n in CONFIGURATION_NAMES if n in plans.configurations]
+    names = [n for n in CONFIGURATION_NAMES if n in plans.configurations] + \
+        [n for n in plans.configurations if n not in CONFIGURATION_NAMES]
     cfgs = [plans.configuration(n) for n in names]
     rows = [
         ("spacing (mm)", lambda c: _fmt_list([round(float(x), 4) for x in c.spacing])),
         ("median shape", lambda c: _fmt_list(list(c.median_image_size_in_voxels))),
         ("patch size", lambda c: _fmt_list(list(c.patch_size))),
         ("batch size", lambda c: str(c.batch_size)),
+        ("network", lambda c: c.architecture.network_class),
         ("stages", lambda c: str(c.architecture.n_stages)),
         ("features", lambda c: ",".join(str(f) for f in c.architecture.features_per_stage)),
         ("strides", lambda c: _fmt_list(c.architecture.strides)),
@@ -70,7 +72,7 @@ def format_plans_table(plans) -> str:
     ]
     table = [["", *names]] + [[label, *(f(c) for c in cfgs)] for label, f in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = [f"plans for {plans.dataset_name} (transpose {list(plans.transpose_forward)})"]
+    lines = [f"plans `{plans.plans_name}` for {plans.dataset_name} (transpose {list(plans.transpose_forward)})"]
     for i, r in enumerate(table):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
         if i == 0:
@@ -116,14 +118,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..plan.api import plan_dataset
 
     t0 = time.perf_counter()
+    if args.transfer_from is not None:
+        from ..plan.transfer import transfer_plans
+
+        plans, path = transfer_plans(args.transfer_from, args.task, _settings(args), preset=args.preset,
+                                     source_plans=args.plans, target_plans=args.plans, replan=args.replan,
+                                     export_nnunet=args.export_nnunet)
+        if not args.quiet:
+            print(format_plans_table(plans))
+            print(f"\nwrote {path} (plans of {args.transfer_from}) in {time.perf_counter() - t0:.2f} s")
+        return 0
     with progress_bar("fingerprint", args.quiet) as prog:
         res = plan_dataset(args.task, _settings(args), workers=args.workers, scheduler=args.scheduler,
-                           gpu_memory_gb=args.gpu_memory_gb, verify=not args.no_verify, force=args.force,
-                           export_nnunet=args.export_nnunet, progress=prog)
+                           gpu_memory_gb=args.gpu_memory_gb, preset=args.preset, plans_identifier=args.plans,
+                           target_spacing=args.target_spacing, verify=not args.no_verify, force=args.force,
+                           replan=args.replan, export_nnunet=args.export_nnunet, progress=prog)
     if not args.quiet:
         print(format_plans_table(res.plans))
         reused = " (fingerprint reused)" if res.fingerprint_reused else ""
-        print(f"\nwrote {res.output_folder}{reused} in {time.perf_counter() - t0:.2f} s")
+        kept = "kept the plans on disk" if res.plans_reused else "wrote the plans"
+        print(f"\n{kept} `{res.plans_identifier}` in {res.output_folder}{reused} in {time.perf_counter() - t0:.2f} s")
     return 0
 
 
@@ -133,7 +147,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     with progress_bar("preprocess", args.quiet) as prog:
         summary = preprocess_dataset(args.task, _settings(args), config=args.config, workers=args.workers,
                                      scheduler=args.scheduler, gpu_memory_gb=args.gpu_memory_gb,
-                                     verify=not args.no_verify, force=args.force, progress=prog)
+                                     verify=not args.no_verify, force=args.force, progress=prog,
+                                     plans_identifier=args.plans, preset=args.preset, replan=args.replan)
     if not args.quiet:
         print(summary.format())
     return 0
@@ -262,7 +277,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if overrides:  # the resumed run's settings, changed only where a flag says so
             dataset = find_dataset_folder(args.task, settings.require("preprocessed")).name
-            saved = load_saved_train_config(fold_folder(settings.require("results"), dataset, args.config, fold))
+            saved = load_saved_train_config(fold_folder(settings.require("results"), dataset, args.config, fold,
+                                                        plans_identifier=_plans_id(args)))
             cfg = (saved or TrainConfig()).replace(**overrides)
     else:
         cfg = TrainConfig(**overrides)
@@ -280,7 +296,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     res = train(args.task, settings, args.config, fold, cfg, device=args.device, resume=args.resume,
                 num_workers=args.workers, progress=report, stop_after_epoch=args.stop_after_epoch,
                 final_validation=None if args.no_val else _final_validation(), save_probabilities=args.npz,
-                pretrained_weights=args.pretrained_weights)
+                pretrained_weights=args.pretrained_weights, plans_identifier=_plans_id(args))
     if not quiet:
         state = "finished" if res.finished else f"stopped after {res.epochs_completed} of {res.num_epochs} epochs"
         best = "n/a" if res.best_ema is None else f"{res.best_ema:.4f}"
@@ -293,6 +309,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"final validation: foreground mean Dice {dice}; metrics in "
                   f"{res.output_folder / 'validation' / 'summary.json'}")
     return 0
+
+
+def _plans_id(args: argparse.Namespace) -> str:
+    """``--plans`` (checked) or the default plans identifier."""
+    from ..layout import PLANS_IDENTIFIER, check_plans_identifier
+
+    return check_plans_identifier(args.plans) if getattr(args, "plans", None) else PLANS_IDENTIFIER
 
 
 def _final_validation():
@@ -308,7 +331,7 @@ def _validate_only(args: argparse.Namespace, settings) -> int:
 
     dataset = find_dataset_folder(args.task, settings.require("preprocessed")).name
     fold = args.fold if args.fold == "all" else args.fold.strip()
-    folder = fold_folder(settings.require("results"), dataset, args.config, fold)
+    folder = fold_folder(settings.require("results"), dataset, args.config, fold, plans_identifier=_plans_id(args))
     checkpoint = "checkpoint_best" if args.val_best else "checkpoint_final"
     summary = _final_validation()(folder, settings=settings, device=args.device, checkpoint_name=checkpoint,
                                   save_probabilities=args.npz, workers=max(1, args.workers or 1))
@@ -330,6 +353,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CaseNotFoundError(f"input folder `{args.input}` does not exist or is not a folder (-i/--input: the "
                                 "folder of <case>_XXXX images)")
     options = PredictOptions(model_folder=args.model_folder, task=args.task, config=args.config,
+                             plans_identifier=_plans_id(args),
                              settings=_settings(args), folds=args.folds, checkpoint_name=args.checkpoint,
                              use_tta=not args.no_tta, step=args.step, save_probabilities=args.save_probabilities,
                              device=args.device, workers=args.workers, previous_stage_folder=args.prev_stage_folder)
@@ -427,7 +451,7 @@ def cmd_find_best(args: argparse.Namespace) -> int:
     from ..evaluate.find_best import find_best_configuration
 
     with progress_bar("find-best", args.quiet) as prog:
-        best = find_best_configuration(args.task, _settings(args), args.configs, tuple(args.folds),
+        best = find_best_configuration(args.task, _settings(args), args.configs, tuple(args.folds), plans=args.plans,
                                        workers=args.workers, allow_ensembling=not args.no_ensembles, progress=prog)
     print(best.format())
     print(f"\nwritten to {best.info_file}")

@@ -12,6 +12,7 @@ from typing import Sequence, get_args
 from .. import __version__
 from ..device import DeviceChoice
 from ..layout import PLANS_IDENTIFIER, TRAINER_NAME
+from ..plan.presets import PRESETS
 from ..plan.schema import CONFIGURATION_NAMES
 from ..preprocess.api import CONFIG_CHOICES as PREPROCESS_CONFIG_CHOICES
 from ..preprocess.api import PREPROCESSED_CONFIGURATIONS
@@ -24,6 +25,15 @@ def _add_roots(p: argparse.ArgumentParser) -> None:
     g.add_argument("--raw", metavar="PATH", help="raw datasets root (NNFAST_RAW / nnUNet_raw)")
     g.add_argument("--preprocessed", metavar="PATH", help="preprocessed root (NNFAST_PREPROCESSED / nnUNet_preprocessed)")
     g.add_argument("--results", metavar="PATH", help="results root (NNFAST_RESULTS / nnUNet_results)")
+
+
+_CONFIG_HELP = (f"{', '.join(CONFIGURATION_NAMES)} or a custom configuration of the plans (e.g. 3d_fullres_bs40, "
+                "nnU-Net's inherits_from); checked against the loaded plans")
+
+
+def _add_plans(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--plans", metavar="NAME", default=None,
+                   help=help or f"plans identifier (default {PLANS_IDENTIFIER}; e.g. nnfast_ResEncM_plans)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -135,10 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="verify, extract the fingerprint and write the experiment plans", allow_abbrev=False)
     p.add_argument("--task", required=True)
     p.add_argument("--workers", type=_positive_int, default=1)
-    p.add_argument("--gpu-memory-gb", type=_positive_float, default=8.0,
-                   help="GPU memory target of the plans (nnU-Net: 8)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="planner: default (nnU-Net's ExperimentPlanner, PlainConvUNet) or nnU-Net's residual-encoder "
+                        "presets resenc-m/-l/-xl (nnUNetPlannerResEncM/L/XL)")
+    _add_plans(p, "plans to write (default: the preset's, nnfast_plans / nnfast_ResEncM_plans / ...)")
+    p.add_argument("--gpu-memory-gb", type=_positive_float, default=None,
+                   help="GPU memory target of the plans (default: the preset's, nnU-Net: 8, 8, 24, 40). Plans on "
+                        "disk are never replaced: when this or --target-spacing would change them, give --plans NAME "
+                        "to write new plans beside them (or --replan)")
+    p.add_argument("--target-spacing", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"),
+                   help="3d_fullres target spacing in mm, reader axis order (nnU-Net's -overwrite_target_spacing)")
     p.add_argument("--no-verify", action="store_true", help="skip dataset verification")
     p.add_argument("--force", action="store_true", help="recompute the fingerprint and plans even if current")
+    p.add_argument("--replan", action="store_true", help="overwrite the plans on disk (hand edits included)")
+    p.add_argument("--transfer-from", metavar="DATASET",
+                   help="take the plans (architecture, spacing) of this dataset, with this dataset's intensity "
+                        "statistics and labels (nnU-Net's nnUNetv2_move_plans_between_datasets)")
     p.add_argument("--export-nnunet", action="store_true", help="also write nnUNetPlans.json and dataset_fingerprint.json")
     p.add_argument("--scheduler", type=_scheduler, help="dask scheduler address (tcp://host:port) or local:N")
     _add_roots(p)
@@ -146,10 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="plan if needed, then preprocess every training case", allow_abbrev=False)
     p.add_argument("--task", required=True)
-    p.add_argument("--config", default="3d_fullres", choices=PREPROCESS_CONFIG_CHOICES)
+    p.add_argument("--config", default="3d_fullres",
+                   help=f"a configuration of the plans ({', '.join(PREPROCESS_CONFIG_CHOICES)}, or a custom one)")
+    _add_plans(p)
     p.add_argument("--workers", type=_positive_int, default=2)
     p.add_argument("--scheduler", type=_scheduler, help="dask scheduler address (tcp://host:port) or local:N")
-    p.add_argument("--gpu-memory-gb", type=_positive_float, default=8.0)
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="planner preset when planning is needed")
+    p.add_argument("--gpu-memory-gb", type=_positive_float, default=None,
+                   help="GPU memory target when planning is needed (plans on disk are used as they are)")
+    p.add_argument("--replan", action="store_true", help="re-plan and overwrite the plans on disk")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--force", action="store_true", help="recompute every case even if its store is current")
     _add_roots(p)
@@ -158,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one configuration and fold (nnU-Net's trainer; DDP via torchrun)",
                        allow_abbrev=False)
     p.add_argument("--task", required=True)
-    p.add_argument("--config", default="3d_fullres", choices=CONFIGURATION_NAMES)
+    p.add_argument("--config", default="3d_fullres", help=_CONFIG_HELP)
+    _add_plans(p)
     p.add_argument("--fold", type=_fold, default="0",
                    help="cross-validation fold 0..4 (nnU-Net's split) or 'all' (default 0)")
     p.add_argument("--epochs", type=_positive_int, help="number of epochs (nnU-Net: 1000)")
@@ -194,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", required=True, help="folder of <case>_XXXX<ending> images (one file per channel)")
     p.add_argument("-o", "--output", required=True, help="output folder for <case><ending> segmentations")
     p.add_argument("--task", help="dataset of the trained model (with --config; or give --model-folder)")
-    p.add_argument("--config", choices=CONFIGURATION_NAMES,
-                   help="configuration (default 3d_fullres; with --model-folder: the checkpoint's)")
+    p.add_argument("--config", help="configuration (default 3d_fullres; with --model-folder: the checkpoint's); "
+                                    + _CONFIG_HELP)
+    _add_plans(p, f"plans of the model found from --task (default {PLANS_IDENTIFIER})")
     p.add_argument("--model-folder", help=f"trainer folder (default <results>/<Dataset>/{TRAINER_NAME}__"
                                           f"{PLANS_IDENTIFIER}__<config>); nnU-Net model folders are read too")
     p.add_argument("--folds", nargs="+", type=_fold,
@@ -271,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "ensemble, decide postprocessing, print the inference commands",
                        allow_abbrev=False)
     p.add_argument("--task", required=True)
-    p.add_argument("--configs", nargs="+", choices=CONFIGURATION_NAMES, help="configurations to consider (default: every "
-                                                                 "trained one; the order breaks ties)")
+    p.add_argument("--configs", nargs="+", help="configurations to consider (default: every trained one; the order "
+                                                "breaks ties); " + _CONFIG_HELP)
+    p.add_argument("--plans", nargs="+", metavar="NAME",
+                   help="plans identifiers whose models are ranked together (default: every one with trained models)")
     p.add_argument("--folds", nargs="+", type=_non_negative_int, default=[0, 1, 2, 3, 4],
                    help="folds of the cross-validation")
     p.add_argument("--no-ensembles", action="store_true", help="do not ensemble pairs of configurations")

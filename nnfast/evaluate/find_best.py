@@ -121,6 +121,13 @@ class BestConfiguration:
 
 
 # --------------------------------------------------------------------------------------------- commands
+def _trained_plans(ds_folder: Path) -> list[str]:
+    """Plans identifiers with trained folders ``<trainer>__<plans>__<config>`` in ``ds_folder`` (default first)."""
+    found = {p.name.split("__")[1] for p in ds_folder.glob(f"{layout.TRAINER_NAME}__*__*") if p.is_dir()
+             and len(p.name.split("__")) == 3}
+    return [layout.PLANS_IDENTIFIER] + sorted(found - {layout.PLANS_IDENTIFIER})
+
+
 def predict_commands(task: str, configs: Sequence[str], folds: Sequence, postprocessing_file: Path) -> list[str]:
     """The commands that reproduce a candidate on new images: ``nnfast predict`` per member (keeping probabilities
     for an ensemble; a cascade predicts its previous stage itself), ``nnfast ensemble``, ``nnfast
@@ -130,7 +137,11 @@ def predict_commands(task: str, configs: Sequence[str], folds: Sequence, postpro
     cmds, outputs = [], []
     for j, c in enumerate(configs):
         out = f"OUTPUT_FOLDER_MODEL_{j + 1}" if ensemble else "OUTPUT_FOLDER"
-        cmds.append(f"nnfast predict --task {task} --config {c} -i INPUT_FOLDER -o {out} --folds {fold_str}"
+        plans_flag = ""
+        if "/" in c:  # a model of other plans than the default: <plans>/<config>
+            p, c = c.split("/", 1)
+            plans_flag = f" --plans {p}"
+        cmds.append(f"nnfast predict --task {task} --config {c}{plans_flag} -i INPUT_FOLDER -o {out} --folds {fold_str}"
                     + (" --save-probabilities" if ensemble else ""))
         outputs.append(out)
     if ensemble:
@@ -232,6 +243,7 @@ def find_best_configuration(
     workers: int = 1,
     allow_ensembling: bool = True,
     progress=None,
+    plans: Sequence[str] | None = None,
 ) -> BestConfiguration:
     """Evaluate every trained configuration and pairwise ensemble, pick the best, decide its postprocessing.
 
@@ -250,6 +262,10 @@ def find_best_configuration(
         Worker processes for evaluation, ensembling and postprocessing.
     allow_ensembling : bool
         Also ensemble every pair of configurations that saved probabilities.
+    plans : sequence of str, optional
+        Plans identifiers whose models compete (default: every one with a trained folder, ``nnfast_plans`` first), so
+        that e.g. the default and the ResEnc-M ``3d_fullres`` are ranked together. A model of other plans than
+        ``nnfast_plans`` is named ``<plans>/<config>`` in the results and commands.
 
     Returns
     -------
@@ -274,11 +290,16 @@ def find_best_configuration(
     folds = tuple(folds)
     explicit = configs is not None
     order = list(configs) if configs is not None else list(CONFIG_ORDER)
+    plans_ids = list(plans) if plans else _trained_plans(ds_folder)
     trained = []
     for c in order:
+        found = [(c if p == layout.PLANS_IDENTIFIER else f"{p}/{c}", layout.trainer_folder(results, name, c,
+                                                                                        plans_identifier=p))
+                 for p in plans_ids]
+        found = [(k, f) for k, f in found if f.is_dir()]
         f = layout.trainer_folder(results, name, c)
-        if f.is_dir():
-            trained.append((c, f))
+        if found:
+            trained.extend(found)
         elif explicit:
             raise CaseNotFoundError(f"configuration {c} of {name} has not been trained (no `{f}`); train it with "
                                     f"`nnfast train --task {task_str} --config {c} --fold F` for folds "

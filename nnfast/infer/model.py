@@ -1,9 +1,9 @@
 """Trained models for inference: a trainer folder's plans, checkpoints and the network they fit.
 
 Layout (:mod:`nnfast.layout`; written by :mod:`nnfast.train.trainer`,
-``<results>/<Dataset>/nnfastTrainer__nnfast_plans__<config>/``)::
+``<results>/<Dataset>/nnfastTrainer__<plans identifier>__<config>/``)::
 
-    nnfast_plans.json            the plans the networks were built from
+    <plans identifier>.json      the plans the networks were built from (nnfast_plans.json, nnfast_ResEncM_plans.json)
     dataset.json                 the dataset's dataset.json (file ending, labels, regions_class_order)
     fold_<k>/<checkpoint>.pt     torch.save of plain containers and tensors (loads with ``weights_only=True``):
                                  ``network_weights`` (state dict), ``configuration``, ``num_input_channels``,
@@ -137,7 +137,9 @@ def available_folds(model_folder: Path | str, checkpoint_name: str = "checkpoint
 def _load_plans(folder: Path):
     from ..plan.planner import load_plans
 
-    for name in _PLANS_FILES:
+    parts = folder.name.split("__")  # <trainer>__<plans identifier>__<config>: that plans file first
+    names = ((layout.plans_file_name(parts[1]),) if len(parts) == 3 else ()) + _PLANS_FILES
+    for name in dict.fromkeys(names):
         p = folder / name
         if p.is_file():
             try:

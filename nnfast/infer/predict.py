@@ -119,7 +119,8 @@ def _resolve_model(options: "PredictOptions") -> TrainedModel:
         from ..settings import resolve_settings
 
         settings = options.settings or resolve_settings()
-        model_folder = model_folder_for(settings.require("results"), options.task, options.config or "3d_fullres")
+        model_folder = model_folder_for(settings.require("results"), options.task, options.config or "3d_fullres",
+                                        plans_identifier=options.plans_identifier)
     return load_model(model_folder, options.folds, options.checkpoint_name, config_name=options.config)
 
 
@@ -134,6 +135,8 @@ class PredictOptions:
         (:func:`nnfast.layout.trainer_folder`).
     task, config : optional
         Dataset and configuration, used to find the model folder (and, for ``config``, to check it).
+    plans_identifier : str
+        Plans of the model folder found from ``task`` (``<trainer>__<plans>__<config>``; default ``nnfast_plans``).
     settings : Settings, optional
         Data roots (default: resolved from the environment).
     folds : sequence, optional
@@ -162,6 +165,7 @@ class PredictOptions:
     model_folder: Path | str | None = None
     task: str | int | None = None
     config: str | None = None
+    plans_identifier: str = layout.PLANS_IDENTIFIER
     settings: Settings | None = None
     folds: Sequence | None = None
     checkpoint_name: str = "checkpoint_final"

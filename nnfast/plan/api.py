@@ -1,9 +1,11 @@
 """The planning stage end to end: verify -> fingerprint -> plans, with staleness checks.
 
 Files written to ``<preprocessed>/<DatasetNNN_Name>/``:
-``nnfast_fingerprint.json`` (the fingerprint plus a signature of the raw files it came from), ``nnfast_plans.json``,
-``dataset.json`` (a copy), and with ``export_nnunet`` nnU-Net's ``dataset_fingerprint.json`` and ``nnUNetPlans.json`` so
-that nnU-Net v2 can train on the same plans.
+``nnfast_fingerprint.json`` (the fingerprint plus a signature of the raw files it came from), ``<plans identifier>.json``
+(``nnfast_plans.json``, ``nnfast_ResEncM_plans.json``, ... several side by side), ``dataset.json`` (a copy),
+``nnfast_state.json`` (what each plans file was planned with and from which data), and with ``export_nnunet``
+nnU-Net's ``dataset_fingerprint.json`` and ``nnUNetPlans.json`` / ``nnUNetResEncUNetMPlans.json`` ... so that nnU-Net v2
+can train on the same plans.
 """
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .. import layout
-from ..errors import DatasetError
+from ..errors import DatasetError, PlanError
 from ..io.atomic import read_json, write_json_atomic
 from ..io.dataset import CaseFiles, DatasetInfo, load_dataset
 from ..settings import Settings, find_dataset_folder
@@ -25,7 +27,8 @@ from ..fingerprint.schema import Fingerprint
 if TYPE_CHECKING:
     from .schema import Plans
 
-__all__ = ["PlanningResult", "plan_dataset", "load_dataset_for_task", "fingerprint_path", "plans_path", "load_current_plans"]
+__all__ = ["PlanningResult", "plan_dataset", "load_dataset_for_task", "fingerprint_path", "plans_path", "load_current_plans",
+           "available_plans", "require_plans_file", "plans_differences", "current_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class PlanningResult:
     fingerprint_reused: bool
     plans_reused: bool
     verify_report: object | None = None
+    plans_identifier: str = layout.PLANS_IDENTIFIER
 
 
 def load_dataset_for_task(task: str | int, settings: Settings) -> tuple[DatasetInfo, list[CaseFiles]]:
@@ -55,12 +59,57 @@ def fingerprint_path(folder: Path) -> Path:
     return Path(folder) / FINGERPRINT_FILE
 
 
-def plans_path(folder: Path) -> Path:
-    return Path(folder) / PLANS_FILE
+def plans_path(folder: Path, plans_identifier: str = layout.PLANS_IDENTIFIER) -> Path:
+    """``<preprocessed>/<Dataset>/<plans identifier>.json``."""
+    return Path(folder) / layout.plans_file_name(plans_identifier)
 
 
 def _hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current_fingerprint(info: DatasetInfo, cases: list[CaseFiles], out: Path, signature: str | None = None, *,
+                        workers: int = 1, scheduler=None, force: bool = False,
+                        progress: Callable[[int, int, str], None] | None = None) -> tuple[Fingerprint, bool]:
+    """(fingerprint, reused): the stored fingerprint in ``out`` if it was made from the current files, else a new one
+    (written)."""
+    from ..fingerprint.extract import extract_fingerprint, source_signature
+
+    if signature is None:
+        signature = source_signature(info, cases)
+    fp_file = fingerprint_path(out)
+    if fp_file.is_file() and not force:
+        stored = read_json(fp_file)
+        if stored.get("source_signature") == signature:
+            try:
+                return Fingerprint.from_json(stored), True
+            except Exception:  # unsupported schema: recompute
+                pass
+    log.info("extracting the fingerprint of %s (%d cases, %d workers)", info.name, len(cases), workers)
+    fingerprint = extract_fingerprint(info, cases, workers=workers, scheduler=scheduler, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(fp_file, {**fingerprint.to_json(), "source_signature": signature})
+    return fingerprint, False
+
+
+def plans_differences(old, new, limit: int = 6) -> list[str]:
+    """``path: old -> new`` for every field in which two plans differ (their JSON; nnfast's version, the schema version
+    and ``plans_name`` -- the file name is the identifier -- ignored, so that plans of an older nnfast compare equal)."""
+    a, b = old.to_json(), new.to_json()
+    for d in (a, b):
+        for k in ("nnfast_version", "schema_version", "plans_name"):
+            d.pop(k, None)
+    out: list[str] = []
+
+    def walk(x, y, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in list(x) + [k for k in y if k not in x]:
+                walk(x.get(k, "<missing>"), y.get(k, "<missing>"), f"{path}.{k}" if path else str(k))
+        elif x != y:
+            out.append(f"{path}: {x} -> {y}")
+
+    walk(a, b, "")
+    return out[:limit] + ([f"and {len(out) - limit} more"] if len(out) > limit else [])
 
 
 def plan_dataset(
@@ -69,29 +118,50 @@ def plan_dataset(
     *,
     workers: int = 1,
     scheduler=None,
-    gpu_memory_gb: float = 8.0,
+    gpu_memory_gb: float | None = None,
+    preset: str | None = None,
+    plans_identifier: str | None = None,
+    target_spacing: Sequence[float] | None = None,
     verify: bool = True,
     force: bool = False,
+    replan: bool = False,
     export_nnunet: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    create: bool = True,
 ) -> PlanningResult:
     """Verify (unless told not to), fingerprint and plan ``task``; reuse what is current.
 
-    The fingerprint is recomputed when the raw files or ``dataset.json`` changed since it was made (or ``force``); the
-    plans when the fingerprint or the planning arguments changed.
+    The fingerprint is recomputed when the raw files or ``dataset.json`` changed since it was made (or ``force``).
+
+    Plans are the user's: plans already on disk under ``plans_identifier`` (default: the preset's, ``nnfast_plans``)
+    are used as they are, hand edits included. They are re-planned (with the arguments recorded when they were made)
+    only when the dataset's files changed since, and that is logged with what differs. Planning arguments given here
+    (``preset``, ``gpu_memory_gb``, ``target_spacing``) that would plan something else than the file on disk raise
+    :class:`~nnfast.errors.PlanError` listing the differences, unless ``replan`` (or ``force``) says to overwrite;
+    ``plans_identifier`` writes such plans beside the others instead. ``create=False``: plans that do not exist yet
+    are an error (listing those that do) instead of being planned.
 
     Raises
     ------
     DatasetError
         verification found errors (the message holds the whole report).
+    PlanError
+        the plans on disk differ from what the given arguments plan (and neither ``replan`` nor ``force``), or the
+        dataset changed under hand-edited plans.
     """
-    from ..fingerprint.extract import extract_fingerprint, source_signature
-    from .planner import plan_experiment, write_plans, load_plans
+    from ..fingerprint.extract import source_signature
+    from .planner import load_plans, plan_experiment, write_plans
+    from .presets import DEFAULT_PRESET, get_preset, preset_for_planner
 
+    preset_obj = get_preset(preset or DEFAULT_PRESET)  # unknown preset: UsageError before any work
+    identifier = plans_identifier or preset_obj.plans_identifier
+    layout.check_plans_identifier(identifier)
     info, cases = load_dataset_for_task(task, settings)
     out = settings.require("preprocessed") / info.name
     out.mkdir(parents=True, exist_ok=True)
 
+    if not create:
+        require_plans_file(out, identifier, task)
     if not cases:
         raise DatasetError(f"dataset `{info.root}` has no training cases in imagesTr")
     signature = source_signature(info, cases)
@@ -116,56 +186,112 @@ def plan_dataset(
         write_json_atomic(state_file, state)
     elif verify:
         log.info("%s: verification is current (inputs unchanged since it passed)", info.name)
-    fp_file = fingerprint_path(out)
-    fingerprint = None
-    fp_reused = False
-    if fp_file.is_file() and not force:
-        stored = read_json(fp_file)
-        if stored.get("source_signature") == signature:
-            try:
-                fingerprint = Fingerprint.from_json(stored)
-                fp_reused = True
-            except Exception:  # unsupported schema: recompute
-                fingerprint = None
-    if fingerprint is None:
-        log.info("extracting the fingerprint of %s (%d cases, %d workers)", info.name, len(cases), workers)
-        fingerprint = extract_fingerprint(info, cases, workers=workers, scheduler=scheduler, progress=progress)
-        write_json_atomic(fp_file, {**fingerprint.to_json(), "source_signature": signature})
+    fingerprint, fp_reused = current_fingerprint(info, cases, out, signature, workers=workers, scheduler=scheduler,
+                                                 force=force, progress=progress)
 
-    plan_args = {"gpu_memory_gb": float(gpu_memory_gb), "fingerprint": _hash_json(fingerprint.to_json()),
-                 "dataset_json": _hash_json(info.raw)}
-    p_file = plans_path(out)
-    plans = None
+    data_hashes = {"fingerprint": _hash_json(fingerprint.to_json()), "dataset_json": _hash_json(info.raw)}
+    requested = {"preset": preset, "gpu_memory_gb": None if gpu_memory_gb is None else float(gpu_memory_gb),
+                 "target_spacing": None if target_spacing is None else [float(v) for v in target_spacing]}
+    records = state.setdefault("plans", {})
+    record = records.get(identifier)
+    p_file = plans_path(out, identifier)
+
+    def make(args: dict) -> Plans:
+        return plan_experiment(fingerprint, info, gpu_memory_target_in_gb=args.get("gpu_memory_gb"),
+                               overwrite_target_spacing=args.get("target_spacing"),
+                               preset=args.get("preset") or DEFAULT_PRESET, plans_identifier=identifier)
+
+    def file_hash() -> str:
+        return hashlib.sha256(p_file.read_bytes()).hexdigest()[:16]
+
+    explicit = {k: v for k, v in requested.items() if v is not None}
+    args = {"preset": None, "gpu_memory_gb": None, "target_spacing": None, **explicit}
+    plans: Plans
     plans_reused = False
-    if p_file.is_file() and not force:
-        if state.get("plan_args") == plan_args:
-            plans = load_plans(p_file)
-            plans_reused = True
-    if plans is None:
-        plans = plan_experiment(fingerprint, info, gpu_memory_target_in_gb=gpu_memory_gb)
+    if p_file.is_file() and not (force or replan):
+        on_disk = load_plans(p_file)
+        recorded_args = dict((record or {}).get("args") or {})
+        if not recorded_args:  # plans from elsewhere (an older nnfast, an import, a copy): what they say they are
+            known = preset_for_planner(on_disk.experiment_planner)
+            recorded_args = {"preset": known.name if known is not None else None, "gpu_memory_gb": None,
+                             "target_spacing": None}
+        new_args = any(recorded_args.get(k) != v for k, v in explicit.items())
+        args = {**recorded_args, **explicit}
+        changed_data = record is not None and record.get("data") != data_hashes
+        plans, plans_reused = on_disk, True
+        if new_args or changed_data:
+            candidate = make(args)
+            diffs = plans_differences(on_disk, candidate)
+            edited = record is not None and record.get("file") != file_hash()
+            if diffs and changed_data and not new_args and not edited:
+                log.warning("%s: the dataset's files changed since plans `%s` were made: re-planned (%s)", info.name,
+                            identifier, "; ".join(diffs))
+                plans, plans_reused = candidate, False
+            elif diffs:
+                why = ("the dataset's files changed since they were made, and they were edited by hand" if not new_args
+                       else f"planning with {', '.join(f'{k}={v}' for k, v in explicit.items())} would change them")
+                raise PlanError(
+                    f"plans `{p_file}` exist and {why}: {'; '.join(diffs)}; pass --replan to overwrite them, or "
+                    f"--plans NAME to write the new plans beside them")
+        if plans_reused:
+            records[identifier] = {"args": args, "data": data_hashes,
+                                   "file": (record or {}).get("file") or file_hash()}
+            write_json_atomic(state_file, state)
+    else:
+        plans = make(args)
+    if not plans_reused:
         write_plans(plans, p_file)
-        state["plan_args"] = plan_args
+        records[identifier] = {"args": args, "data": data_hashes, "file": file_hash()}
+        state.pop("plan_args", None)  # the record of nnfast versions before plans identifiers
         write_json_atomic(state_file, state)
     from ..io.atomic import atomic_target
 
     with atomic_target(out / "dataset.json") as tmp:
         shutil.copyfile(info.root / "dataset.json", tmp)
     if export_nnunet:
-        from .nnunet_compat import to_nnunet_plans
+        from .nnunet_compat import nnunet_name_of, to_nnunet_plans
 
         write_json_atomic(out / "dataset_fingerprint.json", fingerprint.to_nnunet())
-        write_json_atomic(out / "nnUNetPlans.json", to_nnunet_plans(plans, info.raw))
-    return PlanningResult(info, cases, fingerprint, plans, out, fp_reused, plans_reused, report)
+        write_json_atomic(out / layout.plans_file_name(nnunet_name_of(plans)), to_nnunet_plans(plans, info.raw))
+    return PlanningResult(info, cases, fingerprint, plans, out, fp_reused, plans_reused, report, identifier)
 
 
-def load_current_plans(task: str | int, settings: Settings):
-    """Load the plans of ``task`` from the preprocessed folder (no planning)."""
+def available_plans(folder: Path) -> list[str]:
+    """The nnfast plans identifiers in a preprocessed dataset folder (``<identifier>.json`` files that are nnfast plans)."""
+    found = []
+    for f in sorted(Path(folder).glob("*.json")):
+        try:
+            d = read_json(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and "schema_version" in d and "configurations" in d and "plans_name" in d:
+            found.append(f.stem)
+    return found
+
+
+def require_plans_file(dataset_dir: Path, plans_identifier: str = layout.PLANS_IDENTIFIER,
+                       task: str | int | None = None) -> Path:
+    """The plans file of ``plans_identifier`` in a preprocessed dataset folder.
+
+    Raises
+    ------
+    PlanError
+        It does not exist; the message lists the plans identifiers that do.
+    """
+    p = plans_path(dataset_dir, plans_identifier)
+    if not p.is_file():
+        there = available_plans(dataset_dir) if Path(dataset_dir).is_dir() else []
+        listed = f"plans on disk: {', '.join(there)}" if there else "no plans on disk"
+        hint = f"`nnfast plan --task {task}`" if task is not None else "`nnfast plan`"
+        raise PlanError(f"plans `{plans_identifier}` do not exist in `{dataset_dir}` ({listed}); run {hint}"
+                        f"{'' if plans_identifier == layout.PLANS_IDENTIFIER else f' --plans {plans_identifier}'} "
+                        "first or pick one of those")
+    return p
+
+
+def load_current_plans(task: str | int, settings: Settings, plans_identifier: str = layout.PLANS_IDENTIFIER):
+    """Load the plans ``plans_identifier`` of ``task`` from the preprocessed folder (no planning)."""
     from .planner import load_plans
 
     info, _ = load_dataset_for_task(task, settings)
-    p = plans_path(settings.require("preprocessed") / info.name)
-    if not p.is_file():
-        from ..errors import PlanError
-
-        raise PlanError(f"no plans for {info.name} at `{p}`; run `nnfast plan --task {task}` first")
-    return load_plans(p)
+    return load_plans(require_plans_file(settings.require("preprocessed") / info.name, plans_identifier, task))

@@ -1,12 +1,13 @@
 """Adapter between nnfast :class:`~nnfast.plan.schema.Plans` and nnU-Net v2's ``nnUNetPlans.json``.
 
-- :func:`to_nnunet_plans` writes the dict nnU-Net v2's default ``ExperimentPlanner`` would have saved for the same
-  dataset (``plans_name`` ``nnUNetPlans``, data identifiers ``nnUNetPlans_<configuration>``, the PlainConvUNet
-  ``architecture`` block with the torch class paths nnU-Net writes, resampling function names and kwargs,
+- :func:`to_nnunet_plans` writes the dict nnU-Net v2's planner of the plans' preset (``ExperimentPlanner``,
+  ``nnUNetPlannerResEncM/L/XL``; :mod:`nnfast.plan.presets`) would have saved for the same dataset (``plans_name``
+  ``nnUNetPlans`` / ``nnUNetResEncUNetMPlans`` ..., data identifiers ``nnUNetPlans_<configuration>`` or
+  ``<plans name>_<configuration>``, the PlainConvUNet or ResidualEncoderUNet ``architecture`` block with the torch class paths nnU-Net writes, resampling function names and kwargs,
   ``DefaultPreprocessor``, ``LabelManager``, the image reader/writer chosen from the file ending). nnU-Net's
   ``PlansManager`` loads it and builds the same network.
 - :func:`from_nnunet_plans` reads an nnU-Net plans dict so that nnfast can preprocess/train with existing nnU-Net plans.
-  Only what nnfast can honour is accepted (PlainConvUNet, InstanceNorm, LeakyReLU, no dropout,
+  Only what nnfast can honour is accepted (PlainConvUNet or ResidualEncoderUNet, InstanceNorm, LeakyReLU, no dropout,
   ``resample_data_or_seg_to_shape``, ``DefaultPreprocessor``); anything else raises :class:`~nnfast.errors.PlanError`.
   Custom configurations other than nnU-Net's four are skipped with a log message.
 
@@ -19,6 +20,7 @@ from typing import Any, Mapping
 
 from ..errors import PlanError
 from ..fingerprint.schema import IntensityStats
+from .presets import PRESETS, nnunet_plans_name, preset_for_planner
 from .schema import (
     CONFIGURATION_NAMES,
     Architecture,
@@ -28,13 +30,14 @@ from .schema import (
     Resampling,
 )
 
-__all__ = ["NNUNET_PLANS_NAME", "to_nnunet_plans", "from_nnunet_plans", "image_reader_writer_for"]
+__all__ = ["NNUNET_PLANS_NAME", "nnunet_name_of", "to_nnunet_plans", "from_nnunet_plans", "image_reader_writer_for"]
 
 log = logging.getLogger(__name__)
 
 NNUNET_PLANS_NAME = "nnUNetPlans"
-_NETWORK_CLASS = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-_NETWORK_CLASS_SHORT = "PlainConvUNet"
+_NETWORK_MODULE = "dynamic_network_architectures.architectures.unet"
+_NETWORK_CLASS = f"{_NETWORK_MODULE}.PlainConvUNet"
+_NETWORK_CLASSES_SHORT = ("PlainConvUNet", "ResidualEncoderUNet")
 _CONV_OP = {2: "torch.nn.modules.conv.Conv2d", 3: "torch.nn.modules.conv.Conv3d"}
 _NORM_OP = {2: "torch.nn.modules.instancenorm.InstanceNorm2d", 3: "torch.nn.modules.instancenorm.InstanceNorm3d"}
 _NONLIN = "torch.nn.LeakyReLU"
@@ -78,9 +81,24 @@ def _resampling_kwargs(r: Resampling, is_seg: bool) -> dict[str, Any]:
     return {"is_seg": is_seg, "order": r.order, "order_z": r.order_z, "force_separate_z": r.force_separate_z}
 
 
-def _nnunet_data_identifier(identifier: str, plans_name: str) -> str:
+def _nnunet_data_identifier(identifier: str, plans_name: str, nnfast_plans_name: str = "",
+                            shares_default_data: bool = False) -> str:
+    """nnfast's ``<plans identifier>_<config>`` -> ``<nnU-Net plans name>_<config>``; ``nnfast_<config>`` (the default
+    plans' data, shared by the presets) -> ``nnUNetPlans_<config>``, as nnU-Net's residual planners share it.
+
+    ``shares_default_data``: nnU-Net's residual planners name their ``2d`` and ``3d_fullres`` data ``nnUNetPlans_*``
+    even with an overwritten target spacing (nnfast keeps such data apart, under its own identifier)."""
+    if shares_default_data:
+        for cfg in ("2d", "3d_fullres"):
+            if identifier.endswith("_" + cfg):
+                return f"{NNUNET_PLANS_NAME}_{cfg}"
+    prefixes = [p for p in {nnfast_plans_name, *(pr.plans_identifier for pr in PRESETS.values()
+                                                 if pr.nnunet_plans_name == plans_name)} if p]
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        if identifier.startswith(prefix + "_"):
+            return f"{plans_name}_{identifier[len(prefix) + 1:]}"
     head, sep, tail = identifier.partition("_")
-    return f"{plans_name}_{tail}" if sep else f"{plans_name}_{identifier}"
+    return f"nnUNetPlans_{tail}" if sep else f"nnUNetPlans_{identifier}"
 
 
 def _arch_to_nnunet(a: Architecture) -> dict[str, Any]:
@@ -89,14 +107,14 @@ def _arch_to_nnunet(a: Architecture) -> dict[str, Any]:
     if a.nonlin_negative_slope != _DEFAULT_LEAKY_SLOPE:
         nonlin_kwargs["negative_slope"] = a.nonlin_negative_slope
     return {
-        "network_class_name": _NETWORK_CLASS,
+        "network_class_name": f"{_NETWORK_MODULE}.{a.network_class}",
         "arch_kwargs": {
             "n_stages": a.n_stages,
             "features_per_stage": list(a.features_per_stage),
             "conv_op": _CONV_OP[nd],
             "kernel_sizes": [list(k) for k in a.kernel_sizes],
             "strides": [list(s) for s in a.strides],
-            "n_conv_per_stage": list(a.n_conv_per_stage),
+            ("n_blocks_per_stage" if a.residual else "n_conv_per_stage"): list(a.n_conv_per_stage),
             "n_conv_per_stage_decoder": list(a.n_conv_per_stage_decoder),
             "conv_bias": a.conv_bias,
             "norm_op": _NORM_OP[nd],
@@ -110,9 +128,11 @@ def _arch_to_nnunet(a: Architecture) -> dict[str, Any]:
     }
 
 
-def _config_to_nnunet(c: ConfigurationPlan, plans_name: str) -> dict[str, Any]:
+def _config_to_nnunet(c: ConfigurationPlan, plans_name: str, nnfast_plans_name: str = "",
+                      shares_default_data: bool = False) -> dict[str, Any]:
     d: dict[str, Any] = {
-        "data_identifier": _nnunet_data_identifier(c.data_identifier, plans_name),
+        "data_identifier": _nnunet_data_identifier(c.data_identifier, plans_name, nnfast_plans_name,
+                                                   shares_default_data),
         "preprocessor_name": _PREPROCESSOR,
         "batch_size": c.batch_size,
         "patch_size": list(c.patch_size),
@@ -135,6 +155,18 @@ def _config_to_nnunet(c: ConfigurationPlan, plans_name: str) -> dict[str, Any]:
     return d
 
 
+def nnunet_name_of(plans: Plans) -> str:
+    """The nnU-Net plans name (and file stem) of nnfast plans: ``nnUNetPlans`` for the default plans,
+    ``nnUNetResEncUNetMPlans`` etc. for the presets' plans, a name that already is nnU-Net's kept, else
+    ``nnUNetPlans_<plans identifier>``."""
+    preset = preset_for_planner(plans.experiment_planner)
+    if preset is not None and plans.plans_name in (preset.plans_identifier, preset.nnunet_plans_name, "nnfastPlans"):
+        return preset.nnunet_plans_name
+    if plans.plans_name.startswith("nnUNet"):
+        return plans.plans_name
+    return nnunet_plans_name(plans.plans_name)
+
+
 def to_nnunet_plans(plans: Plans, dataset_json: Mapping[str, Any]) -> dict[str, Any]:
     """The ``nnUNetPlans.json`` content nnU-Net v2 would write for these plans.
 
@@ -151,13 +183,22 @@ def to_nnunet_plans(plans: Plans, dataset_json: Mapping[str, Any]) -> dict[str, 
         JSON-serializable; key order as nnU-Net writes it. An extra top-level ``nnfast`` entry records provenance
         (nnU-Net ignores unknown keys).
     """
-    plans_name = NNUNET_PLANS_NAME
+    plans_name = nnunet_name_of(plans)
+    preset = preset_for_planner(plans.experiment_planner)
     configurations: dict[str, Any] = {}
     for name, c in plans.configurations.items():
-        if isinstance(c, InheritedConfiguration):
+        if isinstance(c, InheritedConfiguration) and c.overrides:
+            parent = _config_to_nnunet(plans.configuration(c.inherits_from), plans_name, plans.plans_name,
+                                       preset is not None and preset.residual)
+            own = _config_to_nnunet(plans.configuration(name), plans_name, plans.plans_name,
+                                    preset is not None and preset.residual)
+            configurations[name] = {"inherits_from": c.inherits_from,
+                                    **{k: v for k, v in own.items() if parent.get(k) != v and k != "inherits_from"}}
+        elif isinstance(c, InheritedConfiguration):
             configurations[name] = c.to_json()
         else:
-            configurations[name] = _config_to_nnunet(c, plans_name)
+            configurations[name] = _config_to_nnunet(c, plans_name, plans.plans_name,
+                                                     preset is not None and preset.residual)
     return {
         "dataset_name": plans.dataset_name,
         "plans_name": plans_name,
@@ -167,7 +208,8 @@ def to_nnunet_plans(plans: Plans, dataset_json: Mapping[str, Any]) -> dict[str, 
         "transpose_forward": list(plans.transpose_forward),
         "transpose_backward": list(plans.transpose_backward),
         "configurations": configurations,
-        "experiment_planner_used": "ExperimentPlanner",
+        "experiment_planner_used": preset.nnunet_planner if preset is not None
+        else plans.experiment_planner.split(".")[-1],
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
             str(i): s.to_json() for i, s in enumerate(plans.foreground_intensity_properties_per_channel)
@@ -194,8 +236,10 @@ def _resampling_from_nnunet(c: Mapping[str, Any], kind: str, where: str) -> Resa
 
 def _arch_from_nnunet(a: Mapping[str, Any], where: str) -> Architecture:
     cls = str(a.get("network_class_name", ""))
-    if cls.split(".")[-1] != _NETWORK_CLASS_SHORT:
-        raise PlanError(f"{where}: network {cls!r} is not supported; nnfast trains PlainConvUNet only")
+    short = cls.split(".")[-1]
+    if short not in _NETWORK_CLASSES_SHORT:
+        raise PlanError(f"{where}: network {cls!r} is not supported; nnfast builds "
+                        f"{' and '.join(_NETWORK_CLASSES_SHORT)}")
     kw = a.get("arch_kwargs", {})
     norm = str(kw.get("norm_op") or "")
     if "InstanceNorm" not in norm:
@@ -213,24 +257,38 @@ def _arch_from_nnunet(a: Mapping[str, Any], where: str) -> Architecture:
     def per_stage(v: Any, n: int) -> tuple[int, ...]:
         return (int(v),) * n if isinstance(v, int) else tuple(int(x) for x in v)
 
+    per_stage_key = "n_blocks_per_stage" if short == "ResidualEncoderUNet" else "n_conv_per_stage"
+    if short == "ResidualEncoderUNet":
+        extra = {k for k in ("block", "bottleneck_channels", "stem_channels") if kw.get(k) is not None}
+        if extra:
+            raise PlanError(f"{where}: ResidualEncoderUNet arch_kwargs {sorted(extra)} are not supported (BasicBlockD, "
+                            "the default stem)")
     try:
         return Architecture(
             n_stages=n_stages,
             features_per_stage=per_stage(kw["features_per_stage"], n_stages),
             kernel_sizes=tuple(tuple(int(x) for x in k) for k in kw["kernel_sizes"]),
             strides=tuple(tuple(int(x) for x in s) for s in kw["strides"]),
-            n_conv_per_stage=per_stage(kw["n_conv_per_stage"], n_stages),
+            n_conv_per_stage=per_stage(kw[per_stage_key], n_stages),
             n_conv_per_stage_decoder=per_stage(kw["n_conv_per_stage_decoder"], n_stages - 1),
             conv_bias=bool(kw.get("conv_bias", False)),
             norm_eps=float(norm_kw.get("eps", 1e-5)),
             norm_affine=bool(norm_kw.get("affine", False)),
             nonlin_negative_slope=float(nonlin_kw.get("negative_slope", _DEFAULT_LEAKY_SLOPE)),
+            network_class=short,  # type: ignore[arg-type]
         )
     except KeyError as e:
         raise PlanError(f"{where}: arch_kwargs lacks {e}") from None
 
 
 def _nnfast_data_identifier(identifier: str, plans_name: str) -> str:
+    """Inverse of :func:`_nnunet_data_identifier`: ``nnUNetPlans_<config>`` -> ``nnfast_<config>``; a preset's own
+    ``nnUNetResEncUNetMPlans_<config>`` -> ``nnfast_ResEncM_plans_<config>``."""
+    if identifier.startswith(f"{NNUNET_PLANS_NAME}_"):
+        return "nnfast_" + identifier[len(NNUNET_PLANS_NAME) + 1:]
+    for p in PRESETS.values():
+        if p.nnunet_plans_name == plans_name and identifier.startswith(f"{plans_name}_"):
+            return f"{p.plans_identifier}_{identifier[len(plans_name) + 1:]}"
     prefix = f"{plans_name}_"
     return "nnfast_" + (identifier[len(prefix):] if identifier.startswith(prefix) else identifier)
 

@@ -37,7 +37,8 @@ from ..errors import PlanError
 from ..fingerprint.schema import Fingerprint
 from ..io.atomic import read_json, write_json_atomic
 from ..io.dataset import DatasetInfo
-from ..layout import data_identifier
+from ..layout import PLANS_IDENTIFIER, data_identifier
+from .presets import DEFAULT_PRESET, PlannerPreset, get_preset
 from .schema import (
     Architecture,
     ConfigurationPlan,
@@ -79,7 +80,7 @@ LOWRES_CREATION_THRESHOLD = 0.25
 LOWRES_SPACING_FACTOR = 1.03
 MAX_NUMPOOL = 999999
 
-PLANS_NAME = "nnfastPlans"
+PLANS_NAME = "nnfastPlans"  # kept for imports; plans now record their plans identifier as ``plans_name``
 
 _NORMALIZATION_BY_CHANNEL_NAME = {
     "ct": "CTNormalization",
@@ -155,15 +156,25 @@ def _features_per_stage(n_stages: int, max_features: int) -> tuple[int, ...]:
     return tuple(min(max_features, BASE_NUM_FEATURES * 2 ** i) for i in range(n_stages))
 
 
-def _architecture(topology_strides, kernel_sizes, max_features: int) -> Architecture:
+def _architecture(topology_strides, kernel_sizes, max_features: int,
+                  preset: PlannerPreset | None = None) -> Architecture:
     n = len(topology_strides)
+    if preset is not None and preset.residual:
+        assert preset.blocks_per_stage_encoder is not None and preset.blocks_per_stage_decoder is not None
+        if n > len(preset.blocks_per_stage_encoder):  # nnU-Net would fail on a too short tuple as well
+            raise PlanError(f"{preset.name}: {n} stages, but the preset defines residual blocks for at most "
+                            f"{len(preset.blocks_per_stage_encoder)}")
+        per_stage, decoder = preset.blocks_per_stage_encoder[:n], preset.blocks_per_stage_decoder[:n - 1]
+    else:
+        per_stage, decoder = (CONVS_PER_STAGE_ENCODER,) * n, (CONVS_PER_STAGE_DECODER,) * (n - 1)
     return Architecture(
         n_stages=n,
         features_per_stage=_features_per_stage(n, max_features),
         kernel_sizes=tuple(kernel_sizes),
         strides=tuple(topology_strides),
-        n_conv_per_stage=(CONVS_PER_STAGE_ENCODER,) * n,
-        n_conv_per_stage_decoder=(CONVS_PER_STAGE_DECODER,) * (n - 1),
+        n_conv_per_stage=tuple(per_stage),
+        n_conv_per_stage_decoder=tuple(decoder),
+        network_class="ResidualEncoderUNet" if preset is not None and preset.residual else "PlainConvUNet",
     )
 
 
@@ -171,7 +182,9 @@ class _Planner:
     """Per-run state: dataset constants and the VRAM-estimate cache shared by all configurations."""
 
     def __init__(self, num_input_channels: int, num_classes: int, gpu_memory_target_in_gb: float,
-                 normalization: tuple[tuple[str, ...], tuple[bool, ...]]) -> None:
+                 normalization: tuple[tuple[str, ...], tuple[bool, ...]],
+                 preset: PlannerPreset | None = None) -> None:
+        self.preset = preset or get_preset(DEFAULT_PRESET)
         self.num_input_channels = num_input_channels
         self.num_classes = num_classes
         self.gpu_memory_target_in_gb = gpu_memory_target_in_gb
@@ -207,14 +220,20 @@ class _Planner:
                 f"configuration `{name}`: the median image size at spacing {[float(s) for s in spacing]} mm is "
                 f"{[float(m) for m in median_shape[:ndim]]} voxels, which has an empty axis; choose a finer "
                 "overwrite_target_spacing")
-        arch = _architecture(topo.strides, topo.kernel_sizes, max_features)
+        preset = self.preset
+        arch = _architecture(topo.strides, topo.kernel_sizes, max_features, preset)
         estimate = self._estimate(patch_size, arch)
 
-        reference = (REFERENCE_VAL_2D if ndim == 2 else REFERENCE_VAL_3D) * \
-            (self.gpu_memory_target_in_gb / REFERENCE_VAL_CORRESP_GB)
+        reference = (preset.reference_val_2d if ndim == 2 else preset.reference_val_3d) * \
+            (self.gpu_memory_target_in_gb / preset.reference_corresp_gb)
         ref_bs = REFERENCE_BS_2D if ndim == 2 else REFERENCE_BS_3D
         divisible_by = topo.shape_must_be_divisible_by
-        while estimate / ref_bs * 2 > reference:
+        # the default planner asks for room for batch 2; the residual presets compare the estimate itself (the
+        # expressions are nnU-Net's, in its operation order, so that the floating-point comparisons agree)
+        def too_large(estimate: int) -> bool:
+            return estimate > reference if preset.residual else estimate / ref_bs * 2 > reference
+
+        while too_large(estimate):
             # shrink the axis that is largest relative to the median shape; nnU-Net picks it with np.argsort(...)[-1],
             # which we call too so that ties resolve identically
             ratios = [p / m for p, m in zip(patch_size, median_shape[:ndim])]
@@ -232,11 +251,11 @@ class _Planner:
                 topo = get_pool_and_conv_props(spacing, shrunk, FEATUREMAP_MIN_EDGE_LENGTH, MAX_NUMPOOL)
             patch_size = topo.patch_size
             divisible_by = topo.shape_must_be_divisible_by
-            arch = _architecture(topo.strides, topo.kernel_sizes, max_features)
+            arch = _architecture(topo.strides, topo.kernel_sizes, max_features, preset)
             estimate = self._estimate(patch_size, arch)
 
         batch_size = round((reference / estimate) * ref_bs)
-        bs_5_percent = round(approximate_n_voxels_dataset * MAX_DATASET_COVERED /
+        bs_5_percent = round(approximate_n_voxels_dataset * preset.max_dataset_covered /
                              np.prod(patch_size, dtype=np.float64))
         batch_size = max(min(batch_size, bs_5_percent), MIN_BATCH_SIZE)
 
@@ -292,8 +311,10 @@ def _validate(fingerprint: Fingerprint, dataset: DatasetInfo, gpu_memory_target_
 def plan_experiment(
     fingerprint: Fingerprint,
     dataset: DatasetInfo,
-    gpu_memory_target_in_gb: float = 8.0,
+    gpu_memory_target_in_gb: float | None = None,
     overwrite_target_spacing: Sequence[float] | None = None,
+    preset: str = DEFAULT_PRESET,
+    plans_identifier: str | None = None,
 ) -> Plans:
     """Plan the 2d, 3d_fullres and (if useful) 3d_lowres / 3d_cascade_fullres configurations of a dataset.
 
@@ -303,23 +324,35 @@ def plan_experiment(
         The dataset fingerprint (spacings and cropped shapes in reader axis order).
     dataset : DatasetInfo
         The parsed ``dataset.json`` (channel names, labels, ``numTraining``, name).
-    gpu_memory_target_in_gb : float
-        nnU-Net's ``-gpu_memory_target`` (scales the VRAM reference linearly; 8 by default).
+    gpu_memory_target_in_gb : float, optional
+        nnU-Net's ``-gpu_memory_target`` (scales the VRAM reference linearly); default: the preset's (8, 8, 24, 40).
     overwrite_target_spacing : sequence of 3 float, optional
         Replace the full-resolution target spacing (reader axis order, mm), like nnU-Net's
         ``-overwrite_target_spacing``; also decides the transposition and seeds 3d_lowres.
+    preset : str
+        ``default`` (nnU-Net's ``ExperimentPlanner``), ``resenc-m``, ``resenc-l`` or ``resenc-xl``
+        (``nnUNetPlannerResEncM/L/XL``; :mod:`nnfast.plan.presets`).
+    plans_identifier : str, optional
+        Recorded as ``plans_name`` and used for data identifiers; default: the preset's (``nnfast_plans``,
+        ``nnfast_ResEncM_plans``, ...).
 
     Returns
     -------
     Plans
         Configurations in nnU-Net's order; data identifiers ``nnfast_<configuration>`` (the cascade shares
-        ``nnfast_3d_fullres``).
+        ``nnfast_3d_fullres``) -- except that plans under another identifier give ``<identifier>_<configuration>`` to
+        every configuration whose preprocessed data would differ from the default plans' (``3d_lowres``; all of them
+        with ``overwrite_target_spacing``), as nnU-Net's residual planners do.
 
     Raises
     ------
     PlanError
         If the fingerprint is empty or inconsistent with ``dataset`` or an argument is out of range.
     """
+    p = get_preset(preset)
+    if gpu_memory_target_in_gb is None:
+        gpu_memory_target_in_gb = p.default_gpu_memory_gb
+    identifier = plans_identifier or p.plans_identifier
     _validate(fingerprint, dataset, gpu_memory_target_in_gb, overwrite_target_spacing)
     spacings = np.asarray(fingerprint.spacings, dtype=np.float64)
     shapes = np.asarray(fingerprint.shapes_after_crop, dtype=np.int64)
@@ -345,10 +378,12 @@ def plan_experiment(
         gpu_memory_target_in_gb=float(gpu_memory_target_in_gb),
         normalization=normalization_schemes_for(dataset.channel_names,
                                                 fingerprint.median_relative_size_after_cropping),
+        preset=p,
     )
 
     def ident(cfg: str) -> str:
-        return data_identifier(cfg)
+        own = identifier != PLANS_IDENTIFIER and (cfg == "3d_lowres" or overwrite_target_spacing is not None)
+        return data_identifier(cfg, prefix=identifier) if own else data_identifier(cfg)
 
     fullres = lowres = None
     if median_shape_t[0] != 1:
@@ -376,7 +411,7 @@ def plan_experiment(
     median_shape = np.median(shapes, 0)[tf]
     plans = Plans(
         dataset_name=dataset.name,
-        plans_name=PLANS_NAME,
+        plans_name=identifier,
         original_median_spacing_after_transp=tuple(float(v) for v in median_spacing),
         original_median_shape_after_transp=tuple(int(round(v)) for v in median_shape),
         transpose_forward=forward,
@@ -385,6 +420,7 @@ def plan_experiment(
         channel_names=dict(dataset.channel_names),
         labels=dict(dataset.labels),
         configurations=configurations,
+        experiment_planner=p.experiment_planner,
     )
     for name, c in configurations.items():
         if isinstance(c, ConfigurationPlan):

@@ -25,6 +25,8 @@ from ..fingerprint.schema import IntensityStats
 
 __all__ = [
     "PLANS_SCHEMA_VERSION",
+    "READABLE_SCHEMA_VERSIONS",
+    "NETWORK_CLASSES",
     "ConfigurationName",
     "CONFIGURATION_NAMES",
     "NORMALIZATION_SCHEMES",
@@ -36,7 +38,11 @@ __all__ = [
     "nnfast_version",
 ]
 
-PLANS_SCHEMA_VERSION = 1
+PLANS_SCHEMA_VERSION = 2
+#: versions :meth:`Plans.from_json` reads (1: PlainConvUNet only, before ``network_class`` could vary)
+READABLE_SCHEMA_VERSIONS = (1, 2)
+#: the network classes a plan may name (dynamic-network-architectures' names)
+NETWORK_CLASSES: tuple[str, ...] = ("PlainConvUNet", "ResidualEncoderUNet")
 
 ConfigurationName = Literal["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
 CONFIGURATION_NAMES: tuple[str, ...] = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
@@ -82,7 +88,13 @@ def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
 
 @dataclass(frozen=True)
 class Architecture:
-    """A dynamic-network-architectures ``PlainConvUNet`` with nnU-Net's defaults.
+    """A dynamic-network-architectures ``PlainConvUNet`` or ``ResidualEncoderUNet`` with nnU-Net's defaults.
+
+    ``network_class`` names the class. For ``PlainConvUNet`` ``n_conv_per_stage[s]`` is the number of convs of encoder
+    stage ``s``; for ``ResidualEncoderUNet`` it is the number of residual blocks (nnU-Net's ``n_blocks_per_stage``, also
+    available under that name, and the JSON key of such plans): a stem conv, then per stage ``BasicBlockD`` blocks of
+    two convs each, the first strided (skip: avg-pool + 1x1 conv where the size or width changes).
+    ``n_conv_per_stage_decoder`` is the convs per decoder stage for both.
 
     Conv kernels and strides per encoder stage are in nnU-Net axis order; stage 0 has stride 1 on every axis.
     Norm is InstanceNorm (eps ``norm_eps``, affine ``norm_affine``), nonlinearity LeakyReLU (``nonlin_negative_slope``),
@@ -102,9 +114,11 @@ class Architecture:
     norm_affine: bool = True
     nonlin: Literal["LeakyReLU"] = "LeakyReLU"
     nonlin_negative_slope: float = 0.01
-    network_class: Literal["PlainConvUNet"] = "PlainConvUNet"
+    network_class: Literal["PlainConvUNet", "ResidualEncoderUNet"] = "PlainConvUNet"
 
     def __post_init__(self) -> None:
+        if self.network_class not in NETWORK_CLASSES:
+            raise PlanError(f"architecture: network_class {self.network_class!r} is not one of {NETWORK_CLASSES}")
         n = self.n_stages
         lengths = {
             "features_per_stage": len(self.features_per_stage),
@@ -129,6 +143,16 @@ class Architecture:
         return len(self.strides[0])
 
     @property
+    def residual(self) -> bool:
+        """True for ``ResidualEncoderUNet``."""
+        return self.network_class == "ResidualEncoderUNet"
+
+    @property
+    def n_blocks_per_stage(self) -> tuple[int, ...]:
+        """Residual blocks per encoder stage (``ResidualEncoderUNet``; the same tuple as ``n_conv_per_stage``)."""
+        return self.n_conv_per_stage
+
+    @property
     def num_pool_per_axis(self) -> tuple[int, ...]:
         """How often each axis is downsampled by stride 2."""
         return tuple(sum(1 for s in self.strides if s[a] == 2) for a in range(self.ndim))
@@ -139,26 +163,31 @@ class Architecture:
             d[k] = [list(v) for v in d[k]]
         for k in ("features_per_stage", "n_conv_per_stage", "n_conv_per_stage_decoder"):
             d[k] = list(d[k])
+        if self.residual:
+            d["n_blocks_per_stage"] = d.pop("n_conv_per_stage")
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Architecture":
         where = "plans architecture"
-        if d.get("network_class", "PlainConvUNet") != "PlainConvUNet" or d.get("norm", "InstanceNorm") != "InstanceNorm" \
+        network_class = str(d.get("network_class", "PlainConvUNet"))
+        if network_class not in NETWORK_CLASSES or d.get("norm", "InstanceNorm") != "InstanceNorm" \
                 or d.get("nonlin", "LeakyReLU") != "LeakyReLU":
-            raise PlanError(f"{where}: only PlainConvUNet with InstanceNorm and LeakyReLU is supported, found "
-                            f"{d.get('network_class')}/{d.get('norm')}/{d.get('nonlin')}")
+            raise PlanError(f"{where}: only {' or '.join(NETWORK_CLASSES)} with InstanceNorm and LeakyReLU is "
+                            f"supported, found {network_class}/{d.get('norm')}/{d.get('nonlin')}")
+        per_stage_key = "n_blocks_per_stage" if network_class == "ResidualEncoderUNet" else "n_conv_per_stage"
         return cls(
             n_stages=int(_require(d, "n_stages", where)),
             features_per_stage=_ints(_require(d, "features_per_stage", where)),
             kernel_sizes=tuple(_ints(k) for k in _require(d, "kernel_sizes", where)),
             strides=tuple(_ints(s) for s in _require(d, "strides", where)),
-            n_conv_per_stage=_ints(_require(d, "n_conv_per_stage", where)),
+            n_conv_per_stage=_ints(_require(d, per_stage_key, where)),
             n_conv_per_stage_decoder=_ints(_require(d, "n_conv_per_stage_decoder", where)),
             conv_bias=bool(d.get("conv_bias", True)),
             norm_eps=float(d.get("norm_eps", 1e-5)),
             norm_affine=bool(d.get("norm_affine", True)),
             nonlin_negative_slope=float(d.get("nonlin_negative_slope", 0.01)),
+            network_class=network_class,  # type: ignore[arg-type]
         )
 
 
@@ -273,15 +302,21 @@ class ConfigurationPlan:
 
 @dataclass(frozen=True)
 class InheritedConfiguration:
-    """A configuration defined as another one plus overrides (nnU-Net's ``{"inherits_from": ...}`` entries)."""
+    """A configuration defined as another one plus overrides (nnU-Net's ``{"inherits_from": ...}`` entries, e.g. a
+    custom ``"3d_fullres_bs40": {"inherits_from": "3d_fullres", "batch_size": 40}``).
+
+    ``overrides`` holds the other keys as written in the plans file (:meth:`ConfigurationPlan.to_json` keys); like
+    nnU-Net, the parent's entry updated with them is the configuration.
+    """
 
     name: str
     inherits_from: str
     previous_stage: str | None = None
     next_stage: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"inherits_from": self.inherits_from}
+        d: dict[str, Any] = {"inherits_from": self.inherits_from, **self.overrides}
         if self.previous_stage is not None:
             d["previous_stage"] = self.previous_stage
         if self.next_stage is not None:
@@ -345,6 +380,12 @@ class Plans:
             return conf
         parent = self._resolve(conf.inherits_from, (*visited, name))
         # nnU-Net: parent dict updated with the child's keys; keys the child lacks come from the parent
+        if conf.overrides:
+            try:
+                parent = ConfigurationPlan.from_json(name, {**parent.to_json(), **conf.overrides})
+            except (KeyError, TypeError, ValueError) as e:
+                raise PlanError(f"configuration `{name}` of plans `{self.plans_name}`: its overrides "
+                                f"{sorted(conf.overrides)} of `{conf.inherits_from}` are invalid ({e})") from None
         return dataclasses.replace(
             parent,
             name=name,
@@ -382,10 +423,11 @@ class Plans:
             If the schema version is not this nnfast's or a required key is missing.
         """
         version = d.get("schema_version")
-        if version != PLANS_SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             hint = " (this looks like an nnU-Net plans file: use nnfast.plan.nnunet_compat.from_nnunet_plans)" \
                 if version is None and "configurations" in d else ""
-            raise PlanError(f"plans schema version {version!r} is not supported (expected {PLANS_SCHEMA_VERSION})"
+            raise PlanError(f"plans schema version {version!r} is not supported (this nnfast reads "
+                            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))})"
                             f"{hint}; re-run `nnfast plan`")
         where = "plans"
         props = _require(d, "foreground_intensity_properties_per_channel", where)
@@ -394,7 +436,8 @@ class Plans:
             if "inherits_from" in c and "architecture" not in c:
                 configurations[name] = InheritedConfiguration(
                     name=name, inherits_from=c["inherits_from"], previous_stage=c.get("previous_stage"),
-                    next_stage=c.get("next_stage"))
+                    next_stage=c.get("next_stage"),
+                    overrides={k: v for k, v in c.items() if k not in ("inherits_from", "previous_stage", "next_stage")})
             else:
                 configurations[name] = ConfigurationPlan.from_json(name, c)
         return cls(

@@ -1,4 +1,4 @@
-"""nnU-Net's VRAM proxy: the summed size of every conv output of a PlainConvUNet, without building the network.
+"""nnU-Net's VRAM proxy: the summed size of every conv output of a PlainConvUNet or ResidualEncoderUNet, unbuilt.
 
 Reproduces ``PlainConvUNet.compute_conv_feature_map_size`` of dynamic-network-architectures (the number nnU-Net v2's
 ``ExperimentPlanner.static_estimate_VRAM_usage`` compares to its reference value) in pure Python integers, so that
@@ -16,6 +16,11 @@ What dynamic-network-architectures counts (batch 1, elements, not bytes; norms a
 nnU-Net's planner builds the network WITHOUT ``deep_supervision`` (PlainConvUNet's default is False), so it counts the
 segmentation output of the last decoder stage only; :func:`nnfast.plan.planner.plan_experiment` passes
 ``deep_supervision=False`` accordingly.
+
+``ResidualEncoderUNet`` (``ResidualEncoder.compute_conv_feature_map_size`` + the same ``UNetDecoder``) counts instead of
+the encoder convs: the stem conv ``features[0] * prod(patch)``; in stage ``s`` the first ``BasicBlockD`` (strided)
+``2 * features[s] * prod(x_s)`` plus its skip 1x1 conv ``features[s] * prod(x_s)`` when the width or the size changes,
+and every further block ``2 * features[s] * prod(x_s)``.
 """
 from __future__ import annotations
 
@@ -91,8 +96,18 @@ def compute_conv_feature_map_size(
         stage_voxels.append(math.prod(size))
 
     total = 0
-    for s in range(n_stages):
-        total += n_conv[s] * features[s] * stage_voxels[s]
+    if getattr(architecture, "network_class", "PlainConvUNet") == "ResidualEncoderUNet":
+        total += features[0] * math.prod(int(p) for p in patch_size)  # stem
+        before = [int(p) for p in patch_size]
+        in_features = features[0]
+        for s in range(n_stages):
+            after = [i // j for i, j in zip(before, strides[s])]
+            skip = in_features != features[s] or after != before
+            total += (2 * n_conv[s] + (1 if skip else 0)) * features[s] * stage_voxels[s]
+            before, in_features = after, features[s]
+    else:
+        for s in range(n_stages):
+            total += n_conv[s] * features[s] * stage_voxels[s]
     for d in range(n_stages - 1):
         k = n_stages - 2 - d
         total += (n_conv_dec[d] + 1) * features[k] * stage_voxels[k]  # stacked convs + transposed conv

@@ -73,8 +73,23 @@ class PreprocessSummary:
         return "\n".join(lines)
 
 
-def configs_to_run(plans, config: ConfigChoice) -> tuple[list[str], list[str]]:
-    """(configurations to preprocess, requested ones the plans do not have)."""
+def configs_to_run(plans, config: ConfigChoice | str) -> tuple[list[str], list[str]]:
+    """(configurations to preprocess, requested ones the plans do not have).
+
+    ``all`` means nnU-Net's configurations with case stores of their own; any other name must be a configuration of
+    the plans (custom ones such as ``3d_fullres_bs40`` included; an nnU-Net configuration the planner dropped, e.g.
+    ``3d_lowres``, is reported as skipped).
+
+    Raises
+    ------
+    PlanError
+        ``config`` names no configuration of the plans nor of nnU-Net.
+    """
+    if config != "all" and config not in plans.configurations and config not in CONFIGURATION_NAMES:
+        from ..errors import PlanError
+
+        raise PlanError(f"--config `{config}` is not a configuration of plans `{plans.plans_name}` of {plans.dataset_name} "
+                        f"(available: {', '.join(plans.configurations)}, or all)")
     wanted = list(PREPROCESSED_CONFIGURATIONS) if config == "all" else [config]
     present = [c for c in wanted if c in plans.configurations]
     return present, [c for c in wanted if c not in plans.configurations]
@@ -84,22 +99,33 @@ def preprocess_dataset(
     task: str | int,
     settings: Settings,
     *,
-    config: ConfigChoice = "3d_fullres",
+    config: ConfigChoice | str = "3d_fullres",
     workers: int = 2,
     scheduler=None,
-    gpu_memory_gb: float = 8.0,
+    gpu_memory_gb: float | None = None,
     verify: bool = True,
     force: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    plans_identifier: str | None = None,
+    preset: str | None = None,
+    replan: bool = False,
 ) -> PreprocessSummary:
-    """Run verify -> fingerprint -> plan where missing or stale, then preprocess every training case."""
+    """Run verify -> fingerprint -> plan where missing or stale, then preprocess every training case.
+
+    Missing plans are planned only under the preset's own identifier (``nnfast_plans``, ``nnfast_ResEncM_plans``...);
+    another ``plans_identifier`` must exist (``nnfast plan --plans NAME``). The plans on disk are used as they are
+    (:func:`nnfast.plan.api.plan_dataset`: re-planned only when the dataset changed; ``gpu_memory_gb`` / ``preset``
+    plan missing plans and must agree with existing ones unless ``replan``)."""
     from ..io.store import is_complete
     from ..parallel import peak_rss_bytes, run_tasks
     from ..plan.api import plan_dataset, plans_path
+    from ..plan.presets import get_preset
     from .pipeline import CaseTask, case_hash, configuration_hash, dir_size, run_case_task
 
     t0 = time.perf_counter()
-    res = plan_dataset(task, settings, workers=workers, scheduler=scheduler, gpu_memory_gb=gpu_memory_gb, verify=verify)
+    res = plan_dataset(task, settings, workers=workers, scheduler=scheduler, gpu_memory_gb=gpu_memory_gb, verify=verify,
+                       plans_identifier=plans_identifier, preset=preset, replan=replan,
+                       create=plans_identifier in (None, get_preset(preset or "default").plans_identifier))
     summary = PreprocessSummary(dataset=res.info.name, workers=workers, planning_s=time.perf_counter() - t0)
     plans = res.plans
     names, missing = configs_to_run(plans, config)
@@ -122,7 +148,7 @@ def preprocess_dataset(
             if not force and is_complete(out, h):
                 cs.skipped += 1
                 continue
-            tasks.append(CaseTask(case, str(plans_path(res.output_folder)), name, str(out), h))
+            tasks.append(CaseTask(case, str(plans_path(res.output_folder, res.plans_identifier)), name, str(out), h))
             task_sizes.append(size)
         log.info("%s: %d of %d cases to preprocess (%d current)", name, len(tasks), len(res.cases), cs.skipped)
         if tasks:

@@ -216,6 +216,7 @@ class TrainOptions:
     final_validation: FinalValidation | None = None
     save_probabilities: bool = False
     pretrained_weights: str | os.PathLike | None = None
+    plans_identifier: str = PLANS_IDENTIFIER
 
 
 def train(
@@ -234,6 +235,7 @@ def train(
     final_validation: FinalValidation | None = None,
     save_probabilities: bool = False,
     pretrained_weights: str | os.PathLike | None = None,
+    plans_identifier: str = PLANS_IDENTIFIER,
 ) -> TrainResult:
     """Train ``config_name`` on ``fold`` of ``task`` (see the module docstring for files and semantics).
 
@@ -289,7 +291,8 @@ def train(
     """
     options = TrainOptions(device=device, resume=resume, num_workers=num_workers, num_workers_val=num_workers_val,
                            progress=progress, stop_after_epoch=stop_after_epoch, final_validation=final_validation,
-                           save_probabilities=save_probabilities, pretrained_weights=pretrained_weights)
+                           save_probabilities=save_probabilities, pretrained_weights=pretrained_weights,
+                           plans_identifier=plans_identifier)
     run = _Run(task, settings, config_name, fold, train_config, options)
     try:
         return run.execute()
@@ -371,18 +374,17 @@ class _Run:
         self.loaders: list = []
         self.ctx = DistContext()
 
-        from ..plan.api import plans_path
+        from ..plan.api import require_plans_file
         from ..plan.planner import load_plans
 
         self.pre_dir = find_dataset_folder(task, settings.require("preprocessed"))
         self.dataset = self.pre_dir.name
-        self.plans_file = plans_path(self.pre_dir)
-        if not self.plans_file.is_file():
-            raise PlanError(f"no plans for {self.dataset} at `{self.plans_file}`; run `nnfast preprocess --task "
-                            f"{task} --config {config_name}` first")
+        self.plans_identifier = options.plans_identifier
+        self.plans_file = require_plans_file(self.pre_dir, self.plans_identifier, task)
         self.plans = load_plans(self.plans_file)
         self.conf = self.plans.configuration(config_name)
-        self.root = trainer_folder(settings.require("results"), self.dataset, config_name)
+        self.root = trainer_folder(settings.require("results"), self.dataset, config_name,
+                                   plans_identifier=self.plans_identifier)
         self.out = self.root / fold_name(self.fold)
         self.labels = _labels(self.plans, self.pre_dir)
         self.num_classes, self.ignore_label = self.labels.num_segmentation_heads, self.labels.ignore_label
@@ -391,7 +393,8 @@ class _Run:
         self.cascade_labels: tuple[int, ...] | None = None
         if self.conf.previous_stage is not None:
             self.prev_stage_dir = previous_stage_folder(settings.require("results"), self.dataset,
-                                                        self.conf.previous_stage, config_name)
+                                                        self.conf.previous_stage, config_name,
+                                                        plans_identifier=self.plans_identifier)
             self.cascade_labels = self.labels.foreground_labels
         self.data_dir = case_store_folder(self.pre_dir, self.conf.data_identifier)
         from ..io.store import list_case_ids
@@ -785,7 +788,7 @@ class _Run:
             "configuration": self.config_name,
             "fold": self.fold,
             "trainer_name": TRAINER_NAME,
-            "plans_name": PLANS_IDENTIFIER,
+            "plans_name": self.plans_identifier,
             "inference_allowed_mirroring_axes": list(self.mirror_axes),
             "num_input_channels": int(self.num_input_channels),
             "num_classes": int(self.num_classes),

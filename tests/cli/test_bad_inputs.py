@@ -122,11 +122,7 @@ def test_root_that_is_a_file(capsys, tmp_path):
 @pytest.mark.parametrize("argv,name", [
     (["verify", "--task", TASK, "--workers", "0"], "--workers"),
     (["plan", "--task", TASK, "--workers", "-1"], "--workers"),
-    (["preprocess", "--task", TASK, "--config", "4d"], "--config"),
-    (["train", "--task", TASK, "--config", "3d"], "--config"),
     (["train", "--task", TASK, "--epochs", "0"], "--epochs"),
-    (["predict", "-i", "in", "-o", "out", "--task", TASK, "--config", "3d"], "--config"),
-    (["find-best", "--task", TASK, "--configs", "4d"], "--configs"),
     (["find-best", "--task", TASK, "--folds", "x"], "--folds"),
     (["synth", "--out", "x", "--cases", "0"], "--cases"),
     (["demo", "--cases", "-3"], "--cases"),
@@ -167,6 +163,47 @@ def test_train_negative_counts(capsys, roots, flag, value):
 
 def test_train_val_best_needs_validate_only(capsys, roots):
     assert_error(capsys, ["train", "--task", TASK, "--val-best", *_roots(roots)], "--val-best", "--validate-only")
+
+
+def test_preprocess_configuration_not_in_the_plans(capsys, roots):
+    """--config is checked against the loaded plans (custom configurations are allowed), listing what they have."""
+    err = assert_error(capsys, ["preprocess", "--task", TASK, "--config", "4d", "--workers", "1", *_roots(roots)],
+                       "--config", "4d", "3d_fullres")
+    assert "available" in err
+
+
+def test_configuration_names_checked_against_the_plans(capsys, roots, tmp_path):
+    """--config takes custom configurations, so a wrong name is caught where the plans or models are loaded."""
+    err = assert_error(capsys, ["train", "--task", TASK, "--config", "3d", "--device", "cpu", *_roots(roots)],
+                       "`3d`", "3d_fullres")
+    assert "available" in err
+    (tmp_path / "in").mkdir()
+    (roots.results / NAME).mkdir(exist_ok=True)
+    try:
+        assert_error(capsys, ["predict", "-i", tmp_path / "in", "-o", tmp_path / "out", "--task", TASK, "--config",
+                              "3d", *_roots(roots)], "__3d")
+        assert_error(capsys, ["find-best", "--task", TASK, "--configs", "4d", *_roots(roots)], "4d")
+    finally:
+        (roots.results / NAME).rmdir()
+
+
+def test_unknown_preset_and_plans(capsys, roots):
+    assert_error(capsys, ["plan", "--task", TASK, "--preset", "resenc-xxl", *_roots(roots)], "--preset", "resenc-xxl")
+    err = assert_error(capsys, ["preprocess", "--task", TASK, "--plans", "missing_plans", *_roots(roots)],
+                       "missing_plans", "nnfast_plans")
+    assert "plans on disk" in err
+    assert_error(capsys, ["plan", "--task", TASK, "--transfer-from", TASK + 1, *_roots(roots)], str(TASK + 1))
+
+
+def test_transfer_source_without_plans(capsys, roots, tmp_path):
+    from factories import make_raw_dataset
+
+    make_raw_dataset(roots.raw, TASK + 2, "NoPlans", [(8, 16, 16)] * 2, [(1.0, 1.0, 1.0)] * 2, seed=1)
+    (roots.preprocessed / f"Dataset{TASK + 2:03d}_NoPlans").mkdir(exist_ok=True)
+    err = assert_error(capsys, ["plan", "--task", TASK, "--transfer-from", TASK + 2, *_roots(roots)], "NoPlans")
+    assert "nnfast plan --task" in err
+    shutil.rmtree(roots.raw / f"Dataset{TASK + 2:03d}_NoPlans")
+    shutil.rmtree(roots.preprocessed / f"Dataset{TASK + 2:03d}_NoPlans")
 
 
 def test_train_configuration_not_preprocessed(capsys, roots):

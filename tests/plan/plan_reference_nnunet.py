@@ -101,10 +101,20 @@ def _networks_on_meta_device() -> Iterator[None]:
         ExperimentPlanner.static_estimate_VRAM_usage = original
 
 
+#: nnfast preset -> nnU-Net planner class (module, name)
+NNUNET_PLANNERS = {
+    "default": ("nnunetv2.experiment_planning.experiment_planners.default_experiment_planner", "ExperimentPlanner"),
+    **{f"resenc-{s.lower()}": ("nnunetv2.experiment_planning.experiment_planners.residual_unets."
+                               "residual_encoder_unet_planners", f"nnUNetPlannerResEnc{s}") for s in ("M", "L", "XL")},
+}
+
+
 def run_nnunet_planner(fingerprint: Fingerprint, dataset_json: dict[str, Any], workdir: Path | None = None,
-                       gpu_memory_target_in_gb: float = 8, overwrite_target_spacing=None,
-                       meta_device: bool = True) -> dict[str, Any]:
-    """Run nnunetv2's ``ExperimentPlanner.plan_experiment()`` and return the saved ``nnUNetPlans.json`` content.
+                       gpu_memory_target_in_gb: float | None = None, overwrite_target_spacing=None,
+                       meta_device: bool = True, preset: str = "default") -> dict[str, Any]:
+    """Run nnunetv2's planner of ``preset`` (``ExperimentPlanner``, ``nnUNetPlannerResEncM/L/XL``) and return the plans
+    file it saved (``nnUNetPlans.json``, ``nnUNetResEncUNetMPlans.json``, ...); ``gpu_memory_target_in_gb`` None
+    keeps the planner's default.
 
     ``meta_device`` builds the estimate networks without allocating weights (same numbers, faster); pass False to
     time nnU-Net as users run it.
@@ -122,12 +132,17 @@ def run_nnunet_planner(fingerprint: Fingerprint, dataset_json: dict[str, Any], w
         stack.enter_context(_environ(nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res)))
         devnull = stack.enter_context(open(os.devnull, "w"))
         stack.enter_context(contextlib.redirect_stdout(devnull))
-        from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+        import importlib
+        import warnings
 
-        planner = ExperimentPlanner(DATASET_NAME, gpu_memory_target_in_gb=gpu_memory_target_in_gb,
-                                    overwrite_target_spacing=overwrite_target_spacing)
-        planner.plan_experiment()
-        return json.loads((pre / DATASET_NAME / "nnUNetPlans.json").read_text())
+        module, name = NNUNET_PLANNERS[preset]
+        planner_class = getattr(importlib.import_module(module), name)
+        kwargs = {} if gpu_memory_target_in_gb is None else {"gpu_memory_target_in_gb": gpu_memory_target_in_gb}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the ResEnc planners warn about a non-default memory target
+            planner = planner_class(DATASET_NAME, overwrite_target_spacing=overwrite_target_spacing, **kwargs)
+            planner.plan_experiment()
+        return json.loads((pre / DATASET_NAME / f"{planner.plans_identifier}.json").read_text())
 
 
 def dataset_info(workdir: Path, dataset_json: dict[str, Any]):

@@ -1,4 +1,5 @@
-"""nnfast's planner against nnU-Net v2's real ``ExperimentPlanner`` on synthetic fingerprints: every field equal.
+"""nnfast's planner against nnU-Net v2's real ``ExperimentPlanner`` and ``nnUNetPlannerResEncM/L/XL`` on synthetic
+fingerprints: every field equal.
 
 The whole exported ``nnUNetPlans.json`` dict is compared (all configurations, every key: spacing, patch size, batch size,
 strides, kernel sizes, stages, features, batch_dice, normalization, masks, median sizes, transposition, original
@@ -6,6 +7,7 @@ medians, resampling, reader/writer, ...), so a 3d_lowres that exists on one side
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -42,6 +44,8 @@ def _diff(ref, ours, path="plans") -> list[str]:
 def _plan_both(fp, dj, workdir: Path, **kwargs):
     ref = run_nnunet_planner(fp, dj, workdir, **kwargs)
     ours = plan_experiment(fp, dataset_info(workdir, dj), **kwargs)
+    if kwargs.get("preset", "default") != "default":
+        assert ref["experiment_planner_used"].startswith("nnUNetPlannerResEnc")  # the reference really is ResEnc
     exported = json.loads(json.dumps(to_nnunet_plans(ours, dj)))
     exported.pop("nnfast")
     return ref, ours, exported
@@ -166,3 +170,50 @@ def test_random_fingerprints_identical_to_nnunet(example):
         ref, _, exported = _plan_both(fp, dj, Path(d), gpu_memory_target_in_gb=gpu)
     _assert_identical(ref, exported)
 
+
+
+# ResEnc-M on every named case, L and XL on the cases that exercise lowres, 2D-only and the documented dataset
+# (the slowest case, large_aniso_lowres, only for M: nnU-Net builds many networks for it)
+RESENC_CASES = [("resenc-m", name) for name in CASES] + [
+    (p, name) for p in ("resenc-l", "resenc-xl")
+    for name in ("large_ct_lowres", "two_d_dataset", "hippocampus_like", "gpu_24gb_overwrite_spacing")]
+
+
+@pytest.mark.parametrize("preset,name", RESENC_CASES)
+def test_resenc_plans_identical_to_nnunet(preset, name, tmp_path):
+    fp, dj, kwargs = CASES[name]
+    kwargs = {k: v for k, v in kwargs.items() if k != "gpu_memory_target_in_gb"}  # each preset's own target
+    ref, ours, exported = _plan_both(fp, dj, tmp_path, preset=preset, **kwargs)
+    _assert_identical(ref, exported)
+    fr = ours.configuration(ours.available_configurations[-1] if name == "two_d_dataset" else "3d_fullres")
+    assert fr.architecture.network_class == "ResidualEncoderUNet"
+    assert fr.architecture.n_blocks_per_stage == (1, 3, 4, 6, 6, 6, 6, 6)[:fr.architecture.n_stages]
+    assert ours.plans_name == {"resenc-m": "nnfast_ResEncM_plans", "resenc-l": "nnfast_ResEncL_plans",
+                               "resenc-xl": "nnfast_ResEncXL_plans"}[preset]
+
+    # nnU-Net's ResEnc file read by nnfast: the same configurations (data identifiers aside where nnU-Net shares the
+    # default plans' 2d/3d_fullres data although the target spacing was overwritten)
+    back = from_nnunet_plans(ref, dj)
+    for c in ours.configurations:
+        a, b = back.configuration(c), ours.configuration(c)
+        if "overwrite_target_spacing" in kwargs:
+            a = dataclasses.replace(a, data_identifier=b.data_identifier)
+        assert a == b
+    if name == "hippocampus_like":  # the whole dataset fits one batch under ResEnc's max_dataset_covered = 1
+        assert ours.configuration("3d_fullres").patch_size == (40, 56, 40)
+
+
+@st.composite
+def _preset_fingerprints(draw):
+    fp, dj, _ = draw(_fingerprints())
+    return fp, dj, draw(st.sampled_from(["resenc-m", "resenc-l", "resenc-xl"]))
+
+
+@settings(max_examples=4, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(_preset_fingerprints())
+def test_random_fingerprints_resenc_identical_to_nnunet(example):
+    fp, dj, preset = example
+    with tempfile.TemporaryDirectory(prefix="nnfast-plan-hyp-") as d:
+        ref, _, exported = _plan_both(fp, dj, Path(d), preset=preset)
+    _assert_identical(ref, exported)

@@ -161,3 +161,41 @@ def test_empty_median_axis_is_a_plan_error(tmp_path):
     fp = make_fingerprint([(1.0, 1.0, 1.0)] * 3, [(1, 60, 60)] * 3)
     with pytest.raises(PlanError, match="empty axis"):  # nnU-Net: OverflowError
         plan_experiment(fp, info, overwrite_target_spacing=[3.0, 1.0, 1.0])
+
+
+def test_custom_configuration_inherits_with_overrides(cascade_plans, tmp_path):
+    """nnU-Net's custom configurations (``"3d_fullres_bs40": {"inherits_from": "3d_fullres", "batch_size": 40}``) are
+    resolved when the plans load; they round-trip and export as nnU-Net writes them."""
+    from nnfast.plan.nnunet_compat import to_nnunet_plans
+
+    d = cascade_plans.to_json()
+    d["configurations"]["3d_fullres_bs40"] = {"inherits_from": "3d_fullres", "batch_size": 40}
+    p = tmp_path / "custom.json"
+    p.write_text(json.dumps(d))
+    plans = load_plans(p)
+    c = plans.configuration("3d_fullres_bs40")
+    parent = plans.configuration("3d_fullres")
+    assert c.batch_size == 40 and parent.batch_size != 40
+    assert c.patch_size == parent.patch_size and c.data_identifier == parent.data_identifier
+    assert c.inherits_from == "3d_fullres" and c.name == "3d_fullres_bs40"
+    assert plans.to_json()["configurations"]["3d_fullres_bs40"] == {"inherits_from": "3d_fullres", "batch_size": 40}
+    exported = to_nnunet_plans(plans, {"file_ending": ".nii.gz"})
+    assert exported["configurations"]["3d_fullres_bs40"] == {"inherits_from": "3d_fullres", "batch_size": 40}
+    d["configurations"]["bad"] = {"inherits_from": "3d_fullres", "batch_size": "many"}
+    p.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match="bad"):
+        load_plans(p).configuration("bad")
+
+
+def test_schema_version_1_files_still_load(cascade_plans, tmp_path):
+    """Plans written before the network class could vary (schema 1, PlainConvUNet only) read unchanged."""
+    d = cascade_plans.to_json()
+    d["schema_version"] = 1
+    for c in d["configurations"].values():
+        c.get("architecture", {}).pop("network_class", None)
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(d))
+    old = load_plans(p)
+    assert old.configuration("3d_fullres").architecture.network_class == "PlainConvUNet"
+    assert old.configuration("3d_fullres") == cascade_plans.configuration("3d_fullres")
+    assert old.to_json()["schema_version"] == PLANS_SCHEMA_VERSION == 2

@@ -105,3 +105,37 @@ def test_hand_computed_two_stage():
     assert compute_conv_feature_map_size((16, 16), arch, 1, 3, deep_supervision=False) == expected
     with pytest.raises(ValueError, match="axes"):
         compute_conv_feature_map_size((16, 16, 16), arch, 1, 3)
+
+
+def _dna_resenc_size(arch: Architecture, patch, in_ch, n_classes, deep_supervision):
+    """dynamic-network-architectures' ResidualEncoderUNet (meta device) asked for its estimate."""
+    import torch
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    nd = arch.ndim
+    with torch.device("meta"):
+        net = ResidualEncoderUNet(
+            input_channels=in_ch, n_stages=arch.n_stages, features_per_stage=arch.features_per_stage,
+            conv_op=torch.nn.Conv3d if nd == 3 else torch.nn.Conv2d, kernel_sizes=arch.kernel_sizes,
+            strides=arch.strides, n_blocks_per_stage=arch.n_blocks_per_stage, num_classes=n_classes,
+            n_conv_per_stage_decoder=arch.n_conv_per_stage_decoder, conv_bias=True,
+            norm_op=torch.nn.InstanceNorm3d if nd == 3 else torch.nn.InstanceNorm2d,
+            norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+            deep_supervision=deep_supervision)
+    return int(net.compute_conv_feature_map_size(patch))
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("deep_supervision", [False, True])
+@pytest.mark.parametrize("spacing,patch,in_ch,n_classes", CASES)
+def test_residual_encoder_matches_dynamic_network_architectures(spacing, patch, in_ch, n_classes, deep_supervision):
+    import dataclasses
+
+    padded, plain = _arch(spacing, patch, 512 if len(spacing) == 2 else 320)
+    n = plain.n_stages
+    arch = dataclasses.replace(plain, network_class="ResidualEncoderUNet",
+                               n_conv_per_stage=(1, 3, 4, 6, 6, 6, 6, 6)[:n], n_conv_per_stage_decoder=(1,) * (n - 1))
+    ours = compute_conv_feature_map_size(padded, arch, in_ch, n_classes, deep_supervision=deep_supervision)
+    assert ours == _dna_resenc_size(arch, padded, in_ch, n_classes, deep_supervision)
+    # the residual network is counted differently from the plain one of the same topology
+    assert ours != compute_conv_feature_map_size(padded, plain, in_ch, n_classes, deep_supervision=deep_supervision)
