@@ -82,7 +82,11 @@ def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
 
 @dataclass(frozen=True)
 class Architecture:
-    """A dynamic-network-architectures ``PlainConvUNet`` with nnU-Net's defaults.
+    """A dynamic-network-architectures ``PlainConvUNet`` (default) or ``ResidualEncoderUNet`` with nnU-Net's defaults.
+
+    For ``network_class == "ResidualEncoderUNet"`` (nnU-Net's ResEnc presets) ``n_conv_per_stage[s]`` is the number of
+    residual blocks of encoder stage ``s`` (nnU-Net's ``n_blocks_per_stage``, also :attr:`n_blocks_per_stage`), each
+    holding two convs; the decoder is the same (:mod:`nnfast.network_residual`).
 
     Conv kernels and strides per encoder stage are in nnU-Net axis order; stage 0 has stride 1 on every axis.
     Norm is InstanceNorm (eps ``norm_eps``, affine ``norm_affine``), nonlinearity LeakyReLU (``nonlin_negative_slope``),
@@ -102,7 +106,12 @@ class Architecture:
     norm_affine: bool = True
     nonlin: Literal["LeakyReLU"] = "LeakyReLU"
     nonlin_negative_slope: float = 0.01
-    network_class: Literal["PlainConvUNet"] = "PlainConvUNet"
+    network_class: Literal["PlainConvUNet", "ResidualEncoderUNet"] = "PlainConvUNet"
+
+    @property
+    def n_blocks_per_stage(self) -> tuple[int, ...]:
+        """Residual blocks per encoder stage of a ``ResidualEncoderUNet`` (stored in ``n_conv_per_stage``)."""
+        return self.n_conv_per_stage
 
     def __post_init__(self) -> None:
         n = self.n_stages
@@ -144,10 +153,11 @@ class Architecture:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Architecture":
         where = "plans architecture"
-        if d.get("network_class", "PlainConvUNet") != "PlainConvUNet" or d.get("norm", "InstanceNorm") != "InstanceNorm" \
+        network_class = d.get("network_class", "PlainConvUNet")
+        if network_class not in ("PlainConvUNet", "ResidualEncoderUNet") or d.get("norm", "InstanceNorm") != "InstanceNorm" \
                 or d.get("nonlin", "LeakyReLU") != "LeakyReLU":
-            raise PlanError(f"{where}: only PlainConvUNet with InstanceNorm and LeakyReLU is supported, found "
-                            f"{d.get('network_class')}/{d.get('norm')}/{d.get('nonlin')}")
+            raise PlanError(f"{where}: only PlainConvUNet or ResidualEncoderUNet with InstanceNorm and LeakyReLU is "
+                            f"supported, found {network_class}/{d.get('norm')}/{d.get('nonlin')}")
         return cls(
             n_stages=int(_require(d, "n_stages", where)),
             features_per_stage=_ints(_require(d, "features_per_stage", where)),
@@ -159,6 +169,7 @@ class Architecture:
             norm_eps=float(d.get("norm_eps", 1e-5)),
             norm_affine=bool(d.get("norm_affine", True)),
             nonlin_negative_slope=float(d.get("nonlin_negative_slope", 0.01)),
+            network_class=network_class,
         )
 
 
