@@ -107,7 +107,7 @@ def test_custom_and_unsupported_configurations(planned):
 
     bad = {
         "network_class_name": ("architecture", "network_class_name",
-                               "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet", "not supported"),
+                               "dynamic_network_architectures.architectures.unet.ResidualUNet", "not supported"),
         "dropout": ("arch_kwargs", "dropout_op", "torch.nn.Dropout3d", "dropout"),
         "norm": ("arch_kwargs", "norm_op", "torch.nn.BatchNorm3d", "InstanceNorm only"),
         "resampling": (None, "resampling_fn_data", "resample_torch_fornnunet", "resample_data_or_seg_to_shape"),
