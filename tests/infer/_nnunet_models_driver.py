@@ -42,8 +42,9 @@ fe.DatasetFingerprintExtractor.__init__ = _small_budget
 
 
 class nnUNetTrainerTiny(nnUNetTrainer):
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cpu")):  # nnU-Net records the named arguments
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
 
 
@@ -52,10 +53,11 @@ def main() -> None:
     spec = json.load(open(sys.argv[1]))
     did = int(spec["dataset_id"])
     out = {"timings": {}}
-    extract_fingerprints([did], num_processes=1, check_dataset_integrity=False, show_progress_bar=False)
-    plan_experiments([did])
-    configs = spec["configurations"]
-    preprocess([did], configurations=configs, num_processes=[1] * len(configs), show_progress_bar=False)
+    if not spec.get("reuse_preprocessed"):
+        extract_fingerprints([did], num_processes=1, check_dataset_integrity=False, show_progress_bar=False)
+        plan_experiments([did])
+        configs = spec["configurations"]
+        preprocess([did], configurations=configs, num_processes=[1] * len(configs), show_progress_bar=False)
     out["timings"]["plan_preprocess"] = time.time() - t0
     os.environ["nnUNet_n_proc_DA"] = "0"  # the trainer's loaders in this process (the planner needs it >= 1)
     ds_name = next(d for d in os.listdir(nnUNet_preprocessed) if d.startswith(f"Dataset{did:03d}_"))
@@ -84,16 +86,23 @@ def main() -> None:
         return p
 
 
+    # nnU-Net's predictor looks the trainer class up by name among all its trainers, importing each (one of them
+    # imports timm -> torchvision, which fails against the CPU torch build here): hand it ours
+    import nnunetv2.inference.predict_from_raw_data as pfr
+
+    pfr.recursive_find_trainer_class_by_name = lambda *a, **k: nnUNetTrainerTiny
     out["models"] = []
     for m in spec["models"]:
         t = time.time()
         p = resenc_plans(plans) if m.get("resenc") else plans
         if m.get("resenc"):
             json.dump(p, open(os.path.join(pre, p["plans_name"] + ".json"), "w"), indent=2)
-        for fold in m["folds"]:
-            tr = nnUNetTrainerTiny(dict(p), m["config"], fold, dj, device=torch.device("cpu"))
-            tr.run_training()
         folder = os.path.join(nnUNet_results, ds_name, f"nnUNetTrainerTiny__{p['plans_name']}__{m['config']}")
+        for fold in m["folds"]:
+            if os.path.isfile(os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth")):
+                continue  # trained by an earlier run
+            tr = nnUNetTrainerTiny({**p, "continue_training": False}, m["config"], fold, dj, device=torch.device("cpu"))
+            tr.run_training()
         pred_out = os.path.join(spec["predict_output"], os.path.basename(folder))
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                     perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)

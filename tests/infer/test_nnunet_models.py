@@ -1,0 +1,193 @@
+"""Models trained by nnU-Net v2 itself run in ``nnfast predict`` and segment like nnU-Net's own predictor.
+
+One module fixture runs nnU-Net in a fresh interpreter (``_nnunet_models_driver.py``): it plans and preprocesses a
+tiny synthetic dataset, trains ``nnUNetTrainer`` (a subclass: 1 epoch x 2 iterations, CPU) for 3d_fullres folds 0 and
+1 with its default PlainConvUNet plans and fold 0 with a ResEnc plans file (nnU-Net's plans with the network switched
+to ``ResidualEncoderUNet`` and nnU-Net's ResEnc block counts), and predicts two cases with ``nnUNetPredictor``
+(mirroring TTA, step 0.5, float32 on the CPU). nnfast then predicts the same images from the same model folders.
+
+Both compute in float32 on the CPU, so the masks are compared voxel for voxel. A barely trained network has many
+near-ties between classes, where the order of float additions can flip an argmax: the bound is at most 0.1 % of
+the voxels differing (Dice >= 0.999 per label); on these cases the masks came out identical.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from factories import make_raw_dataset
+
+from nnfast.cli.main import main
+from nnfast.errors import StoreError
+
+pytest.importorskip("nnunetv2")
+pytestmark = [pytest.mark.compat, pytest.mark.slow]
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DID = 993
+NAME = f"Dataset{DID}_NnunetModels"
+PLAIN = "nnUNetTrainerTiny__nnUNetPlans__3d_fullres"
+RESENC = "nnUNetTrainerTiny__nnUNetResEncPlansTiny__3d_fullres"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """nnU-Net's raw, preprocessed and results folders after the driver ran, its predictions, and the test images."""
+    base = tmp_path_factory.mktemp("nnunet_models")
+    raw, pre, res = base / "raw", base / "pre", base / "res"
+    make_raw_dataset(raw, DID, "NnunetModels", [(16, 40, 40), (18, 36, 42), (14, 42, 38), (16, 38, 40)],
+                     [(3.0, 1.0, 1.0)] * 4, seed=3)
+    images = base / "imagesTs"
+    images.mkdir()
+    for cid in ("case_001", "case_003"):
+        shutil.copy(raw / NAME / "imagesTr" / f"{cid}_0000.nii.gz", images)
+    spec = {"dataset_id": DID, "configurations": ["3d_fullres"],
+            "splits": [{"train": ["case_000", "case_001", "case_002"], "val": ["case_003"]},
+                       {"train": ["case_001", "case_002", "case_003"], "val": ["case_000"]}],
+            "models": [{"config": "3d_fullres", "folds": [0, 1]},
+                       {"config": "3d_fullres", "folds": [0], "resenc": True}],
+            "predict_input": str(images), "predict_output": str(base / "nnunet_pred")}
+    (base / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res),
+           "nnUNet_compile": "f", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(HERE / "_nnunet_models_driver.py"), str(base / "spec.json")], env=env,
+                       capture_output=True, text=True, timeout=900, cwd=base)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return {"base": base, "results": res / NAME, "images": images, "nnunet_pred": base / "nnunet_pred",
+            "driver": json.loads(lines[-1][len("RESULT "):])}
+
+
+def _read(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _run(capsys, argv) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _assert_same_masks(ours: Path, ref: Path, cases=("case_001", "case_003")) -> int:
+    """Masks equal up to argmax near-ties (see the module docstring); returns the number of differing voxels."""
+    differ = 0
+    for cid in cases:
+        a, b = _read(ours / f"{cid}.nii.gz"), _read(ref / f"{cid}.nii.gz")
+        assert a.shape == b.shape
+        differ += int((a != b).sum())
+        assert (a != b).mean() <= 1e-3, f"{cid}: {(a != b).sum()} of {a.size} voxels differ"
+        for lab in np.union1d(np.unique(a), np.unique(b)):
+            if lab == 0:
+                continue
+            inter = np.logical_and(a == lab, b == lab).sum()
+            dice = 2 * inter / ((a == lab).sum() + (b == lab).sum())
+            assert dice >= 0.999, f"{cid} label {lab}: Dice {dice}"
+    return differ
+
+
+@pytest.mark.parametrize("folder, folds", [(PLAIN, ["0", "1"]), (RESENC, ["0"])], ids=["PlainConvUNet", "ResEnc"])
+def test_nnfast_predicts_nnunet_trained_model_like_nnunet(trained, capsys, tmp_path, folder, folds):
+    out = tmp_path / "ours"
+    code, err = _run(capsys, ["predict", "-i", trained["images"], "-o", out, "--model-folder",
+                              trained["results"] / folder, "--folds", *folds, "--device", "cpu", "--workers", "1"])
+    assert code == 0, err
+    differ = _assert_same_masks(out, trained["nnunet_pred"] / folder)
+    assert differ == 0, f"{differ} voxels differ from nnU-Net's prediction (allowed up to 0.1 %, but none so far)"
+
+
+def test_checkpoint_best_parts_and_continue(trained, capsys, tmp_path):
+    model = trained["results"] / PLAIN
+    out = tmp_path / "parts"
+    base = ["predict", "-i", trained["images"], "-o", out, "--model-folder", model, "--folds", "0", "--device",
+            "cpu", "--checkpoint", "best", "--no-tta"]
+    code, err = _run(capsys, [*base, "--num-parts", "2", "--part-id", "1"])
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case_003.nii.gz"]  # ["case_001", "case_003"][1::2]
+    report = json.loads((out / "nnfast_predict.json").read_text())
+    assert report["checkpoint"] == "checkpoint_best" and report["folds"] == [0]
+    before = (out / "case_003.nii.gz").stat().st_mtime_ns
+    code, err = _run(capsys, [*base, "--continue"])
+    assert code == 0, err
+    report = json.loads((out / "nnfast_predict.json").read_text())
+    assert report["skipped"] == ["case_003"] and list(report["written"]) == ["case_001"]
+    assert (out / "case_003.nii.gz").stat().st_mtime_ns == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_nnunet_checkpoints_load_only_with_the_numpy_allowlist(trained, tmp_path):
+    import pickle
+
+    import torch
+
+    from nnfast.io.torch_checkpoint import load_torch_checkpoint
+
+    path = trained["results"] / PLAIN / "fold_0" / "checkpoint_final.pth"
+    with pytest.raises(pickle.UnpicklingError, match="numpy"):
+        torch.load(path, weights_only=True)  # torch's defaults alone refuse nnU-Net's numpy scalars
+    data = load_torch_checkpoint(path)
+    assert data["trainer_name"] == "nnUNetTrainerTiny" and data["init_args"]["configuration"] == "3d_fullres"
+    assert isinstance(data["_best_ema"], np.floating)
+
+    # one object outside the allowlist and the file is refused, naming the type
+    data["logging"]["extra"] = pickle.PicklingError  # any class: pickled by reference, "runs code" on load
+    evil = tmp_path / "checkpoint_final.pth"
+    torch.save(data, evil)
+    with pytest.raises(StoreError, match=r"checkpoint_final\.pth.*_pickle\.PicklingError"):
+        load_torch_checkpoint(evil)
+
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(StoreError, match=r"cut\.pth.*truncated"):
+        load_torch_checkpoint(cut)
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _assert_clean_error(capsys, trained, out: Path, argv, *names):
+    code, err = _run(capsys, ["predict", "-i", trained["images"], "-o", out, "--device", "cpu", *argv])
+    lines = err.strip().splitlines()
+    assert code == 2 and lines and "Traceback" not in err, err
+    for name in names:
+        assert str(name) in lines[-1], f"{name!r} not in {lines[-1]}"
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())  # nothing half-written
+
+
+def test_bad_model_folders_fail_before_any_case(trained, capsys, tmp_path):
+    src = trained["results"] / PLAIN
+    # a missing fold
+    _assert_clean_error(capsys, trained, tmp_path / "o1", ["--model-folder", src, "--folds", "0", "3"],
+                        "fold_3", "checkpoint_final")
+    # an architecture nnfast does not know
+    m = _copy_model(src, tmp_path / "unknown_arch" / PLAIN)
+    plans = json.loads((m / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "mynets.FancyUNet"
+    (m / "plans.json").write_text(json.dumps(plans))
+    _assert_clean_error(capsys, trained, tmp_path / "o2", ["--model-folder", m], "plans.json", "mynets.FancyUNet")
+    # a checkpoint whose class count does not fit the dataset (dataset.json with one more label)
+    m = _copy_model(src, tmp_path / "other_dataset" / PLAIN)
+    dj = json.loads((m / "dataset.json").read_text())
+    dj["labels"]["extra"] = max(dj["labels"].values()) + 1
+    (m / "dataset.json").write_text(json.dumps(dj))
+    _assert_clean_error(capsys, trained, tmp_path / "o3", ["--model-folder", m, "--folds", "0"],
+                        "checkpoint_final.pth", "3 output channel(s)", "4")
+    # a truncated checkpoint
+    m = _copy_model(src, tmp_path / "truncated" / PLAIN)
+    ck = m / "fold_1" / "checkpoint_final.pth"
+    ck.write_bytes(ck.read_bytes()[:5000])
+    _assert_clean_error(capsys, trained, tmp_path / "o4", ["--model-folder", m], "fold_1", "truncated")
