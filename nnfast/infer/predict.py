@@ -156,7 +156,7 @@ class PredictOptions:
         Also write ``<case>.npz`` (``probabilities`` (C, z, y, x) float16, softmax) and ``<case>.json`` (the case's
         properties).
     device : str or torch.device
-        ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (:func:`nnfast.device.resolve_device`).
+        ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (:func:`nnfast.device.resolve_device`).
     workers : int
         Export threads (and cases exported concurrently).
     batch_tiles : int, optional
@@ -247,7 +247,8 @@ def predict_folder(
 
     opts = options if options is not None else PredictOptions()
     t_start = time.perf_counter()
-    _select_part([], opts)  # a bad part is a usage error before anything is loaded or written
+    _select_part([], opts)  # a bad part or device is an error before anything is loaded or written
+    resolve_device(opts.device)
     model = _resolve_model(opts)
     out_dir = Path(output_folder)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Run nnU-Net v2 itself on a raw dataset, in one fresh interpreter (nnU-Net reads its folders at import time):
 plan + preprocess, train tiny models with its real ``nnUNetTrainer`` (a subclass: 1 epoch x 2 iterations, CPU) and
-predict the training images with its ``nnUNetPredictor``. Test helper for ``test_nnunet_models.py``::
+predict images with its ``nnUNetPredictor`` twice: as shipped (float16 sliding-window accumulators) and with float32
+accumulators (nnfast's choice; the network runs in float32 on the CPU either way). Test helper for ``test_nnunet_models.py``::
 
     python _nnunet_models_driver.py SPEC.json
 
@@ -39,6 +40,14 @@ def _small_budget(self, *a, **k):  # nnU-Net samples 1e8 foreground voxels; tiny
 
 
 fe.DatasetFingerprintExtractor.__init__ = _small_budget
+
+
+class _Float32Accumulation:
+    """``torch`` for nnU-Net's predictor module with ``torch.half`` meaning float32 (its only use there is the dtype
+    of the sliding-window accumulators)."""
+
+    def __getattr__(self, name):
+        return torch.float32 if name == "half" else getattr(torch, name)
 
 
 class nnUNetTrainerTiny(nnUNetTrainer):
@@ -103,12 +112,23 @@ def main() -> None:
                 continue  # trained by an earlier run
             tr = nnUNetTrainerTiny({**p, "continue_training": False}, m["config"], fold, dj, device=torch.device("cpu"))
             tr.run_training()
-        pred_out = os.path.join(spec["predict_output"], os.path.basename(folder))
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                    perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(folder, tuple(m["folds"]), m.get("checkpoint", "checkpoint_final.pth"))
-        predictor.predict_from_files_sequential(spec["predict_input"], pred_out, save_probabilities=False, overwrite=True)
-        out["models"].append({"folder": folder, "prediction": pred_out, "seconds": time.time() - t})
+        preds = {}
+        for accumulate in ("float16", "float32"):
+            # nnU-Net sums the tiles' logits in float16 (predicted_logits = torch.zeros(..., dtype=torch.half));
+            # "float32" swaps that one dtype for float32: nnfast's arithmetic, so the masks must be voxel-identical
+            pfr.torch = torch if accumulate == "float16" else _Float32Accumulation()
+            pred_out = os.path.join(spec["predict_output"], os.path.basename(folder) + "__" + accumulate)
+            os.makedirs(pred_out, exist_ok=True)
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                        perform_everything_on_device=False, device=torch.device("cpu"),
+                                        allow_tqdm=False)
+            predictor.initialize_from_trained_model_folder(folder, tuple(m["folds"]),
+                                                           m.get("checkpoint", "checkpoint_final.pth"))
+            predictor.predict_from_files_sequential(spec["predict_input"], pred_out, save_probabilities=False,
+                                                    overwrite=True)
+            preds[accumulate] = pred_out
+        pfr.torch = torch
+        out["models"].append({"folder": folder, "predictions": preds, "seconds": time.time() - t})
     out["timings"]["total"] = time.time() - t0
     sys.stdout.write("RESULT " + json.dumps(out) + "\n")
 

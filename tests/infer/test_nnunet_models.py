@@ -6,9 +6,10 @@ tiny synthetic dataset, trains ``nnUNetTrainer`` (a subclass: 1 epoch x 2 iterat
 to ``ResidualEncoderUNet`` and nnU-Net's ResEnc block counts), and predicts two cases with ``nnUNetPredictor``
 (mirroring TTA, step 0.5, float32 on the CPU). nnfast then predicts the same images from the same model folders.
 
-Both compute in float32 on the CPU, so the masks are compared voxel for voxel. A barely trained network has many
-near-ties between classes, where the order of float additions can flip an argmax: the bound is at most 0.1 % of
-the voxels differing (Dice >= 0.999 per label); on these cases the masks came out identical.
+The network runs in float32 on the CPU in both. nnU-Net sums the sliding-window tiles in float16, nnfast in float32;
+the driver predicts once as nnU-Net ships and once with that accumulator dtype switched to float32. Against the
+float32 run the masks must be voxel-identical. Against the float16 run they may differ only at near-ties (top-2
+softmax gap < 0.02), which a network trained for 2 iterations has plenty of (about 1 % of the voxels here).
 """
 from __future__ import annotations
 
@@ -81,31 +82,38 @@ def _run(capsys, argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def _assert_same_masks(ours: Path, ref: Path, cases=("case_001", "case_003")) -> int:
-    """Masks equal up to argmax near-ties (see the module docstring); returns the number of differing voxels."""
-    differ = 0
+def _compare(ours: Path, ref: Path, cases=("case_001", "case_003")) -> tuple[int, int, list]:
+    """(differing voxels, voxels, [(case, ours, ref, mask of differences)])."""
+    differ, total, detail = 0, 0, []
     for cid in cases:
         a, b = _read(ours / f"{cid}.nii.gz"), _read(ref / f"{cid}.nii.gz")
         assert a.shape == b.shape
         differ += int((a != b).sum())
-        assert (a != b).mean() <= 1e-3, f"{cid}: {(a != b).sum()} of {a.size} voxels differ"
-        for lab in np.union1d(np.unique(a), np.unique(b)):
-            if lab == 0:
-                continue
-            inter = np.logical_and(a == lab, b == lab).sum()
-            dice = 2 * inter / ((a == lab).sum() + (b == lab).sum())
-            assert dice >= 0.999, f"{cid} label {lab}: Dice {dice}"
-    return differ
+        total += a.size
+        detail.append((cid, a, b, a != b))
+    return differ, total, detail
 
 
 @pytest.mark.parametrize("folder, folds", [(PLAIN, ["0", "1"]), (RESENC, ["0"])], ids=["PlainConvUNet", "ResEnc"])
 def test_nnfast_predicts_nnunet_trained_model_like_nnunet(trained, capsys, tmp_path, folder, folds):
     out = tmp_path / "ours"
     code, err = _run(capsys, ["predict", "-i", trained["images"], "-o", out, "--model-folder",
-                              trained["results"] / folder, "--folds", *folds, "--device", "cpu", "--workers", "1"])
+                              trained["results"] / folder, "--folds", *folds, "--device", "cpu", "--workers", "1",
+                              "--save-probabilities"])
     assert code == 0, err
-    differ = _assert_same_masks(out, trained["nnunet_pred"] / folder)
-    assert differ == 0, f"{differ} voxels differ from nnU-Net's prediction (allowed up to 0.1 %, but none so far)"
+    # nnU-Net's predictor with float32 accumulators: the same arithmetic, the same masks
+    differ, _, _ = _compare(out, trained["nnunet_pred"] / f"{folder}__float32")
+    assert differ == 0, f"{differ} voxels differ from nnU-Net's float32 prediction"
+    # nnU-Net as shipped sums the tiles in float16 (about 3 significant digits): masks differ only where the classes
+    # are near-ties (top-2 softmax gap < 0.02) -- many, for a network trained 2 iterations; none in a trained model
+    # beyond such ties
+    differ, total, detail = _compare(out, trained["nnunet_pred"] / f"{folder}__float16")
+    for cid, a, _, mask in detail:
+        probs = np.load(out / f"{cid}.npz")["probabilities"].astype(np.float32)  # (C, z, y, x) like the mask
+        top2 = np.sort(probs, axis=0)[-2:]
+        gap = (top2[1] - top2[0])[mask]
+        assert gap.size == 0 or gap.max() < 0.02, f"{cid}: a voxel with softmax gap {gap.max()} differs"
+    assert differ / total < 0.05, f"{differ} of {total} voxels differ from nnU-Net's float16 prediction"
 
 
 def test_checkpoint_best_parts_and_continue(trained, capsys, tmp_path):
