@@ -309,6 +309,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CaseNotFoundError(f"input folder `{args.input}` does not exist or is not a folder (-i/--input: the "
                                 "folder of <case>_XXXX images)")
     options = PredictOptions(model_folder=args.model_folder, task=args.task, config=args.config,
+                             trainer=args.trainer, plans_identifier=args.plans,
                              settings=_settings(args), folds=args.folds, checkpoint_name=args.checkpoint,
                              use_tta=not args.no_tta, step=args.step, save_probabilities=args.save_probabilities,
                              device=args.device, workers=args.workers, previous_stage_folder=args.prev_stage_folder,

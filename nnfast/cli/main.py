@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="configuration (default 3d_fullres; with --model-folder: the checkpoint's)")
     p.add_argument("--model-folder", help=f"trainer folder (default <results>/<Dataset>/{TRAINER_NAME}__"
                                           f"{PLANS_IDENTIFIER}__<config>); nnU-Net model folders are read too")
+    p.add_argument("--trainer", default=TRAINER_NAME,
+                   help=f"with --task: trainer name of the model folder (default {TRAINER_NAME}; nnU-Net: nnUNetTrainer)")
+    p.add_argument("--plans", default=PLANS_IDENTIFIER,
+                   help=f"with --task: plans identifier of the model folder (default {PLANS_IDENTIFIER}; nnU-Net: "
+                        "nnUNetPlans)")
     p.add_argument("--folds", nargs="+", type=_fold,
                    help="folds to ensemble (default: every fold with the checkpoint)")
     p.add_argument("--checkpoint", type=_checkpoint, default="checkpoint_final",

@@ -127,7 +127,8 @@ def _resolve_model(options: "PredictOptions") -> TrainedModel:
         from ..settings import resolve_settings
 
         settings = options.settings or resolve_settings()
-        model_folder = model_folder_for(settings.require("results"), options.task, options.config or "3d_fullres")
+        model_folder = model_folder_for(settings.require("results"), options.task, options.config or "3d_fullres",
+                                        trainer=options.trainer, plans_identifier=options.plans_identifier)
     return load_model(model_folder, options.folds, options.checkpoint_name, config_name=options.config)
 
 
@@ -142,6 +143,9 @@ class PredictOptions:
         (:func:`nnfast.layout.trainer_folder`).
     task, config : optional
         Dataset and configuration, used to find the model folder (and, for ``config``, to check it).
+    trainer, plans_identifier : str
+        With ``task``: the ``<trainer>__<plans>__<config>`` folder to use (e.g. ``nnUNetTrainer``/``nnUNetPlans`` for
+        a model trained by nnU-Net; default nnfast's).
     settings : Settings, optional
         Data roots (default: resolved from the environment).
     folds : sequence, optional
@@ -177,6 +181,8 @@ class PredictOptions:
     model_folder: Path | str | None = None
     task: str | int | None = None
     config: str | None = None
+    trainer: str = layout.TRAINER_NAME
+    plans_identifier: str = layout.PLANS_IDENTIFIER
     settings: Settings | None = None
     folds: Sequence | None = None
     checkpoint_name: str = "checkpoint_final"

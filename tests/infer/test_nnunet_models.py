@@ -121,11 +121,16 @@ def test_checkpoint_best_parts_and_continue(trained, capsys, tmp_path):
     out = tmp_path / "parts"
     base = ["predict", "-i", trained["images"], "-o", out, "--model-folder", model, "--folds", "0", "--device",
             "cpu", "--checkpoint", "best", "--no-tta"]
-    code, err = _run(capsys, [*base, "--num-parts", "2", "--part-id", "1"])
+    # found by --task/--config/--trainer/--plans in the results root, as nnUNetv2_predict -d -c -tr -p does
+    code, err = _run(capsys, ["predict", "-i", trained["images"], "-o", out, "--task", DID, "--config", "3d_fullres",
+                              "--trainer", "nnUNetTrainerTiny", "--plans", "nnUNetPlans", "--results",
+                              trained["results"].parent, "--folds", "0", "--device", "cpu", "--checkpoint", "best",
+                              "--no-tta", "--num-parts", "2", "--part-id", "1"])
     assert code == 0, err
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case_003.nii.gz"]  # ["case_001", "case_003"][1::2]
     report = json.loads((out / "nnfast_predict.json").read_text())
     assert report["checkpoint"] == "checkpoint_best" and report["folds"] == [0]
+    assert Path(report["model_folder"]) == model
     before = (out / "case_003.nii.gz").stat().st_mtime_ns
     code, err = _run(capsys, [*base, "--continue"])
     assert code == 0, err
