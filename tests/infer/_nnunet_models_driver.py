@@ -5,8 +5,8 @@ accumulators (nnfast's choice; the network runs in float32 on the CPU either way
 
     python _nnunet_models_driver.py SPEC.json
 
-SPEC: ``{"dataset_id", "configurations": [...], "models": [{"config", "plans": "nnUNetPlans" | name, "folds",
-"resenc": bool}], "predict_input", "predict_output"}``; nnUNet_raw/_preprocessed/_results come from the environment.
+SPEC: ``{"dataset_id", "configurations": [...], "splits", "models": [{"config", "folds", "resenc": bool,
+"regions": {"labels", "regions_class_order"} or absent}], "predict_input", "predict_output"}``; nnUNet_raw/_preprocessed/_results come from the environment.
 Prints ``RESULT {json}`` with the trained folders and timings.
 """
 from __future__ import annotations
@@ -58,6 +58,10 @@ class nnUNetTrainerTiny(nnUNetTrainer):
 
 
 
+class nnUNetTrainerTinyRegions(nnUNetTrainerTiny):
+    pass
+
+
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
     did = int(spec["dataset_id"])
@@ -106,11 +110,14 @@ def main() -> None:
         p = resenc_plans(plans) if m.get("resenc") else plans
         if m.get("resenc"):
             json.dump(p, open(os.path.join(pre, p["plans_name"] + ".json"), "w"), indent=2)
-        folder = os.path.join(nnUNet_results, ds_name, f"nnUNetTrainerTiny__{p['plans_name']}__{m['config']}")
+        # a region-based model: the same preprocessed data, dataset.json with regions (its own trainer name, so that
+        # its folder does not collide with the label-based model's)
+        cls, mdj = (nnUNetTrainerTinyRegions, {**dj, **m["regions"]}) if m.get("regions") else (nnUNetTrainerTiny, dj)
+        folder = os.path.join(nnUNet_results, ds_name, f"{cls.__name__}__{p['plans_name']}__{m['config']}")
         for fold in m["folds"]:
             if os.path.isfile(os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth")):
                 continue  # trained by an earlier run
-            tr = nnUNetTrainerTiny({**p, "continue_training": False}, m["config"], fold, dj, device=torch.device("cpu"))
+            tr = cls({**p, "continue_training": False}, m["config"], fold, mdj, device=torch.device("cpu"))
             tr.run_training()
         preds = {}
         for accumulate in ("float16", "float32"):
