@@ -114,17 +114,22 @@ def main() -> None:
         # its folder does not collide with the label-based model's)
         cls, mdj = (nnUNetTrainerTinyRegions, {**dj, **m["regions"]}) if m.get("regions") else (nnUNetTrainerTiny, dj)
         folder = os.path.join(nnUNet_results, ds_name, f"{cls.__name__}__{p['plans_name']}__{m['config']}")
+        trained_before = True
         for fold in m["folds"]:
             if os.path.isfile(os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth")):
                 continue  # trained by an earlier run
+            trained_before = False
             tr = cls({**p, "continue_training": False}, m["config"], fold, mdj, device=torch.device("cpu"))
             tr.run_training()
         preds = {}
         for accumulate in ("float16", "float32"):
             # nnU-Net sums the tiles' logits in float16 (predicted_logits = torch.zeros(..., dtype=torch.half));
-            # "float32" swaps that one dtype for float32: nnfast's arithmetic, so the masks must be voxel-identical
+            # "float32" swaps that one dtype for float32 (nnfast sums in float32)
             pfr.torch = torch if accumulate == "float16" else _Float32Accumulation()
             pred_out = os.path.join(spec["predict_output"], os.path.basename(folder) + "__" + accumulate)
+            preds[accumulate] = pred_out
+            if trained_before and os.path.isdir(pred_out) and len(os.listdir(pred_out)) > 3:
+                continue  # a kept folder (NNFAST_TEST_NNUNET_MODELS): same model, same predictions
             os.makedirs(pred_out, exist_ok=True)
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                         perform_everything_on_device=False, device=torch.device("cpu"),
@@ -133,7 +138,6 @@ def main() -> None:
                                                            m.get("checkpoint", "checkpoint_final.pth"))
             predictor.predict_from_files_sequential(spec["predict_input"], pred_out, save_probabilities=False,
                                                     overwrite=True)
-            preds[accumulate] = pred_out
         pfr.torch = torch
         out["models"].append({"folder": folder, "predictions": preds, "seconds": time.time() - t})
     out["timings"]["total"] = time.time() - t0
