@@ -6,7 +6,7 @@ accumulators (nnfast's choice; the network runs in float32 on the CPU either way
     python _nnunet_models_driver.py SPEC.json
 
 SPEC: ``{"dataset_id", "configurations": [...], "splits", "models": [{"config", "folds", "resenc": bool,
-"regions": {"labels", "regions_class_order"} or absent}], "predict_input", "predict_output"}``; nnUNet_raw/_preprocessed/_results come from the environment.
+"regions": {"labels", "regions_class_order"} or absent, "tta": bool}], "predict_input", "predict_output"}``; nnUNet_raw/_preprocessed/_results come from the environment.
 Prints ``RESULT {json}`` with the trained folders and timings.
 """
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
             if trained_before and os.path.isdir(pred_out) and len(os.listdir(pred_out)) > 3:
                 continue  # a kept folder (NNFAST_TEST_NNUNET_MODELS): same model, same predictions
             os.makedirs(pred_out, exist_ok=True)
-            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=m.get("tta", True),
                                         perform_everything_on_device=False, device=torch.device("cpu"),
                                         allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(folder, tuple(m["folds"]),
