@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import time
 
+import numpy as np
 import torch
 
 
@@ -119,6 +121,9 @@ def main() -> None:
             if os.path.isfile(os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth")):
                 continue  # trained by an earlier run
             trained_before = False
+            torch.manual_seed(fold)  # repeatable tiny models (nnUNet_n_proc_DA=0: augmentation in this process)
+            np.random.seed(fold)
+            random.seed(fold)
             tr = cls({**p, "continue_training": False}, m["config"], fold, mdj, device=torch.device("cpu"))
             tr.run_training()
         preds = {}

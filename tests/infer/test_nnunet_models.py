@@ -22,8 +22,8 @@ ResEnc, fold 0, no TTA     5 voxels (0.010 %), margin <= 0.023          198 (0.3
 regions, fold 0, no TTA    17 voxels (0.033 %), margin <= 0.046         461 (0.90 %), margin <= 0.214
 =========================  ===========================================  ===========================================
 
-Bounds: float32 sums margin < 0.1, <= 0.1 % of the voxels, Dice >= 0.99 per label (smallest measured 0.9971, a
-small label); float16 sums margin < 0.35, <= 3 %, Dice >= 0.9 (smallest measured 0.928: float16 sums flip many
+Bounds: float32 sums margin < 0.1, <= 0.1 % of the voxels, Dice >= 0.99 per label covering >= 1 % of a case
+(smallest measured 0.9971); float16 sums margin < 0.35, <= 3 %, Dice >= 0.9 (smallest measured 0.928: float16 sums flip many
 near-tie voxels of a small label of this untrained network). The float32 margins of the ResEnc and region models
 (up to 0.046) are larger than float-order noise alone would explain and are worth a closer look.
 """
@@ -139,7 +139,7 @@ def _assert_only_near_ties(ours: Path, ref: Path, regions: bool, *, max_margin: 
                            min_dice: float) -> None:
     """Masks differ only where nnfast's own probabilities are near a tie (top-2 softmax gap, or for regions twice a
     sigmoid's distance from 0.5, below ``max_margin``), in at most ``max_fraction`` of the voxels, Dice per label
-    >= ``min_dice``."""
+    >= ``min_dice`` (labels covering at least 1 % of the case)."""
     differ, total, detail = _compare(ours, ref)
     for cid, a, b, mask in detail:
         probs = np.load(ours / f"{cid}.npz")["probabilities"].astype(np.float32)  # (C, z, y, x) like the mask
@@ -152,7 +152,9 @@ def _assert_only_near_ties(ours: Path, ref: Path, regions: bool, *, max_margin: 
         gap = margin[mask]
         assert gap.size == 0 or gap.max() < max_margin, f"{cid}: a voxel with probability margin {gap.max()} differs"
         for lab in np.union1d(np.unique(a), np.unique(b)):
-            if lab:
+            # labels covering < 1 % of the case in both masks are skipped: an untrained network may predict a few
+            # scattered voxels of a label, all near-ties, whose Dice says nothing
+            if lab and max(np.mean(a == lab), np.mean(b == lab)) >= 0.01:
                 dice = 2 * np.sum((a == lab) & (b == lab)) / (np.sum(a == lab) + np.sum(b == lab))
                 assert dice >= min_dice, f"{cid} label {lab}: Dice {dice} against {ref.name}"
     assert differ / total <= max_fraction, f"{differ} of {total} voxels differ from {ref.name}"
