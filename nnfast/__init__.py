@@ -5,7 +5,8 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.native``       Numba kernels (cropping, intensity statistics, resampling, class locations); arrays in, arrays out.
 - ``nnfast.io``           image reading/writing (SimpleITK, nnU-Net conventions), dataset.json and case listing, atomic
                           writes, zarr case stores, the lean patch reader, the cascade's previous-stage stores, the
-                          data-only reader of nnU-Net's pickles.
+                          data-only reader of nnU-Net's pickles, safe torch checkpoint loading (``weights_only`` +
+                          numpy-scalar allowlist, nnU-Net's ``.pth``).
 - ``nnfast.synth``        deterministic synthetic Decathlon-style datasets (CT-like and multi-channel MRI-like).
 - ``nnfast.convert``      Medical Segmentation Decathlon -> nnU-Net v2 layout.
 - ``nnfast.verify``       dataset checks that report every problem at once.
@@ -33,9 +34,10 @@ Shared by the stages (one owner each):
 - ``nnfast.layout``       every folder and file name on disk: preprocessed folders, plans/fingerprint/splits files,
                           ``<trainer>__<plans>__<config>`` results folders, folds, checkpoints, validation,
                           ``predicted_next_stage``.
-- ``nnfast.network``      the plan-driven PlainConvUNet that training builds and inference loads.
+- ``nnfast.network``      the plan-driven network that training builds and inference loads: PlainConvUNet, and
+                          ``nnfast.network_residual``'s ResidualEncoderUNet (nnU-Net's ResEnc), by the plan's class.
 - ``nnfast.splits``       nnU-Net's cross-validation splits (``splits_final.json``).
-- ``nnfast.device``       the torch device rule (``auto``/``cuda``/``cpu``) of training and inference.
+- ``nnfast.device``       the torch device rule (``auto``/``cuda``/``cpu``; inference also ``cuda:N``/``mps``).
 - ``nnfast.parallel``     per-case task execution: spawn pools with dead-worker detection, dask.distributed.
 - ``nnfast.workers``      the worker core under both process pools (task pool, patch loader): spawn, pipes, shared
                           memory, one thread policy, dead-worker diagnosis, stop escalation.

@@ -2,8 +2,9 @@
 
 ``"auto"`` means CUDA when torch sees a GPU, else the CPU. Training asks for ``strict=True``: an explicit ``"cuda"``
 without a visible GPU is a :class:`~nnfast.errors.SettingsError` naming the fix, and the process's local rank picks
-the GPU (DDP). Inference accepts anything ``torch.device`` does (``"cuda:1"``, a ``torch.device``) and leaves the
-errors to torch.
+the GPU (DDP). Inference accepts anything ``torch.device`` does (``"cuda:1"``, ``"mps"``, a ``torch.device``); a
+named CUDA or MPS device that this machine does not have is a :class:`~nnfast.errors.SettingsError` too, raised
+before any model is loaded.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def resolve_device(device: Any = "auto", *, local_rank: int | None = None, stric
     Raises
     ------
     SettingsError
-        ``strict`` and an unknown choice, or ``"cuda"`` without a GPU.
+        ``strict`` and an unknown choice, or ``"cuda"``/``"cuda:N"``/``"mps"`` (given as text) without that device.
     """
     import torch
 
@@ -46,8 +47,15 @@ def resolve_device(device: Any = "auto", *, local_rank: int | None = None, stric
                                     "or no GPU visible: check CUDA_VISIBLE_DEVICES); use --device cpu")
             return torch.device("cuda", local_rank or 0)
         return torch.device("cpu")
-    if isinstance(device, torch.device):
-        return device
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    if dev.type == "cuda" and not isinstance(device, torch.device):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise SettingsError(f"device {device!r} was requested but torch sees {n} CUDA device(s) (CPU-only torch "
+                                "build, or CUDA_VISIBLE_DEVICES); use --device cpu" + (" or cuda:0" if n else ""))
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise SettingsError("device 'mps' was requested but this torch build or machine has no Apple MPS backend; "
+                            "use --device cpu")
+    return dev

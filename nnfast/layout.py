@@ -14,7 +14,8 @@ nnU-Net v2's layout, with nnfast's names as defaults (``<Dataset>`` = e.g. ``Dat
         nnfast_plans.json, dataset.json, nnfast_fingerprint.json     copies made when training starts
         fold_<k>/  (fold_all)                                        fold_folder
             train_config.json
-            checkpoint_latest / _best / _final .pt + .json           checkpoint_file
+            checkpoint_latest / _best / _final .pt + .json           checkpoint_file, checkpoint_name
+                                       (nnU-Net's model folders: .pth)
             training_log.txt, progress.json/.csv/.png
             validation/  (summary.json)                              validation_folder
         predicted_next_stage/<next config>/<case>.zarr               next_stage_folder (a cascade's first stage)
@@ -33,8 +34,8 @@ from .errors import CaseNotFoundError, SettingsError
 __all__ = [
     "TRAINER_NAME", "PLANS_IDENTIFIER", "DATA_IDENTIFIER_PREFIX", "DATASET_JSON", "FINGERPRINT_FILE",
     "SPLITS_FILE", "GT_FOLDER", "VALIDATION_FOLDER", "SUMMARY_FILE", "SUMMARY_PICTURE", "NEXT_STAGE_FOLDER",
-    "CHECKPOINT_NAMES", "Fold", "check_fold", "fold_name", "parse_fold_name", "check_plans_identifier",
-    "plans_file_name", "data_identifier", "case_store_folder",
+    "CHECKPOINT_NAMES", "Fold", "checkpoint_name", "check_fold", "fold_name", "parse_fold_name",
+    "check_plans_identifier", "plans_file_name", "data_identifier", "case_store_folder",
     "trainer_folder_name",
     "trainer_folder", "fold_folder", "checkpoint_file", "validation_folder", "next_stage_folder",
     "previous_stage_folder", "sibling_stage_folder", "ground_truth_folder",
@@ -138,6 +139,25 @@ def fold_folder(results_root: Path | str, dataset_name: str, config_name: str, f
     """``trainer_folder(...)/fold_<k>`` (``fold_all`` for fold ``"all"``)."""
     return trainer_folder(results_root, dataset_name, config_name, trainer=trainer,
                           plans_identifier=plans_identifier) / fold_name(fold)
+
+
+def checkpoint_name(name: str) -> str:
+    """A checkpoint choice as its file stem: ``best``/``final``/``latest`` (``nnfast predict --checkpoint``) or
+    ``checkpoint_best`` etc., with or without ``.pt``/``.pth`` (nnU-Net's ``-chk checkpoint_best.pth``).
+
+    Raises
+    ------
+    SettingsError
+        Not one of :data:`CHECKPOINT_NAMES`.
+    """
+    stem = str(name).strip()
+    for suffix in (".pth", ".pt"):
+        stem = stem.removesuffix(suffix)
+    stem = stem if stem.startswith("checkpoint_") else f"checkpoint_{stem}"
+    if stem not in CHECKPOINT_NAMES:
+        raise SettingsError(f"unknown checkpoint {name!r}: expected best, final or latest "
+                            f"({', '.join(CHECKPOINT_NAMES)}, .pt/.pth optional)")
+    return stem
 
 
 def checkpoint_file(fold_dir: Path | str, name: str) -> Path:

@@ -27,6 +27,9 @@ after transposition):
 Weights are initialised like nnU-Net (``InitWeights_He(1e-2)``): ``kaiming_normal_(a=0.01)`` on every (transposed)
 conv weight, biases zero; norm layers keep PyTorch's defaults (weight 1, bias 0).
 
+The residual-encoder variant (nnU-Net's ResEnc presets) lives in :mod:`nnfast.network_residual`;
+:func:`build_network` picks the class the plan's ``Architecture.network_class`` names.
+
 Shared by training (:mod:`nnfast.train` builds and trains it) and inference (:mod:`nnfast.infer` loads checkpoints
 into it), which is why it lives beside them and not in either.
 """
@@ -46,6 +49,8 @@ __all__ = [
     "PlainConvEncoder",
     "UNetDecoder",
     "PlainConvUNet",
+    "NETWORK_CLASSES",
+    "network_from_architecture",
     "build_network",
     "network_input_channels",
     "set_deep_supervision",
@@ -63,7 +68,7 @@ NetworkOutput = Union[torch.Tensor, list[torch.Tensor]]
 
 
 class ConvDropoutNormReLU(nn.Module):
-    """conv -> InstanceNorm -> LeakyReLU (no dropout; nnU-Net's plans never use it).
+    """conv -> InstanceNorm -> LeakyReLU (no dropout; nnU-Net's plans never use it); ``nonlin=False``: conv -> norm.
 
     Attributes ``conv``, ``norm``, ``nonlin`` and ``all_modules`` (the ``nn.Sequential`` that runs them) mirror
     dynamic-network-architectures' block of the same name.
@@ -71,7 +76,7 @@ class ConvDropoutNormReLU(nn.Module):
 
     def __init__(self, ndim: int, in_channels: int, out_channels: int, kernel_size: Sequence[int],
                  stride: Sequence[int], conv_bias: bool, norm_eps: float, norm_affine: bool,
-                 negative_slope: float) -> None:
+                 negative_slope: float, nonlin: bool = True) -> None:
         super().__init__()
         self.input_channels = in_channels
         self.output_channels = out_channels
@@ -79,8 +84,11 @@ class ConvDropoutNormReLU(nn.Module):
         self.conv = _CONV[ndim](in_channels, out_channels, tuple(kernel_size), tuple(stride),
                                 padding=[(k - 1) // 2 for k in kernel_size], dilation=1, bias=conv_bias)
         self.norm = _INSTANCE_NORM[ndim](out_channels, eps=norm_eps, affine=norm_affine)
-        self.nonlin = nn.LeakyReLU(negative_slope=negative_slope, inplace=True)
-        self.all_modules = nn.Sequential(self.conv, self.norm, self.nonlin)
+        if nonlin:
+            self.nonlin = nn.LeakyReLU(negative_slope=negative_slope, inplace=True)
+            self.all_modules = nn.Sequential(self.conv, self.norm, self.nonlin)
+        else:  # the second conv of a residual block (nnfast.network_residual): conv -> norm
+            self.all_modules = nn.Sequential(self.conv, self.norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.all_modules(x)
@@ -229,9 +237,34 @@ def init_weights_he(module: nn.Module, negative_slope: float = 1e-2) -> None:
             nn.init.constant_(module.bias, 0)
 
 
-def build_network(plans: Plans, config_name: str, num_input_channels: int, num_classes: int,
-                  deep_supervision: bool = True) -> PlainConvUNet:
-    """The network of configuration ``config_name`` (nnU-Net's ``get_network_from_plans`` with ``allow_init=True``).
+#: the ``Architecture.network_class`` values nnfast builds (nnU-Net's plans name them with their module path,
+#: ``dynamic_network_architectures.architectures.unet.<name>``; :mod:`nnfast.plan.nnunet_compat` maps them)
+NETWORK_CLASSES = ("PlainConvUNet", "ResidualEncoderUNet")
+
+
+def network_from_architecture(arch: Architecture, num_input_channels: int, num_classes: int,
+                              deep_supervision: bool = True, initialize: bool = True) -> nn.Module:
+    """The network an :class:`~nnfast.plan.schema.Architecture` describes: :class:`PlainConvUNet` or
+    :class:`~nnfast.network_residual.ResidualEncoderUNet` (by ``arch.network_class``), initialised like nnU-Net.
+
+    Raises
+    ------
+    PlanError
+        Unknown ``network_class`` or invalid counts.
+    """
+    if arch.network_class == "PlainConvUNet":
+        return PlainConvUNet(arch, num_input_channels, num_classes, deep_supervision, initialize)
+    if arch.network_class == "ResidualEncoderUNet":
+        from .network_residual import ResidualEncoderUNet
+
+        return ResidualEncoderUNet(arch, num_input_channels, num_classes, deep_supervision, initialize)
+    raise PlanError(f"network class {arch.network_class!r} is not implemented; nnfast builds {list(NETWORK_CLASSES)}")
+
+
+def build_network(plans: Plans, config_name: str, num_input_channels: int | None = None,
+                  num_classes: int | None = None, deep_supervision: bool = True) -> nn.Module:
+    """The network of configuration ``config_name`` (nnU-Net's ``get_network_from_plans`` with ``allow_init=True``),
+    of the class its architecture names (``PlainConvUNet`` or ``ResidualEncoderUNet``).
 
     Parameters
     ----------
@@ -239,26 +272,30 @@ def build_network(plans: Plans, config_name: str, num_input_channels: int, num_c
         Plans of the dataset.
     config_name : str
         Configuration name (``2d``, ``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres``); inheritance is resolved.
-    num_input_channels : int
-        Image channels (for the cascade's full-resolution stage nnU-Net adds one channel per foreground label; the
-        caller decides).
-    num_classes : int
-        Segmentation heads (labels including background without the ignore label, or the number of regions).
+    num_input_channels : int, optional
+        Default: :func:`network_input_channels` (image channels; for the cascade's full-resolution stage nnU-Net adds
+        one channel per foreground label).
+    num_classes : int, optional
+        Segmentation heads; default: the plans' labels (including background without the ignore label); pass the
+        number of regions for region-based training.
     deep_supervision : bool
         See :class:`PlainConvUNet`.
 
     Raises
     ------
     PlanError
-        If the configuration does not exist or the counts are invalid.
+        If the configuration does not exist, its network class is unknown or the counts are invalid.
     """
-    arch = plans.configuration(config_name).architecture
-    if arch.network_class != "PlainConvUNet":
-        from .errors import NotSupportedError
+    if num_input_channels is None or num_classes is None:
+        from .labels import LabelManager
 
-        raise NotSupportedError(f"configuration `{config_name}` of plans `{plans.plans_name}` uses {arch.network_class}, "
-                                "which this nnfast's build_network cannot build yet (PlainConvUNet only)")
-    return PlainConvUNet(arch, num_input_channels, num_classes, deep_supervision)
+        labels = LabelManager.from_plans(plans)
+        if num_input_channels is None:
+            num_input_channels = network_input_channels(plans, config_name, len(labels.foreground_labels))
+        if num_classes is None:
+            num_classes = labels.num_segmentation_heads
+    return network_from_architecture(plans.configuration(config_name).architecture, num_input_channels, num_classes,
+                                     deep_supervision)
 
 
 def network_input_channels(plans: Plans, config_name: str, n_foreground_labels: int) -> int:

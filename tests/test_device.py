@@ -26,3 +26,20 @@ def test_training_is_strict():
             resolve_device("cuda", strict=True)
     else:
         assert resolve_device("cuda", local_rank=0, strict=True) == torch.device("cuda", 0)
+
+
+def test_inference_devices_that_do_not_exist_are_settings_errors():
+    import torch
+
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:0"):
+            with pytest.raises(SettingsError, match="CUDA device"):
+                resolve_device(name)
+    else:
+        with pytest.raises(SettingsError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(SettingsError, match="mps"):
+            resolve_device("mps")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")

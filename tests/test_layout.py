@@ -63,3 +63,13 @@ def test_cli_choices_are_the_plan_schemas_configuration_names():
         assert action.choices is None and ", ".join(CONFIGURATION_NAMES) in action.help
     pre = next(a for a in sub["preprocess"]._actions if a.dest == "config")
     assert pre.choices is None and all(c in pre.help for c in ("2d", "3d_fullres", "3d_lowres", "all"))
+
+
+def test_checkpoint_name_accepts_short_and_nnunet_spellings():
+    from nnfast.errors import SettingsError
+
+    for given, stem in [("best", "checkpoint_best"), ("final", "checkpoint_final"), ("checkpoint_latest", "checkpoint_latest"),
+                        ("checkpoint_best.pth", "checkpoint_best"), ("checkpoint_final.pt", "checkpoint_final")]:
+        assert layout.checkpoint_name(given) == stem
+    with pytest.raises(SettingsError, match="'nope'"):
+        layout.checkpoint_name("nope")

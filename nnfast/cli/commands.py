@@ -349,14 +349,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.model_folder is None and args.task is None:
         raise UsageError("give --task (with --config) or --model-folder")
+    if args.part_id >= args.num_parts:
+        raise UsageError(f"--part-id {args.part_id} must be smaller than --num-parts {args.num_parts}")
     if not Path(args.input).is_dir():
         raise CaseNotFoundError(f"input folder `{args.input}` does not exist or is not a folder (-i/--input: the "
                                 "folder of <case>_XXXX images)")
     options = PredictOptions(model_folder=args.model_folder, task=args.task, config=args.config,
-                             plans_identifier=_plans_id(args),
+                             trainer=args.trainer, plans_identifier=_plans_id(args),
                              settings=_settings(args), folds=args.folds, checkpoint_name=args.checkpoint,
                              use_tta=not args.no_tta, step=args.step, save_probabilities=args.save_probabilities,
-                             device=args.device, workers=args.workers, previous_stage_folder=args.prev_stage_folder)
+                             device=args.device, workers=args.workers, previous_stage_folder=args.prev_stage_folder,
+                             continue_prediction=args.continue_prediction, num_parts=args.num_parts,
+                             part_id=args.part_id)
     with progress_bar("predict", args.quiet) as prog:
         report = predict_folder(Path(args.input), Path(args.output), options, progress=prog)
     if not args.quiet or report.failed:

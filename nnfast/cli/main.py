@@ -68,6 +68,17 @@ def _fold(s: str) -> str:
     return s
 
 
+def _checkpoint(s: str) -> str:
+    """best, final, latest (or checkpoint_best, ... with .pt/.pth) as the checkpoint's file stem."""
+    from ..errors import SettingsError
+    from ..layout import checkpoint_name
+
+    try:
+        return checkpoint_name(s)
+    except SettingsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _scheduler(s: str) -> str:
     """``local:N`` (N >= 1) or a dask scheduler address (``tcp://host:port``, ``host:port``)."""
     if s.startswith("local:"):
@@ -224,20 +235,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="dataset of the trained model (with --config; or give --model-folder)")
     p.add_argument("--config", help="configuration (default 3d_fullres; with --model-folder: the checkpoint's); "
                                     + _CONFIG_HELP)
-    _add_plans(p, f"plans of the model found from --task (default {PLANS_IDENTIFIER})")
+    _add_plans(p, f"with --task: plans identifier of the model folder (default {PLANS_IDENTIFIER}; nnU-Net: "
+                  "nnUNetPlans)")
     p.add_argument("--model-folder", help=f"trainer folder (default <results>/<Dataset>/{TRAINER_NAME}__"
                                           f"{PLANS_IDENTIFIER}__<config>); nnU-Net model folders are read too")
+    p.add_argument("--trainer", default=TRAINER_NAME,
+                   help=f"with --task: trainer name of the model folder (default {TRAINER_NAME}; nnU-Net: nnUNetTrainer)")
     p.add_argument("--folds", nargs="+", type=_fold,
                    help="folds to ensemble (default: every fold with the checkpoint)")
-    p.add_argument("--checkpoint", default="checkpoint_final", help="checkpoint name (checkpoint_final/_best/_latest)")
+    p.add_argument("--checkpoint", type=_checkpoint, default="checkpoint_final",
+                   help="final (default), best or latest: fold_<k>/checkpoint_<name>.pt (nnU-Net: .pth)")
     p.add_argument("--no-tta", action="store_true", help="disable mirroring test-time augmentation (8x faster in 3D)")
     p.add_argument("--step", type=_tile_step, default=0.5,
                    help="tile step as a fraction of the patch size, in (0, 1] (nnU-Net: 0.5)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write <case>.npz (softmax probabilities, float16) and <case>.json (properties)")
-    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--workers", type=_positive_int, default=2, help="export threads (cases exported concurrently)")
     p.add_argument("--prev-stage-folder", help="cascade: the previous stage's predictions (default: predicted first)")
+    p.add_argument("--continue", dest="continue_prediction", action="store_true",
+                   help="skip cases whose outputs already exist (outputs are written atomically)")
+    p.add_argument("--num-parts", type=_positive_int, default=1,
+                   help="split the sorted cases into this many parts (several GPUs or machines; nnU-Net's -num_parts)")
+    p.add_argument("--part-id", type=_non_negative_int, default=0,
+                   help="which part this run predicts: cases[part_id::num_parts] (0 .. num_parts - 1)")
     _add_roots(p)
     _add_common(p)
 

@@ -10,8 +10,15 @@ Layout (:mod:`nnfast.layout`; written by :mod:`nnfast.train.trainer`,
                                  ``num_classes``, ``inference_allowed_mirroring_axes``, ...
     fold_<k>/<checkpoint>.json   the same metadata without tensors
 
-Checkpoints are read with ``torch.load(weights_only=True)``: no pickled code runs. A bare state dict (tests, external
-tools) is accepted too; the metadata then comes from the sidecar or the plans.
+nnU-Net v2 model folders (what ``nnUNetv2_train`` writes: ``plans.json``, ``dataset.json``,
+``fold_<k>/checkpoint_{final,best}.pth``) load the same way: the plans go through :mod:`nnfast.plan.nnunet_compat`
+(PlainConvUNet and ResidualEncoderUNet), the configuration comes from the checkpoint's ``init_args``.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` and the small allowlist of
+:mod:`nnfast.io.torch_checkpoint` (numpy scalars in nnU-Net's checkpoints): no pickled code runs. A bare state dict
+(tests, external tools) is accepted too; the metadata then comes from the sidecar or the plans. Everything is checked
+here, before any case is read: missing folds, unknown architectures, weights whose channel or class counts do not fit
+the dataset, truncated files.
 """
 from __future__ import annotations
 
@@ -148,21 +155,25 @@ def _load_plans(folder: Path):
                 from ..plan.nnunet_compat import from_nnunet_plans
 
                 dj = folder / layout.DATASET_JSON
-                d = json.loads(p.read_text())
-                return from_nnunet_plans(d, json.loads(dj.read_text()) if dj.is_file() else None)
+                try:
+                    d = json.loads(p.read_text())
+                    return from_nnunet_plans(d, json.loads(dj.read_text()) if dj.is_file() else None)
+                except ValueError as e:  # PlanError, JSONDecodeError
+                    raise PlanError(f"plans file `{p}`: {e}") from None
     raise PlanError(f"model folder `{folder}` has no plans ({' or '.join(_PLANS_FILES)}); it is not a trained "
                     "nnfast model folder (train with `nnfast train`, or copy the plans next to the folds)")
 
 
-def _read_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(state dict, metadata) of a checkpoint file; metadata from the file or its JSON sidecar."""
-    import torch
+#: checkpoint entries that are training state, not needed (nor kept) for inference
+_TRAINING_STATE = ("optimizer_state", "grad_scaler_state", "lr_scheduler_state", "rng", "logging")
 
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise StoreError(f"checkpoint `{path}` cannot be read safely ({type(e).__name__}: {e}); it is truncated, "
-                         "or holds pickled objects other than tensors and plain containers") from e
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(state dict, metadata) of a checkpoint file (nnfast's ``.pt`` or nnU-Net's ``.pth``, read with
+    :func:`nnfast.io.torch_checkpoint.load_torch_checkpoint`); metadata from the file or its JSON sidecar."""
+    from ..io.torch_checkpoint import load_torch_checkpoint
+
+    data = load_torch_checkpoint(path)
     if not isinstance(data, dict):
         raise StoreError(f"checkpoint `{path}` holds a {type(data).__name__}, expected a dict")
     meta: dict = {}
@@ -174,13 +185,30 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict]:
             log.warning("ignoring unreadable checkpoint sidecar %s", side)
     if "network_weights" in data:
         meta.update({k: v for k, v in data.items() if k != "network_weights" and not hasattr(v, "shape")
-                     and k not in ("optimizer_state", "grad_scaler_state", "lr_scheduler_state", "rng")})
+                     and k not in _TRAINING_STATE})
         weights = data["network_weights"]
     else:  # a bare state dict
         weights = data
-    if not all(hasattr(v, "shape") for v in weights.values()):
+    if not isinstance(weights, dict) or not weights or not all(hasattr(v, "shape") for v in weights.values()):
         raise StoreError(f"checkpoint `{path}` does not hold a network state dict (`network_weights`)")
     return weights, meta
+
+
+def _check_counts(weights: dict, path: Path, n_in: int, n_classes: int, dataset_json_file: Path) -> None:
+    """The checkpoint's input channels and segmentation heads against what the plans and dataset.json say (a
+    checkpoint copied from another dataset fails here, with both counts, before any case is read)."""
+    first = next((k for k in ("encoder.stem.convs.0.conv.weight", "encoder.stages.0.0.convs.0.conv.weight")
+                  if k in weights), None)
+    heads = sorted((k for k in weights if k.startswith("decoder.seg_layers.") and k.endswith(".weight")),
+                   key=lambda k: int(k.split(".")[2]))
+    if first is not None and int(weights[first].shape[1]) != n_in:
+        raise StoreError(f"checkpoint `{path}` takes {int(weights[first].shape[1])} input channel(s) but the model "
+                         f"folder's plans and `{dataset_json_file}` give {n_in}; the checkpoint belongs to another "
+                         "dataset or configuration")
+    if heads and int(weights[heads[-1]].shape[0]) != n_classes:
+        raise StoreError(f"checkpoint `{path}` has {int(weights[heads[-1]].shape[0])} output channel(s) but "
+                         f"`{dataset_json_file}` defines {n_classes} labels/regions; the checkpoint belongs to another "
+                         "dataset")
 
 
 def load_model(model_folder: Path | str, folds: Sequence | None = None,
@@ -194,7 +222,8 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
     folds : sequence of int or "all", optional
         Folds to ensemble; None: every ``fold_<k>`` holding the checkpoint.
     checkpoint_name : str
-        ``checkpoint_final`` (default), ``checkpoint_best`` or ``checkpoint_latest`` (``.pt``/``.pth`` optional).
+        ``checkpoint_final`` (default), ``checkpoint_best`` or ``checkpoint_latest``, or ``final``/``best``/``latest``
+        (:func:`nnfast.layout.checkpoint_name`; ``.pt``/``.pth`` optional).
     config_name : str, optional
         Expected configuration; default: the checkpoint's (or the folder name's ``__<config>`` suffix).
 
@@ -208,6 +237,7 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
         A checkpoint is unreadable or its weights do not fit the network.
     """
     folder = Path(model_folder)
+    checkpoint_name = layout.checkpoint_name(checkpoint_name)
     if not folder.is_dir():
         raise CaseNotFoundError(f"model folder `{folder}` does not exist; train the configuration first "
                                 "(`nnfast train`) or pass the right --model-folder / --task / --config")
@@ -226,8 +256,9 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
         fold_dir = folder / layout.fold_name(f)
         path = _checkpoint_path(fold_dir, checkpoint_name)
         if path is None:
-            raise CaseNotFoundError(f"fold {f}: `{fold_dir / (checkpoint_name + '.pt')}` does not exist; train that "
-                                    f"fold or choose folds from {available_folds(folder, checkpoint_name)}")
+            stem = checkpoint_name.removesuffix(".pth").removesuffix(".pt")
+            raise CaseNotFoundError(f"fold {f}: `{fold_dir / stem}.pt(h)` does not exist; train that fold or "
+                                    f"choose folds from {available_folds(folder, checkpoint_name)}")
         w, meta = _read_checkpoint(path)
         weights.append(w)
         metas.append(meta)
@@ -253,6 +284,9 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
     if n_classes != labels.num_segmentation_heads:
         raise PlanError(f"checkpoint of `{folder}` has {n_classes} outputs but the labels define "
                         f"{labels.num_segmentation_heads}")
+    for f, w in zip(folds, weights):
+        _check_counts(w, _checkpoint_path(folder / layout.fold_name(f), checkpoint_name) or folder, n_in, n_classes,
+                      dj_path)
     axes = meta.get("inference_allowed_mirroring_axes")
     mirror_axes = tuple(int(a) for a in axes) if axes is not None else tuple(range(conf.ndim))
     model = TrainedModel(folder=folder, plans=plans, config_name=name, dataset_json=dataset_json, folds=folds,

@@ -11,7 +11,11 @@ cases are predicted (at most ``workers`` exports are pending, which bounds memor
 release the GIL, and the logits (``C x V`` float32) are not copied between processes as nnU-Net's export pool does.
 
 Failures are per case: a case whose files are missing, unreadable, on different grids or hold NaNs is reported with
-the reason and the others are still written (:class:`PredictionReport`; the CLI exits non-zero).
+the reason and the others are still written (:class:`PredictionReport`; the CLI exits non-zero). Every output is
+written atomically, so ``continue_prediction`` can trust an existing file; ``num_parts``/``part_id`` split the sorted
+case list as nnU-Net does (``cases[part_id::num_parts]``).
+
+Model folders written by ``nnUNetv2_train`` are read as they are (:func:`nnfast.infer.model.load_model`).
 
 Cascade (``3d_cascade_fullres``): the previous stage (``3d_lowres``) is predicted first, into
 ``<output>/previous_stage_<config>/`` unless ``previous_stage_folder`` holds its predictions; its segmentations are
@@ -30,7 +34,7 @@ import numpy as np
 
 from .. import layout
 from ..device import resolve_device
-from ..errors import CaseNotFoundError, NnfastError, PlanError
+from ..errors import CaseNotFoundError, NnfastError, PlanError, UsageError
 from .inputs import CaseInput, cases_from_file_lists, list_cases, preprocess_input
 from .model import TrainedModel, load_model, model_folder_for
 from .overlap import Outcome, StagePipeline
@@ -57,12 +61,15 @@ class PredictionReport:
         case id -> reason (one line, naming the file).
     seconds : dict
         Wall time of the stages summed over cases: ``preprocess``, ``predict``, ``export``, and ``total``.
+    skipped : list
+        Case ids whose outputs already existed (``continue_prediction``).
     """
 
     output_folder: Path
     written: dict[str, Path] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -70,6 +77,7 @@ class PredictionReport:
 
     def format(self) -> str:
         lines = [f"{len(self.written)} case(s) written to {self.output_folder}"
+                 + (f", {len(self.skipped)} already done" if self.skipped else "")
                  + (f", {len(self.failed)} failed:" if self.failed else "")]
         lines += [f"  {cid}: {msg}" for cid, msg in sorted(self.failed.items())]
         if self.seconds:
@@ -78,7 +86,7 @@ class PredictionReport:
 
     def to_json(self) -> dict:
         return {"output_folder": str(self.output_folder), "written": {k: str(v) for k, v in self.written.items()},
-                "failed": dict(self.failed), "seconds": dict(self.seconds)}
+                "failed": dict(self.failed), "seconds": dict(self.seconds), "skipped": list(self.skipped)}
 
 
 def _default_batch_tiles(ndim: int, device) -> int:
@@ -120,7 +128,7 @@ def _resolve_model(options: "PredictOptions") -> TrainedModel:
 
         settings = options.settings or resolve_settings()
         model_folder = model_folder_for(settings.require("results"), options.task, options.config or "3d_fullres",
-                                        plans_identifier=options.plans_identifier)
+                                        trainer=options.trainer, plans_identifier=options.plans_identifier)
     return load_model(model_folder, options.folds, options.checkpoint_name, config_name=options.config)
 
 
@@ -135,8 +143,9 @@ class PredictOptions:
         (:func:`nnfast.layout.trainer_folder`).
     task, config : optional
         Dataset and configuration, used to find the model folder (and, for ``config``, to check it).
-    plans_identifier : str
-        Plans of the model folder found from ``task`` (``<trainer>__<plans>__<config>``; default ``nnfast_plans``).
+    trainer, plans_identifier : str
+        With ``task``: the ``<trainer>__<plans>__<config>`` folder to use (e.g. ``nnUNetTrainer``/``nnUNetPlans`` for
+        a model trained by nnU-Net; default nnfast's).
     settings : Settings, optional
         Data roots (default: resolved from the environment).
     folds : sequence, optional
@@ -151,7 +160,7 @@ class PredictOptions:
         Also write ``<case>.npz`` (``probabilities`` (C, z, y, x) float16, softmax) and ``<case>.json`` (the case's
         properties).
     device : str or torch.device
-        ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (:func:`nnfast.device.resolve_device`).
+        ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (:func:`nnfast.device.resolve_device`).
     workers : int
         Export threads (and cases exported concurrently).
     batch_tiles : int, optional
@@ -160,11 +169,19 @@ class PredictOptions:
         Cascade only: folder with the previous stage's ``<case><ending>`` segmentations.
     previous_stage_model_folder : path, optional
         Cascade only: trainer folder of the previous stage (default: beside the model folder).
+    continue_prediction : bool
+        Skip cases whose outputs exist (nnU-Net's ``--continue_prediction``): the segmentation, and with
+        ``save_probabilities`` the ``.npz``/``.json`` too. Outputs are written atomically (temporary name, then
+        rename), so an existing file is a complete one.
+    num_parts, part_id : int
+        Predict only ``cases[part_id::num_parts]`` of the sorted case list (nnU-Net's ``-num_parts``/``-part_id``:
+        one folder split over several GPUs or machines).
     """
 
     model_folder: Path | str | None = None
     task: str | int | None = None
     config: str | None = None
+    trainer: str = layout.TRAINER_NAME
     plans_identifier: str = layout.PLANS_IDENTIFIER
     settings: Settings | None = None
     folds: Sequence | None = None
@@ -177,6 +194,23 @@ class PredictOptions:
     batch_tiles: int | None = None
     previous_stage_folder: Path | str | None = None
     previous_stage_model_folder: Path | str | None = None
+    continue_prediction: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+
+
+def _select_part(cases: list[CaseInput], opts: PredictOptions) -> list[CaseInput]:
+    if opts.num_parts < 1 or not 0 <= opts.part_id < opts.num_parts:
+        raise UsageError(f"part_id must be in 0 .. num_parts - 1 and num_parts >= 1, got part_id={opts.part_id}, "
+                         f"num_parts={opts.num_parts}")
+    return sorted(cases, key=lambda c: c.case_id)[opts.part_id::opts.num_parts]
+
+
+def _outputs_complete(out_dir: Path, case_id: str, ending: str, save_probabilities: bool) -> bool:
+    files = [out_dir / f"{case_id}{ending}"]
+    if save_probabilities:
+        files += [out_dir / f"{case_id}.npz", out_dir / f"{case_id}.json"]
+    return all(f.is_file() for f in files)
 
 
 def predict_folder(
@@ -222,6 +256,8 @@ def predict_folder(
 
     opts = options if options is not None else PredictOptions()
     t_start = time.perf_counter()
+    _select_part([], opts)  # a bad part or device is an error before anything is loaded or written
+    resolve_device(opts.device)
     model = model if model is not None else _resolve_model(opts)
     out_dir = Path(output_folder)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +267,14 @@ def predict_folder(
     else:
         cases = cases_from_file_lists(inputs, ending, model.num_image_channels)
     report = PredictionReport(out_dir)
+    cases = _select_part(cases, opts)
+    if opts.continue_prediction:
+        done_ids = {c.case_id for c in cases
+                    if _outputs_complete(out_dir, c.case_id, ending, opts.save_probabilities)}
+        report.skipped = sorted(done_ids)
+        cases = [c for c in cases if c.case_id not in done_ids]
+        if done_ids:
+            log.info("--continue: %d case(s) already predicted, skipped", len(done_ids))
 
     conf = model.configuration
     if conf.previous_stage is not None:

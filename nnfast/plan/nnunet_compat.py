@@ -7,7 +7,7 @@
   ``DefaultPreprocessor``, ``LabelManager``, the image reader/writer chosen from the file ending). nnU-Net's
   ``PlansManager`` loads it and builds the same network.
 - :func:`from_nnunet_plans` reads an nnU-Net plans dict so that nnfast can preprocess/train with existing nnU-Net plans.
-  Only what nnfast can honour is accepted (PlainConvUNet or ResidualEncoderUNet, InstanceNorm, LeakyReLU, no dropout,
+  Only what nnfast can honour is accepted (PlainConvUNet or ResidualEncoderUNet with BasicBlockD, InstanceNorm, LeakyReLU, no dropout,
   ``resample_data_or_seg_to_shape``, ``DefaultPreprocessor``); anything else raises :class:`~nnfast.errors.PlanError`.
   Custom configurations other than nnU-Net's four are skipped with a log message.
 
@@ -30,14 +30,15 @@ from .schema import (
     Resampling,
 )
 
-__all__ = ["NNUNET_PLANS_NAME", "nnunet_name_of", "to_nnunet_plans", "from_nnunet_plans", "image_reader_writer_for"]
+__all__ = ["NNUNET_PLANS_NAME", "NETWORK_CLASS_NAMES", "nnunet_name_of", "to_nnunet_plans", "from_nnunet_plans",
+           "image_reader_writer_for"]
 
 log = logging.getLogger(__name__)
 
 NNUNET_PLANS_NAME = "nnUNetPlans"
 _NETWORK_MODULE = "dynamic_network_architectures.architectures.unet"
-_NETWORK_CLASS = f"{_NETWORK_MODULE}.PlainConvUNet"
-_NETWORK_CLASSES_SHORT = ("PlainConvUNet", "ResidualEncoderUNet")
+#: nnfast's ``Architecture.network_class`` -> the ``network_class_name`` nnU-Net's plans hold
+NETWORK_CLASS_NAMES = {name: f"{_NETWORK_MODULE}.{name}" for name in ("PlainConvUNet", "ResidualEncoderUNet")}
 _CONV_OP = {2: "torch.nn.modules.conv.Conv2d", 3: "torch.nn.modules.conv.Conv3d"}
 _NORM_OP = {2: "torch.nn.modules.instancenorm.InstanceNorm2d", 3: "torch.nn.modules.instancenorm.InstanceNorm3d"}
 _NONLIN = "torch.nn.LeakyReLU"
@@ -106,15 +107,16 @@ def _arch_to_nnunet(a: Architecture) -> dict[str, Any]:
     nonlin_kwargs: dict[str, Any] = {"inplace": True}
     if a.nonlin_negative_slope != _DEFAULT_LEAKY_SLOPE:
         nonlin_kwargs["negative_slope"] = a.nonlin_negative_slope
+    per_stage_key = "n_blocks_per_stage" if a.network_class == "ResidualEncoderUNet" else "n_conv_per_stage"
     return {
-        "network_class_name": f"{_NETWORK_MODULE}.{a.network_class}",
+        "network_class_name": NETWORK_CLASS_NAMES[a.network_class],
         "arch_kwargs": {
             "n_stages": a.n_stages,
             "features_per_stage": list(a.features_per_stage),
             "conv_op": _CONV_OP[nd],
             "kernel_sizes": [list(k) for k in a.kernel_sizes],
             "strides": [list(s) for s in a.strides],
-            ("n_blocks_per_stage" if a.residual else "n_conv_per_stage"): list(a.n_conv_per_stage),
+            per_stage_key: list(a.n_conv_per_stage),
             "n_conv_per_stage_decoder": list(a.n_conv_per_stage_decoder),
             "conv_bias": a.conv_bias,
             "norm_op": _NORM_OP[nd],
@@ -237,10 +239,24 @@ def _resampling_from_nnunet(c: Mapping[str, Any], kind: str, where: str) -> Resa
 def _arch_from_nnunet(a: Mapping[str, Any], where: str) -> Architecture:
     cls = str(a.get("network_class_name", ""))
     short = cls.split(".")[-1]
-    if short not in _NETWORK_CLASSES_SHORT:
-        raise PlanError(f"{where}: network {cls!r} is not supported; nnfast builds "
-                        f"{' and '.join(_NETWORK_CLASSES_SHORT)}")
+    if short not in NETWORK_CLASS_NAMES or cls not in (short, NETWORK_CLASS_NAMES[short]):
+        raise PlanError(f"{where}: network class {cls!r} is not supported; nnfast implements "
+                        f"{', '.join(NETWORK_CLASS_NAMES.values())}")
     kw = a.get("arch_kwargs", {})
+    residual = short == "ResidualEncoderUNet"
+    per_stage_key = "n_blocks_per_stage" if residual else "n_conv_per_stage"
+    unsupported = {k: kw[k] for k in ("block", "bottleneck_channels", "stem_channels", "stochastic_depth_p",
+                                      "squeeze_excitation", "pool_type") if kw.get(k) not in (None, "conv")}
+    if unsupported.get("block", "").split(".")[-1] == "BasicBlockD":
+        unsupported.pop("block")
+    if unsupported.get("stem_channels") == _first(kw.get("features_per_stage")):
+        unsupported.pop("stem_channels")
+    if unsupported:
+        raise PlanError(f"{where}: arch_kwargs {unsupported} are not supported")
+    conv = str(kw.get("conv_op") or "")
+    nd = len(kw["strides"][0]) if kw.get("strides") else 0
+    if not conv.endswith(f"Conv{nd}d"):
+        raise PlanError(f"{where}: conv_op {conv!r} does not fit {nd}D strides (Conv2d/Conv3d only)")
     norm = str(kw.get("norm_op") or "")
     if "InstanceNorm" not in norm:
         raise PlanError(f"{where}: norm_op {norm!r} is not supported (InstanceNorm only)")
@@ -279,6 +295,10 @@ def _arch_from_nnunet(a: Mapping[str, Any], where: str) -> Architecture:
         )
     except KeyError as e:
         raise PlanError(f"{where}: arch_kwargs lacks {e}") from None
+
+
+def _first(v: Any) -> Any:
+    return v[0] if isinstance(v, (list, tuple)) and v else v
 
 
 def _nnfast_data_identifier(identifier: str, plans_name: str) -> str:

@@ -93,7 +93,8 @@ class Architecture:
     ``network_class`` names the class. For ``PlainConvUNet`` ``n_conv_per_stage[s]`` is the number of convs of encoder
     stage ``s``; for ``ResidualEncoderUNet`` it is the number of residual blocks (nnU-Net's ``n_blocks_per_stage``, also
     available under that name, and the JSON key of such plans): a stem conv, then per stage ``BasicBlockD`` blocks of
-    two convs each, the first strided (skip: avg-pool + 1x1 conv where the size or width changes).
+    two convs each, the first strided (skip: avg-pool + 1x1 conv where the size or width changes; built by
+    :mod:`nnfast.network_residual`).
     ``n_conv_per_stage_decoder`` is the convs per decoder stage for both.
 
     Conv kernels and strides per encoder stage are in nnU-Net axis order; stage 0 has stride 1 on every axis.

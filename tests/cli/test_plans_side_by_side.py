@@ -1,7 +1,6 @@
 """Two plans of one dataset side by side, end to end on the CPU: ``--plans`` flows through preprocess, train, predict
 and find-best (which ranks the models of both plans together), and a custom configuration (``inherits_from`` with a
-batch-size override, as in nnU-Net's plans files) trains under its own name. ResEnc plans train once
-``nnfast.network.build_network`` builds ResidualEncoderUNet (skipped until then, naming the missing builder).
+batch-size override, as in nnU-Net's plans files) trains under its own name. ResEnc plans train, resume and predict.
 """
 from __future__ import annotations
 
@@ -66,21 +65,22 @@ def test_two_plans_train_predict_and_rank_together(roots, tmp_path, capsys):
     assert set(info["considered_models"]) == {"3d_fullres", "tiny_plans/3d_fullres_bs3"}
 
 
-def test_resenc_plans_train(roots):
-    """``--preset resenc-m`` plans train through the same CLI (needs ResidualEncoderUNet in build_network)."""
-    from nnfast.errors import NotSupportedError
-    from nnfast.network import build_network
-    from nnfast.plan.planner import load_plans
-
+def test_resenc_plans_train_resume_and_predict(roots, tmp_path):
+    """``--preset resenc-m`` plans train, resume and predict through the same CLI (nnfast's ResidualEncoderUNet)."""
     s, r = roots
     t = str(TASK)
     assert main(["plan", "--task", t, "--preset", "resenc-m", "-q", *r]) == 0
-    plans = load_plans(s.preprocessed / NAME / "nnfast_ResEncM_plans.json")
-    try:
-        build_network(plans, "3d_fullres", 1, 2)
-    except NotSupportedError:
-        pytest.skip("nnfast.network.build_network has no ResidualEncoderUNet builder yet (branch h-nnmodels)")
     assert main(["preprocess", "--task", t, "--plans", "nnfast_ResEncM_plans", "--workers", "1", "-q", *r]) == 0
-    assert main(["train", "--task", t, "--plans", "nnfast_ResEncM_plans", "--no-val", *TRAIN, *r]) == 0
-    assert (s.results / NAME / "nnfastTrainer__nnfast_ResEncM_plans__3d_fullres" / "fold_0" /
-            "checkpoint_final.pt").is_file()
+    stop = ["--epochs", "2", "--stop-after-epoch", "1"]
+    i = TRAIN.index("--epochs")
+    base = TRAIN[:i] + TRAIN[i + 2:]
+    assert main(["train", "--task", t, "--plans", "nnfast_ResEncM_plans", "--no-val", *base, *stop, *r]) == 0
+    fold = s.results / NAME / "nnfastTrainer__nnfast_ResEncM_plans__3d_fullres" / "fold_0"
+    assert (fold / "checkpoint_latest.pt").is_file() and not (fold / "checkpoint_final.pt").exists()
+    assert main(["train", "--task", t, "--plans", "nnfast_ResEncM_plans", "--no-val", "--resume", *base,
+                 "--epochs", "2", *r]) == 0
+    assert (fold / "checkpoint_final.pt").is_file()
+    out = tmp_path / "pred_resenc"
+    assert main(["predict", "-i", str(s.raw / NAME / "imagesTr"), "-o", str(out), "--task", t, "--plans",
+                 "nnfast_ResEncM_plans", "--folds", "0", "--no-tta", "--device", "cpu", "-q", *r]) == 0
+    assert len(list(out.glob("*.nii.gz"))) == 5
