@@ -183,7 +183,37 @@ class UNetDecoder(nn.Module):
         return outputs[::-1]
 
 
-class PlainConvUNet(nn.Module):
+def check_unet_arguments(arch: Architecture, in_channels: int, num_classes: int) -> None:
+    """The channel counts and stage count every U-Net needs; :class:`~nnfast.errors.PlanError` otherwise."""
+    if in_channels < 1 or num_classes < 1:
+        raise PlanError(f"a network needs at least one input channel and one output class, got "
+                        f"in_channels={in_channels}, num_classes={num_classes}")
+    if arch.n_stages < 2:
+        raise PlanError(f"a U-Net needs at least 2 stages, the architecture has n_stages={arch.n_stages}")
+
+
+class EncoderDecoderUNet(nn.Module):
+    """An encoder (plain or residual) and nnU-Net's :class:`UNetDecoder` on its skips: the frame both U-Nets share.
+
+    The encoder is registered first and the decoder second, so state-dict keys (``encoder.*``, ``decoder.*``) equal
+    dynamic-network-architectures'.
+    """
+
+    def __init__(self, arch: Architecture, encoder: nn.Module, num_classes: int, deep_supervision: bool) -> None:
+        super().__init__()
+        self.architecture = arch
+        self.encoder = encoder
+        self.decoder = UNetDecoder(encoder, arch, num_classes, deep_supervision)  # type: ignore[arg-type]
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.decoder.deep_supervision
+
+    def forward(self, x: torch.Tensor) -> NetworkOutput:
+        return self.decoder(self.encoder(x))
+
+
+class PlainConvUNet(EncoderDecoderUNet):
     """nnU-Net's default U-Net for one plan configuration.
 
     Parameters
@@ -206,24 +236,10 @@ class PlainConvUNet(nn.Module):
 
     def __init__(self, arch: Architecture, in_channels: int, num_classes: int, deep_supervision: bool = False,
                  initialize: bool = True) -> None:
-        super().__init__()
-        if in_channels < 1 or num_classes < 1:
-            raise PlanError(f"a network needs at least one input channel and one output class, got "
-                            f"in_channels={in_channels}, num_classes={num_classes}")
-        if arch.n_stages < 2:
-            raise PlanError(f"a U-Net needs at least 2 stages, the architecture has n_stages={arch.n_stages}")
-        self.architecture = arch
-        self.encoder = PlainConvEncoder(arch, in_channels)
-        self.decoder = UNetDecoder(self.encoder, arch, num_classes, deep_supervision)
+        check_unet_arguments(arch, in_channels, num_classes)
+        super().__init__(arch, PlainConvEncoder(arch, in_channels), num_classes, deep_supervision)
         if initialize:
             self.apply(init_weights_he)
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.decoder.deep_supervision
-
-    def forward(self, x: torch.Tensor) -> NetworkOutput:
-        return self.decoder(self.encoder(x))
 
 
 def init_weights_he(module: nn.Module, negative_slope: float = 1e-2) -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import PlanError
+from .network import EncoderDecoderUNet, check_unet_arguments, init_weights_he
 from .plan.schema import Architecture
 
 __all__ = ["BasicBlockD", "StackedResidualBlocks", "ResidualEncoder", "ResidualEncoderUNet", "init_last_norm_to_zero"]
@@ -124,7 +125,7 @@ def init_last_norm_to_zero(module: nn.Module) -> None:
         nn.init.constant_(module.conv2.norm.bias, 0)
 
 
-class ResidualEncoderUNet(nn.Module):
+class ResidualEncoderUNet(EncoderDecoderUNet):
     """nnU-Net's ResEnc U-Net for one plan configuration (see the module docstring).
 
     Parameters
@@ -146,24 +147,8 @@ class ResidualEncoderUNet(nn.Module):
 
     def __init__(self, arch: Architecture, in_channels: int, num_classes: int, deep_supervision: bool = False,
                  initialize: bool = True) -> None:
-        super().__init__()
-        from .network import UNetDecoder, init_weights_he
-
-        if in_channels < 1 or num_classes < 1:
-            raise PlanError(f"a network needs at least one input channel and one output class, got "
-                            f"in_channels={in_channels}, num_classes={num_classes}")
-        if arch.n_stages < 2:
-            raise PlanError(f"a U-Net needs at least 2 stages, the architecture has n_stages={arch.n_stages}")
-        self.architecture = arch
-        self.encoder = ResidualEncoder(arch, in_channels)
-        self.decoder = UNetDecoder(self.encoder, arch, num_classes, deep_supervision)  # type: ignore[arg-type]
+        check_unet_arguments(arch, in_channels, num_classes)
+        super().__init__(arch, ResidualEncoder(arch, in_channels), num_classes, deep_supervision)
         if initialize:
             self.apply(init_weights_he)
             self.apply(init_last_norm_to_zero)
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.decoder.deep_supervision
-
-    def forward(self, x: torch.Tensor):
-        return self.decoder(self.encoder(x))

@@ -107,6 +107,6 @@ def test_unknown_network_class_is_a_plan_error():
     nn_plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "my_pkg.nets.FancyUNet"
     with pytest.raises(PlanError, match="my_pkg.nets.FancyUNet"):
         from_nnunet_plans(nn_plans, dj)
-    bad = dataclasses.replace(plans.configuration("3d_fullres").architecture, network_class="FancyUNet")
-    with pytest.raises(PlanError, match="FancyUNet"):
+    with pytest.raises(PlanError, match="FancyUNet"):  # the plans schema refuses it before a network is built
+        bad = dataclasses.replace(plans.configuration("3d_fullres").architecture, network_class="FancyUNet")
         network_from_architecture(bad, 1, 2)
