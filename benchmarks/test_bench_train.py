@@ -5,7 +5,8 @@
   comparison instead of a float32 scatter and computes CE without a host synchronisation.
 - ``val_counts``: pseudo-Dice TP/FP/FN of one validation batch (nnU-Net: float16 one-hot + ``get_tp_fp_fn_tn``;
   nnfast: one ``bincount`` confusion matrix).
-- ``network``: PlainConvUNet forward + backward (same module tree and operations: expected ratio ~1).
+- ``network``: PlainConvUNet forward + backward (same module tree and operations: expected ratio ~1);
+  ``network-resenc``: the same for ResidualEncoderUNet (blocks 1/3/4/6, as the ResEnc presets start).
 
 Sizes (``NNFAST_BENCH_SCALE``): ``0`` (default, CI) tiny 3D patches (b=2, 3 classes, 16x32x32, network features 4..16);
 ``1``: b=2, 3 classes, 64x128x128 logits (the loss/val count work of a 3d_fullres batch at half the default patch
@@ -121,6 +122,35 @@ def test_bench_network(benchmark, impl):
                   torch.nn.LeakyReLU, {"inplace": True}, deep_supervision=True)
     else:
         net = PlainConvUNet(arch, 1, N_CLASSES, deep_supervision=True)
+    x = torch.randn((2, 1, *NET_PATCH))
+
+    def run():
+        net.zero_grad(set_to_none=True)
+        sum(o.mean() for o in net(x)).backward()
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="train-network-resenc")
+@pytest.mark.parametrize("impl", ["nnunet", "nnfast"])
+def test_bench_network_resenc(benchmark, impl):
+    """ResidualEncoderUNet (nnU-Net's ResEnc presets) forward + backward: nnfast's module tree vs
+    dynamic-network-architectures' on the same input (same operations: expected ratio ~1)."""
+    blocks = (1, 3, 4, 6)
+    arch = Architecture(n_stages=4, features_per_stage=FEATURES, kernel_sizes=((3, 3, 3),) * 4,
+                        strides=((1, 1, 1),) + ((2, 2, 2),) * 3, n_conv_per_stage=blocks,
+                        n_conv_per_stage_decoder=(1,) * 3, network_class="ResidualEncoderUNet")
+    torch.manual_seed(0)
+    if impl == "nnunet":
+        from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet as Ref
+
+        net = Ref(1, 4, list(FEATURES), torch.nn.Conv3d, [[3, 3, 3]] * 4, [[1, 1, 1]] + [[2, 2, 2]] * 3,
+                  list(blocks), N_CLASSES, [1] * 3, True, torch.nn.InstanceNorm3d, {"eps": 1e-5, "affine": True},
+                  None, None, torch.nn.LeakyReLU, {"inplace": True}, deep_supervision=True)
+    else:
+        from nnfast.network_residual import ResidualEncoderUNet
+
+        net = ResidualEncoderUNet(arch, 1, N_CLASSES, deep_supervision=True)
     x = torch.randn((2, 1, *NET_PATCH))
 
     def run():
