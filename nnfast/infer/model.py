@@ -257,7 +257,8 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
         path = _checkpoint_path(fold_dir, checkpoint_name)
         if path is None:
             stem = checkpoint_name.removesuffix(".pth").removesuffix(".pt")
-            raise CaseNotFoundError(f"fold {f}: `{fold_dir / stem}.pt(h)` does not exist; train that fold or "
+            ext = ".pth" if (folder / "plans.json").is_file() else ".pt"  # a folder nnUNetv2_train wrote: .pth
+            raise CaseNotFoundError(f"fold {f}: `{fold_dir / stem}{ext}` does not exist; train that fold or "
                                     f"choose folds from {available_folds(folder, checkpoint_name)}")
         w, meta = _read_checkpoint(path)
         weights.append(w)
