@@ -59,3 +59,36 @@ def load_nnunet_case(folder: Path, case_id: str):
     with open(folder / f"{case_id}.pkl", "rb") as f:
         props = pickle.load(f)  # nnU-Net's own file format; nnfast never writes pickles
     return data, seg, props
+
+
+def accumulate_in_float32(predict_module, set_attr=setattr) -> None:
+    """Make nnU-Net's predictor (``nnunetv2.inference.predict_from_raw_data``, given as ``predict_module``) accumulate
+    sliding-window logits and Gaussian weights in float32 instead of float16, as nnfast does, so comparisons can be
+    tight. ``set_attr`` is ``monkeypatch.setattr`` in-process; in a subprocess script the function's source is embedded
+    (:data:`ACCUMULATE_IN_FLOAT32_SOURCE`) and called with the default ``setattr``."""
+    import types
+
+    import torch
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    proxy = types.ModuleType("torch_fp32")
+    proxy.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[method-assign]
+
+    def zeros(*a, **k):
+        if k.get("dtype") is torch.half:
+            k["dtype"] = torch.float32
+        return torch.zeros(*a, **k)
+
+    proxy.zeros = zeros  # type: ignore[attr-defined]
+    proxy.half = torch.float32  # type: ignore[attr-defined]
+
+    def gaussian(*a, **k):
+        return compute_gaussian(*a, **{**k, "dtype": torch.float32})
+
+    gaussian.cache_clear = lambda: None  # type: ignore[attr-defined]
+    set_attr(predict_module, "torch", proxy)
+    set_attr(predict_module, "compute_gaussian", gaussian)
+
+
+#: the source of :func:`accumulate_in_float32`, for scripts that run nnU-Net in a fresh interpreter
+ACCUMULATE_IN_FLOAT32_SOURCE = __import__("inspect").getsource(accumulate_in_float32)

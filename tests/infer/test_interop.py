@@ -30,6 +30,7 @@ from nnfast.infer.model_zip import install_model
 
 from factories import write_image
 from infer._models import body_image, make_model_folder, tiny_plans
+from nnunet_ref import ACCUMULATE_IN_FLOAT32_SOURCE
 
 pytestmark = [pytest.mark.compat, pytest.mark.slow]
 
@@ -41,19 +42,8 @@ import os, sys, types
 import numpy as np, torch
 torch.set_num_threads(1)
 import nnunetv2.inference.predict_from_raw_data as m
-from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-proxy = types.ModuleType("torch_fp32")
-proxy.__getattr__ = lambda name: getattr(torch, name)
-def zeros(*a, **k):
-    if k.get("dtype") is torch.half:
-        k["dtype"] = torch.float32
-    return torch.zeros(*a, **k)
-proxy.zeros = zeros
-proxy.half = torch.float32
-m.torch = proxy
-g = lambda *a, **k: compute_gaussian(*a, **{**k, "dtype": torch.float32})
-g.cache_clear = lambda: None
-m.compute_gaussian = g
+""" + ACCUMULATE_IN_FLOAT32_SOURCE + """
+accumulate_in_float32(m)
 from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.model_sharing.model_import import install_model_from_zip_file
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO

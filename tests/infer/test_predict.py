@@ -24,6 +24,7 @@ from nnfast.preprocess.pipeline import preprocess_arrays
 
 from factories import write_image
 from infer._models import body_image, dataset_json, make_model_folder, tiny_plans
+from nnunet_ref import ACCUMULATE_IN_FLOAT32_SOURCE
 
 MANY = {"background": 0, **{f"organ{i}": i for i in range(1, 7)}}
 
@@ -290,19 +291,8 @@ def test_predict_folder_equals_nnunet_predict_from_files(tmp_path):
 import types, torch
 torch.set_num_threads(1)
 import nnunetv2.inference.predict_from_raw_data as m
-from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-proxy = types.ModuleType("torch_fp32")
-proxy.__getattr__ = lambda name: getattr(torch, name)
-def zeros(*a, **k):
-    if k.get("dtype") is torch.half:
-        k["dtype"] = torch.float32
-    return torch.zeros(*a, **k)
-proxy.zeros = zeros
-proxy.half = torch.float32
-m.torch = proxy
-g = lambda *a, **k: compute_gaussian(*a, **{{**k, "dtype": torch.float32}})
-g.cache_clear = lambda: None
-m.compute_gaussian = g
+{ACCUMULATE_IN_FLOAT32_SOURCE}
+accumulate_in_float32(m)
 p = m.nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
 p.initialize_from_trained_model_folder({str(nn_dir)!r}, (0,), "checkpoint_final.pth")
 p.predict_from_files_sequential({str(tmp_path / 'in')!r}, {str(tmp_path / 'nn_out')!r}, save_probabilities=False)

@@ -3,7 +3,6 @@ against a slow float64 reference written here."""
 from __future__ import annotations
 
 import itertools
-import types
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from nnfast.infer.sliding_window import (compute_steps, gaussian_importance_map,
 from nnfast.network import build_network
 
 from infer._models import dataset_json, tiny_plans
+from nnunet_ref import accumulate_in_float32
 
 
 # --------------------------------------------------------------------------------------------- steps / gaussian
@@ -156,20 +156,8 @@ def nnunet_fp32(monkeypatch):
     far worse where tiny Gaussian corner weights underflow). Make it accumulate in float32, as nnfast does, so that
     the comparison can be tight; the float16 original is compared with a loose bound separately."""
     import nnunetv2.inference.predict_from_raw_data as m
-    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-    proxy = types.ModuleType("torch_fp32")
-    proxy.__getattr__ = lambda name: getattr(torch, name)
-
-    def zeros(*a, **k):
-        if k.get("dtype") is torch.half:
-            k["dtype"] = torch.float32
-        return torch.zeros(*a, **k)
-
-    proxy.zeros = zeros
-    proxy.half = torch.float32
-    monkeypatch.setattr(m, "torch", proxy)
-    monkeypatch.setattr(m, "compute_gaussian", lambda *a, **k: compute_gaussian(*a, **{**k, "dtype": torch.float32}))
+    accumulate_in_float32(m, monkeypatch.setattr)
 
 
 def _nnunet_predictor(net, plans, config, mirror_axes):
