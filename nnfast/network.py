@@ -114,7 +114,29 @@ class StackedConvBlocks(nn.Module):
         return self.convs(x)
 
 
-class PlainConvEncoder(nn.Module):
+class SkipEncoder(nn.Module):
+    """What the decoder reads of an encoder: ``stages`` run in order after an optional ``stem``; ``forward`` returns
+    every stage's output (the skips, highest resolution first, bottleneck last), and the topology attributes
+    ``output_channels``, ``strides``, ``kernel_sizes`` (dynamic-network-architectures' names)."""
+
+    def _set_stages(self, arch: Architecture, stages: Sequence[nn.Module]) -> None:
+        self.stages = nn.Sequential(*stages)
+        self.output_channels = list(arch.features_per_stage)
+        self.strides = [list(s) for s in arch.strides]
+        self.kernel_sizes = [list(k) for k in arch.kernel_sizes]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        stem = self._modules.get("stem")  # a residual encoder's stem conv; a plain encoder has none
+        if stem is not None:
+            x = stem(x)
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
+class PlainConvEncoder(SkipEncoder):
     """Encoder: ``stages[s]`` is ``nn.Sequential(StackedConvBlocks)``; ``forward`` returns every stage's output
     (the skips, highest resolution first, bottleneck last)."""
 
@@ -128,17 +150,7 @@ class PlainConvEncoder(nn.Module):
                 nd, arch.n_conv_per_stage[s], c_in, arch.features_per_stage[s], arch.kernel_sizes[s], arch.strides[s],
                 arch.conv_bias, arch.norm_eps, arch.norm_affine, arch.nonlin_negative_slope)))
             c_in = arch.features_per_stage[s]
-        self.stages = nn.Sequential(*stages)
-        self.output_channels = list(arch.features_per_stage)
-        self.strides = [list(s) for s in arch.strides]
-        self.kernel_sizes = [list(k) for k in arch.kernel_sizes]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        skips = []
-        for stage in self.stages:
-            x = stage(x)
-            skips.append(x)
-        return skips
+        self._set_stages(arch, stages)
 
 
 class UNetDecoder(nn.Module):

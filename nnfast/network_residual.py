@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import PlanError
-from .network import EncoderDecoderUNet, check_unet_arguments, init_weights_he
+from .network import EncoderDecoderUNet, SkipEncoder, check_unet_arguments, init_weights_he
 from .plan.schema import Architecture
 
 __all__ = ["BasicBlockD", "StackedResidualBlocks", "ResidualEncoder", "ResidualEncoderUNet", "init_last_norm_to_zero"]
@@ -87,7 +87,7 @@ class StackedResidualBlocks(nn.Module):
         return self.blocks(x)
 
 
-class ResidualEncoder(nn.Module):
+class ResidualEncoder(SkipEncoder):
     """Stem + one :class:`StackedResidualBlocks` per stage; ``forward`` returns every stage's output (the skips)."""
 
     def __init__(self, arch: Architecture, in_channels: int) -> None:
@@ -104,18 +104,7 @@ class ResidualEncoder(nn.Module):
             stages.append(StackedResidualBlocks(nd, arch.n_conv_per_stage[s], c_in, arch.features_per_stage[s],
                                                 arch.kernel_sizes[s], arch.strides[s], arch))
             c_in = arch.features_per_stage[s]
-        self.stages = nn.Sequential(*stages)
-        self.output_channels = list(arch.features_per_stage)
-        self.strides = [list(s) for s in arch.strides]
-        self.kernel_sizes = [list(k) for k in arch.kernel_sizes]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        skips = []
-        for stage in self.stages:
-            x = stage(x)
-            skips.append(x)
-        return skips
+        self._set_stages(arch, stages)
 
 
 def init_last_norm_to_zero(module: nn.Module) -> None:
