@@ -113,15 +113,14 @@ def test_plan_nnfast(benchmark, workdir):
     benchmark.extra_info["configurations"] = list(plans.configurations)
 
 
-@pytest.mark.compat
-def test_plan_speedup(workdir, nnunet_warm, record_property):
-    """One timed run of each (after the warm-up); the same plans; nnfast faster."""
+def _timed_speedup(run_nnunet, run_nnfast, workdir, record_property, label: str) -> None:
+    """One timed run of each; the same plans once exported; nnfast faster."""
     from nnfast.plan.nnunet_compat import to_nnunet_plans
 
     t0 = time.perf_counter()
-    ref = _run_nnunet(workdir)
+    ref = run_nnunet(workdir)
     t1 = time.perf_counter()
-    ours = _run_nnfast(workdir)
+    ours = run_nnfast(workdir)
     t2 = time.perf_counter()
     exported = json.loads(json.dumps(to_nnunet_plans(ours, read_json(workdir / "raw" / DATASET_NAME / "dataset.json"))))
     exported.pop("nnfast")
@@ -130,9 +129,15 @@ def test_plan_speedup(workdir, nnunet_warm, record_property):
     record_property("nnunet_s", t1 - t0)
     record_property("nnfast_s", t2 - t1)
     record_property("speedup", ratio)
-    print(f"\nplan step: nnU-Net {t1 - t0:.3f} s, nnfast {1e3 * (t2 - t1):.2f} ms, speed-up {ratio:.0f}x "
+    print(f"\n{label}: nnU-Net {t1 - t0:.3f} s, nnfast {1e3 * (t2 - t1):.2f} ms, speed-up {ratio:.0f}x "
           f"({list(ref['configurations'])})")
     assert ratio > 1
+
+
+@pytest.mark.compat
+def test_plan_speedup(workdir, nnunet_warm, record_property):
+    """One timed run of each (after the warm-up); the same plans; nnfast faster."""
+    _timed_speedup(_run_nnunet, _run_nnfast, workdir, record_property, "plan step")
 
 
 # ---------------------------------------------------------------------------------------- ResEnc-M preset
@@ -172,21 +177,5 @@ def test_plan_resenc_m_nnfast(benchmark, workdir):
 @pytest.mark.compat
 def test_plan_resenc_m_speedup(workdir, nnunet_warm, record_property):
     """ResEnc-M: one timed run of each after a warm-up of each; the same plans; nnfast faster."""
-    from nnfast.plan.nnunet_compat import to_nnunet_plans
-
     _run_nnunet_resenc_m(workdir)  # imports the residual planner module and builds its first networks
-    t0 = time.perf_counter()
-    ref = _run_nnunet_resenc_m(workdir)
-    t1 = time.perf_counter()
-    ours = _run_nnfast_resenc_m(workdir)
-    t2 = time.perf_counter()
-    exported = json.loads(json.dumps(to_nnunet_plans(ours, read_json(workdir / "raw" / DATASET_NAME / "dataset.json"))))
-    exported.pop("nnfast")
-    assert exported == ref
-    ratio = (t1 - t0) / (t2 - t1)
-    record_property("nnunet_s", t1 - t0)
-    record_property("nnfast_s", t2 - t1)
-    record_property("speedup", ratio)
-    print(f"\nResEnc-M plan step: nnU-Net {t1 - t0:.3f} s, nnfast {1e3 * (t2 - t1):.2f} ms, speed-up {ratio:.0f}x "
-          f"({list(ref['configurations'])})")
-    assert ratio > 1
+    _timed_speedup(_run_nnunet_resenc_m, _run_nnfast_resenc_m, workdir, record_property, "ResEnc-M plan step")

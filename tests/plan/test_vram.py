@@ -22,17 +22,20 @@ def _arch(spacing, patch, max_features=320, n_conv=2, n_conv_dec=2):
         n_conv_per_stage=(n_conv,) * n, n_conv_per_stage_decoder=(n_conv_dec,) * (n - 1))
 
 
-def _dna_size(arch: Architecture, patch, in_ch, n_classes, deep_supervision):
-    """Build the real network (on torch's meta device: structure only) and ask it."""
+def _dna_size(arch: Architecture, patch, in_ch, n_classes, deep_supervision, residual: bool = False):
+    """Build dynamic-network-architectures' real network (PlainConvUNet, or ResidualEncoderUNet when ``residual``)
+    on torch's meta device (structure only) and ask it for its feature-map estimate."""
     import torch
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
     nd = arch.ndim
+    cls, blocks = ((ResidualEncoderUNet, {"n_blocks_per_stage": arch.n_blocks_per_stage}) if residual
+                   else (PlainConvUNet, {"n_conv_per_stage": arch.n_conv_per_stage}))
     with torch.device("meta"):
-        net = PlainConvUNet(
+        net = cls(
             input_channels=in_ch, n_stages=arch.n_stages, features_per_stage=arch.features_per_stage,
             conv_op=torch.nn.Conv3d if nd == 3 else torch.nn.Conv2d, kernel_sizes=arch.kernel_sizes,
-            strides=arch.strides, n_conv_per_stage=arch.n_conv_per_stage, num_classes=n_classes,
+            strides=arch.strides, num_classes=n_classes, **blocks,
             n_conv_per_stage_decoder=arch.n_conv_per_stage_decoder, conv_bias=True,
             norm_op=torch.nn.InstanceNorm3d if nd == 3 else torch.nn.InstanceNorm2d,
             norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
@@ -107,24 +110,6 @@ def test_hand_computed_two_stage():
         compute_conv_feature_map_size((16, 16, 16), arch, 1, 3)
 
 
-def _dna_resenc_size(arch: Architecture, patch, in_ch, n_classes, deep_supervision):
-    """dynamic-network-architectures' ResidualEncoderUNet (meta device) asked for its estimate."""
-    import torch
-    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
-
-    nd = arch.ndim
-    with torch.device("meta"):
-        net = ResidualEncoderUNet(
-            input_channels=in_ch, n_stages=arch.n_stages, features_per_stage=arch.features_per_stage,
-            conv_op=torch.nn.Conv3d if nd == 3 else torch.nn.Conv2d, kernel_sizes=arch.kernel_sizes,
-            strides=arch.strides, n_blocks_per_stage=arch.n_blocks_per_stage, num_classes=n_classes,
-            n_conv_per_stage_decoder=arch.n_conv_per_stage_decoder, conv_bias=True,
-            norm_op=torch.nn.InstanceNorm3d if nd == 3 else torch.nn.InstanceNorm2d,
-            norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
-            deep_supervision=deep_supervision)
-    return int(net.compute_conv_feature_map_size(patch))
-
-
 @pytest.mark.compat
 @pytest.mark.parametrize("deep_supervision", [False, True])
 @pytest.mark.parametrize("spacing,patch,in_ch,n_classes", CASES)
@@ -136,6 +121,6 @@ def test_residual_encoder_matches_dynamic_network_architectures(spacing, patch, 
     arch = dataclasses.replace(plain, network_class="ResidualEncoderUNet",
                                n_conv_per_stage=(1, 3, 4, 6, 6, 6, 6, 6)[:n], n_conv_per_stage_decoder=(1,) * (n - 1))
     ours = compute_conv_feature_map_size(padded, arch, in_ch, n_classes, deep_supervision=deep_supervision)
-    assert ours == _dna_resenc_size(arch, padded, in_ch, n_classes, deep_supervision)
+    assert ours == _dna_size(arch, padded, in_ch, n_classes, deep_supervision, residual=True)
     # the residual network is counted differently from the plain one of the same topology
     assert ours != compute_conv_feature_map_size(padded, plain, in_ch, n_classes, deep_supervision=deep_supervision)
