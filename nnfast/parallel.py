@@ -94,6 +94,7 @@ def run_tasks(
     threads_per_worker: int | None = None,
     desc: str = "cases",
     warmup: bool | tuple[str, ...] = True,
+    warmup_in_workers: bool = False,
 ) -> list:
     """Call ``func(item)`` for every item and return the results in the order of ``items``.
 
@@ -126,6 +127,10 @@ def run_tasks(
         Compile (or load from the on-disk cache) every Numba kernel in this process before starting
         workers, so that workers only load the cache (:func:`nnfast.native.warmup`); a tuple of kernel
         module names (``("crop", "resample")``) warms only those.
+    warmup_in_workers
+        With a tuple ``warmup`` and a process pool: the workers warm up instead of this process, sharing the
+        compile (:func:`nnfast.native._jit.warmup_shared`: on a cold cache each compiles part of the kernels, on a
+        warm one each only loads them, and this process loads none). Tasks start when their worker is warm.
 
     Returns
     -------
@@ -153,12 +158,13 @@ def run_tasks(
                          threads_per_worker, desc)
     if workers <= 1 or n == 1:
         return _run_inline(func, items, order, case_keys, progress, initializer, initargs)
-    if warmup:
+    shared = tuple(warmup) if warmup_in_workers and isinstance(warmup, tuple) else ()
+    if warmup and not shared:
         _warmup(warmup)
     pool_size = min(workers, n)
     logger.info("running %d %s on %d worker processes", n, desc, pool_size)
     return _run_pool(func, items, order, case_keys, progress, initializer, initargs, pool_size, workers,
-                     threads_per_worker)
+                     threads_per_worker, shared)
 
 
 def run_in_threads(
@@ -262,8 +268,16 @@ def _run_inline(func, items, order, case_keys, progress, initializer, initargs) 
 
 
 # --------------------------------------------------------------------------------------- process pool
-def _task_setup(payload: bytes) -> Callable[[int, Any], Any]:
-    """Set-up of a pool worker (:func:`nnfast.workers.start_workers`): unpickle the task, run the initializer."""
+def _task_setup(payload: bytes, warm: tuple[str, ...] = (), index: int = 0, count: int = 1,
+                lock_dir: str = "") -> Callable[[int, Any], Any]:
+    """Set-up of a pool worker (:func:`nnfast.workers.start_workers`): share the warm-up of the ``warm`` kernel modules
+    with the pool's other workers (worker ``index`` of ``count``), unpickle the task, run the initializer."""
+    if warm:
+        from .native._jit import warmup_shared
+
+        t0 = time.perf_counter()
+        warmup_shared(warm, index, count, lock_dir)
+        logger.debug("worker %d: numba warm-up took %.2f s", index, time.perf_counter() - t0)
     func, initializer, initargs = loads(payload)
     if initializer is not None:
         initializer(*initargs)
@@ -281,7 +295,9 @@ def _send_error(conn, index: int, exc: BaseException) -> bool:
 
 
 def _run_pool(func, items, order, case_keys, progress, initializer, initargs, pool_size, workers,
-              threads) -> list:
+              threads, warm: tuple[str, ...] = ()) -> list:
+    import tempfile
+
     from .native import threads_per_worker
 
     try:
@@ -298,9 +314,11 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
     peak_seen = 0
     last_sample = 0.0
     ok = False
+    lock_dir = tempfile.mkdtemp(prefix="nnfast-warmup-") if warm else ""
     try:
-        slots = start_workers(pool_size, _task_setup, (payload,), name="nnfast-worker",
-                              threads=threads if threads is not None else threads_per_worker(workers))
+        for i in range(pool_size):  # one at a time: each worker gets its index (its share of the warm-up)
+            slots += start_workers(1, _task_setup, (payload, warm, i, pool_size, lock_dir), name="nnfast-worker",
+                                   threads=threads if threads is not None else threads_per_worker(workers))
         while done < n:
             for slot in slots:  # hand out work: one task per idle worker
                 if slot.ready and not slot.tasks and pending:
@@ -346,6 +364,10 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
         return results
     finally:
         stop_workers(slots, graceful=ok, join_s=_JOIN_TIMEOUT_S)
+        if lock_dir:
+            import shutil
+
+            shutil.rmtree(lock_dir, ignore_errors=True)
 
 
 def _raise_task_error(value, key: str | None):

@@ -13,9 +13,12 @@ oversubscribed threads):
   worker pools (:func:`nnfast.parallel.run_tasks` and :class:`nnfast.data.loader.PatchLoader`). A worker process
   gets its count at start-up (:mod:`nnfast.workers` sets :data:`THREAD_ENV` before NumPy/Numba/torch load, then calls
   :func:`limit_threads`); the parent's environment is never changed.
-* Modules register warm-up callables with :func:`register_warmup`; :func:`warmup` compiles every
-  signature the pipeline uses, so the parent compiles (or loads from cache) before workers start and no
-  worker stalls on a lazy compile mid-run.
+* Modules register warm-up callables with :func:`register_warmup`; :func:`warmup` compiles the signatures the
+  pipeline uses (only those: a signature costs ~0.3-2.5 s to compile, the cold start's whole cost; any other
+  compiles on first use), so the parent compiles (or loads from cache) before workers start and no worker stalls on
+  a lazy compile mid-run. :func:`warmup_shared` splits that compile between the processes of a pool instead: they
+  start together, each compiles the modules no other has claimed (a lock file per module) and loads the rest from
+  the cache the others wrote, so a cold start compiles on every core and a warm one only loads.
 
 Numba is imported when a kernel is defined or a thread limit applied, not when this module is imported, so that a
 worker can set :data:`THREAD_ENV` first.
@@ -26,7 +29,7 @@ import os
 import sys
 from typing import Callable
 
-__all__ = ["serial", "register_warmup", "warmup", "available_cores", "threads_per_worker", "limit_threads",
+__all__ = ["serial", "register_warmup", "warmup", "warmup_shared", "available_cores", "threads_per_worker", "limit_threads",
            "THREAD_ENV", "LOADER_WORKER_THREADS"]
 
 _SERIAL_FLAGS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
@@ -68,6 +71,37 @@ def warmup(modules: "tuple[str, ...] | None" = None) -> None:
     for func in list(_WARMUPS):
         if modules is None or func.__module__.rsplit(".", 1)[-1] in modules:
             func()
+
+
+def warmup_shared(modules: "tuple[str, ...]", index: int, count: int, lock_dir: str) -> None:
+    """:func:`warmup` of ``modules`` in process ``index`` of ``count`` that warm up the same modules at once.
+
+    Each process walks the modules from its own starting point (``index * len(modules) // count``) and compiles a
+    module only when it gets that module's lock (``<lock_dir>/<module>.lock``, ``flock``) without waiting; a module
+    another process holds is done last, after waiting for its lock, and then loads from Numba's on-disk cache. So no
+    module is compiled twice at the same time and a cold start compiles on ``count`` cores. A lock is released
+    when its holder exits, also when it dies. Without ``fcntl`` (Windows) this is :func:`warmup`.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        warmup(tuple(modules))
+        return
+    mods = list(modules)
+    start = (index * len(mods) // max(1, count)) if mods else 0
+    deferred = []
+    for blocking, todo in ((False, mods[start:] + mods[:start]), (True, deferred)):
+        for name in todo:
+            fd = os.open(os.path.join(lock_dir, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    deferred.append(name)
+                    continue
+                warmup((name,))
+            finally:
+                os.close(fd)  # closing releases the lock
 
 
 def available_cores() -> int:

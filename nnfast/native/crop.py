@@ -85,7 +85,8 @@ def _nonzero_mask_bbox(data, mask):
 def _grow(stack):
     """A stack buffer twice as large holding the same entries."""
     grown = np.empty(2 * stack.shape[0], np.int64)
-    grown[: stack.shape[0]] = stack
+    for i in range(stack.shape[0]):  # a loop, not a slice assignment: that one compiles numba's broadcasting and its
+        grown[i] = stack[i]           # error-message formatting, ~3 s on a cold start
     return grown
 
 
@@ -166,7 +167,7 @@ def _fill_holes(mask, x0, x1, y0, y1, z0, z1, capacity):
             for z in range(z0, z1, step):
                 if mask[x, y, z] == 0:
                     stack[0] = base + z
-                    left = _flood(mask, stack, 1, x0, x1, y0, y1, z0, z1)
+                    left = _flood(mask, stack, np.int64(1), x0, x1, y0, y1, z0, z1)  # not a literal 1: one compile
                     while left > 0:
                         stack = _grow(stack)
                         left = _flood(mask, stack, left, x0, x1, y0, y1, z0, z1)
@@ -446,21 +447,14 @@ def _check_representable(label: int, dtype: np.dtype, what: str) -> None:
 
 @register_warmup
 def _warmup() -> None:
-    """Compile the signatures the pipeline uses.
+    """Compile the signatures preprocessing passes (and only those: each costs ~0.5-2 s on a cold start).
 
-    Images reach cropping in their file dtype (float32, int16, uint8, uint16, float64), contiguous; float32
-    also as a view. Label maps: float32/int8/int16/int32, contiguous and cropped views; bool masks.
+    Preprocessing reads images as contiguous float32 and labels as int16 (:func:`nnfast.io.image.read_label`; int32
+    only beyond int16's range); prediction's cases have no labels (``seg_from_mask``). Other dtypes and layouts (the
+    fingerprint's file dtypes, views) compile on first use.
     """
     tiny = np.zeros((1, 3, 4, 5), np.float32)
     tiny[0, 1, 1:3, 1:4] = 1.0
-    for dtype in (np.float32, np.int16, np.uint8, np.uint16, np.float64):
-        nonzero_mask_and_bbox(tiny.astype(dtype))
-    nonzero_mask_and_bbox(tiny[:, :, 1:, :])
-    m = nonzero_mask(tiny)
-    bbox_from_mask(m)
-    bbox_from_mask(m[:, 1:, :])
-    for dtype in (np.float32, np.int8, np.int16, np.int32):
-        label_outside_mask(np.zeros((1, 3, 4, 5), dtype)[:, :, 1:], m[:, 1:])
-        label_outside_mask(np.zeros((1, 3, 4, 5), dtype), m)
-    seg_from_mask(m[:, 1:])
+    m, _ = nonzero_mask_and_bbox(tiny)
+    label_outside_mask(np.zeros((1, 3, 4, 5), np.int16), m)
     seg_from_mask(m)

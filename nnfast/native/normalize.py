@@ -146,7 +146,8 @@ def zscore_normalize(image: np.ndarray, mask: np.ndarray | None, out: np.ndarray
 
 @register_warmup
 def _warmup() -> None:
-    for dt in (np.float32, np.int16):
+    """Compile the signatures preprocessing passes: float32 images (other dtypes compile on first use)."""
+    for dt in (np.float32,):
         a = np.zeros((2, 2, 2), dt)
         ct_normalize(a, -1.0, 1.0, 0.0, 1.0)
         zscore_normalize(a, np.ones((2, 2, 2), bool))

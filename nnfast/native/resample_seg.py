@@ -135,9 +135,9 @@ def _resize_labels(seg, out, ia, wa, na, ib, wb, nb, ic, wc, nc):
                     continue
                 wc0 = wc[k, 0]
                 wc1 = wc[k, 1]
-                n = 0
-                n = _add_score(labs, scores, n, l0, p00 * wc0)
-                n = _add_score(labs, scores, n, l1, p00 * wc1)
+                labs[0] = l0  # the first score of the voxel (inline: a literal n = 0 would compile _add_score twice)
+                scores[0] = 0.0 + p00 * wc0
+                n = _add_score(labs, scores, np.int64(1), l1, p00 * wc1)
                 n = _add_score(labs, scores, n, l2, p01 * wc0)
                 n = _add_score(labs, scores, n, l3, p01 * wc1)
                 n = _add_score(labs, scores, n, l4, p10 * wc0)
@@ -283,8 +283,9 @@ def resize_labels_separate_z(seg: np.ndarray, new_shape, axis: int, order: int =
 
 @register_warmup
 def _warmup() -> None:
-    """Compile the label kernel for every supported dtype (C-contiguous channels)."""
-    for dtype in _LABEL_DTYPES:
+    """Compile the label kernel for the dtype preprocessing passes (int16, C-contiguous); the other supported dtypes
+    compile on first use (~2 s each on a cold start)."""
+    for dtype in (np.int16,):
         tiny = np.zeros((1, 3, 4, 5), dtype)
         tiny[0, 1:, 1:3, 2:] = 1
         resize_labels(tiny, (4, 3, 6))

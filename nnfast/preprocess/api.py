@@ -154,7 +154,8 @@ def preprocess_dataset(
         if tasks:
             results = run_tasks(run_case_task, tasks, workers=workers, keys=[t.case.case_id for t in tasks],
                                 sizes=task_sizes, scheduler=scheduler, progress=progress, desc=f"preprocess {name}",
-                                warmup=PREPROCESS_KERNELS, initializer=single_threaded_libraries)
+                                warmup=PREPROCESS_KERNELS, warmup_in_workers=True,
+                                initializer=single_threaded_libraries)
             cs.computed = len(results)
             cs.voxels_in = sum(r.voxels_in for r in results)
         cs.wall_s = time.perf_counter() - t1
