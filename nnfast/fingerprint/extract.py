@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from ..io.dataset import CaseFiles, DatasetInfo
 from ..io.image import read_images, read_label
 from .schema import Fingerprint, IntensityStats
 
-__all__ = ["CaseFingerprint", "analyze_case", "extract_fingerprint", "source_signature", "SKETCH_SIZE"]
+__all__ = ["CaseFingerprint", "analyze_case", "analyze_arrays", "extract_fingerprint", "source_signature", "SKETCH_SIZE"]
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,20 @@ class CaseFingerprint:
 
 def analyze_case(case: CaseFiles, sketch_size: int = SKETCH_SIZE) -> CaseFingerprint:
     """Fingerprint one case (runs on worker threads, or dask workers; reads each file once)."""
+    data, geom = read_images(case.image_files, dtype=None)
+    seg, _ = read_label(case.label_file)
+    return analyze_arrays(case.case_id, data, seg, geom.spacing, sketch_size)
+
+
+def analyze_arrays(case_id: str, data: np.ndarray, seg: np.ndarray, spacing: Sequence[float],
+                   sketch_size: int = SKETCH_SIZE) -> CaseFingerprint:
+    """Fingerprint one case already in memory: ``data`` ``(c, z, y, x)`` as :func:`~nnfast.io.image.read_images`
+    with ``dtype=None`` returns it, ``seg`` ``(1, z, y, x)`` as :func:`~nnfast.io.image.read_label` does, ``spacing``
+    in the same (reader) order, mm. Verification calls it on the arrays it has read (one read per file)."""
     from nnfast.native.intensity import foreground_summary
 
     from ..preprocess.cropping import crop_to_nonzero
 
-    data, geom = read_images(case.image_files, dtype=None)
-    seg, _ = read_label(case.label_file)
     shape_before = data.shape[1:]
     data_c, seg_c, _bbox = crop_to_nonzero(data, seg)
     del data, seg
@@ -53,8 +61,8 @@ def analyze_case(case: CaseFiles, sketch_size: int = SKETCH_SIZE) -> CaseFingerp
     summaries = tuple(foreground_summary(data_c[c], fg, sketch_size) for c in range(data_c.shape[0]))
     shape_after = tuple(int(s) for s in data_c.shape[1:])
     return CaseFingerprint(
-        case_id=case.case_id,
-        spacing=tuple(float(s) for s in geom.spacing),
+        case_id=case_id,
+        spacing=tuple(float(s) for s in spacing),
         shape_after_crop=shape_after,
         relative_size_after_cropping=float(np.prod(shape_after) / np.prod(shape_before)),
         summaries=summaries,
@@ -68,6 +76,7 @@ def extract_fingerprint(
     workers: int = 1,
     scheduler=None,
     progress: Callable[[int, int, str], None] | None = None,
+    precomputed: Mapping[str, CaseFingerprint] | None = None,
 ) -> Fingerprint:
     """Fingerprint a dataset.
 
@@ -75,6 +84,9 @@ def extract_fingerprint(
     ----------
     info, cases : the dataset (see :func:`nnfast.io.dataset.load_dataset`)
     workers : threads of this process; ``scheduler`` runs the same per-case tasks on dask.distributed instead.
+    precomputed : case id -> :class:`CaseFingerprint` already made from the same files (verification makes them
+        while it reads each file, :func:`nnfast.verify.verify_dataset` with ``fingerprint=True``); only the other
+        cases are read.
 
     Returns
     -------
@@ -84,14 +96,19 @@ def extract_fingerprint(
 
     from ..parallel import run_in_threads, run_tasks
 
-    if scheduler is None:
+    done = dict(precomputed or {})
+    todo = [c for c in cases if c.case_id not in done]
+    if todo and scheduler is None:
         # a case is cheap and every heavy step releases the GIL: threads beat worker processes here
-        results = run_in_threads(analyze_case, list(cases), workers=workers, keys=[c.case_id for c in cases],
-                                 progress=progress)
+        new = run_in_threads(analyze_case, todo, workers=workers, keys=[c.case_id for c in todo], progress=progress)
+    elif todo:
+        new = run_tasks(analyze_case, todo, workers=workers, keys=[c.case_id for c in todo],
+                        sizes=[_file_size(c) for c in todo], scheduler=scheduler, progress=progress,
+                        desc="fingerprint")
     else:
-        results = run_tasks(analyze_case, list(cases), workers=workers, keys=[c.case_id for c in cases],
-                            sizes=[_file_size(c) for c in cases], scheduler=scheduler, progress=progress,
-                            desc="fingerprint")
+        new = []
+    done.update((r.case_id, r) for r in new)
+    results = [done[c.case_id] for c in cases]
     stats = []
     for ch in range(info.num_channels):
         m = mixture_statistics([r.summaries[ch] for r in results])

@@ -161,17 +161,23 @@ def read_images(paths: Sequence[Path], dtype=np.float32) -> tuple[np.ndarray, Im
                 f"channel file `{p}` has spacing {g.spacing} but `{paths[0]}` has {ref.spacing}; "
                 "all channels of a case must share one grid"
             )
+    return stack_channels(arrays, dtype), ref
+
+
+def stack_channels(arrays: Sequence[np.ndarray], dtype=np.float32) -> np.ndarray:
+    """The channel arrays ``(c_i, z, y, x)`` of one case (same grid) as one ``(c, z, y, x)`` array of ``dtype``
+    (:func:`read_images`' rule: ``None`` keeps a dtype all channels share, else float32)."""
     if dtype is None:
         dtypes = {a.dtype for a in arrays}
         dtype = dtypes.pop() if len(dtypes) == 1 else np.float32
     if len(arrays) == 1 and arrays[0].dtype == dtype:
-        return arrays[0], ref
-    out = np.empty((sum(a.shape[0] for a in arrays), *ref.shape), dtype=dtype)
+        return arrays[0]
+    out = np.empty((sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]), dtype=dtype)
     c = 0
     for a in arrays:
         np.copyto(out[c : c + a.shape[0]], a, casting="unsafe")
         c += a.shape[0]
-    return out, ref
+    return out
 
 
 def read_label(path: Path) -> tuple[np.ndarray, ImageGeometry]:
@@ -188,6 +194,20 @@ def read_label(path: Path) -> tuple[np.ndarray, ImageGeometry]:
     if arr.ndim == 4:
         raise LabelError(f"label file `{path}` is 4D (shape {arr.shape}); a label map must be a single 2D/3D volume")
     data, geom = _geometry_and_channels(img, arr, Path(path))
+    return label_array(data, path), geom
+
+
+def label_array(data: np.ndarray, path) -> np.ndarray:
+    """A label map as :func:`read_label` returns it: int16 when the values fit, else int32 (``data`` as read by
+    :func:`read_image`; ``path`` names the file in errors).
+
+    Raises
+    ------
+    LabelError
+        The array holds non-integer values.
+    """
+    from ..errors import LabelError
+
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
             raise LabelError(f"label file `{path}` holds non-integer values; labels must be integers")
@@ -196,7 +216,7 @@ def read_label(path: Path) -> tuple[np.ndarray, ImageGeometry]:
         hi = data.max() if data.size else 0
         target = np.int16 if (lo >= np.iinfo(np.int16).min and hi <= np.iinfo(np.int16).max) else np.int32
         data = data.astype(target, copy=False)
-    return data, geom
+    return data
 
 
 def write_segmentation(seg: np.ndarray, geometry: ImageGeometry, path: Path) -> None:

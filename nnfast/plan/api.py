@@ -68,28 +68,47 @@ def _hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _stored_fingerprint(out: Path, signature: str) -> Fingerprint | None:
+    """The fingerprint stored in ``out`` when it was made from the files of ``signature`` (else None)."""
+    fp_file = fingerprint_path(out)
+    if fp_file.is_file():
+        stored = read_json(fp_file)
+        if stored.get("source_signature") == signature:
+            try:
+                return Fingerprint.from_json(stored)
+            except Exception:  # unsupported schema: recompute
+                pass
+    return None
+
+
 def current_fingerprint(info: DatasetInfo, cases: list[CaseFiles], out: Path, signature: str | None = None, *,
                         workers: int = 1, scheduler=None, force: bool = False,
-                        progress: Callable[[int, int, str], None] | None = None) -> tuple[Fingerprint, bool]:
+                        progress: Callable[[int, int, str], None] | None = None,
+                        precomputed: dict | None = None) -> tuple[Fingerprint, bool]:
     """(fingerprint, reused): the stored fingerprint in ``out`` if it was made from the current files, else a new one
-    (written)."""
+    (written; ``precomputed`` case fingerprints, e.g. verification's, are used instead of reading those cases)."""
     from ..fingerprint.extract import extract_fingerprint, source_signature
 
     if signature is None:
         signature = source_signature(info, cases)
     fp_file = fingerprint_path(out)
-    if fp_file.is_file() and not force:
-        stored = read_json(fp_file)
-        if stored.get("source_signature") == signature:
-            try:
-                return Fingerprint.from_json(stored), True
-            except Exception:  # unsupported schema: recompute
-                pass
-    log.info("extracting the fingerprint of %s (%d cases, %d workers)", info.name, len(cases), workers)
-    fingerprint = extract_fingerprint(info, cases, workers=workers, scheduler=scheduler, progress=progress)
+    if not force:
+        stored = _stored_fingerprint(out, signature)
+        if stored is not None:
+            return stored, True
+    log.info("extracting the fingerprint of %s (%d cases, %d workers%s)", info.name, len(cases), workers,
+             f", {len(precomputed)} made during verification" if precomputed else "")
+    fingerprint = extract_fingerprint(info, cases, workers=workers, scheduler=scheduler, progress=progress,
+                                      precomputed=precomputed)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(fp_file, {**fingerprint.to_json(), "source_signature": signature})
     return fingerprint, False
+
+
+def _matching_fingerprints(report, cases: list[CaseFiles]) -> dict:
+    """Verification's case fingerprints of exactly these cases' files (verification lists the cases itself)."""
+    made = getattr(report, "case_fingerprints", None) or {}
+    return {c.case_id: made[c.case_id] for c in cases if c.case_id in made}
 
 
 def plans_differences(old, new, limit: int = 6) -> list[str]:
@@ -172,7 +191,10 @@ def plan_dataset(
     if verify and (force or state.get("verified_signature") != signature):
         from ..verify import verify_dataset
 
-        report = verify_dataset(info.root, workers=workers)
+        # verification reads every file: it fingerprints the cases too when the stored fingerprint is stale (one read
+        # per file), except with dask, where the fingerprint runs on the cluster
+        fingerprint_too = scheduler is None and (force or _stored_fingerprint(out, signature) is None)
+        report = verify_dataset(info.root, workers=workers, fingerprint=fingerprint_too)
         for w in report.warnings:
             log.warning("%s", w)
         if report.errors:
@@ -186,8 +208,9 @@ def plan_dataset(
         write_json_atomic(state_file, state)
     elif verify:
         log.info("%s: verification is current (inputs unchanged since it passed)", info.name)
+    precomputed = _matching_fingerprints(report, cases) if report is not None else None
     fingerprint, fp_reused = current_fingerprint(info, cases, out, signature, workers=workers, scheduler=scheduler,
-                                                 force=force, progress=progress)
+                                                 force=force, progress=progress, precomputed=precomputed)
 
     data_hashes = {"fingerprint": _hash_json(fingerprint.to_json()), "dataset_json": _hash_json(info.raw)}
     requested = {"preset": preset, "gpu_memory_gb": None if gpu_memory_gb is None else float(gpu_memory_gb),

@@ -1,4 +1,5 @@
-"""Checks of one training case, run in a worker: each file is read once, every problem is collected.
+"""Checks of one training case, run in a worker: each file is read once, every problem is collected; on request the
+case's fingerprint is made from the same arrays (one read per file for verification and fingerprint).
 
 Per case: every declared channel file and the label file exist; no file is truncated/corrupt; images are 3D
 (one volume per channel file), finite and not all zero (NaN/inf stored in a float NIfTI file are read as 0 by
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageReadError
+from ..fingerprint.extract import CaseFingerprint
 from ..io.image import ImageGeometry, read_image
 from ..io.nifti_integrity import nifti_integrity_problem, nifti_nonfinite_counts
 from .report import Problem
@@ -40,12 +42,14 @@ class CaseTask:
     label_file: str | None
     expected_labels: tuple[int, ...] | None  # None when dataset.json's labels are unusable
     background_labels: tuple[int, ...] = (0,)  # labels that are not foreground (0 and the ignore label)
+    fingerprint: bool = False  # also fingerprint the case from the arrays read (when it has no error)
 
 
 @dataclass(frozen=True)
 class CaseResult:
     problems: tuple[Problem, ...]
     labels_found: tuple[int, ...]
+    fingerprint: CaseFingerprint | None = None  # with CaseTask.fingerprint, for a case without errors
 
 
 def _fmt(values) -> str:
@@ -62,12 +66,31 @@ def check_case(task: CaseTask) -> CaseResult:
     """Check one case; never raises for bad data (an unexpected exception becomes an error problem too)."""
     problems: list[Problem] = []
     labels: tuple[int, ...] = ()
+    arrays: dict = {}
     try:
-        labels = _check(task, problems)
+        labels = _check(task, problems, arrays if task.fingerprint else None)
     except Exception as e:  # a bug or an unforeseen file: report it, keep checking the other cases
         problems.append(Problem("error", task.case_id, None, "checking this case failed unexpectedly",
                                 "a readable case", f"{type(e).__name__}: {e}"))
-    return CaseResult(tuple(problems), labels)
+    fingerprint = None
+    if task.fingerprint and arrays and not any(p.severity == "error" for p in problems):
+        fingerprint = _fingerprint(task, arrays)
+    return CaseResult(tuple(problems), labels, fingerprint)
+
+
+def _fingerprint(task: CaseTask, arrays: dict) -> CaseFingerprint | None:
+    """The case's fingerprint from the arrays verification read, exactly as
+    :func:`~nnfast.fingerprint.extract.analyze_case` would make it from the files; None when it cannot be made
+    here (the fingerprint step then reads the case itself)."""
+    from ..fingerprint.extract import analyze_arrays
+    from ..io.image import label_array, stack_channels
+
+    try:
+        data = stack_channels(arrays["images"], dtype=None)
+        seg = label_array(arrays["label"], task.label_file)
+        return analyze_arrays(task.case_id, data, seg, arrays["spacing"])
+    except Exception:  # never fail verification for the fingerprint's sake
+        return None
 
 
 def _err(problems, task, file, what, expected, found, severity="error"):
@@ -89,7 +112,9 @@ def _read(path: str, kind: str, task: CaseTask, problems: list) -> tuple[np.ndar
         return None
 
 
-def _check(task: CaseTask, problems: list[Problem]) -> tuple[int, ...]:
+def _check(task: CaseTask, problems: list[Problem], keep: dict | None = None) -> tuple[int, ...]:
+    """Check the case's files; with ``keep``, the arrays read are left in it (``images``, ``label``, ``spacing``)
+    for the fingerprint."""
     images: list[tuple[str, ImageGeometry]] = []
     for path in task.image_files:
         got = _read(path, "image", task, problems)
@@ -98,6 +123,9 @@ def _check(task: CaseTask, problems: list[Problem]) -> tuple[int, ...]:
         data, geom = got
         images.append((path, geom))
         _check_image_values(data, path, task, problems)
+        if keep is not None:
+            keep.setdefault("images", []).append(data)
+            keep.setdefault("spacing", geom.spacing)
         del data
 
     ref_path, ref = images[0] if images else (None, None)
@@ -113,6 +141,8 @@ def _check(task: CaseTask, problems: list[Problem]) -> tuple[int, ...]:
         return labels_found
     seg, lgeom = got
     labels_found = _check_label_values(seg, task, problems)
+    if keep is not None:
+        keep["label"] = seg
     if ref is not None:
         _compare(ref, lgeom, task.label_file, f"image `{Path(ref_path).name}`", task, problems)
     return labels_found

@@ -55,7 +55,7 @@ _CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
 _SCHEMA = "nnU-Net v2's dataset.json format (channel_names, labels, numTraining, file_ending)"
 
 
-def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
+def verify_dataset(root: str | os.PathLike, workers: int = 1, *, fingerprint: bool = False) -> VerifyReport:
     """Check the raw dataset at ``root`` and return every problem found.
 
     Parameters
@@ -65,6 +65,10 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
     workers : int
         Threads for the per-case checks (reading and checking release the GIL; 1 checks serially, as does a
         dataset smaller than :data:`POOL_MIN_BYTES`). Peak memory is one case per thread.
+    fingerprint : bool
+        Also fingerprint every case without errors from the arrays read for its checks
+        (``report.case_fingerprints``, for :func:`nnfast.fingerprint.extract.extract_fingerprint`'s
+        ``precomputed``): planning then reads each file once.
 
     Returns
     -------
@@ -119,7 +123,7 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
     expected, background = _label_sets(d)
     tasks = [
         CaseTask(c.case_id, tuple(str(p) for p in c.image_files), None if c.label_file is None else str(c.label_file),
-                 expected, background)
+                 expected, background, fingerprint)
         for c in cases
     ]
     # reading and checking a case releases the GIL (SimpleITK, NumPy): threads, no extra interpreters
@@ -129,9 +133,11 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1) -> VerifyReport:
         check_case, tasks, workers=min(max(1, use), max(1, len(tasks))), keys=[t.case_id for t in tasks],
     ) if tasks else []
     seen: set[int] = set()
-    for r in results:
+    for t, r in zip(tasks, results):
         problems.extend(r.problems)
         seen.update(r.labels_found)
+        if r.fingerprint is not None:
+            report.case_fingerprints[t.case_id] = r.fingerprint
     if expected is not None and results:
         never = [v for v in expected if v not in seen and v not in background]
         if never:

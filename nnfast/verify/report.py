@@ -56,6 +56,8 @@ class VerifyReport:
     root: Path
     problems: list[Problem] = field(default_factory=list)
     num_cases: int = 0
+    #: case id -> CaseFingerprint of the cases without errors, when verified with ``fingerprint=True``
+    case_fingerprints: dict = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Problem]:

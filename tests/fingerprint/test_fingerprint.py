@@ -79,3 +79,44 @@ def test_json_round_trip(tmp_path):
     assert Fingerprint.from_json(fp.to_json()) == fp
     assert set(fp.to_nnunet()) == {"spacings", "shapes_after_crop", "foreground_intensity_properties_per_channel",
                                    "median_relative_size_after_cropping"}
+
+
+def test_verification_fingerprints_equal_the_fingerprint_step(tmp_path):
+    """Verification fingerprints each case from the arrays it reads; the result is the fingerprint step's, exactly
+    (CT with an empty case, multi-channel MRI)."""
+    from nnfast.verify import verify_dataset
+
+    _raw, roots = _datasets(tmp_path)
+    for root in roots:
+        info, cases = load_dataset(root)
+        report = verify_dataset(root, workers=2, fingerprint=True)
+        assert sorted(report.case_fingerprints) == sorted(c.case_id for c in cases)
+        from_files = extract_fingerprint(info, cases, workers=1)
+        from_verify = extract_fingerprint(info, cases, precomputed=report.case_fingerprints)
+        assert from_verify == from_files
+
+
+def test_planning_reads_each_file_once(tmp_path, monkeypatch):
+    """verify + fingerprint + plan decode every raw file exactly once; a second run reads none."""
+    from collections import Counter
+
+    from nnfast.io import image as image_mod
+    from nnfast.plan.api import plan_dataset
+    from nnfast.settings import Settings
+
+    raw = tmp_path / "raw"
+    make_raw_dataset(raw, 14, "Once", [(8, 20, 20), (9, 22, 20), (8, 18, 24)], [(2.0, 1.0, 1.0)] * 3, seed=4)
+    reads = Counter()
+    real = image_mod._read_sitk
+
+    def counting(path):
+        reads[str(path)] += 1
+        return real(path)
+
+    monkeypatch.setattr(image_mod, "_read_sitk", counting)
+    settings = Settings(raw=raw, preprocessed=tmp_path / "pre", results=tmp_path / "res")
+    plan_dataset(14, settings, workers=2)
+    assert len(reads) == 6 and set(reads.values()) == {1}, reads
+    reads.clear()
+    plan_dataset(14, settings, workers=2)
+    assert not reads
