@@ -19,6 +19,10 @@ oversubscribed threads):
   a lazy compile mid-run. :func:`warmup_shared` splits that compile between the processes of a pool instead: they
   start together, each compiles the modules no other has claimed (a lock file per module) and loads the rest from
   the cache the others wrote, so a cold start compiles on every core and a warm one only loads.
+  :func:`warm_in_background` starts that compile in a spawned process early (``nnfast preprocess`` does during
+  verification and fingerprinting) when the cache is not known to be warm (:func:`is_warm`: a stamp per module
+  beside Numba's cache files, written after its warm-up); the pool's workers share the same lock folder
+  (:func:`warmup_lock_dir`), so they wait for what it is compiling and load it.
 
 Numba is imported when a kernel is defined or a thread limit applied, not when this module is imported, so that a
 worker can set :data:`THREAD_ENV` first.
@@ -29,7 +33,8 @@ import os
 import sys
 from typing import Callable
 
-__all__ = ["serial", "register_warmup", "warmup", "warmup_shared", "available_cores", "threads_per_worker", "limit_threads",
+__all__ = ["serial", "register_warmup", "warmup", "warmup_shared", "warmup_lock_dir", "warm_in_background",
+           "is_warm", "available_cores", "threads_per_worker", "limit_threads",
            "THREAD_ENV", "LOADER_WORKER_THREADS"]
 
 _SERIAL_FLAGS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
@@ -71,6 +76,81 @@ def warmup(modules: "tuple[str, ...] | None" = None) -> None:
     for func in list(_WARMUPS):
         if modules is None or func.__module__.rsplit(".", 1)[-1] in modules:
             func()
+    for name in modules or ():
+        _mark_warm(name)
+
+
+_LOCK_DIR: "str | None" = None
+
+
+def warmup_lock_dir() -> str:
+    """The folder of this process's warm-up locks (:func:`warmup_shared`), shared by its pools and its background
+    compile; created on first use, removed when the process exits."""
+    global _LOCK_DIR
+    if _LOCK_DIR is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _LOCK_DIR = tempfile.mkdtemp(prefix="nnfast-warmup-")
+        atexit.register(shutil.rmtree, _LOCK_DIR, True)
+    return _LOCK_DIR
+
+
+def _stamp(name: str) -> "tuple[str, str] | None":
+    """(path, content) of the stamp that says kernel module ``name``'s warm-up is in Numba's cache; ``None`` when
+    its kernels are not cached (``NUMBA_DISABLE_JIT``, no writable cache folder)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"{__package__}.{name}")
+        cache_dir = next(obj._cache._cache_path for obj in vars(mod).values()
+                         if getattr(getattr(obj, "_cache", None), "_cache_path", None))
+        import numba
+
+        st = os.stat(mod.__file__)
+        return (os.path.join(cache_dir, f"nnfast-warm-{name}.stamp"),
+                f"numba {numba.__version__} source {st.st_mtime_ns} {st.st_size}\n")
+    except Exception:
+        return None
+
+
+def _mark_warm(name: str) -> None:
+    stamp = _stamp(name)
+    if stamp is not None:
+        try:
+            with open(stamp[0], "w") as f:
+                f.write(stamp[1])
+        except OSError:
+            pass
+
+
+def is_warm(modules: "tuple[str, ...]") -> bool:
+    """Whether the warm-ups of ``modules`` have run against Numba's current cache (this numba, these sources).
+
+    A heuristic for skipping work, never for correctness: a kernel missing from the cache compiles on first use."""
+    for name in modules:
+        stamp = _stamp(name)
+        try:
+            if stamp is None or open(stamp[0]).read() != stamp[1]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def warm_in_background(modules: "tuple[str, ...]"):
+    """Start compiling ``modules`` into Numba's cache in a spawned process (through :func:`warmup_shared` and
+    :func:`warmup_lock_dir`, so that pools started later wait for what it compiles); ``None`` when they are warm
+    already. Returns the process: join it (or terminate it) when the work that needs the kernels is done."""
+    import multiprocessing as mp
+
+    if is_warm(tuple(modules)):
+        return None
+    proc = mp.get_context("spawn").Process(target=warmup_shared, args=(tuple(modules), 0, 1, warmup_lock_dir()),
+                                           name="nnfast-compile", daemon=True)
+    proc.start()
+    return proc
 
 
 def warmup_shared(modules: "tuple[str, ...]", index: int, count: int, lock_dir: str) -> None:
