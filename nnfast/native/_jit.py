@@ -7,6 +7,12 @@ oversubscribed threads):
   (the worker pools of :mod:`nnfast.workers`) and, for GIL-free kernels, threads are the unit of parallelism. A
   ``parallel=True`` kernel, if one is ever needed, gets its own decorator here and is never cached (Numba's cache key
   ignores ``parallel=``), and writes per-thread buffers instead of racing on a shared output.
+* Both cores on one case: a kernel whose work splits into independent slabs (rows of the output, x-slabs of a volume)
+  runs the same cached serial kernel on slabs from threads (:func:`run_slabs`; the kernels release the GIL). No
+  ``parallel=True`` variant is compiled: the slab results are those of the serial kernel bit for bit, and a cold
+  start compiles nothing more. :func:`kernel_threads` decides how many: Numba's thread count (a pool's worker has 1,
+  :func:`limit_threads`; a process on its own has its cores: ``--workers 1``, prediction, export), and 1 on any
+  thread but the main one (a thread pool already shares the cores).
 * ``fastmath`` stays off everywhere: parity with nnU-Net's float arithmetic matters more than the last
   few percent.
 * Threads: :func:`threads_per_worker` is the single place where ``workers x threads <= cores`` is decided, for both
@@ -33,7 +39,7 @@ import os
 import sys
 from typing import Callable
 
-__all__ = ["serial", "register_warmup", "warmup", "warmup_shared", "warmup_lock_dir", "warm_in_background",
+__all__ = ["serial", "run_slabs", "kernel_threads", "slab_threads", "register_warmup", "warmup", "warmup_shared", "warmup_lock_dir", "warm_in_background",
            "is_warm", "available_cores", "threads_per_worker", "limit_threads",
            "THREAD_ENV", "LOADER_WORKER_THREADS"]
 
@@ -52,6 +58,67 @@ def serial(func):
     import numba
 
     return numba.njit(**_SERIAL_FLAGS)(func)
+
+
+#: Fewest work items (voxels, output samples) per slab thread: below it, a thread's start-up costs more than it saves.
+MIN_ITEMS_PER_THREAD = 1 << 16
+
+_EXECUTORS: dict = {}
+_OVERRIDE: "list[tuple[int, int]]" = []
+
+
+def kernel_threads() -> int:
+    """Threads one kernel call may use in this thread (see the module docstring)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return 1
+    if _OVERRIDE:
+        return _OVERRIDE[-1][0]
+    if "numba" not in sys.modules:
+        return 1
+    return max(1, min(sys.modules["numba"].get_num_threads(), available_cores()))
+
+
+class slab_threads:
+    """``with slab_threads(n, min_items=...):`` kernels called from the main thread use ``n`` slab threads (and
+    slabs of at least ``min_items``, default :data:`MIN_ITEMS_PER_THREAD`): for tests and benchmarks."""
+
+    def __init__(self, threads: int, min_items: "int | None" = None):
+        self.value = (max(1, int(threads)), MIN_ITEMS_PER_THREAD if min_items is None else max(1, int(min_items)))
+
+    def __enter__(self):
+        _OVERRIDE.append(self.value)
+        return self
+
+    def __exit__(self, *exc):
+        _OVERRIDE.remove(self.value)
+
+
+def run_slabs(func: Callable[[int, int], None], n: int, *, items: int = 0, threads: "int | None" = None) -> None:
+    """Call ``func(start, stop)`` on contiguous slabs covering ``range(n)``: one call when there is one thread, else
+    one slab per thread, run concurrently (``func`` must write disjoint outputs per slab and release the GIL).
+
+    ``items`` (default ``n``): the work of all of ``range(n)``, so that each thread gets at least
+    :data:`MIN_ITEMS_PER_THREAD`. ``threads`` defaults to :func:`kernel_threads`.
+    """
+    t = kernel_threads() if threads is None else max(1, int(threads))
+    min_items = _OVERRIDE[-1][1] if _OVERRIDE else MIN_ITEMS_PER_THREAD
+    t = min(t, n, max(1, (items or n) // min_items))
+    if t <= 1:
+        if n > 0:
+            func(0, n)
+        return
+    ex = _EXECUTORS.get(t)
+    if ex is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        ex = _EXECUTORS[t] = ThreadPoolExecutor(t - 1, thread_name_prefix="nnfast-slab")
+    bounds = [n * i // t for i in range(t + 1)]
+    futures = [ex.submit(func, bounds[i], bounds[i + 1]) for i in range(1, t)]
+    func(bounds[0], bounds[1])  # this thread does the first slab
+    for f in futures:
+        f.result()
 
 
 def register_warmup(func: Callable[[], None]) -> Callable[[], None]:
