@@ -91,7 +91,8 @@ def extract_fingerprint(
     else:
         results = run_tasks(analyze_case, list(cases), workers=workers, keys=[c.case_id for c in cases],
                             sizes=[_file_size(c) for c in cases], scheduler=scheduler, progress=progress,
-                            desc="fingerprint")
+                            desc="fingerprint", warmup=False)  # the workers compile the files' dtypes on first use:
+        # a warm-up here would compile every kernel of nnfast in this process (~100 s cold) for a few signatures
     stats = []
     for ch in range(info.num_channels):
         m = mixture_statistics([r.summaries[ch] for r in results])

@@ -26,8 +26,8 @@ oversubscribed threads):
   start together, each compiles the modules no other has claimed (a lock file per module) and loads the rest from
   the cache the others wrote, so a cold start compiles on every core and a warm one only loads.
   :func:`warm_in_background` starts that compile in a spawned process early (``nnfast preprocess`` does during
-  verification and fingerprinting) when the cache is not known to be warm (:func:`is_warm`: a stamp per module
-  beside Numba's cache files, written after its warm-up); the pool's workers share the same lock folder
+  verification and fingerprinting); it compiles only when the cache is not known to be warm (:func:`is_warm`: a
+  stamp per module beside Numba's cache files, written after its warm-up). The pool's workers share its lock folder
   (:func:`warmup_lock_dir`), so they wait for what it is compiling and load it.
 
 Numba is imported when a kernel is defined or a thread limit applied, not when this module is imported, so that a
@@ -206,15 +206,21 @@ def is_warm(modules: "tuple[str, ...]") -> bool:
     return True
 
 
+def _compile_unless_warm(modules: "tuple[str, ...]", lock_dir: str) -> None:
+    if not is_warm(modules):
+        warmup_shared(modules, 0, 1, lock_dir)
+
+
 def warm_in_background(modules: "tuple[str, ...]"):
-    """Start compiling ``modules`` into Numba's cache in a spawned process (through :func:`warmup_shared` and
-    :func:`warmup_lock_dir`, so that pools started later wait for what it compiles); ``None`` when they are warm
-    already. Returns the process: join it (or terminate it) when the work that needs the kernels is done."""
+    """Start a spawned process that compiles ``modules`` into Numba's cache unless :func:`is_warm` (through
+    :func:`warmup_shared` and :func:`warmup_lock_dir`, so that pools started later wait for what it compiles).
+
+    The check runs in that process too: this one imports neither Numba nor the kernels (a warm run pays one
+    short-lived process on another core). Returns the process: join it (or terminate it) when the work that needs
+    the kernels is done."""
     import multiprocessing as mp
 
-    if is_warm(tuple(modules)):
-        return None
-    proc = mp.get_context("spawn").Process(target=warmup_shared, args=(tuple(modules), 0, 1, warmup_lock_dir()),
+    proc = mp.get_context("spawn").Process(target=_compile_unless_warm, args=(tuple(modules), warmup_lock_dir()),
                                            name="nnfast-compile", daemon=True)
     proc.start()
     return proc

@@ -169,7 +169,7 @@ def preprocess_dataset(
 
 
 def _compile_in_background(workers: int, scheduler):
-    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache, for a local pool on a cold cache (the pool's
+    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache when it is cold, for a local pool (whose
     workers then wait for what it compiles and load it, :func:`nnfast.native._jit.warm_in_background`); else None.
 
     It is a daemon: on an error this process's exit stops it."""
