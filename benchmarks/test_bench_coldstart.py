@@ -51,6 +51,7 @@ def _load() -> str:
 
 
 @pytest.mark.compat
+@pytest.mark.timeout(7200)  # at full size: 2 rounds of three whole commands
 @pytest.mark.benchmark(group="cold-start")
 def test_cold_warm_nnunet_preprocess(benchmark, ct_task, tmp_path):
     raw, did, _ = ct_task
@@ -71,7 +72,7 @@ def test_cold_warm_nnunet_preprocess(benchmark, ct_task, tmp_path):
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
 
-    benchmark.pedantic(one_round, rounds=1 if benchmark.disabled else 3, iterations=1)
+    benchmark.pedantic(one_round, rounds=1 if benchmark.disabled else 2, iterations=1)
     med = {k: statistics.median(v) for k, v in times.items() if v}
     benchmark.extra_info.update({f"{k}_s": round(v, 2) for k, v in med.items()})
     benchmark.extra_info["loadavg_after_each_round"] = loads
@@ -81,6 +82,7 @@ def test_cold_warm_nnunet_preprocess(benchmark, ct_task, tmp_path):
         benchmark.extra_info["nnunet_over_warm"] = round(med["nnunet"] / med["warm"], 2)
 
 
+@pytest.mark.timeout(3600)
 @pytest.mark.benchmark(group="cold-start-demo")
 def test_demo_preprocessing_cold_and_warm(benchmark, tmp_path):
     """``nnfast demo --skip-training`` (ten small cases) in a fresh folder on a fresh Numba cache, then in another

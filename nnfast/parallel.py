@@ -296,9 +296,8 @@ def _send_error(conn, index: int, exc: BaseException) -> bool:
 
 def _run_pool(func, items, order, case_keys, progress, initializer, initargs, pool_size, workers,
               threads, warm: tuple[str, ...] = ()) -> list:
-    import tempfile
-
     from .native import threads_per_worker
+    from .native._jit import warmup_lock_dir
 
     try:
         payload = dumps((func, initializer, initargs))
@@ -314,7 +313,7 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
     peak_seen = 0
     last_sample = 0.0
     ok = False
-    lock_dir = tempfile.mkdtemp(prefix="nnfast-warmup-") if warm else ""
+    lock_dir = warmup_lock_dir() if warm else ""
     try:
         for i in range(pool_size):  # one at a time: each worker gets its index (its share of the warm-up)
             slots += start_workers(1, _task_setup, (payload, warm, i, pool_size, lock_dir), name="nnfast-worker",
@@ -364,10 +363,6 @@ def _run_pool(func, items, order, case_keys, progress, initializer, initargs, po
         return results
     finally:
         stop_workers(slots, graceful=ok, join_s=_JOIN_TIMEOUT_S)
-        if lock_dir:
-            import shutil
-
-            shutil.rmtree(lock_dir, ignore_errors=True)
 
 
 def _raise_task_error(value, key: str | None):

@@ -104,7 +104,8 @@ def extract_fingerprint(
     elif todo:
         new = run_tasks(analyze_case, todo, workers=workers, keys=[c.case_id for c in todo],
                         sizes=[_file_size(c) for c in todo], scheduler=scheduler, progress=progress,
-                        desc="fingerprint")
+                        desc="fingerprint", warmup=False)  # the workers compile the files' dtypes on first use:
+        # a warm-up here would compile every kernel of nnfast in this process (~100 s cold) for a few signatures
     else:
         new = []
     done.update((r.case_id, r) for r in new)

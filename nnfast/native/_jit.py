@@ -7,6 +7,12 @@ oversubscribed threads):
   (the worker pools of :mod:`nnfast.workers`) and, for GIL-free kernels, threads are the unit of parallelism. A
   ``parallel=True`` kernel, if one is ever needed, gets its own decorator here and is never cached (Numba's cache key
   ignores ``parallel=``), and writes per-thread buffers instead of racing on a shared output.
+* Both cores on one case: a kernel whose work splits into independent slabs (rows of the output, x-slabs of a volume)
+  runs the same cached serial kernel on slabs from threads (:func:`run_slabs`; the kernels release the GIL). No
+  ``parallel=True`` variant is compiled: the slab results are those of the serial kernel bit for bit, and a cold
+  start compiles nothing more. :func:`kernel_threads` decides how many: Numba's thread count (a pool's worker has 1,
+  :func:`limit_threads`; a process on its own has its cores: ``--workers 1``, prediction, export), and 1 on any
+  thread but the main one (a thread pool already shares the cores).
 * ``fastmath`` stays off everywhere: parity with nnU-Net's float arithmetic matters more than the last
   few percent.
 * Threads: :func:`threads_per_worker` is the single place where ``workers x threads <= cores`` is decided, for both
@@ -19,6 +25,10 @@ oversubscribed threads):
   a lazy compile mid-run. :func:`warmup_shared` splits that compile between the processes of a pool instead: they
   start together, each compiles the modules no other has claimed (a lock file per module) and loads the rest from
   the cache the others wrote, so a cold start compiles on every core and a warm one only loads.
+  :func:`warm_in_background` starts that compile in a spawned process early (``nnfast preprocess`` does during
+  verification and fingerprinting); it compiles only when the cache is not known to be warm (:func:`is_warm`: a
+  stamp per module beside Numba's cache files, written after its warm-up). The pool's workers share its lock folder
+  (:func:`warmup_lock_dir`), so they wait for what it is compiling and load it.
 
 Numba is imported when a kernel is defined or a thread limit applied, not when this module is imported, so that a
 worker can set :data:`THREAD_ENV` first.
@@ -29,7 +39,8 @@ import os
 import sys
 from typing import Callable
 
-__all__ = ["serial", "register_warmup", "warmup", "warmup_shared", "available_cores", "threads_per_worker", "limit_threads",
+__all__ = ["serial", "run_slabs", "kernel_threads", "slab_threads", "register_warmup", "warmup", "warmup_shared", "warmup_lock_dir", "warm_in_background",
+           "is_warm", "available_cores", "threads_per_worker", "limit_threads",
            "THREAD_ENV", "LOADER_WORKER_THREADS"]
 
 _SERIAL_FLAGS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
@@ -47,6 +58,67 @@ def serial(func):
     import numba
 
     return numba.njit(**_SERIAL_FLAGS)(func)
+
+
+#: Fewest work items (voxels, output samples) per slab thread: below it, a thread's start-up costs more than it saves.
+MIN_ITEMS_PER_THREAD = 1 << 16
+
+_EXECUTORS: dict = {}
+_OVERRIDE: "list[tuple[int, int]]" = []
+
+
+def kernel_threads() -> int:
+    """Threads one kernel call may use in this thread (see the module docstring)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return 1
+    if _OVERRIDE:
+        return _OVERRIDE[-1][0]
+    if "numba" not in sys.modules:
+        return 1
+    return max(1, min(sys.modules["numba"].get_num_threads(), available_cores()))
+
+
+class slab_threads:
+    """``with slab_threads(n, min_items=...):`` kernels called from the main thread use ``n`` slab threads (and
+    slabs of at least ``min_items``, default :data:`MIN_ITEMS_PER_THREAD`): for tests and benchmarks."""
+
+    def __init__(self, threads: int, min_items: "int | None" = None):
+        self.value = (max(1, int(threads)), MIN_ITEMS_PER_THREAD if min_items is None else max(1, int(min_items)))
+
+    def __enter__(self):
+        _OVERRIDE.append(self.value)
+        return self
+
+    def __exit__(self, *exc):
+        _OVERRIDE.remove(self.value)
+
+
+def run_slabs(func: Callable[[int, int], None], n: int, *, items: int = 0, threads: "int | None" = None) -> None:
+    """Call ``func(start, stop)`` on contiguous slabs covering ``range(n)``: one call when there is one thread, else
+    one slab per thread, run concurrently (``func`` must write disjoint outputs per slab and release the GIL).
+
+    ``items`` (default ``n``): the work of all of ``range(n)``, so that each thread gets at least
+    :data:`MIN_ITEMS_PER_THREAD`. ``threads`` defaults to :func:`kernel_threads`.
+    """
+    t = kernel_threads() if threads is None else max(1, int(threads))
+    min_items = _OVERRIDE[-1][1] if _OVERRIDE else MIN_ITEMS_PER_THREAD
+    t = min(t, n, max(1, (items or n) // min_items))
+    if t <= 1:
+        if n > 0:
+            func(0, n)
+        return
+    ex = _EXECUTORS.get(t)
+    if ex is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        ex = _EXECUTORS[t] = ThreadPoolExecutor(t - 1, thread_name_prefix="nnfast-slab")
+    bounds = [n * i // t for i in range(t + 1)]
+    futures = [ex.submit(func, bounds[i], bounds[i + 1]) for i in range(1, t)]
+    func(bounds[0], bounds[1])  # this thread does the first slab
+    for f in futures:
+        f.result()
 
 
 def register_warmup(func: Callable[[], None]) -> Callable[[], None]:
@@ -71,6 +143,87 @@ def warmup(modules: "tuple[str, ...] | None" = None) -> None:
     for func in list(_WARMUPS):
         if modules is None or func.__module__.rsplit(".", 1)[-1] in modules:
             func()
+    for name in modules or ():
+        _mark_warm(name)
+
+
+_LOCK_DIR: "str | None" = None
+
+
+def warmup_lock_dir() -> str:
+    """The folder of this process's warm-up locks (:func:`warmup_shared`), shared by its pools and its background
+    compile; created on first use, removed when the process exits."""
+    global _LOCK_DIR
+    if _LOCK_DIR is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _LOCK_DIR = tempfile.mkdtemp(prefix="nnfast-warmup-")
+        atexit.register(shutil.rmtree, _LOCK_DIR, True)
+    return _LOCK_DIR
+
+
+def _stamp(name: str) -> "tuple[str, str] | None":
+    """(path, content) of the stamp that says kernel module ``name``'s warm-up is in Numba's cache; ``None`` when
+    its kernels are not cached (``NUMBA_DISABLE_JIT``, no writable cache folder)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"{__package__}.{name}")
+        cache_dir = next(obj._cache._cache_path for obj in vars(mod).values()
+                         if getattr(getattr(obj, "_cache", None), "_cache_path", None))
+        import numba
+
+        st = os.stat(mod.__file__)
+        return (os.path.join(cache_dir, f"nnfast-warm-{name}.stamp"),
+                f"numba {numba.__version__} source {st.st_mtime_ns} {st.st_size}\n")
+    except Exception:
+        return None
+
+
+def _mark_warm(name: str) -> None:
+    stamp = _stamp(name)
+    if stamp is not None:
+        try:
+            with open(stamp[0], "w") as f:
+                f.write(stamp[1])
+        except OSError:
+            pass
+
+
+def is_warm(modules: "tuple[str, ...]") -> bool:
+    """Whether the warm-ups of ``modules`` have run against Numba's current cache (this numba, these sources).
+
+    A heuristic for skipping work, never for correctness: a kernel missing from the cache compiles on first use."""
+    for name in modules:
+        stamp = _stamp(name)
+        try:
+            if stamp is None or open(stamp[0]).read() != stamp[1]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _compile_unless_warm(modules: "tuple[str, ...]", lock_dir: str) -> None:
+    if not is_warm(modules):
+        warmup_shared(modules, 0, 1, lock_dir)
+
+
+def warm_in_background(modules: "tuple[str, ...]"):
+    """Start a spawned process that compiles ``modules`` into Numba's cache unless :func:`is_warm` (through
+    :func:`warmup_shared` and :func:`warmup_lock_dir`, so that pools started later wait for what it compiles).
+
+    The check runs in that process too: this one imports neither Numba nor the kernels (a warm run pays one
+    short-lived process on another core). Returns the process: join it (or terminate it) when the work that needs
+    the kernels is done."""
+    import multiprocessing as mp
+
+    proc = mp.get_context("spawn").Process(target=_compile_unless_warm, args=(tuple(modules), warmup_lock_dir()),
+                                           name="nnfast-compile", daemon=True)
+    proc.start()
+    return proc
 
 
 def warmup_shared(modules: "tuple[str, ...]", index: int, count: int, lock_dir: str) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from nnfast.errors import InputTypeError, LabelError, ShapeError, UsageError
 
-from ._jit import register_warmup, serial
+from ._jit import register_warmup, run_slabs, serial
 
 __all__ = ["count_labels", "locate_ranked_voxels"]
 
@@ -147,8 +147,16 @@ def count_labels(seg: np.ndarray, labels) -> np.ndarray:
     seg = _spatial(seg)
     labels, lo, lut = _lookup(labels)
     counts = np.zeros(labels.size, np.int64)
-    if labels.size:
-        _count_labels(seg, lut, np.int64(lo), counts)
+    if labels.size:  # x-slabs on the threads this process may use, each with its own (exact, integer) counts
+        parts: list = []
+
+        def slab(a, b):
+            part = np.zeros(labels.size, np.int64)
+            _count_labels(seg[a:b], lut, np.int64(lo), part)
+            parts.append(part)
+        run_slabs(slab, seg.shape[0], items=seg.size)
+        for part in parts:
+            counts += part
     return counts
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from nnfast.errors import InputTypeError, LabelError, ShapeError
 
-from ._jit import register_warmup, serial
+from ._jit import register_warmup, run_slabs, serial
 
 __all__ = ["nonzero_mask", "nonzero_mask_and_bbox", "bbox_from_mask", "label_outside_mask", "seg_from_mask"]
 
@@ -300,7 +300,7 @@ def nonzero_mask_and_bbox(data: np.ndarray) -> tuple[np.ndarray, list[list[int]]
     perm = _memory_order(data.strides[1:])
     view = data.transpose(0, *(p + 1 for p in perm))
     work = np.empty(view.shape[1:], np.uint8)
-    box = _nonzero_mask_bbox(view, work)
+    box = _mask_and_box(view, work)
     if box[0] < 0:
         bbox_p = [[0, s] for s in work.shape]
     else:
@@ -310,6 +310,26 @@ def nonzero_mask_and_bbox(data: np.ndarray) -> tuple[np.ndarray, list[list[int]]
     mask = work.view(np.bool_).transpose(inv)
     bbox = [bbox_p[inv[a]] for a in range(3)]
     return mask, bbox
+
+
+def _mask_and_box(view: np.ndarray, work: np.ndarray) -> tuple:
+    """``_nonzero_mask_bbox`` on x-slabs on the threads this process may use; the slab boxes merge exactly.
+
+    Only where a slab has the layout of the whole (one channel, or a view already): a C-ordered multi-channel
+    slab would be a strided view, another compiled signature."""
+    if view.shape[0] > 1 and view.flags.c_contiguous:
+        return _nonzero_mask_bbox(view, work)
+    boxes: list = []
+
+    def slab(a, b):
+        box = _nonzero_mask_bbox(view[:, a:b], work[a:b])
+        if box[0] >= 0:
+            boxes.append((box[0] + a, box[1] + a, *box[2:]))
+    run_slabs(slab, work.shape[0], items=view.size)
+    if not boxes:
+        return (-1,) * 6
+    return (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes),
+            min(b[4] for b in boxes), max(b[5] for b in boxes))
 
 
 def nonzero_mask(data: np.ndarray) -> np.ndarray:
@@ -405,7 +425,12 @@ def label_outside_mask(seg: np.ndarray, mask: np.ndarray, label: int = -1) -> np
     if mask.dtype != np.bool_:
         mask = mask != 0
     out = np.empty(seg.shape, seg.dtype)
-    _label_outside(seg, mask, seg.dtype.type(label), out)
+    value = seg.dtype.type(label)
+    if seg.shape[0] == 1:  # x-slabs of one map keep its layout (and the compiled signature); elementwise
+        run_slabs(lambda a, b: _label_outside(seg[:, a:b], mask[a:b], value, out[:, a:b]), seg.shape[1],
+                  items=seg.size)
+    else:
+        _label_outside(seg, mask, value, out)
     return out
 
 

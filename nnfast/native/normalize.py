@@ -9,7 +9,7 @@ import numpy as np
 
 from nnfast.errors import PlanError, ShapeError
 
-from ._jit import register_warmup, serial
+from ._jit import register_warmup, run_slabs, serial
 
 __all__ = ["ct_normalize", "zscore_normalize", "masked_moments"]
 
@@ -47,8 +47,16 @@ def ct_normalize(image: np.ndarray, lower: float, upper: float, mean: float, std
         raise ShapeError(f"out must be a C-contiguous float32 array of shape {image.shape}, got {out.dtype} {out.shape}")
     if not np.isfinite([lower, upper, mean, std]).all():
         raise PlanError(f"CT normalization needs finite statistics, got lower={lower}, upper={upper}, mean={mean}, std={std}")
-    _ct_normalize(image, out, np.float32(lower), np.float32(upper), np.float32(mean), np.float32(max(std, 1e-8)))
+    lo, hi, mu, sd = np.float32(lower), np.float32(upper), np.float32(mean), np.float32(max(std, 1e-8))
+    img, dst = _slabbable(image, out)
+    # x-slabs on the threads this process may use (kernel_threads); elementwise, so the same floats
+    run_slabs(lambda a, b: _ct_normalize(img[a:b], dst[a:b], lo, hi, mu, sd), img.shape[0], items=img.size)
     return out
+
+
+def _slabbable(*arrays):
+    """The arrays with at least one axis to cut into slabs (a 0-d array becomes shape (1,), sharing memory)."""
+    return tuple(a if a.ndim else a.reshape(1) for a in arrays)
 
 
 @serial
@@ -137,10 +145,18 @@ def zscore_normalize(image: np.ndarray, mask: np.ndarray | None, out: np.ndarray
         out[...] = image
         return out
     std32 = np.float32(max(std, 1e-8))
+    mean32 = np.float32(mean)
+    img, dst = _slabbable(image, out)
     if mask is None:
-        _zscore_all(image, out, np.float32(mean), std32)
+        def slab(a, b):
+            _zscore_all(img[a:b], dst[a:b], mean32, std32)
     else:
-        _zscore_masked(image, np.ascontiguousarray(mask, dtype=np.bool_), out, np.float32(mean), std32)
+        (m,) = _slabbable(np.ascontiguousarray(mask, dtype=np.bool_))
+
+        def slab(a, b):
+            _zscore_masked(img[a:b], m[a:b], dst[a:b], mean32, std32)
+    # x-slabs on the threads this process may use; the moments above stay serial (their float64 sums)
+    run_slabs(slab, img.shape[0], items=img.size)
     return out
 
 

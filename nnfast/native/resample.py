@@ -44,7 +44,7 @@ import numpy as np
 
 from nnfast.errors import InputTypeError, ShapeError, UsageError
 
-from ._jit import register_warmup, serial
+from ._jit import kernel_threads, register_warmup, run_slabs, serial
 
 __all__ = ["resize_image", "resize_image_separate_z", "axis_taps", "nearest_indices", "check_new_shape"]
 
@@ -164,8 +164,9 @@ def _eval_row(buf, idx, w, k, nb, acc):
 
 
 @serial
-def _resize_mid(src, dst, idx, w, pad, prefilter, sub, add, buf, acc):
-    """Resize axis 1 of ``src`` (p, n, m) into ``dst`` (p, n_out, m) (float32/64), lines vectorised along axis 2.
+def _resize_mid(src, dst, idx, w, pad, prefilter, sub, add, buf, acc, j_lo, j_hi):
+    """Resize axis 1 of ``src`` (p, n, m) into ``dst`` (p, n_out, m) (float32/64), lines vectorised along axis 2;
+    only the lines (columns) ``j_lo <= j < j_hi`` (a slab for one thread; each line is computed alone).
 
     Lines are loaded in blocks of ``buf.shape[1]`` columns, minus ``sub`` (times the filter gain when
     prefiltering), edge-padded by ``pad`` rows, optionally prefiltered, evaluated with the tap table
@@ -177,8 +178,8 @@ def _resize_mid(src, dst, idx, w, pad, prefilter, sub, add, buf, acc):
     block = buf.shape[1]
     scale = _filter_gain() if prefilter else 1.0
     for p in range(n_p):
-        for j0 in range(0, m, block):
-            nb = min(block, m - j0)
+        for j0 in range(j_lo, j_hi, block):
+            nb = min(block, j_hi - j0)
             for i in range(n_buf):
                 si = min(max(i - pad, 0), n - 1)
                 for j in range(nb):
@@ -340,22 +341,37 @@ def _resize_axis(src: np.ndarray, axis: int, n_out: int, order: int, sub: float,
     pad = _NPAD if order == 3 else 0
     prefilter = order == 3
     n_buf = n + 2 * pad
+    # Slabs of lines on the threads this process may use (kernel_threads): every line is resized alone, so the
+    # result is the serial one bit for bit; each slab has its own line buffers.
+    work = dst.size * (idx.shape[1] + 2 * prefilter)
     if axis == 2:
         rows = src.shape[0] * src.shape[1]
-        block = _block_size(n_buf, rows)
-        buf = np.empty((n_buf, block), np.float64)
-        acc = np.empty(block, np.float64)
-        _resize_last(src.reshape(rows, n), dst.reshape(rows, n_out), idx, w, pad, prefilter, sub, add, buf, acc)
+        s2, d2 = src.reshape(rows, n), dst.reshape(rows, n_out)
+
+        def slab(a, b):
+            block = _block_size(n_buf, b - a)
+            _resize_last(s2[a:b], d2[a:b], idx, w, pad, prefilter, sub, add, np.empty((n_buf, block), np.float64),
+                         np.empty(block, np.float64))
+        run_slabs(slab, rows, items=work)
     else:
         if axis == 0:
             s3 = src.reshape(1, n, -1)
             d3 = dst.reshape(1, n_out, -1)
         else:
             s3, d3 = src, dst
-        block = _block_size(n_buf, s3.shape[2])
-        buf = np.empty((n_buf, block), np.float64)
-        acc = np.empty(block, np.float64)
-        _resize_mid(s3, d3, idx, w, pad, prefilter, sub, add, buf, acc)
+        m = s3.shape[2]
+        if s3.shape[0] >= kernel_threads():  # slabs of planes
+            def slab(a, b):
+                block = _block_size(n_buf, m)
+                _resize_mid(s3[a:b], d3[a:b], idx, w, pad, prefilter, sub, add, np.empty((n_buf, block), np.float64),
+                            np.empty(block, np.float64), 0, m)
+            run_slabs(slab, s3.shape[0], items=work)
+        else:  # one plane (axis 0): slabs of columns
+            def slab(a, b):
+                block = _block_size(n_buf, b - a)
+                _resize_mid(s3, d3, idx, w, pad, prefilter, sub, add, np.empty((n_buf, block), np.float64),
+                            np.empty(block, np.float64), a, b)
+            run_slabs(slab, m, items=work)
     return dst
 
 
@@ -415,10 +431,23 @@ def _check_order(order: int) -> int:
     return int(order)
 
 
+def _minmax_x(src: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    """``_slice_minmax(src, 0, lo, hi)`` on x-slabs (each slab writes its own entries of ``lo``/``hi``)."""
+    run_slabs(lambda a, b: _slice_minmax(src[a:b], 0, lo[a:b], hi[a:b]), src.shape[0], items=src.size)
+
+
+def _clip(arr: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray) -> None:
+    """``_clip_slices(arr, axis, lo, hi)`` on x-slabs (elementwise: the same values)."""
+    if axis == 0:
+        run_slabs(lambda a, b: _clip_slices(arr[a:b], 0, lo[a:b], hi[a:b]), arr.shape[0], items=arr.size)
+    else:
+        run_slabs(lambda a, b: _clip_slices(arr[a:b], axis, lo, hi), arr.shape[0], items=arr.size)
+
+
 def _channel_minmax(src: np.ndarray) -> tuple[float, float]:
     lo = np.empty(src.shape[0], np.float64)
     hi = np.empty(src.shape[0], np.float64)
-    _slice_minmax(src, 0, lo, hi)
+    _minmax_x(src, lo, hi)
     if np.all(np.isnan(lo)):
         return math.nan, math.nan
     return float(np.nanmin(lo)), float(np.nanmax(hi))
@@ -484,7 +513,7 @@ def resize_image(data: np.ndarray, new_shape, order: int = 3, *, precise: bool =
         lo, hi = _channel_minmax(src)
         _resize_axes(src, shape, axes, order, _shift(lo, hi, order), out[c], _inter(precise))
         if order != 0:
-            _clip_slices(out[c], 0, np.full(shape[0], lo), np.full(shape[0], hi))
+            _clip(out[c], 0, np.full(shape[0], lo), np.full(shape[0], hi))
     return out
 
 
@@ -551,7 +580,10 @@ def resize_image_separate_z(data: np.ndarray, new_shape, axis: int, order: int =
         mid_shape = tuple(mid_shape)
         lo = np.empty(src.shape[axis], np.float64)
         hi = np.empty(src.shape[axis], np.float64)
-        _slice_minmax(src, axis, lo, hi)
+        if axis == 0:
+            _minmax_x(src, lo, hi)
+        else:  # a reduction over x: serial (slab minima would need merging)
+            _slice_minmax(src, axis, lo, hi)
         shift = 0.0 if np.all(np.isnan(lo)) else _shift(float(np.nanmin(lo)), float(np.nanmax(hi)), order)
         axes = _pass_order(src.shape, mid_shape, inplane)
         if not z_last:
@@ -561,7 +593,7 @@ def resize_image_separate_z(data: np.ndarray, new_shape, axis: int, order: int =
         _resize_axes(src, mid_shape, axes, order, shift, planes, _inter(precise))
         del src
         if axes and order != 0:
-            _clip_slices(planes, axis, lo, hi)
+            _clip(planes, axis, lo, hi)
         if z_last:
             if order_z == 0:
                 np.take(planes, zidx, axis=axis, out=out[c])

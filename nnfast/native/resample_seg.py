@@ -32,7 +32,7 @@ import numpy as np
 
 from nnfast.errors import InputTypeError, LabelError, ShapeError, UsageError
 
-from ._jit import register_warmup, serial
+from ._jit import register_warmup, run_slabs, serial
 from .resample import check_new_shape
 
 __all__ = ["resize_labels", "resize_labels_separate_z", "label_taps"]
@@ -203,8 +203,12 @@ def _run(seg: np.ndarray, shape, taps) -> np.ndarray:
     if seg4.size == 0:  # batchgenerators: an empty map resizes to zeros
         out[...] = 0
     else:
+        (ia, wa, na), tb, tc = taps
         for c in range(seg4.shape[0]):
-            _resize_labels(np.ascontiguousarray(seg4[c]), out[c], *taps[0], *taps[1], *taps[2])
+            src, dst = np.ascontiguousarray(seg4[c]), out[c]
+            # slabs of output x-rows on the threads this process may use: rows are independent, same labels
+            run_slabs(lambda a, b: _resize_labels(src, dst[a:b], ia[a:b], wa[a:b], na[a:b], *tb, *tc),
+                      dst.shape[0], items=dst.size)
     return out if four else out[0]
 
 

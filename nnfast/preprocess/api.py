@@ -123,6 +123,7 @@ def preprocess_dataset(
     from .pipeline import CaseTask, case_hash, configuration_hash, dir_size, run_case_task
 
     t0 = time.perf_counter()
+    compiler = _compile_in_background(workers, scheduler)  # while verify + fingerprint run (cold cache only)
     res = plan_dataset(task, settings, workers=workers, scheduler=scheduler, gpu_memory_gb=gpu_memory_gb, verify=verify,
                        plans_identifier=plans_identifier, preset=preset, replan=replan,
                        create=plans_identifier in (None, get_preset(preset or "default").plans_identifier))
@@ -161,9 +162,31 @@ def preprocess_dataset(
         cs.wall_s = time.perf_counter() - t1
         cs.bytes_on_disk = dir_size(folder)
         summary.configs.append(cs)
+    _join(compiler)
     summary.wall_s = time.perf_counter() - t0
     summary.peak_rss_parent, summary.peak_rss_children = peak_rss_bytes()
     return summary
+
+
+def _compile_in_background(workers: int, scheduler):
+    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache when it is cold, for a local pool (whose
+    workers then wait for what it compiles and load it, :func:`nnfast.native._jit.warm_in_background`); else None.
+
+    It is a daemon: on an error this process's exit stops it."""
+    if workers <= 1 or scheduler is not None:
+        return None
+    from ..native._jit import warm_in_background
+
+    return warm_in_background(PREPROCESS_KERNELS)
+
+
+def _join(proc, timeout_s: float = 10.0) -> None:
+    if proc is None:
+        return
+    proc.join(timeout_s)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join()
 
 
 def single_threaded_libraries() -> None:
