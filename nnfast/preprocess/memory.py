@@ -24,8 +24,9 @@ __all__ = ["WORKER_BASE_BYTES", "PARENT_BYTES", "case_peak_bytes", "available_me
 
 log = logging.getLogger(__name__)
 
-#: resident memory of a preprocessing worker before its first case (imports, compiled kernels): 269 MiB measured
-WORKER_BASE_BYTES = 280 * 2**20
+#: resident memory of a preprocessing worker before its first case (imports, compiled kernels: 269 MiB measured) plus
+#: the transient buffers of reading a case
+WORKER_BASE_BYTES = 300 * 2**20
 #: the main process meanwhile (plans, the task list, the pool): ~350 MiB measured
 PARENT_BYTES = 400 * 2**20
 
