@@ -39,6 +39,12 @@ Zstd 3                                 1.86x         1.96x       0.891x
 LZ4HC 5, no shuffle                    0.55x         0.67x       1.177x
 =====================================  ============  ==========  ==========  ==============
 
+Re-measured 2026-12-07 (same tool, 2-core machine under load 7-10; nnU-Net 26-41 ms per patch in these runs):
+LZ4HC 5 1.00x (0.962x bytes), **LZ4HC 3 1.01x (0.969x bytes; the default since: ~25 % cheaper writes)**, LZ4HC 4
+1.02x (0.966x), LZ4HC 1 1.17x (1.106x bytes), LZ4 9 1.22x (1.115x). The 0.66-0.70x above did not reproduce on
+this machine for any level (the code at 9134b2f also gave 0.99x), so the reader's lead over nnU-Net is machine-
+dependent; the ranking of the levels is not.
+
 Image alone (LZ4HC 7): 11.2 MB per case against nnU-Net's 11.24 MB ``.b2nd``; the rest of the saving is the int8
 seg and class locations stored as compressed int32 arrays instead of a pickle. zarr-python on the same store:
 3-6x nnU-Net's time (pytest-benchmark run: 117 ms vs 35 ms under load 9). Other shapes (same tool, LZ4HC 5):

@@ -17,7 +17,7 @@ A preprocessed folder holds one directory per case, ``<folder>/<case_id>.zarr/``
   covers the whole array, so a case is ~6 small files. Inside the shard, inner chunks are ``(1, cx, cy, cz)``:
   one channel per chunk, spatial extent from :func:`chunk_layout` (small: about a quarter to half of the
   patch per axis, 256 KiB of voxels by default) so that a patch read decodes little more than the patch.
-  Inner chunks are ``bytes`` (little endian) + ``blosc`` (LZ4HC level 5 by default, byte shuffle for the image
+  Inner chunks are ``bytes`` (little endian) + ``blosc`` (LZ4HC level 3 by default, byte shuffle for the image
   unless a trial compression prefers none). Inner chunks equal to the fill value are not written (zarr's
   ``write_empty_chunks=False``), and the seg shard file is absent when the whole seg is -1.
 * ``class_locations/<key>``: int32 arrays ``(n, 4)`` of voxel coordinates ``(0, x, y, z)`` (nnU-Net's layout:
@@ -35,11 +35,14 @@ The store opens with plain ``zarr.open(path)`` (notebooks, napari). The hot path
 zarr-python: :class:`nnfast.io.store_reader.CaseReader` parses the metadata and the shard index itself and
 decodes only the inner chunks a patch touches.
 
-Defaults (LZ4HC level 5 + shuffle, 256 KiB inner chunks) were chosen with ``benchmarks/test_bench_patch_read.py``:
-on a CT-like (1, 120, 300, 300) case with 56x192x192 boxes, :class:`~nnfast.io.store_reader.CaseReader` takes
-0.68-0.70x the time of nnU-Net v2.8.1's blosc2 path at 0.96x its bytes (zarr-python: 3-6x); the table of variants
-is in that file's docstring. Level 7 reads ~3 % faster at 0.93x the bytes but writes ~30 % slower, and the write is
-the largest cost of ``nnfast preprocess`` (``benchmarks/README.md``).
+Defaults (LZ4HC level 3 + shuffle, 256 KiB inner chunks) were chosen with ``benchmarks/test_bench_patch_read.py``:
+on a CT-like (1, 120, 300, 300) case with 56x192x192 boxes, :class:`~nnfast.io.store_reader.CaseReader` reads as
+fast as nnU-Net v2.8.1's blosc2 path or faster (0.68-1.01x its time, depending on the machine) at 0.97x its bytes
+(zarr-python: 3-6x); the table of variants is in that file's docstring. The write is the largest cost of ``nnfast
+preprocess`` (``benchmarks/README.md``): level 3 compresses ~25 % faster than level 5 for +0.7 % bytes and the same
+patch-read time (1.01x vs 1.00x nnU-Net's, one interleaved run); level 1 is 3x faster but 1.11x nnU-Net's bytes and
+1.17x its read time, plain LZ4 1.12x the bytes. The shards are written by :class:`~nnfast.io.shard_writer.ShardWriter`
+(the bytes zarr-python writes, without its pipeline).
 """
 from __future__ import annotations
 
@@ -90,7 +93,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 STORE_SUFFIX = ".zarr"
 DEFAULT_CNAME: Literal["lz4", "lz4hc", "zstd"] = "lz4hc"
-DEFAULT_CLEVEL = 5
+DEFAULT_CLEVEL = 3
 #: Byte cap of one inner chunk (logical, uncompressed). With 56x192x192 patches this gives (1, 16, 64, 64) for
 #: float32 images and (1, 32, 128, 64) for int8 segs (see the table in the module docstring).
 DEFAULT_CHUNK_NBYTES = 256 * 1024
@@ -440,7 +443,7 @@ def write_case(
         The configuration's patch size; decides the chunking (:func:`chunk_layout`).
     case_id : str, optional
         Defaults to the name of ``path`` without ``.zarr``.
-    cname, clevel : codec of the blosc compressor (LZ4HC level 5 by default).
+    cname, clevel : codec of the blosc compressor (LZ4HC level 3 by default).
     shuffle : {"auto", "shuffle", "noshuffle", "bitshuffle"}
         Image filter; ``"auto"`` trial-compresses a central slab both ways (nnU-Net v2.8's rule). The seg
         (one byte per voxel) always uses no shuffle.

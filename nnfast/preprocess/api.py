@@ -152,6 +152,8 @@ def preprocess_dataset(
             tasks.append(CaseTask(case, str(plans_path(res.output_folder, res.plans_identifier)), name, str(out), h))
             task_sizes.append(size)
         log.info("%s: %d of %d cases to preprocess (%d current)", name, len(tasks), len(res.cases), cs.skipped)
+        if tasks and scheduler is None:
+            _warn_if_workers_do_not_fit(res.fingerprint, plans, name, [t.case.case_id for t in tasks], workers)
         if tasks:
             results = run_tasks(run_case_task, tasks, workers=workers, keys=[t.case.case_id for t in tasks],
                                 sizes=task_sizes, scheduler=scheduler, progress=progress, desc=f"preprocess {name}",
@@ -187,6 +189,17 @@ def _join(proc, timeout_s: float = 10.0) -> None:
     if proc.is_alive():
         proc.terminate()
         proc.join()
+
+
+def _warn_if_workers_do_not_fit(fingerprint, plans, config_name: str, case_ids: list[str], workers: int) -> None:
+    """One warning line, before any case starts, when ``workers`` workers on the largest cases may not fit in the
+    memory available (:mod:`nnfast.preprocess.memory`)."""
+    from .memory import available_memory_bytes, dataset_peaks, workers_warning
+
+    peaks = dataset_peaks(fingerprint, plans, config_name, case_ids)
+    message = workers_warning(list(peaks.values()), min(workers, len(case_ids)), available_memory_bytes())
+    if message:
+        log.warning("preprocess %s: %s", config_name, message)
 
 
 def single_threaded_libraries() -> None:

@@ -103,12 +103,25 @@ def preprocess_arrays(
     properties : JSON-able dict (shapes, bbox, spacings)
     class_locations : {key: int64 (n, 4) array}; key is a label int or a tuple of labels
     """
+    return _preprocess_owned([data, seg], spacing, plans, config_name, case_id,
+                             with_class_locations=with_class_locations)
+
+
+def _preprocess_owned(arrays: list, spacing, plans, config_name: str, case_id: str = "", *,
+                      with_class_locations: bool = True) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """:func:`preprocess_arrays` on ``arrays = [data, seg]``, emptied here: when the caller holds no other reference,
+    every intermediate (the arrays read, the uncropped arrays, the resampling inputs) is freed as soon as the next one
+    exists, which is what bounds a worker's peak memory on large cases."""
+    data, seg = arrays
+    arrays.clear()
     cfg = plans.configuration(config_name)
     tf = [int(a) for a in plans.transpose_forward]
     where = f"case {case_id}" if case_id else "case"
     data = np.ascontiguousarray(data.transpose([0, *[a + 1 for a in tf]]))
     if seg is not None:
         seg = np.ascontiguousarray(seg.transpose([0, *[a + 1 for a in tf]]))
+        if seg.dtype != np.int8 and seg.size and -128 <= seg.min() and seg.max() <= 127:
+            seg = seg.astype(np.int8)  # resampled and stored as int8 anyway: half the memory of int16 on the way
     original_spacing = [float(spacing[a]) for a in tf]
     shape_before = tuple(int(s) for s in data.shape[1:])
     data, seg, bbox = crop_to_nonzero(data, seg)
@@ -122,6 +135,7 @@ def preprocess_arrays(
                      plans.foreground_intensity_properties_per_channel, where=where)
     rk = _resampling_kwargs(cfg)
     data = resample_data_or_seg_to_shape(data, new_shape, original_spacing, target_spacing, is_seg=False, **rk["data"])
+    data = np.ascontiguousarray(data, dtype=np.float32)  # before the label map is resampled: one image alive
     seg = resample_data_or_seg_to_shape(seg, new_shape, original_spacing, target_spacing, is_seg=True, **rk["seg"])
 
     from .class_locations import sample_class_locations
@@ -139,12 +153,17 @@ def preprocess_arrays(
         "shape_after_resampling": list(new_shape),
         "transpose_forward": tf,
     }
-    return np.ascontiguousarray(data, dtype=np.float32), seg, properties, class_locations
+    return data, seg, properties, class_locations
 
 
 def preprocess_case(case: CaseFiles, plans, config_name: str) -> tuple[np.ndarray, np.ndarray, dict, dict]:
-    """Read and preprocess one case from its files (see :func:`preprocess_arrays`)."""
-    data, geom = read_images(case.image_files, dtype=np.float32)
+    """Read and preprocess one case from its files (see :func:`preprocess_arrays`).
+
+    Integer images are read in their own dtype and made float32 after cropping (the values and the nonzero mask are
+    those of nnU-Net's float32 read; a full-size float32 copy less); float images are read as float32."""
+    data, geom = read_images(case.image_files, dtype=None)
+    if data.dtype.kind not in "iu":
+        data = data.astype(np.float32, copy=False)
     seg = None
     if case.label_file is not None:
         seg, seg_geom = read_label(case.label_file)
@@ -155,7 +174,9 @@ def preprocess_case(case: CaseFiles, plans, config_name: str) -> tuple[np.ndarra
                 f"case {case.case_id}: label file `{case.label_file}` has shape {seg.shape[1:]} but the image has "
                 f"{data.shape[1:]}; run `nnfast verify` for a full report"
             )
-    data, seg, props, locs = preprocess_arrays(data, seg, geom.spacing, plans, config_name, case.case_id)
+    arrays = [data, seg]
+    del data, seg  # _preprocess_owned holds the only references
+    data, seg, props, locs = _preprocess_owned(arrays, geom.spacing, plans, config_name, case.case_id)
     props["case_id"] = case.case_id
     props["geometry"] = geom.to_json()
     props["image_files"] = [str(p) for p in case.image_files]
