@@ -197,7 +197,7 @@ def preprocess_image(data: np.ndarray, spacing: Sequence[float], plans, config_n
         if seg.shape[1:] != data.shape[1:]:
             raise GeometryError(f"{where} has shape {tuple(seg.shape[1:])} but the image has {tuple(data.shape[1:])}")
     data, seg, props, _ = preprocess_arrays(data, seg, tuple(spacing), plans, config_name, case_id or "",
-                                            with_class_locations=False)
+                                            with_class_locations=False, with_seg=previous_stage is not None)
     if previous_stage is not None:
         onehot = np.empty((len(foreground_labels), *data.shape[1:]), np.float32)
         for i, lab in enumerate(foreground_labels):

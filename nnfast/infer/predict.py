@@ -338,7 +338,8 @@ def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str
 
     dev = resolve_device(opts.device)
     workers = max(1, int(opts.workers))
-    export_threads = max(1, available_cores() // workers)
+    # at most len(cases) exports run at once: one case exports with every core
+    export_threads = max(1, available_cores() // max(1, min(workers, len(cases))))
     fg = model.labels.foreground_labels
     net = model.build_network()
 
@@ -377,7 +378,9 @@ def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str
     pipeline = StagePipeline(preprocess, predict, export, workers=workers, prefetch=1, name="nnfast-predict")
     torch_threads = torch.get_num_threads()
     if dev.type == "cpu":  # leave a core to the preprocessing/export threads: OpenMP barriers stall when oversubscribed
-        torch.set_num_threads(max(1, min(torch_threads, available_cores() - 1)))
+        # (one case: nothing is preprocessed or exported while the network runs, so it gets every core)
+        spare = 1 if len(cases) > 1 else 0
+        torch.set_num_threads(max(1, min(torch_threads, available_cores() - spare)))
     try:
         pipeline.run(cases, record)
     finally:

@@ -86,7 +86,8 @@ def preprocess_arrays(
     case_id: str = "",
     *,
     with_class_locations: bool = True,
-) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    with_seg: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, dict, dict]:
     """Preprocess one case held in memory.
 
     Parameters
@@ -95,20 +96,23 @@ def preprocess_arrays(
     seg : (1, z, y, x) integer label map in reader order, or None (test cases)
     spacing : reader-order spacing in mm
     with_class_locations : sample class locations (training needs them, inference does not)
+    with_seg : resample the label map (False: ``seg`` is returned as None, saving a resampling of the ``-1``-outside
+        mask that prediction without a previous stage never reads)
 
     Returns
     -------
     data : float32 (c, x, y, z) after transpose/crop/normalize/resample
-    seg : int8 or int16 (1, x, y, z), -1 outside the nonzero region
+    seg : int8 or int16 (1, x, y, z), -1 outside the nonzero region; None with ``with_seg=False``
     properties : JSON-able dict (shapes, bbox, spacings)
     class_locations : {key: int64 (n, 4) array}; key is a label int or a tuple of labels
     """
     return _preprocess_owned([data, seg], spacing, plans, config_name, case_id,
-                             with_class_locations=with_class_locations)
+                             with_class_locations=with_class_locations, with_seg=with_seg)
 
 
 def _preprocess_owned(arrays: list, spacing, plans, config_name: str, case_id: str = "", *,
-                      with_class_locations: bool = True) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+                      with_class_locations: bool = True,
+                      with_seg: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict, dict]:
     """:func:`preprocess_arrays` on ``arrays = [data, seg]``, emptied here: when the caller holds no other reference,
     every intermediate (the arrays read, the uncropped arrays, the resampling inputs) is freed as soon as the next one
     exists, which is what bounds a worker's peak memory on large cases."""
@@ -136,13 +140,17 @@ def _preprocess_owned(arrays: list, spacing, plans, config_name: str, case_id: s
     rk = _resampling_kwargs(cfg)
     data = resample_data_or_seg_to_shape(data, new_shape, original_spacing, target_spacing, is_seg=False, **rk["data"])
     data = np.ascontiguousarray(data, dtype=np.float32)  # before the label map is resampled: one image alive
-    seg = resample_data_or_seg_to_shape(seg, new_shape, original_spacing, target_spacing, is_seg=True, **rk["seg"])
+    class_locations: dict = {}
+    if with_seg or with_class_locations:
+        seg = resample_data_or_seg_to_shape(seg, new_shape, original_spacing, target_spacing, is_seg=True,
+                                            **rk["seg"])
+        if with_class_locations:
+            from .class_locations import sample_class_locations
 
-    from .class_locations import sample_class_locations
-
-    keys = LabelManager.from_plans(plans).class_location_keys if with_class_locations else []
-    class_locations = sample_class_locations(seg, keys) if with_class_locations else {}
-    seg = seg.astype(np.int16 if seg.size and seg.max() > 127 else np.int8, copy=False)
+            class_locations = sample_class_locations(seg, LabelManager.from_plans(plans).class_location_keys)
+        seg = seg.astype(np.int16 if seg.size and seg.max() > 127 else np.int8, copy=False)
+    else:
+        seg = None
     properties = {
         "spacing_reader_order": [float(s) for s in spacing],
         "original_spacing": original_spacing,
