@@ -187,6 +187,25 @@ def _real_raw(work: Path, cache: Path) -> tuple[Path, Path, list[str]]:
     return raw, ds_raw, held
 
 
+def _divide_features(ds_pre: Path, divisor: int) -> list[int]:
+    """Set 3d_fullres's features per stage to the *planned* ones (kept in ``planned_features.json``) divided by
+    ``divisor`` (at least 4), in nnfast's plans and nnU-Net's exported plans alike; returns them. Preprocessing does
+    not depend on them."""
+    keep = ds_pre / "planned_features.json"
+    nn_file, ours_file = ds_pre / "nnUNetPlans.json", ds_pre / "nnfast_plans.json"
+    nn, ours = json.loads(nn_file.read_text()), json.loads(ours_file.read_text())
+    nn_arch = nn["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    if not keep.is_file():
+        keep.write_text(json.dumps(nn_arch["features_per_stage"]))
+    planned = json.loads(keep.read_text())
+    features = [max(4, int(f) // int(divisor)) for f in planned]
+    nn_arch["features_per_stage"] = features
+    ours["configurations"]["3d_fullres"]["architecture"]["features_per_stage"] = features
+    nn_file.write_text(json.dumps(nn, indent=2))
+    ours_file.write_text(json.dumps(ours, indent=2))
+    return features
+
+
 def prepare(name: str, work: Path, budget, cache: Path, log=print) -> Prepared:
     """Prepare dataset ``name`` under ``work/<name>`` (reused when its summary exists)."""
     from nnfast.plan.api import plan_dataset
@@ -203,6 +222,10 @@ def prepare(name: str, work: Path, budget, cache: Path, log=print) -> Prepared:
     summary_file = root / "dataset_summary.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
+        if summary.get("features_divisor", 1) != budget.features_divisor:
+            summary["features_per_stage"] = _divide_features(pre / folder_name, budget.features_divisor)
+            summary["features_divisor"] = budget.features_divisor
+            summary_file.write_text(json.dumps(summary, indent=2))
         return Prepared(name, did, folder_name, raw, pre, heldout / "images", heldout / "labels", summary)
     if root.exists():
         shutil.rmtree(root)
@@ -222,6 +245,7 @@ def prepare(name: str, work: Path, budget, cache: Path, log=print) -> Prepared:
     # one split for every arm: nnU-Net's 5-fold split of the training cases (written by nnfast's split owner)
     train_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds_raw / "labelsTr").glob("*.nii.gz"))
     splits = load_or_create_splits(ds_pre / SPLITS_FILE, train_ids)
+    features = _divide_features(ds_pre, budget.features_divisor)
     conf = json.loads((ds_pre / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
     patch = conf["patch_size"]
     spacing = conf["spacing"]
@@ -232,7 +256,8 @@ def prepare(name: str, work: Path, budget, cache: Path, log=print) -> Prepared:
         "n_stages": len(conf["architecture"]["arch_kwargs"]["n_conv_per_stage"]),
         "dummy_2d": bool(max(patch) / patch[0] > 3),  # nnU-Net's ANISO_THRESHOLD rule on the patch
         "separate_z": bool(max(spacing) / min(spacing) > 3),  # nnU-Net's resampling rule on the target spacing
-        "plans_gpu_memory_gb": budget.gpu_memory_gb, "plans_identifier": res.plans_identifier
+        "plans_gpu_memory_gb": budget.gpu_memory_gb, "features_divisor": budget.features_divisor,
+        "features_per_stage": features, "plans_identifier": res.plans_identifier
         if hasattr(res, "plans_identifier") else "nnfast_plans",
     }
     summary_file.write_text(json.dumps(summary, indent=2))
