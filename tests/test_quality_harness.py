@@ -78,3 +78,30 @@ def test_table_csv_and_timings():
     csv_text = aggregate.rows_csv(rows)
     assert csv_text.splitlines()[0] == "dataset,arm,seed,label,dice,wall_s,loader_wait_s"
     assert len(csv_text.splitlines()) == 1 + len(rows)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("name", sorted(__import__("benchmarks.quality.arm_worker", fromlist=["ABLATIONS"]).ABLATIONS))
+def test_every_ablation_switches_off_a_transform_in_nnunets_pipeline_and_a_field_of_nnfasts(name, monkeypatch):
+    """``--ablate NAME`` finds its transform in nnU-Net's default training pipeline (A) and names real
+    AugmentConfig probabilities (B, C), which end up 0 while the others keep nnU-Net's defaults."""
+    pytest.importorskip("nnunetv2")
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from benchmarks.quality import arm_worker
+    from nnfast.data import augment_params
+    from nnfast.data.augment_params import AugmentConfig
+
+    patch, ds = (8, 16, 16), [[1, 1, 1], [0.5, 0.5, 0.5]]
+    aug = AugmentConfig.from_patch_size(patch, ds_scales=ds)
+    tr = nnUNetTrainer.get_training_transforms(patch, aug.rotation, ds, aug.mirror_axes, aug.do_dummy_2d,
+                                               use_mask_for_norm=[False], is_cascaded=False,
+                                               foreground_labels=[1, 2], regions=None, ignore_label=None)
+    assert arm_worker._ablate_nnunet_transforms(tr, [name]) >= 1
+    monkeypatch.setattr(augment_params.AugmentConfig, "__post_init__", augment_params.AugmentConfig.__post_init__)
+    arm_worker._patch_nnfast_augmentation([name])
+    off = AugmentConfig.from_patch_size(patch, ds_scales=ds)
+    fields = arm_worker.ABLATIONS[name][0]
+    assert all(getattr(off, f) == 0.0 for f in fields)
+    assert all(getattr(aug, f) > 0 for f in fields)
+    assert off.p_noise == aug.p_noise or "p_noise" in fields
