@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
             ds = prepared[name]
             for arm in args.arms:
                 run_dir = work / name / "runs" / tag / f"{arm}_seed{seed}"
+                if args.report_only and not (run_dir / "metrics.json").is_file():
+                    continue
                 run_dir.mkdir(parents=True, exist_ok=True)
                 t0 = time.perf_counter()
                 tr = _train(ds, arm, seed, budget, run_dir, ablate)
@@ -194,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"switch these augmentations off in every arm ({', '.join(sorted(ABLATIONS))})")
     p.add_argument("--work", default="quality_runs", help="work folder (datasets, runs, reports); default ./quality_runs")
     p.add_argument("--cache", default="quality_runs/cache", help="where the nilearn wheel is downloaded to")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs that are complete; train nothing")
     p.add_argument("--epochs", type=int, help="override the budget's epochs (smoke tests)")
     p.add_argument("--iterations", type=int, help="override the budget's iterations per epoch (smoke tests)")
     return p
