@@ -152,6 +152,10 @@ def run_tasks(
     if n == 0:
         return []
     if scheduler is not None:
+        from .extras import require
+
+        # a missing dask is named before the kernels compile (tens of seconds on a cold cache), not after
+        require("distributed", "running tasks on a dask cluster (--scheduler)")
         if warmup:
             _warmup(warmup)
         return _run_dask(func, items, order, case_keys, scheduler, progress, initializer, initargs,
