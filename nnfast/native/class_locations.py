@@ -211,9 +211,9 @@ def locate_ranked_voxels(seg: np.ndarray, labels, label_index, ranks) -> np.ndar
 
 @register_warmup
 def _warmup() -> None:
-    """Compile the signatures preprocessing passes: contiguous int16 label maps (other dtypes and views compile on
+    """Compile the signatures preprocessing passes: contiguous int8 label maps (other dtypes and views compile on
     first use; each signature costs ~0.5 s on a cold start)."""
-    seg = np.zeros((1, 3, 4, 5), np.int16)
+    seg = np.zeros((1, 3, 4, 5), np.int8)
     seg[0, 1, 2, 3] = 1
     seg[0, 2, 1, 0] = -1
     count_labels(seg, [1, -1])

@@ -474,12 +474,14 @@ def _check_representable(label: int, dtype: np.dtype, what: str) -> None:
 def _warmup() -> None:
     """Compile the signatures preprocessing passes (and only those: each costs ~0.5-2 s on a cold start).
 
-    Preprocessing reads images as contiguous float32 and labels as int16 (:func:`nnfast.io.image.read_label`; int32
-    only beyond int16's range); prediction's cases have no labels (``seg_from_mask``). Other dtypes and layouts (the
-    fingerprint's file dtypes, views) compile on first use.
+    Preprocessing crops images in their file's dtype when it is an integer one (int16: CT) and as contiguous float32
+    otherwise, and label maps as int8 (int16 only beyond int8's range, :mod:`nnfast.preprocess.pipeline`);
+    prediction's cases have no labels (``seg_from_mask``). Other dtypes and layouts (the fingerprint's file dtypes,
+    uint8/uint16 images, views) compile on first use.
     """
-    tiny = np.zeros((1, 3, 4, 5), np.float32)
-    tiny[0, 1, 1:3, 1:4] = 1.0
-    m, _ = nonzero_mask_and_bbox(tiny)
-    label_outside_mask(np.zeros((1, 3, 4, 5), np.int16), m)
+    for dtype in (np.float32, np.int16):
+        tiny = np.zeros((1, 3, 4, 5), dtype)
+        tiny[0, 1, 1:3, 1:4] = 1
+        m, _ = nonzero_mask_and_bbox(tiny)
+    label_outside_mask(np.zeros((1, 3, 4, 5), np.int8), m)
     seg_from_mask(m)

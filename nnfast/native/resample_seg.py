@@ -287,9 +287,10 @@ def resize_labels_separate_z(seg: np.ndarray, new_shape, axis: int, order: int =
 
 @register_warmup
 def _warmup() -> None:
-    """Compile the label kernel for the dtype preprocessing passes (int16, C-contiguous); the other supported dtypes
+    """Compile the label kernel for the dtype preprocessing passes (int8, C-contiguous: label maps are made int8 when
+    their labels fit, :mod:`nnfast.preprocess.pipeline`); the other supported dtypes (int16 beyond 127 labels)
     compile on first use (~2 s each on a cold start)."""
-    for dtype in (np.int16,):
+    for dtype in (np.int8,):
         tiny = np.zeros((1, 3, 4, 5), dtype)
         tiny[0, 1:, 1:3, 2:] = 1
         resize_labels(tiny, (4, 3, 6))

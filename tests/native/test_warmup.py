@@ -44,7 +44,8 @@ def test_preprocessing_warmup_covers_a_case_read_from_files(tmp_path):
         from pathlib import Path
         from nnfast.native import warmup
         from nnfast.preprocess.api import PREPROCESS_KERNELS
-        from nnfast.preprocess.pipeline import preprocess_arrays
+        from nnfast.io.dataset import CaseFiles
+        from nnfast.preprocess.pipeline import preprocess_arrays, preprocess_case
         from nnfast.io.image import read_images, read_label
         from factories import blob_labels, ct_image, write_image
         from _models import tiny_plans
@@ -62,6 +63,9 @@ def test_preprocessing_warmup_covers_a_case_read_from_files(tmp_path):
             labels, _ = read_label(seg_path)
             out = preprocess_arrays(data, labels, tuple(geom.spacing), plans, "3d_fullres")
             assert out[1].shape[1:] != labels.shape[1:] and out[3], "the case must be resampled and sampled"
+            # what a pool worker runs: the int16 CT image cropped in its own dtype, the labels made int8
+            out = preprocess_case(CaseFiles(f"c{{i}}", (img_path,), seg_path), plans, "3d_fullres")
+            assert out[1].dtype == np.int8 and out[3]
         after = signatures(PREPROCESS_KERNELS)
         new = {{k: sorted(v - before.get(k, set())) for k, v in after.items() if v - before.get(k, set())}}
         print(json.dumps(new))
