@@ -24,8 +24,8 @@ model                      vs nnU-Net, float32 tile sums                vs nnU-N
 PlainConvUNet, folds 0+1   2 voxels (0.004 %), margin <= 0.0012         82 (0.16 %), margin <= 0.089
 ResEnc, fold 0, no TTA     5 voxels (0.010 %), margin <= 0.023          198 (0.38 %), margin <= 0.220
 regions, fold 0, no TTA    17 voxels (0.033 %), margin <= 0.046         461 (0.90 %), margin <= 0.214
-2d, fold 0, no TTA         passes the bounds below (run of 12-07)       passes the bounds below
-3d_lowres, fold all        0 voxels                                     passes the bounds below
+2d, fold 0, no TTA         0 voxels                                     13 (0.025 %), margin <= 0.001
+3d_lowres, fold all        0 voxels                                     12 (0.023 %), margin <= 0.0005
 cascade, given 3d_lowres   9 voxels (0.017 %), margin <= 0.122          -
 cascade, whole chain       0 (3d_lowres stage), 9 (second stage)        -
 =========================  ===========================================  ===========================================
