@@ -15,15 +15,17 @@ timers around ``DefaultPreprocessor.run_case``, ``predict_logits_from_preprocess
 ``export_prediction_from_logits``), since its command runs preprocessing and export in spawned worker processes.
 Both use every core for torch on the CPU (nnU-Net's command: ``torch.set_num_threads(cpu_count)``).
 
+Measured 12-07 on the 2-core development VM under load 20-25 (other helpers' jobs; benchmarks/README.md has the
+table): wall 314 / 344 s (nnU-Net's command) vs 102 / 211 s (nnfast) in two rounds, peak 3.9-4.7 GiB vs 1.4 GiB.
+
 Run interleaved and print the table (what ``benchmarks/README.md`` records)::
 
-    NNFAST_BENCH_SCALE=1 python benchmarks/test_bench_predict_e2e.py [ROUNDS]
+    NNFAST_BENCH_SCALE=1 python benchmarks/test_bench_predict_e2e.py [ROUNDS [KEEP_DIR]]
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import zipfile
@@ -183,12 +185,18 @@ def test_e2e_outputs_agree(e2e):
     assert len(np.unique(b)) > 1 and np.mean(a == b) > 0.995
 
 
-def main(rounds: int) -> None:
+def main(rounds: int, keep: str | None = None) -> None:
+    """``rounds`` interleaved rounds; ``keep``: a folder that holds (or receives, and keeps) the case and model."""
     import tempfile
 
-    root = Path(tempfile.mkdtemp(prefix="bench_predict_e2e_"))
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench_predict_e2e_"))
+    model = root / "nn" / "Dataset999_TrainTest" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     try:
-        inp, model = make_case_and_model(root)
+        if keep and model.is_dir():
+            inp = root / "input"
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            inp, model = make_case_and_model(root)
         results: dict[str, list] = {"nnunet": [], "nnunet-stages": [], "nnfast": []}
         for r in range(rounds):  # interleaved
             for side in results:
@@ -200,9 +208,9 @@ def main(rounds: int) -> None:
             print(f"{side:14s} wall min {best['wall_s']:.2f} s (all {[i['wall_s'] for i in runs]}), "
                   f"peak {max(i['peak_rss_mib'] for i in runs)} MiB, stages {best.get('stages_s')}")
     finally:
-        if not os.environ.get("NNFAST_BENCH_KEEP"):
+        if not keep:
             shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2, sys.argv[2] if len(sys.argv) > 2 else None)

@@ -5,8 +5,11 @@ accumulators (nnfast's choice; the network runs in float32 on the CPU either way
 
     python _nnunet_models_driver.py SPEC.json
 
-SPEC: ``{"dataset_id", "configurations": [...], "splits", "models": [{"config", "folds", "resenc": bool,
-"regions": {"labels", "regions_class_order"} or absent, "tta": bool}], "predict_input", "predict_output"}``; nnUNet_raw/_preprocessed/_results come from the environment.
+SPEC: ``{"dataset_id", "configurations": [...] (preprocessed when their folder is missing), "lowres": factor (adds
+nnU-Net's 3d_lowres + 3d_cascade_fullres pair to its plans, see :func:`add_cascade`), "splits", "models": [{"config",
+"folds" (ints or "all"), "resenc": bool, "regions": {"labels", "regions_class_order"} or absent, "tta": bool,
+"previous_stage": config of an earlier model whose predictions feed this one}], "predict_input", "predict_output"}``;
+nnUNet_raw/_preprocessed/_results come from the environment.
 Prints ``RESULT {json}`` with the trained folders and timings.
 """
 from __future__ import annotations
@@ -32,6 +35,22 @@ from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extract
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # noqa: E402
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results  # noqa: E402
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
+
+import multiprocessing  # noqa: E402
+import multiprocessing.pool  # noqa: E402
+import types  # noqa: E402
+
+import nnunetv2.evaluation.evaluate_predictions as _evaluate  # noqa: E402
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as _trainer_module  # noqa: E402
+
+# the trainer's final validation (export and the cascade's next-stage inputs) and its metrics run in pools of
+# `spawn`ed interpreters, each importing torch and nnU-Net (~10 s per interpreter here): threads in this process run
+# the same functions
+_threads = types.ModuleType("multiprocessing_as_threads")
+_threads.__getattr__ = lambda name: getattr(multiprocessing, name)  # type: ignore[method-assign]
+_threads.get_context = lambda *a, **k: types.SimpleNamespace(Pool=multiprocessing.pool.ThreadPool)  # type: ignore
+_trainer_module.multiprocessing = _threads
+_evaluate.multiprocessing = _threads
 
 _init = fe.DatasetFingerprintExtractor.__init__
 
@@ -64,6 +83,23 @@ class nnUNetTrainerTinyRegions(nnUNetTrainerTiny):
     pass
 
 
+def add_cascade(plans: dict, factor: float) -> dict:
+    """nnU-Net's plans with the ``3d_lowres`` + ``3d_cascade_fullres`` pair its planner writes when the full-resolution
+    patch covers too little of the median case (never for cases this tiny): ``3d_fullres`` at ``factor`` times its
+    spacing (its median shape shrunk accordingly, same network and patch), and the cascade's second stage inheriting
+    ``3d_fullres`` (``previous_stage``/``next_stage`` link the two)."""
+    p = json.loads(json.dumps(plans))
+    full = p["configurations"]["3d_fullres"]
+    low = json.loads(json.dumps(full))
+    low["data_identifier"] = "nnUNetPlans_3d_lowres"
+    low["spacing"] = [s * factor for s in full["spacing"]]
+    low["median_image_size_in_voxels"] = [max(1, round(n / factor)) for n in full["median_image_size_in_voxels"]]
+    low["next_stage"] = "3d_cascade_fullres"
+    p["configurations"]["3d_lowres"] = low
+    p["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    return p
+
+
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
     did = int(spec["dataset_id"])
@@ -71,13 +107,20 @@ def main() -> None:
     if not spec.get("reuse_preprocessed"):
         extract_fingerprints([did], num_processes=1, check_dataset_integrity=False, show_progress_bar=False)
         plan_experiments([did])
-        configs = spec["configurations"]
+    ds_name = next(d for d in os.listdir(nnUNet_preprocessed) if d.startswith(f"Dataset{did:03d}_"))
+    pre = os.path.join(nnUNet_preprocessed, ds_name)
+    plans_file = os.path.join(pre, "nnUNetPlans.json")
+    plans = json.load(open(plans_file))
+    if spec.get("lowres") and "3d_lowres" not in plans["configurations"]:
+        plans = add_cascade(plans, float(spec["lowres"]))
+        json.dump(plans, open(plans_file, "w"), indent=2)
+    # the configurations whose preprocessed folder is missing (a kept folder may lack those added since)
+    configs = [c for c in spec["configurations"]
+               if not os.path.isdir(os.path.join(pre, plans["configurations"][c].get("data_identifier", "")))]
+    if configs:
         preprocess([did], configurations=configs, num_processes=[1] * len(configs), show_progress_bar=False)
     out["timings"]["plan_preprocess"] = time.time() - t0
     os.environ["nnUNet_n_proc_DA"] = "0"  # the trainer's loaders in this process (the planner needs it >= 1)
-    ds_name = next(d for d in os.listdir(nnUNet_preprocessed) if d.startswith(f"Dataset{did:03d}_"))
-    pre = os.path.join(nnUNet_preprocessed, ds_name)
-    plans = json.load(open(os.path.join(pre, "nnUNetPlans.json")))
     dj = json.load(open(os.path.join(pre, "dataset.json")))
     if spec.get("splits"):
         json.dump(spec["splits"], open(os.path.join(pre, "splits_final.json"), "w"))
@@ -107,6 +150,7 @@ def main() -> None:
 
     pfr.recursive_find_trainer_class_by_name = lambda *a, **k: nnUNetTrainerTiny
     out["models"] = []
+    preds_of: dict = {}  # configuration -> {accumulator dtype: prediction folder}
     for m in spec["models"]:
         t = time.time()
         p = resenc_plans(plans) if m.get("resenc") else plans
@@ -117,15 +161,23 @@ def main() -> None:
         cls, mdj = (nnUNetTrainerTinyRegions, {**dj, **m["regions"]}) if m.get("regions") else (nnUNetTrainerTiny, dj)
         folder = os.path.join(nnUNet_results, ds_name, f"{cls.__name__}__{p['plans_name']}__{m['config']}")
         trained_before = True
+        # a cascade's first stage: nnUNetv2_train's final validation writes the second stage's inputs
+        next_stage = p["configurations"][m["config"]].get("next_stage")
         for fold in m["folds"]:
-            if os.path.isfile(os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth")):
+            if os.path.isfile(os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth")) and (
+                    not next_stage or os.path.isdir(os.path.join(folder, "predicted_next_stage", next_stage))):
                 continue  # trained by an earlier run
             trained_before = False
-            torch.manual_seed(fold)  # repeatable tiny models (nnUNet_n_proc_DA=0: augmentation in this process)
-            np.random.seed(fold)
-            random.seed(fold)
+            seed = fold if isinstance(fold, int) else 7  # fold "all": train and validate on every case
+            torch.manual_seed(seed)  # repeatable tiny models (nnUNet_n_proc_DA=0: augmentation in this process)
+            np.random.seed(seed)
+            random.seed(seed)
             tr = cls({**p, "continue_training": False}, m["config"], fold, mdj, device=torch.device("cpu"))
             tr.run_training()
+            if next_stage:  # what nnUNetv2_train does after training (run_training.py)
+                # without mirroring (8x fewer forward passes); the checkpoint was written with the trainer's axes
+                tr.inference_allowed_mirroring_axes = None
+                tr.perform_actual_validation(False)
         preds = {}
         for accumulate in ("float16", "float32"):
             # nnU-Net sums the tiles' logits in float16 (predicted_logits = torch.zeros(..., dtype=torch.half));
@@ -141,9 +193,12 @@ def main() -> None:
                                         allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(folder, tuple(m["folds"]),
                                                            m.get("checkpoint", "checkpoint_final.pth"))
+            # the cascade's second stage reads the first stage's predictions made with the same accumulator dtype
+            prev = preds_of[m["previous_stage"]][accumulate] if m.get("previous_stage") else None
             predictor.predict_from_files_sequential(spec["predict_input"], pred_out, save_probabilities=False,
-                                                    overwrite=True)
+                                                    overwrite=True, folder_with_segs_from_prev_stage=prev)
         pfr.torch = torch
+        preds_of[m["config"]] = preds
         out["models"].append({"folder": folder, "predictions": preds, "seconds": time.time() - t})
     out["timings"]["total"] = time.time() - t0
     sys.stdout.write("RESULT " + json.dumps(out) + "\n")

@@ -3,10 +3,14 @@
 One module fixture runs nnU-Net in a fresh interpreter (``_nnunet_models_driver.py``): it plans and preprocesses a
 tiny synthetic dataset, trains ``nnUNetTrainer`` (a subclass: 1 epoch x 2 iterations, CPU) for 3d_fullres folds 0 and
 1 with its default PlainConvUNet plans and fold 0 with a ResEnc plans file (nnU-Net's plans with the network switched
-to ``ResidualEncoderUNet`` and nnU-Net's ResEnc block counts) and fold 0 of a region-based model (dataset.json with
-regions and ``regions_class_order``), and predicts two cases with ``nnUNetPredictor``
-(step 0.5, float32 on the CPU; mirroring TTA for the PlainConvUNet model, none for the others to keep the test
-short). nnfast then predicts the same images from the same model folders with the same settings.
+to ``ResidualEncoderUNet`` and nnU-Net's ResEnc block counts), fold 0 of a region-based model (dataset.json with
+regions and ``regions_class_order``), fold 0 of ``2d``, and a cascade: ``3d_lowres`` and ``3d_cascade_fullres``
+(nnU-Net's planner writes this pair only for cases larger than its patch, so the driver adds it to nnU-Net's plans
+as its planner would, at 1.5x the spacing), both fold "all", the first stage's final validation writing the second
+stage's training inputs as ``nnUNetv2_train`` does. It predicts two cases with ``nnUNetPredictor`` (step 0.5, float32
+on the CPU; mirroring TTA for the PlainConvUNet model, none for the others to keep the test short; the cascade on
+nnU-Net's own 3d_lowres predictions). nnfast then predicts the same images from the same model folders with the same
+settings.
 
 The network runs in float32 on the CPU in both. nnU-Net sums the sliding-window tiles in float16, nnfast in float32;
 the driver predicts once as nnU-Net ships and once with that accumulator dtype switched to float32. A network trained
@@ -20,9 +24,13 @@ model                      vs nnU-Net, float32 tile sums                vs nnU-N
 PlainConvUNet, folds 0+1   2 voxels (0.004 %), margin <= 0.0012         82 (0.16 %), margin <= 0.089
 ResEnc, fold 0, no TTA     5 voxels (0.010 %), margin <= 0.023          198 (0.38 %), margin <= 0.220
 regions, fold 0, no TTA    17 voxels (0.033 %), margin <= 0.046         461 (0.90 %), margin <= 0.214
+2d, fold 0, no TTA         0 voxels                                     13 (0.025 %), margin <= 0.001
+3d_lowres, fold all        0 voxels                                     12 (0.023 %), margin <= 0.0005
+cascade, given 3d_lowres   9 voxels (0.017 %), margin <= 0.122          -
+cascade, whole chain       0 (3d_lowres stage), 9 (second stage)        -
 =========================  ===========================================  ===========================================
 
-Bounds: float32 sums margin < 0.1, <= 0.1 % of the voxels, Dice >= 0.99 per label covering >= 1 % of a case
+Bounds: float32 sums margin < 0.1 (the cascade's second stage: < 0.2), <= 0.1 % of the voxels, Dice >= 0.99 per label covering >= 1 % of a case
 (smallest measured 0.9971); float16 sums margin < 0.35, <= 3 %, Dice >= 0.9 (smallest measured 0.928: float16 sums flip many
 near-tie voxels of a small label of this untrained network). The float32 margins of the ResEnc and region models
 (up to 0.046) are larger than float-order noise alone would explain and are worth a closer look.
@@ -54,6 +62,9 @@ NAME = f"Dataset{DID}_NnunetModels"
 PLAIN = "nnUNetTrainerTiny__nnUNetPlans__3d_fullres"
 RESENC = "nnUNetTrainerTiny__nnUNetResEncPlansTiny__3d_fullres"
 REGIONS = "nnUNetTrainerTinyRegions__nnUNetPlans__3d_fullres"
+TWO_D = "nnUNetTrainerTiny__nnUNetPlans__2d"
+LOWRES = "nnUNetTrainerTiny__nnUNetPlans__3d_lowres"
+CASCADE = "nnUNetTrainerTiny__nnUNetPlans__3d_cascade_fullres"
 #: region-based dataset.json entries (nnU-Net's format): organ or lesion, lesion; painted in that order
 REGION_LABELS = {"labels": {"background": 0, "organ_or_lesion": [1, 2], "lesion": 2}, "regions_class_order": [1, 2]}
 
@@ -74,19 +85,25 @@ def trained(tmp_path_factory):
     images.mkdir(exist_ok=True)
     for cid in ("case_001", "case_003"):
         shutil.copy(raw / NAME / "imagesTr" / f"{cid}_0000.nii.gz", images)
-    spec = {"dataset_id": DID, "configurations": ["3d_fullres"], "reuse_preprocessed": reuse,
+    spec = {"dataset_id": DID, "configurations": ["3d_fullres", "2d", "3d_lowres"], "lowres": 1.5,
+            "reuse_preprocessed": reuse,
             "splits": [{"train": ["case_000", "case_001", "case_002"], "val": ["case_003"]},
                        {"train": ["case_001", "case_002", "case_003"], "val": ["case_000"]}],
             "models": [{"config": "3d_fullres", "folds": [0, 1]},
                        {"config": "3d_fullres", "folds": [0], "resenc": True, "tta": False},
-                       {"config": "3d_fullres", "folds": [0], "regions": REGION_LABELS, "tta": False}],
+                       {"config": "3d_fullres", "folds": [0], "regions": REGION_LABELS, "tta": False},
+                       {"config": "2d", "folds": [0], "tta": False},
+                       # fold "all" validates every case, which writes the cascade's inputs for every training case
+                       {"config": "3d_lowres", "folds": ["all"], "tta": False},
+                       {"config": "3d_cascade_fullres", "folds": ["all"], "tta": False,
+                        "previous_stage": "3d_lowres"}],
             "predict_input": str(images), "predict_output": str(base / "nnunet_pred")}
     (base / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res),
-           "nnUNet_compile": "f", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "nnUNet_compile": "f", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "nnUNet_def_n_proc": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, str(HERE / "_nnunet_models_driver.py"), str(base / "spec.json")], env=env,
-                       capture_output=True, text=True, timeout=900, cwd=base)
+                       capture_output=True, text=True, timeout=1500, cwd=base)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return {"base": base, "results": res / NAME, "images": images, "nnunet_pred": base / "nnunet_pred",
@@ -119,8 +136,9 @@ def _compare(ours: Path, ref: Path, cases=("case_001", "case_003")) -> tuple[int
     return differ, total, detail
 
 
-@pytest.mark.parametrize("folder, folds", [(PLAIN, ["0", "1"]), (RESENC, ["0"]), (REGIONS, ["0"])],
-                         ids=["PlainConvUNet", "ResEnc", "regions"])
+@pytest.mark.parametrize("folder, folds", [(PLAIN, ["0", "1"]), (RESENC, ["0"]), (REGIONS, ["0"]), (TWO_D, ["0"]),
+                                           (LOWRES, ["all"])],
+                         ids=["PlainConvUNet", "ResEnc", "regions", "2d", "3d_lowres"])
 def test_nnfast_predicts_nnunet_trained_model_like_nnunet(trained, capsys, tmp_path, folder, folds):
     out = tmp_path / "ours"
     code, err = _run(capsys, ["predict", "-i", trained["images"], "-o", out, "--model-folder",
@@ -133,6 +151,45 @@ def test_nnfast_predicts_nnunet_trained_model_like_nnunet(trained, capsys, tmp_p
     # nnU-Net as shipped sums the tiles in float16 (about 3 significant digits, tiles weighted up to 10x)
     _assert_only_near_ties(out, trained["nnunet_pred"] / f"{folder}__float16", folder == REGIONS,
                            max_margin=0.35, max_fraction=0.03, min_dice=0.9)
+
+
+def test_nnfast_predicts_nnunet_trained_cascade_like_nnunet(trained, capsys, tmp_path):
+    """The cascade's second stage (3d_cascade_fullres, fold "all") on the same first-stage segmentations as nnU-Net's
+    (its float32-sums 3d_lowres predictions, ``--prev-stage-folder``): only near-ties differ. Then the whole chain as
+    a user runs it (nnfast predicts the 3d_lowres stage from the sibling model folder first): bounded Dice."""
+    ref = trained["nnunet_pred"]
+    out = tmp_path / "given_stage"
+    code, err = _run(capsys, ["predict", "-i", trained["images"], "-o", out, "--model-folder",
+                              trained["results"] / CASCADE, "--folds", "all", "--device", "cpu", "--workers", "1",
+                              "--no-tta", "--save-probabilities", "--prev-stage-folder", ref / f"{LOWRES}__float32"])
+    assert code == 0, err
+    _assert_only_near_ties(out, ref / f"{CASCADE}__float32", False, max_margin=0.2, max_fraction=1e-3,
+                           min_dice=0.99)
+
+    out = tmp_path / "chain"
+    code, err = _run(capsys, ["predict", "-i", trained["images"], "-o", out, "--model-folder",
+                              trained["results"] / CASCADE, "--folds", "all", "--device", "cpu", "--workers", "1",
+                              "--no-tta"])
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "previous_stage_3d_lowres").glob("*.nii.gz")) == \
+        ["case_001.nii.gz", "case_003.nii.gz"]
+    for stage_out, stage_ref in ((out / "previous_stage_3d_lowres", f"{LOWRES}__float32"),
+                                 (out, f"{CASCADE}__float32")):
+        differ, total, detail = _compare(stage_out, ref / stage_ref)
+        assert differ / total <= 2e-3, f"{differ} of {total} voxels differ from {stage_ref}"
+        for cid, a, b, _ in detail:
+            for lab, dice in _dice(a, b).items():
+                assert dice >= 0.99, f"{cid} label {lab}: Dice {dice} against {stage_ref}"
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> dict:
+    """Dice per foreground label covering at least 1 % of the case in either mask (an untrained network may predict a
+    few scattered voxels of a label, all near-ties, whose Dice says nothing)."""
+    out = {}
+    for lab in np.union1d(np.unique(a), np.unique(b)):
+        if lab and max(np.mean(a == lab), np.mean(b == lab)) >= 0.01:
+            out[int(lab)] = 2 * np.sum((a == lab) & (b == lab)) / (np.sum(a == lab) + np.sum(b == lab))
+    return out
 
 
 def _assert_only_near_ties(ours: Path, ref: Path, regions: bool, *, max_margin: float, max_fraction: float,
@@ -151,12 +208,8 @@ def _assert_only_near_ties(ours: Path, ref: Path, regions: bool, *, max_margin: 
             margin = top2[1] - top2[0]
         gap = margin[mask]
         assert gap.size == 0 or gap.max() < max_margin, f"{cid}: a voxel with probability margin {gap.max()} differs"
-        for lab in np.union1d(np.unique(a), np.unique(b)):
-            # labels covering < 1 % of the case in both masks are skipped: an untrained network may predict a few
-            # scattered voxels of a label, all near-ties, whose Dice says nothing
-            if lab and max(np.mean(a == lab), np.mean(b == lab)) >= 0.01:
-                dice = 2 * np.sum((a == lab) & (b == lab)) / (np.sum(a == lab) + np.sum(b == lab))
-                assert dice >= min_dice, f"{cid} label {lab}: Dice {dice} against {ref.name}"
+        for lab, dice in _dice(a, b).items():
+            assert dice >= min_dice, f"{cid} label {lab}: Dice {dice} against {ref.name}"
     assert differ / total <= max_fraction, f"{differ} of {total} voxels differ from {ref.name}"
 
 
