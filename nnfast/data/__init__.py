@@ -13,6 +13,7 @@ dataset         case sources: nnfast zarr stores or nnU-Net's own preprocessed f
                 cascade's previous stage as a second label channel
 batch           one batch built deterministically from (seed, batch index): sample, read the needed region, augment;
                 ``BatchSpec.from_plan`` says what a batch is for a plan configuration
+heap            keep freed memory in a batch-building process (glibc mallopt): samples reuse pages
 loader          PatchLoader(source, spec): worker processes (on :mod:`nnfast.workers`) writing batches into shared
                 memory, nnU-Net's batch format
 nnunet_adapter  the drop-in for nnU-Net v2's nnUNetTrainer (a trainer subclass, or ``use_nnfast_loader(trainer)``)

@@ -48,6 +48,7 @@ from ..errors import DatasetError, SettingsError
 from .augment_params import AugmentConfig, box_center, deep_supervision_scales, needed_region, sample_spatial
 from .cascade import onehot_into
 from .dataset import CaseSource
+from .heap import keep_freed_memory
 from .sampler import SamplerConfig, forced_foreground, get_bbox, sample_batch_cases
 from .transforms import augment_sample, deep_supervision_targets
 
@@ -325,6 +326,7 @@ class BatchBuilder:
         if not source.case_ids:
             raise DatasetError("BatchBuilder: the source has no cases; check the split and the preprocessed folder")
         check_source(source, spec)
+        keep_freed_memory()  # samples reuse their scratch pages instead of faulting fresh ones (nnfast.data.heap)
         self.source = source
         self.spec = spec
         self._case_ids = list(source.case_ids)
@@ -378,14 +380,18 @@ class BatchBuilder:
         self.source.read(case_id, bbox, img, seg)
         if spec.is_2d:
             img, seg = img[:, 0], seg[:, 0]
+        # label-map targets at the lower scales are written straight into the batch (region targets are converted)
+        out_targets = [t[j] for t in out.targets] if self._first_is_full else None
         if spec.cascade_labels is None:
             out_seg = out.targets[0][j] if self._first_is_full else None
-            res = augment_sample(img, seg, params, rng, aug, region, out_image=out.data[j], out_seg=out_seg)
+            res = augment_sample(img, seg, params, rng, aug, region, out_image=out.data[j], out_seg=out_seg,
+                                 out_targets=out_targets)
         else:
             c = spec.num_channels
             res = augment_sample(img, seg, params, rng, aug, region, out_image=out.data[j][:c],
                                  out_seg=self._scratch.patch_seg(2, spec.patch_size),
-                                 cascade_labels=spec.cascade_labels, out_onehot=out.data[j][c:])
+                                 cascade_labels=spec.cascade_labels, out_onehot=out.data[j][c:],
+                                 out_targets=out_targets)
         self._store_targets(res.seg, res.targets, out, j)
 
     def _val_sample(self, case_id, lbs, ubs, out: BatchArrays, j: int) -> None:

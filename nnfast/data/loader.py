@@ -211,7 +211,7 @@ class PatchLoader:
         from .. import native
 
         # compile (or load from Numba's cache) before the workers start, not in each of them; only what batches use
-        native.warmup(("augment", "augment_intensity")
+        native.warmup(("augment", "augment_intensity", "ds_targets")
                       + (("morphology", "components") if self.spec.cascade_labels else ()))
         slot = self.spec.nbytes
         self._shm = create_shared_block(

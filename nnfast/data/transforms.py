@@ -42,6 +42,7 @@ from nnfast.data.cascade import CascadeParams, augment_onehot, onehot_into, samp
 from nnfast.errors import ShapeError
 from nnfast.native import augment as K
 from nnfast.native import augment_intensity as KI
+from nnfast.native.ds_targets import TargetDownsampler
 
 __all__ = [
     "IntensityParams",
@@ -334,35 +335,34 @@ def _apply_intensity(image: np.ndarray, p: IntensityParams, flips: Sequence[bool
 
 
 # --------------------------------------------------------------------------------------------- public
-def deep_supervision_targets(seg: np.ndarray, scales: Sequence[Sequence[float]] | None) -> list[np.ndarray] | None:
+@functools.lru_cache(maxsize=256)
+def _downsampler(spatial: tuple[int, ...], scales: tuple[tuple[float, ...], ...]) -> TargetDownsampler:
+    return TargetDownsampler(spatial, scales)  # index tables per patch shape, built once
+
+
+def deep_supervision_targets(seg: np.ndarray, scales: Sequence[Sequence[float]] | None,
+                             out: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray] | None:
     """``DownsampleSegForDSTransform``: per scale, ``interpolate(seg, round(shape * scale), mode='nearest-exact')``;
     a scale of all ones returns ``seg`` itself.
 
-    seg: (s, *spatial) integer labels. Returns a list of (s, *scaled) arrays of seg's dtype, or None."""
+    seg: (s, *spatial) integer labels. ``out``: optional per-scale C-contiguous destinations ``(s, *scaled)`` of
+    seg's dtype (e.g. a batch's target slots; None entries are allocated). Returns a list of (s, *scaled) arrays of
+    seg's dtype, or None."""
     if scales is None:
         return None
-    spatial = seg.shape[1:]
-    out = []
+    spatial = tuple(int(n) for n in seg.shape[1:])
     for sc in scales:
         if len(sc) != len(spatial):
             raise ShapeError(f"deep_supervision_targets: scale {tuple(sc)} does not match seg spatial shape {spatial}")
-        if all(v == 1 for v in sc):
-            out.append(seg)
-            continue
-        new = [round(n * v) for n, v in zip(spatial, sc)]
-        idx = tuple(_nearest_idx(n, m, False) for n, m in zip(spatial, new))
-        t = np.empty((seg.shape[0], *new), seg.dtype)
-        for s in range(seg.shape[0]):
-            KI.gather_nd(seg[s], idx, out=t[s])
-        out.append(t)
-    return out
+    return _downsampler(spatial, tuple(tuple(float(v) for v in sc) for sc in scales))(seg, out)
 
 
 def augment_sample(image_region: np.ndarray, seg_region: np.ndarray, params: SpatialParams,
                    rng: np.random.Generator, cfg: AugmentConfig, region: Region, *,
                    out_image: np.ndarray | None = None, out_seg: np.ndarray | None = None,
                    intensity: IntensityParams | None = None, cascade_labels: Sequence[int] | None = None,
-                   out_onehot: np.ndarray | None = None, cascade: CascadeParams | None = None) -> AugmentedSample:
+                   out_onehot: np.ndarray | None = None, cascade: CascadeParams | None = None,
+                   out_targets: Sequence[np.ndarray | None] | None = None) -> AugmentedSample:
     """nnU-Net's training transforms on one sample.
 
     Parameters
@@ -381,6 +381,8 @@ def augment_sample(image_region: np.ndarray, seg_region: np.ndarray, params: Spa
     cascade_labels : the cascade: the foreground labels, one one-hot channel each (nnU-Net's order).
     out_onehot : optional C-contiguous ``(len(cascade_labels), *patch_size)`` float32 output for them.
     cascade : force these cascade parameters instead of drawing them.
+    out_targets : optional per-scale C-contiguous outputs of the down-sampled targets (see
+        :func:`deep_supervision_targets`; entries of scale 1 are ignored, that target is ``seg``).
 
     Returns
     -------
@@ -408,7 +410,8 @@ def augment_sample(image_region: np.ndarray, seg_region: np.ndarray, params: Spa
         onehot = onehot_into(seg[1], cascade_labels, out_onehot)
         augment_onehot(onehot, cas, rng, cfg)
         seg = seg[:1]
-    return AugmentedSample(image, seg, deep_supervision_targets(seg, cfg.ds_scales), AugmentRecord(params, p, cas),
+    return AugmentedSample(image, seg, deep_supervision_targets(seg, cfg.ds_scales, out_targets),
+                           AugmentRecord(params, p, cas),
                            onehot)
 
 

@@ -14,6 +14,7 @@ class_locations per-class foreground voxel sampling (nnU-Net's ``_sample_foregro
 normalize       fused CT / z-score normalization (float32 arithmetic as nnU-Net's)
 augment         one-pass spatial resampling of image channels and one-hot labels for augmentation (2D/3D)
 augment_intensity  blur, statistics, gamma, low-resolution resizing, masking/relabelling for augmentation
+ds_targets      deep-supervision targets of a patch at every scale, index tables built once per patch shape
 components      connected components (full connectivity) and largest-component filtering (postprocessing)
 confusion       joint (reference, prediction) label histograms: all TP/FP/FN/TN in one pass (evaluation)
 morphology      binary dilation/erosion/opening/closing with nnU-Net's ball/disk, exact, O(voxels) (cascade)
