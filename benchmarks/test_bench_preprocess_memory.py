@@ -56,7 +56,11 @@ else:
     def run(c, out):
         data, seg, props = DefaultPreprocessor().run_case([str(p) for p in c.image_files], str(c.label_file), pm, cm,
                                                           djson)
-        nnUNetDatasetBlosc2.save_case(data, seg.astype(np.int16), props, str(out))
+        from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+        blocks, chunks = comp_blosc2_params(data.shape, cm.patch_size, data.itemsize)
+        blocks_s, chunks_s = comp_blosc2_params(seg.shape, cm.patch_size, 2)
+        nnUNetDatasetBlosc2.save_case(data, seg.astype(np.int16), props, str(out), chunks=chunks, blocks=blocks,
+                                      chunks_seg=chunks_s, blocks_seg=blocks_s)
         return data.shape
 tmp = Path(sys.argv[5])
 run(case["case_000"], tmp / "warm")
