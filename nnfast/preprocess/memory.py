@@ -2,11 +2,12 @@
 
 A worker's peak while it preprocesses one case (measured on synthetic CT up to 300x512x512, see
 ``benchmarks/README.md``, "Memory of a preprocessing worker") is its imports (Python, NumPy, Numba's kernels,
-SimpleITK, zarr: :data:`WORKER_BASE_BYTES`) plus the arrays alive while the image is resampled: the cropped image
-as float32 (every channel), the cropped label map (int8), the resampled image (float32, every channel) and the
-resampler's largest intermediate (float32, one channel, at most the larger of the two grids). The store write
-streams chunk by chunk and adds little. :func:`case_peak_bytes` is that sum, a slight over-estimate (~5 % on the
-largest case measured).
+SimpleITK, zarr: :data:`WORKER_BASE_BYTES`) plus the arrays alive while the image is resampled: the cropped label
+map (int8), the resampled image (float32, every channel), the resampler's largest intermediate (float32, one
+channel, at most the larger of the two grids) and, with several channels, the cropped inputs of the channels not yet
+resampled (the last one is freed after its first pass: :func:`~nnfast.preprocess.resampling.resample_image_consuming`).
+The store write streams chunk by chunk and adds little. :func:`case_peak_bytes` is that sum: measured 377 / 666 /
+1181 MiB against 382 / 670 / 1286 estimated for the three cases of the benchmark table.
 
 Shapes come from the fingerprint (shape after cropping per case) and the plans (target spacing), so the estimate
 exists before any case is read; :func:`workers_warning` compares the ``workers`` largest cases with the memory
@@ -41,7 +42,7 @@ def case_peak_bytes(shape_after_crop: Sequence[int], new_shape: Sequence[int], c
     channels : image channels
     """
     n_in, n_out = math.prod(int(s) for s in shape_after_crop), math.prod(int(s) for s in new_shape)
-    return WORKER_BASE_BYTES + 4 * channels * (n_in + n_out) + n_in + 4 * max(n_in, n_out)
+    return WORKER_BASE_BYTES + n_in + 4 * (channels * n_out + max(n_in, n_out) + (channels - 1) * n_in)
 
 
 def dataset_peaks(fingerprint, plans, config_name: str, case_ids: Sequence[str] | None = None) -> dict[str, int]:

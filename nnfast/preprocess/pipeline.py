@@ -24,7 +24,7 @@ from ..io.image import read_images, read_label
 from ..labels import LabelManager
 from .cropping import crop_to_nonzero
 from .normalization import normalize
-from .resampling import compute_new_shape, resample_data_or_seg_to_shape
+from .resampling import compute_new_shape, resample_data_or_seg_to_shape, resample_image_consuming
 
 __all__ = [
     "PREPROCESS_VERSION",
@@ -138,7 +138,9 @@ def _preprocess_owned(arrays: list, spacing, plans, config_name: str, case_id: s
     data = normalize(np.ascontiguousarray(data, dtype=np.float32), seg, cfg.normalization_schemes, cfg.use_mask_for_norm,
                      plans.foreground_intensity_properties_per_channel, where=where)
     rk = _resampling_kwargs(cfg)
-    data = resample_data_or_seg_to_shape(data, new_shape, original_spacing, target_spacing, is_seg=False, **rk["data"])
+    holder = [data]
+    del data  # resample_image_consuming frees the input once its first pass has run
+    data = resample_image_consuming(holder, new_shape, original_spacing, target_spacing, **rk["data"])
     data = np.ascontiguousarray(data, dtype=np.float32)  # before the label map is resampled: one image alive
     class_locations: dict = {}
     if with_seg or with_class_locations:

@@ -32,6 +32,7 @@ __all__ = [
     "determine_do_sep_z_and_axis",
     "resample_data_or_seg_to_shape",
     "resample_data_or_seg_to_spacing",
+    "resample_image_consuming",
 ]
 
 logger = logging.getLogger(__name__)
@@ -236,3 +237,45 @@ def resample_data_or_seg_to_spacing(data: np.ndarray, current_spacing: Spacing, 
     new_shape = compute_new_shape(np.shape(data)[1:], current_spacing, new_spacing)
     return resample_data_or_seg_to_shape(data, new_shape, current_spacing, new_spacing, is_seg, order, order_z,
                                          force_separate_z, separate_z_anisotropy_threshold, precise=precise)
+
+
+def resample_image_consuming(arrays: list, new_shape: Shape, current_spacing: Spacing, new_spacing: Spacing,
+                             order: int = 3, order_z: int = 0, force_separate_z: bool | None = False,
+                             separate_z_anisotropy_threshold: float = ANISO_THRESHOLD) -> np.ndarray:
+    """:func:`resample_data_or_seg_to_shape` of the image ``arrays.pop()`` (``is_seg=False``), freeing it early.
+
+    The caller hands over its only reference (``arrays`` is a one-element list, emptied here). On the 3D path the input
+    is dropped once the first separable pass of its last channel has run, so that the input, the resampler's
+    intermediate and the output never coexist (a 300x512x512 CT case: -300 MiB of peak). The result is bit-identical
+    to :func:`resample_data_or_seg_to_shape` (the same kernel passes in the same order: ``nnfast.native.resample``'s
+    ``resize_image``, whose private pass helpers this calls). The separate-z path, float64 images and unchanged shapes
+    go through :func:`resample_data_or_seg_to_shape` unchanged.
+    """
+    from nnfast.native import resample as R
+
+    data = arrays.pop()
+    target = tuple(int(s) for s in new_shape)
+    do_separate_z, _axis = determine_do_sep_z_and_axis(force_separate_z, current_spacing, new_spacing,
+                                                       separate_z_anisotropy_threshold)
+    if (do_separate_z or not isinstance(data, np.ndarray) or data.ndim != 4 or data.dtype != np.float32
+            or tuple(data.shape[1:]) == target or order not in (0, 1, 3)):
+        return resample_data_or_seg_to_shape(data, target, current_spacing, new_spacing, False, order, order_z,
+                                             force_separate_z, separate_z_anisotropy_threshold)
+    shape = R.check_new_shape(target)
+    n_c = data.shape[0]
+    out = np.empty((n_c, *shape), np.float32)
+    axes = R._pass_order(data.shape[1:], shape, (0, 1, 2))
+    for c in range(n_c):
+        cur = np.ascontiguousarray(data[c])
+        if c == n_c - 1:
+            del data  # ``cur`` (a view or a copy of the last channel) is all that is still needed
+        lo, hi = R._channel_minmax(cur)
+        shift = R._shift(lo, hi, order)
+        for i, axis in enumerate(axes):
+            first, last = i == 0, i == len(axes) - 1
+            cur = R._resize_axis(cur, axis, shape[axis], order, shift if first else 0.0, shift if last else 0.0,
+                                 out[c] if last else None, R._inter(False))
+        del cur
+        if order != 0:
+            R._clip_slices(out[c], 0, np.full(shape[0], lo), np.full(shape[0], hi))
+    return out

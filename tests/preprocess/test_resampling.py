@@ -227,3 +227,30 @@ def test_property_against_nnunet(shape, current, new, force, seed):
                                   ref_seg)
     ref = _theirs(nn.resample_data_or_seg_to_shape, data, new_shape, current, new, False, 3, 0, force)
     _close(ours.resample_data_or_seg_to_shape(data, new_shape, current, new, False, 3, 0, force), ref, data)
+
+
+@pytest.mark.parametrize("channels,order,offset", [(1, 3, 0.0), (2, 3, 1000.0), (1, 1, 0.0), (2, 0, 5.0)])
+@pytest.mark.parametrize("in_shape,out_shape", [((9, 14, 11), (12, 17, 13)), ((16, 10, 12), (11, 15, 12)),
+                                                ((5, 6, 7), (5, 3, 9))])
+def test_consuming_image_resampling_is_bit_identical(channels, order, offset, in_shape, out_shape):
+    """The worker's resampling that frees its input early gives the same bits as the ordinary call."""
+    from nnfast.preprocess.resampling import resample_data_or_seg_to_shape, resample_image_consuming
+
+    rng = np.random.default_rng(sum(in_shape) + channels + order)
+    data = (offset + rng.normal(size=(channels, *in_shape))).astype(np.float32)
+    spacing = [1.0, 1.0, 1.0]
+    expected = resample_data_or_seg_to_shape(data.copy(), out_shape, spacing, spacing, order=order)
+    holder = [data.copy()]
+    got = resample_image_consuming(holder, out_shape, spacing, spacing, order=order)
+    assert holder == [] and got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_consuming_image_resampling_separate_z_delegates():
+    from nnfast.preprocess.resampling import resample_data_or_seg_to_shape, resample_image_consuming
+
+    data = np.random.default_rng(0).normal(size=(1, 6, 20, 20)).astype(np.float32)
+    args = ((9, 24, 24), [4.0, 0.8, 0.8], [2.0, 0.7, 0.7])
+    expected = resample_data_or_seg_to_shape(data, *args, order=3, order_z=0, force_separate_z=None)
+    got = resample_image_consuming([data.copy()], *args, order=3, order_z=0, force_separate_z=None)
+    np.testing.assert_array_equal(got, expected)
