@@ -475,11 +475,10 @@ def _warmup() -> None:
     """Compile the signatures preprocessing passes (and only those: each costs ~0.5-2 s on a cold start).
 
     Preprocessing reads images as contiguous float32 and labels as int16 (:func:`nnfast.io.image.read_label`; int32
-    only beyond int16's range); prediction's cases have no labels (``seg_from_mask``). Other dtypes and layouts (the
-    fingerprint's file dtypes, views) compile on first use.
+    only beyond int16's range). Other dtypes and layouts (the fingerprint's file dtypes, views) and prediction's
+    ``seg_from_mask`` (cases without labels, one per process) compile on first use.
     """
     tiny = np.zeros((1, 3, 4, 5), np.float32)
     tiny[0, 1, 1:3, 1:4] = 1.0
     m, _ = nonzero_mask_and_bbox(tiny)
     label_outside_mask(np.zeros((1, 3, 4, 5), np.int16), m)
-    seg_from_mask(m)

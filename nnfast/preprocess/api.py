@@ -169,11 +169,12 @@ def preprocess_dataset(
 
 
 def _compile_in_background(workers: int, scheduler):
-    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache when it is cold, for a local pool (whose
-    workers then wait for what it compiles and load it, :func:`nnfast.native._jit.warm_in_background`); else None.
+    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache when it is cold, without dask (the local
+    pool's workers, or this process with one worker, then compile the rest and load what it compiled,
+    :func:`nnfast.native._jit.warm_in_background`); else None.
 
-    It is a daemon: on an error this process's exit stops it."""
-    if workers <= 1 or scheduler is not None:
+    On an error, this process's exit stops it."""
+    if scheduler is not None:
         return None
     from ..native._jit import warm_in_background
 
@@ -181,12 +182,15 @@ def _compile_in_background(workers: int, scheduler):
 
 
 def _join(proc, timeout_s: float = 10.0) -> None:
+    import subprocess
+
     if proc is None:
         return
-    proc.join(timeout_s)
-    if proc.is_alive():
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
         proc.terminate()
-        proc.join()
+        proc.wait()
 
 
 def single_threaded_libraries() -> None:
