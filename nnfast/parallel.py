@@ -128,9 +128,10 @@ def run_tasks(
         workers, so that workers only load the cache (:func:`nnfast.native.warmup`); a tuple of kernel
         module names (``("crop", "resample")``) warms only those.
     warmup_in_workers
-        With a tuple ``warmup`` and a process pool: the workers warm up instead of this process, sharing the
-        compile (:func:`nnfast.native._jit.warmup_shared`: on a cold cache each compiles part of the kernels, on a
-        warm one each only loads them, and this process loads none). Tasks start when their worker is warm.
+        With a tuple ``warmup``: the processes that run the tasks share the compile with each other and with a
+        background compile started earlier (:func:`nnfast.native._jit.warmup_shared`, one lock folder per process
+        tree: on a cold cache each compiles part of the kernels, on a warm one each only loads them). With a pool
+        this process loads none; in-process it takes its share. Tasks start when their process is warm.
 
     Returns
     -------
@@ -160,9 +161,13 @@ def run_tasks(
             _warmup(warmup)
         return _run_dask(func, items, order, case_keys, scheduler, progress, initializer, initargs,
                          threads_per_worker, desc)
-    if workers <= 1 or n == 1:
-        return _run_inline(func, items, order, case_keys, progress, initializer, initargs)
     shared = tuple(warmup) if warmup_in_workers and isinstance(warmup, tuple) else ()
+    if workers <= 1 or n == 1:
+        if shared:  # this process is the pool: share the compile with a background one, if any (else: all of it)
+            from .native._jit import warmup_lock_dir, warmup_shared
+
+            warmup_shared(shared, 1, 2, warmup_lock_dir())
+        return _run_inline(func, items, order, case_keys, progress, initializer, initargs)
     if warmup and not shared:
         _warmup(warmup)
     pool_size = min(workers, n)

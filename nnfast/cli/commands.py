@@ -167,6 +167,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for p in (settings.raw, settings.preprocessed, settings.results):
         p.mkdir(parents=True, exist_ok=True)
     task_id, name = 901, "DemoCT"
+    from ..preprocess.api import compile_in_background
+
+    compile_in_background()  # on a cold cache: compiles while the demo synthesizes, converts and plans
     steps = 5 if args.skip_training else 7
     raw_ds = settings.raw / dataset_folder_name(task_id, name)
     if not raw_ds.is_dir():

@@ -2,7 +2,9 @@
 
 Each kernel is a private ``@njit`` function (``_name``) next to a public wrapper (``name``) that validates its
 input, allocates the output and calls the kernel. JIT flags, the thread policy of both worker pools
-(``workers x threads <= cores``) and warm-up live in ``_jit``.
+(``workers x threads <= cores``), warm-up (only the signatures the pipeline passes; shared by a pool's workers, or
+started in the background) and the slab threads of one case (``run_slabs``: the cached serial kernels on slabs, on
+the cores a process has to itself) live in ``_jit``.
 
 Modules
 -------

@@ -207,22 +207,38 @@ def is_warm(modules: "tuple[str, ...]") -> bool:
 
 
 def _compile_unless_warm(modules: "tuple[str, ...]", lock_dir: str) -> None:
-    if not is_warm(modules):
+    import numba
+
+    if not numba.config.DISABLE_JIT and not is_warm(modules):
         warmup_shared(modules, 0, 1, lock_dir)
 
 
+_BACKGROUND_RUNNING: dict = {}
+_BACKGROUND = ("import sys; from nnfast.native._jit import _compile_unless_warm; "
+               "_compile_unless_warm(tuple(sys.argv[2].split(',')), sys.argv[1])")
+
+
 def warm_in_background(modules: "tuple[str, ...]"):
-    """Start a spawned process that compiles ``modules`` into Numba's cache unless :func:`is_warm` (through
+    """Start a process that compiles ``modules`` into Numba's cache unless :func:`is_warm` (through
     :func:`warmup_shared` and :func:`warmup_lock_dir`, so that pools started later wait for what it compiles).
 
     The check runs in that process too: this one imports neither Numba nor the kernels (a warm run pays one
-    short-lived process on another core). Returns the process: join it (or terminate it) when the work that needs
-    the kernels is done."""
-    import multiprocessing as mp
+    short-lived interpreter on another core). It is a plain ``python -c`` subprocess, not a pool worker; its output
+    is discarded (whatever it fails to compile, the pool compiles). Returns the ``subprocess.Popen``: wait for it or
+    terminate it when the work that needs the kernels is done; this process's exit terminates it otherwise. While
+    one for the same modules still runs, that one is returned."""
+    import atexit
+    import subprocess
+    import threading
 
-    proc = mp.get_context("spawn").Process(target=_compile_unless_warm, args=(tuple(modules), warmup_lock_dir()),
-                                           name="nnfast-compile", daemon=True)
-    proc.start()
+    key = tuple(modules)
+    running = _BACKGROUND_RUNNING.get(key)
+    if running is not None and running.poll() is None:
+        return running
+    proc = _BACKGROUND_RUNNING[key] = subprocess.Popen([sys.executable, "-c", _BACKGROUND, warmup_lock_dir(), ",".join(modules)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    threading.Thread(target=proc.wait, name="nnfast-compile-reaper", daemon=True).start()  # no zombie once done
+    atexit.register(lambda: proc.poll() is None and proc.terminate())
     return proc
 
 

@@ -475,13 +475,12 @@ def _warmup() -> None:
     """Compile the signatures preprocessing passes (and only those: each costs ~0.5-2 s on a cold start).
 
     Preprocessing crops images in their file's dtype when it is an integer one (int16: CT) and as contiguous float32
-    otherwise, and label maps as int8 (int16 only beyond int8's range, :mod:`nnfast.preprocess.pipeline`);
-    prediction's cases have no labels (``seg_from_mask``). Other dtypes and layouts (the fingerprint's file dtypes,
-    uint8/uint16 images, views) compile on first use.
+    otherwise, and label maps as int8 (int16 only beyond int8's range, :mod:`nnfast.preprocess.pipeline`). Other
+    dtypes and layouts (the fingerprint's file dtypes, uint8/uint16 images, views) and prediction's ``seg_from_mask``
+    (cases without labels, one per process) compile on first use.
     """
     for dtype in (np.float32, np.int16):
         tiny = np.zeros((1, 3, 4, 5), dtype)
         tiny[0, 1, 1:3, 1:4] = 1
         m, _ = nonzero_mask_and_bbox(tiny)
     label_outside_mask(np.zeros((1, 3, 4, 5), np.int8), m)
-    seg_from_mask(m)

@@ -19,7 +19,7 @@ from ..plan.schema import CONFIGURATION_NAMES
 from ..settings import Settings
 
 __all__ = ["PreprocessSummary", "ConfigSummary", "preprocess_dataset", "configs_to_run", "PREPROCESSED_CONFIGURATIONS",
-           "CONFIG_CHOICES"]
+           "CONFIG_CHOICES", "compile_in_background"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def preprocess_dataset(
     from .pipeline import CaseTask, case_hash, configuration_hash, dir_size, run_case_task
 
     t0 = time.perf_counter()
-    compiler = _compile_in_background(workers, scheduler)  # while verify + fingerprint run (cold cache only)
+    compiler = compile_in_background(scheduler)  # while verify + fingerprint run (cold cache only)
     res = plan_dataset(task, settings, workers=workers, scheduler=scheduler, gpu_memory_gb=gpu_memory_gb, verify=verify,
                        plans_identifier=plans_identifier, preset=preset, replan=replan,
                        create=plans_identifier in (None, get_preset(preset or "default").plans_identifier))
@@ -170,12 +170,13 @@ def preprocess_dataset(
     return summary
 
 
-def _compile_in_background(workers: int, scheduler):
-    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache when it is cold, for a local pool (whose
-    workers then wait for what it compiles and load it, :func:`nnfast.native._jit.warm_in_background`); else None.
+def compile_in_background(scheduler=None):
+    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache when it is cold, without dask (the local
+    pool's workers, or this process with one worker, then compile the rest and load what it compiled,
+    :func:`nnfast.native._jit.warm_in_background`); else None.
 
-    It is a daemon: on an error this process's exit stops it."""
-    if workers <= 1 or scheduler is not None:
+    On an error, this process's exit stops it."""
+    if scheduler is not None:
         return None
     from ..native._jit import warm_in_background
 
@@ -183,12 +184,15 @@ def _compile_in_background(workers: int, scheduler):
 
 
 def _join(proc, timeout_s: float = 10.0) -> None:
+    import subprocess
+
     if proc is None:
         return
-    proc.join(timeout_s)
-    if proc.is_alive():
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
         proc.terminate()
-        proc.join()
+        proc.wait()
 
 
 def _warn_if_workers_do_not_fit(fingerprint, plans, config_name: str, case_ids: list[str], workers: int) -> None:

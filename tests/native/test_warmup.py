@@ -76,7 +76,8 @@ def test_preprocessing_warmup_covers_a_case_read_from_files(tmp_path):
 
 def test_shared_warmup_compiles_each_module_once_across_processes(tmp_path):
     """Two processes share the warm-up of two modules on a cold cache: together they compile each signature once
-    (the other process loads it from the cache), and each ends with every signature loaded."""
+    (the other process loads it from the cache), and each ends with every signature loaded. (Which process compiles
+    which module depends on when each starts, so that is not asserted.)"""
     (tmp_path / "locks").mkdir()
     code = _SIGNATURES + textwrap.dedent(f"""
         import json, sys, importlib
@@ -102,5 +103,3 @@ def test_shared_warmup_compiles_each_module_once_across_processes(tmp_path):
     assert a["have"] == b["have"] and all(n >= 1 for n in a["have"].values()), results
     for kernel, n in a["have"].items():
         assert a["misses"][kernel] + b["misses"][kernel] == n, (kernel, results)  # compiled once, loaded once
-    compiled_by = [{k for k, v in r["misses"].items() if v} for r in results]
-    assert compiled_by[0] and compiled_by[1], f"both processes must compile a share: {compiled_by}"
