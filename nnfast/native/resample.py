@@ -46,7 +46,7 @@ from nnfast.errors import InputTypeError, ShapeError, UsageError
 
 from ._jit import kernel_threads, register_warmup, run_slabs, serial
 
-__all__ = ["resize_image", "resize_image_separate_z", "axis_taps", "nearest_indices", "check_new_shape"]
+__all__ = ["resize_image", "resize_image_consuming", "resize_image_separate_z", "axis_taps", "nearest_indices", "check_new_shape"]
 
 _POLE = -0.267949192431122706472553658494127633  # sqrt(3) - 2, as written in scipy's ni_splines.c
 _NPAD = 12  # scipy's _prepad_for_spline_filter for mode='nearest'
@@ -499,19 +499,41 @@ def resize_image(data: np.ndarray, new_shape, order: int = 3, *, precise: bool =
         If ``data`` is not a 4D float32/float64 array with voxels, ``new_shape`` is not 3 positive sizes or
         ``order`` is not 0, 1 or 3.
     """
+    return resize_image_consuming([data], new_shape, order, precise=precise)
+
+
+def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: bool = False) -> np.ndarray:
+    """:func:`resize_image` of ``arrays.pop()``, dropping this function's reference to the input early.
+
+    ``arrays`` is a one-element list, emptied here. When the caller held no other reference, the input is freed once
+    the first separable pass of its last channel has run, so that the input, the intermediate between passes and the
+    output never coexist (a 300x512x512 CT case: ~300 MiB less peak memory in a preprocessing worker). The same
+    passes in the same order as :func:`resize_image` (which is this function on a list the caller keeps): the
+    result is bit-identical.
+    """
+    data = arrays.pop()
     shape = _check_image(data, new_shape)
     order = _check_order(order)
     n_c = data.shape[0]
     in_shape = data.shape[1:]
-    out = np.empty((n_c, *shape), np.float32)
     if tuple(in_shape) == shape:
+        out = np.empty((n_c, *shape), np.float32)
         out[...] = data
         return out
+    out = np.empty((n_c, *shape), np.float32)
     axes = _pass_order(in_shape, shape, (0, 1, 2))
+    inter = _inter(precise)
     for c in range(n_c):
-        src = np.ascontiguousarray(data[c])
-        lo, hi = _channel_minmax(src)
-        _resize_axes(src, shape, axes, order, _shift(lo, hi, order), out[c], _inter(precise))
+        cur = np.ascontiguousarray(data[c])
+        if c == n_c - 1:
+            del data  # ``cur`` (a view or a copy of the last channel) is all that is still needed
+        lo, hi = _channel_minmax(cur)
+        shift = _shift(lo, hi, order)
+        for i, axis in enumerate(axes):
+            first, last = i == 0, i == len(axes) - 1
+            cur = _resize_axis(cur, axis, shape[axis], order, shift if first else 0.0, shift if last else 0.0,
+                               out[c] if last else None, inter)
+        del cur
         if order != 0:
             _clip(out[c], 0, np.full(shape[0], lo), np.full(shape[0], hi))
     return out

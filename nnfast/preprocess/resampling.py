@@ -248,10 +248,10 @@ def resample_image_consuming(arrays: list, new_shape: Shape, current_spacing: Sp
     is dropped once the first separable pass of its last channel has run, so that the input, the resampler's
     intermediate and the output never coexist (a 300x512x512 CT case: -300 MiB of peak). The result is bit-identical
     to :func:`resample_data_or_seg_to_shape` (the same kernel passes in the same order: ``nnfast.native.resample``'s
-    ``resize_image``, whose private pass helpers this calls). The separate-z path, float64 images and unchanged shapes
+    ``resize_image_consuming``). The separate-z path, float64 images and unchanged shapes
     go through :func:`resample_data_or_seg_to_shape` unchanged.
     """
-    from nnfast.native import resample as R
+    from nnfast.native.resample import resize_image_consuming
 
     data = arrays.pop()
     target = tuple(int(s) for s in new_shape)
@@ -261,21 +261,6 @@ def resample_image_consuming(arrays: list, new_shape: Shape, current_spacing: Sp
             or tuple(data.shape[1:]) == target or order not in (0, 1, 3)):
         return resample_data_or_seg_to_shape(data, target, current_spacing, new_spacing, False, order, order_z,
                                              force_separate_z, separate_z_anisotropy_threshold)
-    shape = R.check_new_shape(target)
-    n_c = data.shape[0]
-    out = np.empty((n_c, *shape), np.float32)
-    axes = R._pass_order(data.shape[1:], shape, (0, 1, 2))
-    for c in range(n_c):
-        cur = np.ascontiguousarray(data[c])
-        if c == n_c - 1:
-            del data  # ``cur`` (a view or a copy of the last channel) is all that is still needed
-        lo, hi = R._channel_minmax(cur)
-        shift = R._shift(lo, hi, order)
-        for i, axis in enumerate(axes):
-            first, last = i == 0, i == len(axes) - 1
-            cur = R._resize_axis(cur, axis, shape[axis], order, shift if first else 0.0, shift if last else 0.0,
-                                 out[c] if last else None, R._inter(False))
-        del cur
-        if order != 0:
-            R._clip_slices(out[c], 0, np.full(shape[0], lo), np.full(shape[0], hi))
-    return out
+    holder = [data]
+    del data  # resize_image_consuming holds the only reference
+    return resize_image_consuming(holder, target, order)
