@@ -29,6 +29,10 @@ one core, ms per batch, nnU-Net -> nnfast on its b2nd folder / on zarr stores: 3
 Worker RSS ~600 MiB (USS 260-320 MiB) in 3D, ~450 MiB (USS ~230) in 2D, mostly torch and Numba; the scaling from 1
 to 2 workers cannot be seen on that machine.
 
+12-07 (busy, load 10-22, AMD EPYC, CPU time per batch, after nnfast.data.heap and the one-pass deep-supervision
+targets): 2d 100.1 -> 27.1 / 26.2 ms (zarr / b2nd, 3.7-3.8x), 3d_fullres_aniso 705 -> 94.6 / 86.6 ms (7.5-8.1x);
+PatchLoader 1 -> 2 workers 902 -> 365 ms/batch wall.
+
 Run the real sizes and print the table (``-s``)::
 
     NNFAST_BENCH_SCALE=1 pytest benchmarks/test_bench_loader.py -s --benchmark-enable \
