@@ -190,6 +190,10 @@ from nnfast.data.nnunet_adapter import install_nnunet_trainer, use_nnfast_loader
 ds = sys.argv[1]
 folder = os.path.join(nnUNet_preprocessed, ds)
 plans = load_json(os.path.join(folder, "nnUNetPlans.json"))
+for c in plans["configurations"].values():  # the loader is under test: narrow networks (8 first-stage features)
+    if "architecture" in c:
+        kw = c["architecture"]["arch_kwargs"]
+        kw["features_per_stage"] = [min(8 * 2 ** i, f) for i, f in enumerate(kw["features_per_stage"])]
 dj = load_json(os.path.join(folder, "dataset.json"))
 out = {}
 
