@@ -159,7 +159,7 @@ def plot_dice(rows: Sequence[Mapping], path, arms: Sequence[str] = ("A", "B", "C
         ax.set_ylim(0, 1)
         ax.set_title(ds)
         ax.set_ylabel("Dice (held-out cases)")
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)
     plt.close(fig)

@@ -1,0 +1,106 @@
+"""Diagnostic: what the training batches of nnU-Net's loader and nnfast's loader contain, on one prepared dataset.
+
+    python -m benchmarks.quality.batch_stats --work quality_runs --dataset real --batches 100
+
+Both loaders read nnU-Net's preprocessed folder of the harness's dataset (fold 0's training cases), with nnU-Net's
+default training augmentation (nnU-Net: ``nnUNetTrainer.get_training_transforms`` over ``nnUNetDataLoader``;
+nnfast: ``PatchLoader`` with the equivalent ``AugmentConfig``), no deep supervision. Printed per loader: the mean
+share of each label in the target patches (with the standard error over batches), the share of image voxels that
+are exactly 0 (padding outside the case, or rotated-in zeros) and the image mean/std. A label share that differs by
+several standard errors points at a sampling or augmentation difference, without training anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.quality.datasets import IDS  # noqa: E402
+
+
+def _stats(batches) -> dict:
+    rows = []
+    for data, target in batches:
+        t = np.asarray(target)
+        d = np.asarray(data)
+        row = {f"label_{k}": float((t == k).mean()) for k in (-1, 0, 1, 2)}
+        row.update(zero_image=float((d == 0).mean()), image_mean=float(d.mean()), image_std=float(d.std()))
+        rows.append(row)
+    out = {}
+    for k in rows[0]:
+        v = np.array([r[k] for r in rows])
+        out[k] = (float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--work", default="quality_runs")
+    p.add_argument("--dataset", default="real", choices=sorted(IDS))
+    p.add_argument("--batches", type=int, default=100)
+    args = p.parse_args(argv)
+    did, name = IDS[args.dataset]
+    pre = Path(args.work) / args.dataset / "preprocessed" / f"Dataset{did:03d}_{name}"
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    conf = plans["configurations"]["3d_fullres"]
+    folder = pre / conf["data_identifier"]
+    train_ids = json.loads((pre / "splits_final.json").read_text())[0]["train"]
+    dj = json.loads((pre / "dataset.json").read_text())
+    patch = tuple(conf["patch_size"])
+    bs = int(conf["batch_size"])
+
+    import torch
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnfast.data.augment_params import AugmentConfig
+    from nnfast.data.batch import BatchSpec
+    from nnfast.data.dataset import NnunetCaseSource
+    from nnfast.data.loader import PatchLoader
+
+    torch.set_num_threads(1)
+    aug = AugmentConfig.from_patch_size(patch, ds_scales=None, use_mask_for_norm=tuple(conf["use_mask_for_norm"]))
+    fg = [v for v in dj["labels"].values() if isinstance(v, int) and v > 0]
+    tr = nnUNetTrainer.get_training_transforms(patch, aug.rotation, None, aug.mirror_axes, aug.do_dummy_2d,
+                                               use_mask_for_norm=list(conf["use_mask_for_norm"]), is_cascaded=False,
+                                               foreground_labels=fg, regions=None, ignore_label=None)
+    lm = LabelManager(dj["labels"], None)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    dl = nnUNetDataLoader(nnUNetDatasetBlosc2(str(folder), identifiers=train_ids), bs, aug.initial_patch_size, patch,
+                          lm, oversample_foreground_percent=0.33, transforms=tr)
+
+    def nn_batches():
+        for _ in range(args.batches):
+            b = next(dl)
+            yield b["data"].numpy(), b["target"].numpy()
+
+    spec = BatchSpec(augment=aug, batch_size=bs, num_channels=1, oversample_foreground_percent=0.33)
+    res = {"patch": patch, "batch_size": bs, "batches": args.batches, "nnunet": _stats(nn_batches())}
+    with PatchLoader(NnunetCaseSource(folder, train_ids), spec, num_workers=0, base_seed=0) as loader:
+        def ours():
+            for _ in range(args.batches):
+                b = next(loader)
+                t = b["target"][0] if isinstance(b["target"], list) else b["target"]
+                yield b["data"].numpy(), t.numpy()
+
+        res["nnfast"] = _stats(ours())
+    print(json.dumps(res, indent=1))
+    print(f"{'':14s} {'nnU-Net':>20s} {'nnfast':>20s}  diff/se")
+    for k in res["nnunet"]:
+        (a, sa), (b, sb) = res["nnunet"][k], res["nnfast"][k]
+        se = float(np.hypot(sa, sb)) or float("nan")
+        print(f"{k:14s} {a:12.4f} ± {sa:6.4f} {b:12.4f} ± {sb:6.4f}  {(b - a) / se:+.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
