@@ -43,7 +43,7 @@ def test_steps_reject_bad_input():
 
 
 @pytest.mark.compat
-@pytest.mark.parametrize("patch", [(8, 16, 16), (40, 56, 40), (7, 9), (128, 128), (1, 5, 6)])
+@pytest.mark.parametrize("patch", [(8, 16, 16), (40, 56, 40), (7, 9), (128, 128), (1, 5, 6), (56, 224, 192), (3, 1, 2)])
 def test_gaussian_equals_nnunet(patch):
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
