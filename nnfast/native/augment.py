@@ -352,7 +352,7 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
     tiny = ry < 2 or rz < 2
     ty32 = np.empty(npx, np.float32)
     tz32 = np.empty(npx, np.float32)
-    off = np.empty(npx, np.int32)
+    off = np.empty(npx, np.uint32)  # unsigned: the gathers need no negative-index wrap-around checks
     border = np.empty(npx, np.bool_)
     a00, a01, a10, a11 = a[0, 0], a[0, 1], a[1, 0], a[1, 1]
     s1, h1 = sign[1], half[1]
@@ -378,8 +378,11 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
             b_r[k] = (fy < 0.0) | (fz < 0.0) | (fy + 1.0 >= fry) | (fz + 1.0 >= frz)
             cy = min(max(fy, 0.0), my)  # all 4 reads stay inside the region (see _warp_3d)
             cz = min(max(fz, 0.0), mz)
-            o_r[k] = np.int32(cy * frz + cz)
+            o_r[k] = np.uint32(cy * frz + cz)
     one = np.float32(1.0)
+    u1 = np.uint64(1)
+    urz = np.uint64(rz)
+    urz1 = np.uint64(rz + 1)
     lab = np.empty(4, np.int64)
     w = np.empty(4, np.float64)
     for n in range(n_sl):
@@ -388,22 +391,22 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
             src = img[c, n].reshape(-1)
             dst = out_img[c, on].reshape(-1)
             for q in range(npx):
-                o = off[q]
+                o = np.uint64(off[q])
                 ty = ty32[q]
                 tz = tz32[q]
-                dst[q] = ((one - ty) * (one - tz) * src[o] + (one - ty) * tz * src[o + 1]
-                          + ty * (one - tz) * src[o + rz] + ty * tz * src[o + rz + 1])
+                dst[q] = ((one - ty) * (one - tz) * src[o] + (one - ty) * tz * src[o + u1]
+                          + ty * (one - tz) * src[o + urz] + ty * tz * src[o + urz1])
         for s in range(n_s if not tiny else 0):
             sg = seg[s, n].reshape(-1)
             dst_s = out_seg[s, on].reshape(-1)
             for q in range(npx):
                 if border[q]:
                     continue
-                o = off[q]
+                o = np.uint64(off[q])
                 l0 = sg[o]
-                l1 = sg[o + 1]
-                l2 = sg[o + rz]
-                l3 = sg[o + rz + 1]
+                l1 = sg[o + u1]
+                l2 = sg[o + urz]
+                l3 = sg[o + urz1]
                 if l0 == l1 and l0 == l2 and l0 == l3:
                     dst_s[q] = l0
                     continue
