@@ -16,7 +16,10 @@ A preprocessed folder holds one directory per case, ``<folder>/<case_id>.zarr/``
 * ``image`` and ``seg`` are each ONE shard (``sharding_indexed`` codec, index at the end, crc32c-checked) that
   covers the whole array, so a case is ~6 small files. Inside the shard, inner chunks are ``(1, cx, cy, cz)``:
   one channel per chunk, spatial extent from :func:`chunk_layout` (small: about a quarter to half of the
-  patch per axis, 256 KiB of voxels by default) so that a patch read decodes little more than the patch.
+  patch per axis, 256 KiB of voxels by default) so that a patch read decodes little more than the patch; a 2D
+  configuration's chunks are whole slices (``(1, 1, y, z)``) where the slice is at most 1.5x the patch per axis
+  (a 2D sample's region covers most of such a slice; stores written before this rule had 256 KiB chunks there and
+  read the same, the reader takes any chunking).
   Inner chunks are ``bytes`` (little endian) + ``blosc`` (LZ4HC level 3 by default, byte shuffle for the image
   unless a trial compression prefers none). Inner chunks equal to the fill value are not written (zarr's
   ``write_empty_chunks=False``), and the seg shard file is absent when the whole seg is -1.
@@ -70,6 +73,7 @@ __all__ = [
     "DEFAULT_CNAME",
     "DEFAULT_CLEVEL",
     "DEFAULT_CHUNK_NBYTES",
+    "DEFAULT_CHUNK_NBYTES_2D",
     "StoreLayout",
     "chunk_layout",
     "seg_dtype",
@@ -97,6 +101,10 @@ DEFAULT_CLEVEL = 3
 #: Byte cap of one inner chunk (logical, uncompressed). With 56x192x192 patches this gives (1, 16, 64, 64) for
 #: float32 images and (1, 32, 128, 64) for int8 segs (see the table in the module docstring).
 DEFAULT_CHUNK_NBYTES = 256 * 1024
+#: Byte cap of one inner chunk of a 2D configuration's store, whose chunks are whole slices where the slice is at most
+#: 1.5x the patch per axis (:func:`chunk_layout` with ``whole_slices``): a 2D sample reads a region of about the patch
+#: or larger (rotation), so one decode of the slice beats 2x2 to 3x3 partial chunks around it.
+DEFAULT_CHUNK_NBYTES_2D = 4 * 1024 * 1024
 #: chunks never extend past this multiple of the patch per axis (nnU-Net v2.8's ``max_chunk_to_patch_ratio``)
 _MAX_CHUNK_TO_PATCH = 1.5
 
@@ -138,6 +146,7 @@ def chunk_layout(
     itemsize: int,
     *,
     max_chunk_nbytes: int = DEFAULT_CHUNK_NBYTES,
+    whole_slices: bool = False,
 ) -> StoreLayout:
     """Inner chunk and shard shape for an array ``(c, x, y, z)`` read by patches of ``patch_size``.
 
@@ -159,6 +168,13 @@ def chunk_layout(
         Bytes per voxel (4 for float32 images, 1 or 2 for segs).
     max_chunk_nbytes : int, optional
         Cap on the uncompressed bytes of one inner chunk.
+    whole_slices : bool, optional
+        2D patches only: an in-plane axis at most ``floor(1.5 * patch)`` long starts from its whole extent instead
+        of the patch's power of two (then the byte cap applies as above), so that with a cap that allows it a chunk
+        is a whole slice. :func:`write_case` sets it, with :data:`DEFAULT_CHUNK_NBYTES_2D`, for 2D configurations:
+        a 2D sample reads a region of about the patch or larger (rotation); on 320^2 slices with 256^2 patches one
+        decode of the slice measured 1.6x faster per batch than the 2x2 chunks of 256^2 it otherwise touches
+        (``benchmarks/README.md``, loader rows of 12-07). Without it the rule equals nnU-Net's (at a 128 KiB cap).
 
     Returns
     -------
@@ -185,6 +201,8 @@ def chunk_layout(
     chunk = [min(_ceil_pow2(p), s) for p, s in zip(patch3, spatial)]
     if is_2d:
         chunk[0] = 1
+        if whole_slices:
+            chunk[1:] = [s if s <= t else c for s, t, c in zip(spatial[1:], target[1:], chunk[1:])]
     budget = max(1, int(max_chunk_nbytes) // int(itemsize))
     while math.prod(chunk) > budget:
         axes = [ax for ax in range(3) if chunk[ax] > 1]
@@ -418,7 +436,7 @@ def write_case(
     cname: Literal["lz4", "lz4hc", "zstd"] = DEFAULT_CNAME,
     clevel: int = DEFAULT_CLEVEL,
     shuffle: Shuffle = "auto",
-    max_chunk_nbytes: int = DEFAULT_CHUNK_NBYTES,
+    max_chunk_nbytes: int | None = None,
     seg_max_chunk_nbytes: int | None = None,
 ) -> None:
     """Write one preprocessed case as a zarr v3 store at ``path`` (atomically; see the module docstring).
@@ -448,7 +466,9 @@ def write_case(
         Image filter; ``"auto"`` trial-compresses a central slab both ways (nnU-Net v2.8's rule). The seg
         (one byte per voxel) always uses no shuffle.
     max_chunk_nbytes, seg_max_chunk_nbytes : int
-        Inner-chunk byte caps for image and seg (seg defaults to the image's cap).
+        Inner-chunk byte caps for image and seg (seg defaults to the image's cap). Default: a 3D patch
+        :data:`DEFAULT_CHUNK_NBYTES`; a 2D patch :data:`DEFAULT_CHUNK_NBYTES_2D` with whole-slice chunks
+        (:func:`chunk_layout`'s ``whole_slices``).
 
     Raises
     ------
@@ -492,9 +512,13 @@ def write_case(
         locations[arr_name] = a.astype(np.int32)
         keys[arr_name] = _json_key(key)
 
-    image_layout = chunk_layout(image.shape, patch_size, image.itemsize, max_chunk_nbytes=max_chunk_nbytes)
+    is_2d = len(patch_size) == 2
+    if max_chunk_nbytes is None:
+        max_chunk_nbytes = DEFAULT_CHUNK_NBYTES_2D if is_2d else DEFAULT_CHUNK_NBYTES
+    image_layout = chunk_layout(image.shape, patch_size, image.itemsize, max_chunk_nbytes=max_chunk_nbytes,
+                                whole_slices=is_2d)
     seg_layout = chunk_layout(seg.shape, patch_size, seg.itemsize,
-                              max_chunk_nbytes=seg_max_chunk_nbytes or max_chunk_nbytes)
+                              max_chunk_nbytes=seg_max_chunk_nbytes or max_chunk_nbytes, whole_slices=is_2d)
     image_shuffle = _pick_shuffle(image, image_layout, cname, clevel) if shuffle == "auto" else shuffle
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 zarr-python spends ~5-7 ms of machinery per patch read (asyncio, codec pipelines, index decoding per call),
 more than decoding itself. :class:`CaseReader` instead parses each array's ``zarr.json`` and its shard
 index once, memory-maps the shard file, and for a box decodes exactly the inner chunks the box touches with
-the c-blosc that numcodecs ships (``blosc_decompress_ctx``, one thread) into a reused scratch chunk, copying
+the c-blosc that numcodecs ships (``blosc_decompress_ctx``, one thread) into a reused per-thread scratch chunk, copying
 the overlap into caller-provided output buffers. Boxes may extend past the array (nnU-Net's ``crop_and_pad_nd``): the image is padded with 0, the
 seg with -1.
 
@@ -14,7 +14,7 @@ or unsharded ``[bytes, blosc?]``.
 
 Processes and threads: a reader opens lazily on its first use, pickles as its path only, and holds nothing
 that breaks across ``fork`` (read-only ``mmap`` objects and numpy buffers; the context decoder has no
-threads or locks, and its c-blosc symbol is loaded on the first read of a process, not at import). One reader must not be used by two threads at once (it reuses one scratch chunk per array).
+threads or locks, and its c-blosc symbol is loaded on the first read of a process, not at import). One reader must not be used by two threads at once; the decode buffer is one per thread, shared by all readers.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -70,6 +71,22 @@ def _decompress_ctx():
     if _BLOSC_DECOMPRESS_CTX is _UNLOADED:
         _BLOSC_DECOMPRESS_CTX = _load_blosc_decompress_ctx()
     return _BLOSC_DECOMPRESS_CTX
+
+
+_TLS = threading.local()
+
+
+def _thread_scratch(nbytes: int) -> np.ndarray:
+    """This thread's decode buffer (uint8, at least ``nbytes``), shared by every array of every open reader: a chunk
+    is decoded and copied out before the next decode, so one buffer per thread suffices, and open readers cost no
+    chunk-sized memory each (a loader worker keeps up to 64 cases open; 2D stores have whole-slice chunks)."""
+    buf = getattr(_TLS, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(max(int(nbytes), 2 * (0 if buf is None else buf.size)) + 64, np.uint8)
+        off = (-buf.ctypes.data) % 64  # aligned for the decoder and the typed views
+        buf = buf[off:]
+        _TLS.buf = buf
+    return buf
 
 
 class _Unsupported(Exception):
@@ -170,9 +187,7 @@ class _LeanArray:
         self.grid = tuple(-(-s // c) for s, c in zip(self.shape, self.chunks))
         self._strides = [int(np.prod(self.grid[d + 1:], dtype=np.int64)) for d in range(len(self.grid))]
         self._chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
-        self._scratch = np.empty(self.chunks, dtype=self.disk_dtype)
-        self._scratch_bytes = memoryview(self._scratch).cast("B")  # numcodecs decodes into it fastest
-        self._scratch_addr = self._scratch.ctypes.data
+        self._scratch_src = None  # the thread's buffer the views below were made from (see _scratch_views)
         self._buffers: list = []  # (mmap, memoryview) per shard file
         self._views: list = []
         self._addrs: list[int] = []  # start address of each mapped shard (valid until close())
@@ -265,11 +280,22 @@ class _LeanArray:
         except FileNotFoundError:
             return None
 
+    def _scratch_views(self):
+        """``(chunk-shaped array, byte view, address)`` of this thread's decode buffer (:func:`_thread_scratch`)."""
+        buf = _thread_scratch(self._chunk_nbytes)
+        if buf is not self._scratch_src:
+            arr = buf[:self._chunk_nbytes].view(self.disk_dtype).reshape(self.chunks)
+            self._scratch_views_cache = (arr, memoryview(arr).cast("B"), arr.ctypes.data)
+            self._scratch_src = buf
+        return self._scratch_views_cache
+
     def _decode(self, raw) -> np.ndarray:
-        """The decoded chunk (the scratch buffer, or a read-only view of ``raw`` if uncompressed)."""
+        """The decoded chunk (the thread's scratch buffer, valid until the next decode in this thread, or a
+        read-only view of ``raw`` if uncompressed)."""
         if self._blosc:
-            _decompress(raw, self._scratch_bytes)
-            return self._scratch
+            scratch, dest, _ = self._scratch_views()
+            _decompress(raw, dest)
+            return scratch
         if len(raw) != self._chunk_nbytes:
             raise StoreError(f"{self.dir}: a chunk has {len(raw)} bytes, expected {self._chunk_nbytes}; the "
                              f"store is damaged, rerun preprocessing for this case")
@@ -304,8 +330,9 @@ class _LeanArray:
     def _read_sharded_4d(self, parts: list, out: np.ndarray) -> None:
         """The hot loop of :meth:`read_into` for (c, x, y, z) blosc shards, with everything inlined."""
         buf_id, offset, length, views = self._buf_id, self._offset, self._length, self._views
-        scratch, dest, fill = self._scratch, self._scratch_bytes, self.fill_value
-        ctx, addrs, dest_addr, nbytes = _decompress_ctx(), self._addrs, self._scratch_addr, self._chunk_nbytes
+        scratch, dest, dest_addr = self._scratch_views()
+        fill = self.fill_value
+        ctx, addrs, nbytes = _decompress_ctx(), self._addrs, self._chunk_nbytes
         header = _BLOSC_HEADER.unpack_from
         p0, p1, p2, p3 = parts
         for f0, _, o0, c0 in p0:

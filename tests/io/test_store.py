@@ -71,6 +71,37 @@ def test_chunk_layout_2d_reads_single_slices():
     assert lay.shards == (1, 120, 512, 512)
 
 
+def test_chunk_layout_2d_whole_slices():
+    # slices at most 1.5x the patch become one chunk when the cap allows; larger ones keep the patch's power of two
+    assert chunk_layout((1, 40, 320, 320), (256, 256), 4, max_chunk_nbytes=4 << 20, whole_slices=True).chunks == \
+        (1, 1, 320, 320)
+    assert chunk_layout((1, 40, 320, 700), (256, 256), 4, max_chunk_nbytes=4 << 20, whole_slices=True).chunks == \
+        (1, 1, 320, 256)
+    # the byte cap still holds, and without the flag (or for 3D patches) the rule is unchanged
+    assert math.prod(chunk_layout((1, 40, 320, 320), (256, 256), 4, whole_slices=True).chunks) * 4 <= 256 * 1024
+    assert chunk_layout((1, 40, 320, 320), (256, 256), 4, max_chunk_nbytes=4 << 20).chunks == (1, 1, 256, 256)
+    assert chunk_layout((1, 120, 300, 300), (56, 192, 192), 4, whole_slices=True).chunks == (1, 16, 64, 64)
+
+
+def test_write_case_2d_store_has_whole_slice_chunks(tmp_path):
+    """A 2D configuration's store (default caps) decodes one chunk per slice read; 3D keeps small chunks."""
+    from nnfast.io.store_reader import CaseReader
+
+    image, seg, locs = make_case(shape=(1, 5, 40, 36))
+    path2d, path3d = store_path(tmp_path, "a"), store_path(tmp_path, "b")
+    write_case(path2d, image, seg, locs, {}, "h", (32, 32))
+    write_case(path3d, image, seg, locs, {}, "h", (4, 8, 8))
+    assert read_case_metadata(path2d)["image"]["chunks"] == [1, 1, 40, 36]
+    assert read_case_metadata(path2d)["seg"]["chunks"] == [1, 1, 40, 36]
+    assert read_case_metadata(path3d)["image"]["chunks"] == [1, 4, 8, 8]
+    with CaseReader(path2d) as r:
+        img, sg = r.read([[4, 5], [-3, 30], [5, 41]])
+    np.testing.assert_array_equal(img[:, :, 3:, :31], image[:, 4:5, :30, 5:])
+    assert np.abs(image[:, 4]).sum() > 0
+    assert (img[:, :, :3] == 0).all() and (sg[:, :, :3] == -1).all() and (sg[:, :, :, 31:] == -1).all()
+    np.testing.assert_array_equal(sg[:, :, 3:, :31], seg[:, 4:5, :30, 5:])
+
+
 def test_chunk_layout_image_smaller_than_patch():
     lay = chunk_layout((1, 36, 50, 35), (40, 56, 40), 4)
     assert all(c <= s for c, s in zip(lay.chunks[1:], (36, 50, 35)))
