@@ -10,9 +10,10 @@ compressed by numcodecs' Blosc (the library zarr's ``BloscCodec`` calls, same ``
 appended to the file; the index of ``(offset, nbytes)`` pairs (``2**64 - 1`` twice for a chunk not stored) and its
 crc32c follow when the writer is closed. A shard without any stored chunk is not written at all, as zarr does.
 
-Slabs along the first spatial axis (``x`` of ``(c, x, y, z)``) can be added one at a time (:meth:`ShardWriter.write_slab`),
-so a caller that produces the array slab by slab never holds it whole; chunks may sit in the file in any order, the
-index says where each one is.
+Slabs along one spatial axis (of ``(c, x, y, z)``), of all channels or of one, can be added one at a time and in any
+order (:meth:`ShardWriter.write_slab`), so a caller that produces the array slab by slab never holds it whole
+(:mod:`nnfast.preprocess.streaming` resamples a case's image straight into it); chunks may sit in the file in any order,
+the index says where each one is.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _morton_order(grid: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 class ShardWriter:
-    """Write a one-shard zarr v3 array's chunk data to ``<array_dir>/c/0/0/0/0``, slab by slab along axis 1.
+    """Write a one-shard zarr v3 array's chunk data to ``<array_dir>/c/0/0/0/0``, slab by slab along one axis.
 
     Parameters
     ----------
@@ -81,32 +82,53 @@ class ShardWriter:
         self._file = None
         self._offset = 0
         self._next_x = 0
+        self._axis: int | None = None
+        self._done: np.ndarray | None = None
 
-    def write_slab(self, slab: np.ndarray) -> None:
-        """Add rows ``[x0, x0 + slab.shape[1])`` of axis 1, where ``x0`` is where the previous slab ended.
+    def write_slab(self, slab: np.ndarray, *, axis: int = 1, start: int | None = None,
+                   channel: int | None = None) -> None:
+        """Add the rows ``[start, start + n)`` of spatial ``axis`` (1, 2 or 3 of ``(c, x, y, z)``).
 
-        ``slab`` is ``(c, n, y, z)``; ``n`` must be a multiple of the chunk's ``cx`` except for the last slab.
+        ``slab`` is ``(c, ...)`` with ``n`` rows along ``axis`` and the array's whole extent along the other spatial
+        axes, or, with ``channel``, the 3D ``(x, y, z)`` part of that one channel. ``start`` defaults to where the
+        previous slab ended; it must be a multiple of the chunk along ``axis`` and ``n`` too, except for the slab
+        that reaches the end of the array. Slabs may come in any order; every slab of one writer is along the same
+        axis (the index says where each chunk sits in the file, so the order only changes the file's layout).
         """
-        x0 = self._next_x
-        c, n = slab.shape[:2]
-        if slab.shape[0] != self.shape[0] or slab.shape[2:] != self.shape[2:] or x0 + n > self.shape[1]:
-            raise ValueError(f"ShardWriter: slab {slab.shape} at x={x0} does not fit array {self.shape}")
-        cx = self.chunks[1]
-        if x0 % cx or (n % cx and x0 + n != self.shape[1]):
+        if channel is not None:
+            slab = slab[None]
+        chans = range(self.shape[0]) if channel is None else range(int(channel), int(channel) + 1)
+        if self._axis is None:
+            self._axis = int(axis)
+            self._done = np.zeros((self.shape[0], self.grid[self._axis]), bool)
+        if axis != self._axis or axis not in (1, 2, 3):
+            raise ValueError(f"ShardWriter: slabs must all be along one spatial axis (1, 2 or 3); got axis {axis} "
+                             f"after axis {self._axis}")
+        x0 = self._next_x if start is None else int(start)
+        n = slab.shape[axis]
+        want = list(self.shape)
+        want[0], want[axis] = len(chans), n
+        if tuple(slab.shape) != tuple(want) or chans.stop > self.shape[0] or x0 + n > self.shape[axis]:
+            raise ValueError(f"ShardWriter: slab {slab.shape} at {x0} along axis {axis} does not fit array "
+                             f"{self.shape}" + ("" if channel is None else f" (channel {channel})"))
+        cx = self.chunks[axis]
+        if x0 % cx or (n % cx and x0 + n != self.shape[axis]):
             raise ValueError(f"ShardWriter: slabs must cover whole chunks of {cx} rows (slab of {n} at x={x0})")
         from numcodecs import blosc
 
-        _, cx, cy, cz = self.chunks
         _, gx, gy, gz = self.grid
         buf, bits = self._buf, self._bits
         typesize = self.dtype.itemsize
         cname = self.cname.encode()
         rows = range(x0 // cx, -(-(x0 + n) // cx))
-        for ch, ix, iy, iz in self._order:
-            if ix not in rows:
+        for coord in self._order:
+            ch = coord[0]
+            if ch not in chans or coord[axis] not in rows:
                 continue
-            xs = ix * cx - x0
-            part = slab[ch, xs:xs + cx, iy * cy:(iy + 1) * cy, iz * cz:(iz + 1) * cz]
+            lo = [coord[a] * self.chunks[a] for a in range(4)]
+            lo[0], lo[axis] = ch - chans.start, lo[axis] - x0
+            part = slab[lo[0], lo[1]:lo[1] + self.chunks[1], lo[2]:lo[2] + self.chunks[2],
+                        lo[3]:lo[3] + self.chunks[3]]
             if part.shape == buf.shape:
                 buf[...] = part
             else:
@@ -119,15 +141,23 @@ class ShardWriter:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "wb")
             self._file.write(enc)
+            _, ix, iy, iz = coord
             flat = ((ch * gx + ix) * gy + iy) * gz + iz
             self._index[flat] = (self._offset, len(enc))
             self._offset += len(enc)
+        self._done[chans.start:chans.stop, rows.start:rows.stop] = True
         self._next_x = x0 + n
+
+    def complete(self) -> bool:
+        """True when every chunk of the array has been written (or skipped as fill)."""
+        return self._done is not None and bool(self._done.all())
 
     def close(self) -> None:
         """Write the index and its crc32c; every row must have been written."""
-        if self._next_x != self.shape[1]:
-            raise ValueError(f"ShardWriter: {self._next_x} of {self.shape[1]} rows written")
+        if not self.complete():
+            axis = self._axis or 1
+            rows = 0 if self._done is None else int(self._done.all(axis=0).sum()) * self.chunks[axis]
+            raise ValueError(f"ShardWriter: {min(rows, self.shape[axis])} of {self.shape[axis]} rows written")
         if self._file is None:  # nothing stored: no shard file, as zarr
             return
         import google_crc32c

@@ -502,7 +502,8 @@ def resize_image(data: np.ndarray, new_shape, order: int = 3, *, precise: bool =
     return resize_image_consuming([data], new_shape, order, precise=precise)
 
 
-def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: bool = False) -> np.ndarray:
+def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: bool = False, sink=None,
+                           release: bool = False) -> np.ndarray | None:
     """:func:`resize_image` of ``arrays.pop()``, dropping this function's reference to the input early.
 
     ``arrays`` is a one-element list, emptied here. When the caller held no other reference, the input is freed once
@@ -510,6 +511,13 @@ def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: 
     output never coexist (a 300x512x512 CT case: ~300 MiB less peak memory in a preprocessing worker). The same
     passes in the same order as :func:`resize_image` (which is this function on a list the caller keeps): the
     result is bit-identical.
+
+    ``release``: the caller hands over the input's memory; every pass runs slab by slab and gives the pages of the
+    slabs it has read back to the system (:func:`nnfast.native.pages.release_rows`), so each pass holds about one
+    of its two arrays. ``sink``: the output is not allocated; the last pass of every channel is computed slab by slab
+    (clipped) and handed to ``sink.put(channel, axis, start, slab)``, in the order ``sink.slabs(channel, axis, n)``
+    gives (``(start, stop)`` ranges covering ``range(n)`` along the spatial ``axis``, which is never the last pass's);
+    None is returned. Either way every output line is computed exactly as without them: the values are bit-identical.
     """
     data = arrays.pop()
     shape = _check_image(data, new_shape)
@@ -517,10 +525,15 @@ def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: 
     n_c = data.shape[0]
     in_shape = data.shape[1:]
     if tuple(in_shape) == shape:
+        if sink is not None:
+            for c in range(n_c):
+                for a, b in sink.slabs(c, 0, shape[0]):
+                    sink.put(c, 0, a, np.ascontiguousarray(data[c, a:b], dtype=np.float32))
+            return None
         out = np.empty((n_c, *shape), np.float32)
         out[...] = data
         return out
-    out = np.empty((n_c, *shape), np.float32)
+    out = None if sink is not None else np.empty((n_c, *shape), np.float32)
     axes = _pass_order(in_shape, shape, (0, 1, 2))
     inter = _inter(precise)
     for c in range(n_c):
@@ -531,12 +544,80 @@ def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: 
         shift = _shift(lo, hi, order)
         for i, axis in enumerate(axes):
             first, last = i == 0, i == len(axes) - 1
-            cur = _resize_axis(cur, axis, shape[axis], order, shift if first else 0.0, shift if last else 0.0,
-                               out[c] if last else None, inter)
+            sub, add = (shift if first else 0.0), (shift if last else 0.0)
+            if last and sink is not None:
+                bounds = None if order == 0 else (lo, hi)
+                _stream_pass(cur, axis, shape[axis], order, sub, add, inter, c, sink, bounds, release)
+            elif release:
+                cur = _resize_axis_releasing(cur, axis, shape[axis], order, sub, add, out[c] if last else None, inter)
+            else:
+                cur = _resize_axis(cur, axis, shape[axis], order, sub, add, out[c] if last else None, inter)
         del cur
-        if order != 0:
+        if order != 0 and out is not None:
             _clip(out[c], 0, np.full(shape[0], lo), np.full(shape[0], hi))
     return out
+
+
+def _slab_step(n: int, pieces: int = 16) -> int:
+    return max(1, -(-n // pieces))
+
+
+def _take_slab(src: np.ndarray, along: int, a: int, b: int, release: bool) -> np.ndarray:
+    """Rows ``a:b`` of ``src`` (3D, C-contiguous) along axis ``along`` (0 or 1) as a C-contiguous array; with
+    ``release`` the pages of ``src`` they came from are given back (``src`` is not read there again)."""
+    if along == 0:
+        return src[a:b]  # a contiguous view: released by the caller once it has been read
+    part = src[:, a:b].copy()  # a copy even when the slab is all of ``src``: its pages are released below
+    if release:
+        from .pages import release_rows
+
+        nz = src.shape[2]
+        release_rows(src.reshape(src.shape[0], -1), 0, src.shape[0], a * nz, b * nz)
+    return part
+
+
+def _resize_axis_releasing(src: np.ndarray, axis: int, n_out: int, order: int, sub: float, add: float,
+                           dst: np.ndarray | None, dtype) -> np.ndarray:
+    """:func:`_resize_axis` slab by slab along another axis (x, or y for a pass along x), giving each input slab's
+    pages back once it has been read: the same lines computed the same way (bit-identical), about one array resident."""
+    from .pages import release_rows
+
+    shape = list(src.shape)
+    shape[axis] = n_out
+    if dst is None:
+        dst = np.empty(shape, dtype)
+    along = 0 if axis != 0 else 1
+    n = src.shape[along]
+    step = _slab_step(n)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        part = _take_slab(src, along, a, b, True)
+        if along == 0:
+            _resize_axis(part, axis, n_out, order, sub, add, dst[a:b], dtype)
+            release_rows(src, a, b)
+        else:
+            dst[:, a:b] = _resize_axis(part, axis, n_out, order, sub, add, None, dtype)
+        del part
+    return dst
+
+
+def _stream_pass(src: np.ndarray, axis: int, n_out: int, order: int, sub: float, add: float, dtype, channel: int,
+                 sink, bounds, release: bool) -> None:
+    """The last pass of one channel, slab by slab along x (y for a pass along x) in ``sink``'s order, each slab
+    clipped to ``bounds`` (the channel's input min/max) and handed to ``sink.put``."""
+    from .pages import release_rows
+
+    along = 0 if axis != 0 else 1
+    for a, b in sink.slabs(channel, along, src.shape[along]):
+        part = _take_slab(src, along, a, b, release)
+        slab = _resize_axis(part, axis, n_out, order, sub, add, None, np.float32)
+        if release and along == 0:
+            release_rows(src, a, b)
+        del part
+        if bounds is not None:
+            _clip(slab, 0, np.full(slab.shape[0], bounds[0]), np.full(slab.shape[0], bounds[1]))
+        sink.put(channel, along, a, slab)
+        del slab
 
 
 def resize_image_separate_z(data: np.ndarray, new_shape, axis: int, order: int = 3,

@@ -1,0 +1,240 @@
+"""Writing one case store piece by piece: the label map and class locations, then the image, slab by slab if wanted.
+
+:func:`nnfast.io.store.write_case` writes a case held in memory through :class:`CaseStoreWriter`; streamed
+preprocessing (:mod:`nnfast.preprocess.streaming`) uses the same writer but hands the image over slab by slab
+(:meth:`CaseStoreWriter.image_sink`), straight from the last resampling pass, so the whole float32 image never exists
+in memory. Both produce the same store (format in :mod:`nnfast.io.store`, ``schema_version`` unchanged): the same
+metadata, codecs and decoded arrays; only the order of the image's inner chunks inside its shard file may differ (the
+shard index says where each one is).
+
+The store is built in a hidden temporary sibling and renamed onto its path by :meth:`CaseStoreWriter.finish`; any
+error before that removes the temporary (use the writer as a context manager).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import StoreError
+from .atomic import temporary_sibling
+from .store import (DEFAULT_CHUNK_NBYTES, DEFAULT_CLEVEL, DEFAULT_CNAME, SCHEMA_VERSION, STORE_SUFFIX, StoreLayout,
+                    _json_key, blosc_codec, central_sample, choose_shuffle, chunk_layout, class_location_name,
+                    create_sharded, install_store, jsonable, remove_tree, seg_dtype, sharded_writer)
+from . import store as _store
+
+__all__ = ["CaseStoreWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+def _array_info(shape, dtype, layout: StoreLayout, codec: str) -> dict:
+    return {"shape": [int(s) for s in shape], "dtype": np.dtype(dtype).name, "chunks": list(layout.chunks),
+            "shards": list(layout.shards), "codec": codec}
+
+
+class CaseStoreWriter:
+    """One case store under construction at ``path`` (see :func:`nnfast.io.store.write_case` for the parameters).
+
+    Call :meth:`write_seg`, then :meth:`write_image` or :meth:`image_sink` (fed to the end), then :meth:`finish`.
+    """
+
+    def __init__(self, path: str | os.PathLike, config_hash: str, patch_size: Sequence[int], *,
+                 case_id: str | None = None, cname: Literal["lz4", "lz4hc", "zstd"] = DEFAULT_CNAME,
+                 clevel: int = DEFAULT_CLEVEL, shuffle: str = "auto", max_chunk_nbytes: int = DEFAULT_CHUNK_NBYTES,
+                 seg_max_chunk_nbytes: int | None = None):
+        import zarr
+
+        self.path = Path(path)
+        name = self.path.name
+        self.case_id = case_id if case_id is not None else (
+            name[: -len(STORE_SUFFIX)] if name.endswith(STORE_SUFFIX) else name)
+        if not isinstance(config_hash, str):
+            raise StoreError(f"config_hash must be a str, got {type(config_hash).__name__}")
+        self.config_hash = config_hash
+        self.patch_size = [int(p) for p in patch_size]
+        self.cname, self.clevel, self.shuffle = cname, int(clevel), shuffle
+        self.max_chunk_nbytes = max_chunk_nbytes
+        self.seg_max_chunk_nbytes = seg_max_chunk_nbytes or max_chunk_nbytes
+        self._seg_info: dict | None = None
+        self._image_info: dict | None = None
+        self._sink: _ImageSink | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temporary_sibling(self.path)
+        try:
+            self.root = zarr.open_group(str(self.tmp), mode="w-", zarr_format=3)
+        except BaseException:
+            remove_tree(self.tmp)
+            raise
+
+    def __enter__(self) -> "CaseStoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def abort(self) -> None:
+        """Remove the unfinished store."""
+        if self._sink is not None:
+            self._sink.abort()
+        remove_tree(self.tmp)
+
+    def write_seg(self, seg: np.ndarray, class_locations: Mapping[Any, Any] | None) -> None:
+        """The label map ``(1, x, y, z)`` (int8, or int16 when the values need it) and the class locations."""
+        seg = np.asarray(seg)
+        if seg.ndim != 4 or seg.shape[0] != 1 or not np.issubdtype(seg.dtype, np.integer):
+            raise StoreError(f"{self.path}: seg must be an integer (1, x, y, z) array, got {seg.dtype} {seg.shape}")
+        locations: dict[str, np.ndarray] = {}
+        keys: dict[str, int | list[int]] = {}
+        for key, locs in (class_locations or {}).items():
+            arr_name = class_location_name(key)
+            a = np.asarray(locs, dtype=np.int64)
+            if a.size == 0:
+                a = a.reshape(0, 4)
+            if a.ndim != 2 or a.shape[1] != 4:
+                raise StoreError(f"{self.path}: class_locations[{key!r}] must be (n, 4) (0, x, y, z) coordinates, "
+                                 f"got shape {a.shape}")
+            if arr_name in locations:
+                raise StoreError(f"{self.path}: class_locations keys collide on name {arr_name!r}")
+            locations[arr_name] = a.astype(np.int32)
+            keys[arr_name] = _json_key(key)
+        seg = seg.astype(seg_dtype(seg), copy=False)
+        layout = chunk_layout(seg.shape, self.patch_size, seg.itemsize, max_chunk_nbytes=self.seg_max_chunk_nbytes)
+        _store.write_sharded(self.root, "seg", np.ascontiguousarray(seg), layout, -1,
+                      blosc_codec(self.cname, self.clevel, "noshuffle"))
+        cl = self.root.create_group("class_locations", attributes={"keys": keys})
+        for arr_name, a in locations.items():
+            z = cl.create_array(arr_name, shape=a.shape, dtype=a.dtype, chunks=(max(1, a.shape[0]), 4),
+                                compressors=[blosc_codec("lz4", 5, "shuffle")], fill_value=0)
+            if a.size:
+                z[...] = a
+        self._seg_info = _array_info(seg.shape, seg.dtype, layout, f"blosc-{self.cname}-{self.clevel}-noshuffle")
+
+    def _image_layout(self, shape, dtype) -> StoreLayout:
+        return chunk_layout(shape, self.patch_size, np.dtype(dtype).itemsize, max_chunk_nbytes=self.max_chunk_nbytes)
+
+    def write_image(self, image: np.ndarray) -> None:
+        """The whole image ``(c, x, y, z)`` (float32 or float16) at once."""
+        layout = self._image_layout(image.shape, image.dtype)
+        shuffle = choose_shuffle(central_sample(image, layout), self.cname, self.clevel) \
+            if self.shuffle == "auto" else self.shuffle
+        _store.write_sharded(self.root, "image", np.ascontiguousarray(image), layout, 0.0,
+                      blosc_codec(self.cname, self.clevel, shuffle))
+        self._image_info = _array_info(image.shape, image.dtype, layout,
+                                       f"blosc-{self.cname}-{self.clevel}-{shuffle}")
+
+    def image_sink(self, shape: Sequence[int]) -> "_ImageSink":
+        """A sink for a float32 image of ``shape`` ``(c, x, y, z)`` produced slab by slab (see
+        :func:`nnfast.native.resample.resize_image_consuming`): ``slabs(channel, axis, n)`` gives the chunk-aligned
+        ranges to produce, in order (for channel 0 the ones holding the shuffle trial's sample first), and
+        ``put(channel, axis, start, slab)`` compresses and appends a slab. Every slab must be put before
+        :meth:`finish`."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 4 or min(shape) <= 0:
+            raise StoreError(f"{self.path}: image must be a non-empty (c, x, y, z) array, got shape {shape}")
+        self._sink = _ImageSink(self, shape, self._image_layout(shape, np.float32))
+        return self._sink
+
+    def finish(self, properties: Mapping[str, Any]) -> None:
+        """Write the attributes that say "complete" and rename the store onto its path."""
+        props = jsonable(dict(properties), "")
+        try:
+            if self._sink is not None:
+                self._image_info = self._sink.close()
+            if self._seg_info is None or self._image_info is None:
+                raise StoreError(f"{self.path}: a case store needs its seg and its image before it is finished")
+            if self._seg_info["shape"][1:] != self._image_info["shape"][1:]:
+                raise StoreError(f"{self.path}: seg must have shape (1, {', '.join(map(str, self._image_info['shape'][1:]))}) "
+                                 f"like the image, got {tuple(self._seg_info['shape'])}")
+            self.root.attrs["nnfast"] = {
+                "schema_version": SCHEMA_VERSION,
+                "case_id": self.case_id,
+                "config_hash": self.config_hash,
+                "properties": props,
+                "patch_size": self.patch_size,
+                "image": self._image_info,
+                "seg": self._seg_info,
+                "complete": True,
+            }
+            install_store(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        logger.debug("wrote case store %s (image %s chunks %s, seg %s)", self.path, self._image_info["shape"],
+                     self._image_info["chunks"], self._seg_info["dtype"])
+
+
+class _ImageSink:
+    """Receives an image slab by slab; holds back channel 0's first slabs until the shuffle trial's sample (the
+    central inner chunk, :func:`nnfast.io.store.central_sample`) is complete, then writes through a
+    :class:`~nnfast.io.shard_writer.ShardWriter`."""
+
+    def __init__(self, owner: CaseStoreWriter, shape: tuple[int, ...], layout: StoreLayout):
+        self.owner, self.shape, self.layout = owner, shape, layout
+        self.shuffle = None if owner.shuffle == "auto" else owner.shuffle
+        spatial = shape[1:]
+        self.sample_box = [((s - w) // 2, (s - w) // 2 + w)
+                           for s, w in zip(spatial, (min(c, s) for c, s in zip(layout.chunks[1:], spatial)))]
+        self.pending: list[tuple[int, int, int, np.ndarray]] = []
+        self.needed: set[tuple[int, int]] = set()
+        self.writer = None
+        if self.shuffle is not None:
+            self._open()
+
+    def _open(self) -> None:
+        codec = blosc_codec(self.owner.cname, self.owner.clevel, self.shuffle)
+        create_sharded(self.owner.root, "image", self.shape, np.float32, self.layout, 0.0, codec)
+        self.writer = sharded_writer(self.owner.root, "image", self.shape, np.float32, self.layout, 0.0, codec)
+
+    def slabs(self, channel: int, axis: int, n: int) -> list[tuple[int, int]]:
+        step = self.layout.chunks[1 + axis]
+        ranges = [(a, min(n, a + step)) for a in range(0, n, step)]
+        if channel == 0 and self.writer is None:
+            lo, hi = self.sample_box[axis]
+            first = [r for r in ranges if r[0] < hi and r[1] > lo]
+            self.needed = set(first)
+            ranges = first + [r for r in ranges if r not in self.needed]
+        return ranges
+
+    def put(self, channel: int, axis: int, start: int, slab: np.ndarray) -> None:
+        if self.writer is not None:
+            self.writer.write_slab(slab, axis=axis + 1, start=start, channel=channel)
+            return
+        self.pending.append((channel, axis, start, slab))
+        if channel != 0:
+            return
+        self.needed.discard((start, start + slab.shape[axis]))
+        if self.needed:
+            return
+        box = self.sample_box
+        sample = np.empty([b - a for a, b in box], np.float32)
+        lo, hi = box[axis]
+        for ch, ax, a, part in self.pending:
+            b = a + part.shape[ax]
+            if ch != 0 or b <= lo or a >= hi:
+                continue
+            src = [slice(x0, x1) for x0, x1 in box]
+            dst = [slice(None)] * 3
+            src[ax] = slice(max(lo, a) - a, min(hi, b) - a)
+            dst[ax] = slice(max(lo, a) - lo, min(hi, b) - lo)
+            sample[tuple(dst)] = part[tuple(src)]
+        self.shuffle = choose_shuffle(sample, self.owner.cname, self.owner.clevel)
+        self._open()
+        pending, self.pending = self.pending, []
+        for ch, ax, a, part in pending:
+            self.writer.write_slab(part, axis=ax + 1, start=a, channel=ch)
+
+    def close(self) -> dict:
+        if self.writer is None or self.pending:
+            raise StoreError(f"{self.owner.path}: the image was not produced to the end")
+        self.writer.close()
+        return _array_info(self.shape, np.float32, self.layout,
+                           f"blosc-{self.owner.cname}-{self.owner.clevel}-{self.shuffle}")
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
