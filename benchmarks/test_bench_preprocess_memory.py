@@ -105,8 +105,9 @@ def measure(ds: Path, pre: Path, case_id: str, tool: str, tmp: Path) -> dict:
     if tool.startswith("nnfast@"):
         env["PYTHONPATH"] = tool.split("@", 1)[1]
         tool = "nnfast"
+    # cwd: ``python -c`` puts the working directory first on sys.path, which would shadow PYTHONPATH's nnfast
     out = subprocess.run([sys.executable, "-c", _WORKER, str(pre), case_id, tool, str(ds), str(tmp)],
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, env=env, cwd=str(tmp))
     if out.returncode:
         raise RuntimeError(f"{tool} on {case_id} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,9 +1,9 @@
-"""Writing one case store piece by piece: the label map and class locations, then the image, slab by slab if wanted.
+"""Writing one case store piece by piece: the label map and class locations, then the image, box by box if wanted.
 
-:func:`nnfast.io.store.write_case` writes a case held in memory through :class:`CaseStoreWriter`; streamed
-preprocessing (:mod:`nnfast.preprocess.streaming`) uses the same writer but hands the image over slab by slab
-(:meth:`CaseStoreWriter.image_sink`), straight from the last resampling pass, so the whole float32 image never exists
-in memory. Both produce the same store (format in :mod:`nnfast.io.store`, ``schema_version`` unchanged): the same
+:func:`nnfast.io.store.write_case` writes a case held in memory through :class:`CaseStoreWriter`; streamed preprocessing
+(:func:`nnfast.preprocess.pipeline.preprocess_case_to_store`) uses the same writer but hands the image over box by box
+(:meth:`CaseStoreWriter.image_sink`) straight from the last resampling pass, so the whole float32 image never exists in
+memory. Both produce the same store (format in :mod:`nnfast.io.store`, ``schema_version`` unchanged): the same
 metadata, codecs and decoded arrays; only the order of the image's inner chunks inside its shard file may differ (the
 shard index says where each one is).
 
@@ -26,7 +26,11 @@ from .store import (DEFAULT_CHUNK_NBYTES, DEFAULT_CLEVEL, DEFAULT_CNAME, SCHEMA_
                     create_sharded, install_store, jsonable, remove_tree, seg_dtype, sharded_writer)
 from . import store as _store
 
-__all__ = ["CaseStoreWriter"]
+__all__ = ["CaseStoreWriter", "BOX_BYTES"]
+
+#: most bytes of one box of a streamed image (the resampler's last pass computes one box at a time; the boxes that
+#: hold the shuffle trial's sample are held until it is complete)
+BOX_BYTES = 8 * 2**20
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +132,10 @@ class CaseStoreWriter:
                                        f"blosc-{self.cname}-{self.clevel}-{shuffle}")
 
     def image_sink(self, shape: Sequence[int]) -> "_ImageSink":
-        """A sink for a float32 image of ``shape`` ``(c, x, y, z)`` produced slab by slab (see
-        :func:`nnfast.native.resample.resize_image_consuming`): ``slabs(channel, axis, n)`` gives the chunk-aligned
-        ranges to produce, in order (for channel 0 the ones holding the shuffle trial's sample first), and
-        ``put(channel, axis, start, slab)`` compresses and appends a slab. Every slab must be put before
-        :meth:`finish`."""
+        """A sink for a float32 image of ``shape`` ``(c, x, y, z)`` produced box by box (see
+        :func:`nnfast.native.resample.resize_image_consuming`): ``boxes(channel, axis, shape)`` gives the chunk-aligned
+        boxes to produce, in order (for channel 0 the ones holding the shuffle trial's sample first), and
+        ``put(channel, origin, box)`` compresses and appends a box. Every box must be put before :meth:`finish`."""
         shape = tuple(int(s) for s in shape)
         if len(shape) != 4 or min(shape) <= 0:
             raise StoreError(f"{self.path}: image must be a non-empty (c, x, y, z) array, got shape {shape}")
@@ -169,7 +172,7 @@ class CaseStoreWriter:
 
 
 class _ImageSink:
-    """Receives an image slab by slab; holds back channel 0's first slabs until the shuffle trial's sample (the
+    """Receives an image box by box; holds back channel 0's first boxes until the shuffle trial's sample (the
     central inner chunk, :func:`nnfast.io.store.central_sample`) is complete, then writes through a
     :class:`~nnfast.io.shard_writer.ShardWriter`."""
 
@@ -179,8 +182,8 @@ class _ImageSink:
         spatial = shape[1:]
         self.sample_box = [((s - w) // 2, (s - w) // 2 + w)
                            for s, w in zip(spatial, (min(c, s) for c, s in zip(layout.chunks[1:], spatial)))]
-        self.pending: list[tuple[int, int, int, np.ndarray]] = []
-        self.needed: set[tuple[int, int]] = set()
+        self.pending: list[tuple[int, tuple[int, ...], np.ndarray]] = []
+        self.needed: set = set()
         self.writer = None
         if self.shuffle is not None:
             self._open()
@@ -190,43 +193,51 @@ class _ImageSink:
         create_sharded(self.owner.root, "image", self.shape, np.float32, self.layout, 0.0, codec)
         self.writer = sharded_writer(self.owner.root, "image", self.shape, np.float32, self.layout, 0.0, codec)
 
-    def slabs(self, channel: int, axis: int, n: int) -> list[tuple[int, int]]:
-        step = self.layout.chunks[1 + axis]
-        ranges = [(a, min(n, a + step)) for a in range(0, n, step)]
+    def boxes(self, channel: int, axis: int, shape: Sequence[int]) -> list[tuple[tuple[int, int], ...]]:
+        """Chunk-aligned boxes tiling ``shape`` (x, y, z), each spanning ``axis`` whole and one inner chunk along the
+        first other axis, as many chunks along the second as fit in :data:`BOX_BYTES`; for channel 0 before the
+        shuffle is chosen, the boxes that hold its sample first."""
+        shape = [int(s) for s in shape]
+        others = [a for a in range(3) if a != axis]
+        steps = {a: self.layout.chunks[1 + a] for a in others}
+        per_chunk = 4 * shape[axis] * steps[others[0]] * steps[others[1]]
+        steps[others[1]] *= max(1, min(-(-shape[others[1]] // steps[others[1]]), BOX_BYTES // max(1, per_chunk)))
+        ranges = {a: [(s, min(shape[a], s + steps[a])) for s in range(0, shape[a], steps[a])] for a in others}
+        boxes = []
+        for r0 in ranges[others[0]]:
+            for r1 in ranges[others[1]]:
+                box = [(0, shape[axis])] * 3
+                box[others[0]], box[others[1]] = r0, r1
+                boxes.append(tuple(box))
         if channel == 0 and self.writer is None:
-            lo, hi = self.sample_box[axis]
-            first = [r for r in ranges if r[0] < hi and r[1] > lo]
+            first = [b for b in boxes if all(r[0] < hi and r[1] > lo for r, (lo, hi) in zip(b, self.sample_box))]
             self.needed = set(first)
-            ranges = first + [r for r in ranges if r not in self.needed]
-        return ranges
+            boxes = first + [b for b in boxes if b not in self.needed]
+        return boxes
 
-    def put(self, channel: int, axis: int, start: int, slab: np.ndarray) -> None:
+    def put(self, channel: int, origin: Sequence[int], block: np.ndarray) -> None:
         if self.writer is not None:
-            self.writer.write_slab(slab, axis=axis + 1, start=start, channel=channel)
+            self.writer.write_box(block, origin, channel)
             return
-        self.pending.append((channel, axis, start, slab))
+        self.pending.append((channel, tuple(origin), block))
         if channel != 0:
             return
-        self.needed.discard((start, start + slab.shape[axis]))
+        self.needed.discard(tuple((o, o + n) for o, n in zip(origin, block.shape)))
         if self.needed:
             return
         box = self.sample_box
-        sample = np.empty([b - a for a, b in box], np.float32)
-        lo, hi = box[axis]
-        for ch, ax, a, part in self.pending:
-            b = a + part.shape[ax]
-            if ch != 0 or b <= lo or a >= hi:
+        sample = np.empty([hi - lo for lo, hi in box], np.float32)
+        for ch, org, part in self.pending:
+            inter = [(max(lo, o), min(hi, o + n)) for (lo, hi), o, n in zip(box, org, part.shape)]
+            if ch != 0 or any(a >= b for a, b in inter):
                 continue
-            src = [slice(x0, x1) for x0, x1 in box]
-            dst = [slice(None)] * 3
-            src[ax] = slice(max(lo, a) - a, min(hi, b) - a)
-            dst[ax] = slice(max(lo, a) - lo, min(hi, b) - lo)
-            sample[tuple(dst)] = part[tuple(src)]
+            sample[tuple(slice(a - lo, b - lo) for (a, b), (lo, _hi) in zip(inter, box))] = \
+                part[tuple(slice(a - o, b - o) for (a, b), o in zip(inter, org))]
         self.shuffle = choose_shuffle(sample, self.owner.cname, self.owner.clevel)
         self._open()
         pending, self.pending = self.pending, []
-        for ch, ax, a, part in pending:
-            self.writer.write_slab(part, axis=ax + 1, start=a, channel=ch)
+        for ch, org, part in pending:
+            self.writer.write_box(part, org, ch)
 
     def close(self) -> dict:
         if self.writer is None or self.pending:

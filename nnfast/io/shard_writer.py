@@ -10,10 +10,11 @@ compressed by numcodecs' Blosc (the library zarr's ``BloscCodec`` calls, same ``
 appended to the file; the index of ``(offset, nbytes)`` pairs (``2**64 - 1`` twice for a chunk not stored) and its
 crc32c follow when the writer is closed. A shard without any stored chunk is not written at all, as zarr does.
 
-Slabs along one spatial axis (of ``(c, x, y, z)``), of all channels or of one, can be added one at a time and in any
-order (:meth:`ShardWriter.write_slab`), so a caller that produces the array slab by slab never holds it whole
-(:mod:`nnfast.preprocess.streaming` resamples a case's image straight into it); chunks may sit in the file in any order,
-the index says where each one is.
+Slabs along one spatial axis (of ``(c, x, y, z)``) or chunk-aligned 3D boxes of one channel can be added one at a time
+and in any order (:meth:`ShardWriter.write_slab`, :meth:`ShardWriter.write_box`), so a caller that produces the array
+piece by piece never holds it whole (streamed preprocessing resamples a case's image straight into it:
+:func:`nnfast.preprocess.pipeline.preprocess_case_to_store`); chunks may sit in the file in any order, the index says
+where each one is.
 """
 from __future__ import annotations
 
@@ -82,8 +83,7 @@ class ShardWriter:
         self._file = None
         self._offset = 0
         self._next_x = 0
-        self._axis: int | None = None
-        self._done: np.ndarray | None = None
+        self._done = np.zeros(self.grid, bool)
 
     def write_slab(self, slab: np.ndarray, *, axis: int = 1, start: int | None = None,
                    channel: int | None = None) -> None:
@@ -92,48 +92,79 @@ class ShardWriter:
         ``slab`` is ``(c, ...)`` with ``n`` rows along ``axis`` and the array's whole extent along the other spatial
         axes, or, with ``channel``, the 3D ``(x, y, z)`` part of that one channel. ``start`` defaults to where the
         previous slab ended; it must be a multiple of the chunk along ``axis`` and ``n`` too, except for the slab
-        that reaches the end of the array. Slabs may come in any order; every slab of one writer is along the same
-        axis (the index says where each chunk sits in the file, so the order only changes the file's layout).
+        that reaches the end of the array. Slabs (and boxes, :meth:`write_box`) may come in any order.
         """
-        if channel is not None:
-            slab = slab[None]
-        chans = range(self.shape[0]) if channel is None else range(int(channel), int(channel) + 1)
-        if self._axis is None:
-            self._axis = int(axis)
-            self._done = np.zeros((self.shape[0], self.grid[self._axis]), bool)
-        if axis != self._axis or axis not in (1, 2, 3):
-            raise ValueError(f"ShardWriter: slabs must all be along one spatial axis (1, 2 or 3); got axis {axis} "
-                             f"after axis {self._axis}")
+        if axis not in (1, 2, 3):
+            raise ValueError(f"ShardWriter: slabs are along a spatial axis (1, 2 or 3); got axis {axis}")
         x0 = self._next_x if start is None else int(start)
-        n = slab.shape[axis]
+        origin = [0, 0, 0]
+        origin[axis - 1] = x0
+        n = slab.shape[axis if channel is None else axis - 1]
+        if x0 % self.chunks[axis] or (n % self.chunks[axis] and x0 + n != self.shape[axis]):
+            raise ValueError(f"ShardWriter: slabs must cover whole chunks of {self.chunks[axis]} rows (slab of {n} "
+                             f"at x={x0})")
         want = list(self.shape)
-        want[0], want[axis] = len(chans), n
-        if tuple(slab.shape) != tuple(want) or chans.stop > self.shape[0] or x0 + n > self.shape[axis]:
-            raise ValueError(f"ShardWriter: slab {slab.shape} at {x0} along axis {axis} does not fit array "
-                             f"{self.shape}" + ("" if channel is None else f" (channel {channel})"))
-        cx = self.chunks[axis]
-        if x0 % cx or (n % cx and x0 + n != self.shape[axis]):
-            raise ValueError(f"ShardWriter: slabs must cover whole chunks of {cx} rows (slab of {n} at x={x0})")
+        want[axis] = n
+        if channel is None:
+            if tuple(slab.shape) != tuple(want):
+                raise ValueError(f"ShardWriter: slab {slab.shape} at {x0} along axis {axis} does not fit array "
+                                 f"{self.shape}")
+            self.write_box(slab, origin)
+        else:
+            if tuple(slab.shape) != tuple(want[1:]):
+                raise ValueError(f"ShardWriter: slab {slab.shape} of channel {channel} at {x0} along axis {axis} "
+                                 f"does not fit array {self.shape}")
+            self.write_box(slab, origin, channel)
+        self._next_x = x0 + n
+
+    def write_box(self, box: np.ndarray, origin: Sequence[int], channel: int | None = None) -> None:
+        """Add the 3D block ``box`` of channel ``channel`` whose first voxel is at spatial ``origin`` (x, y, z), or
+        with ``channel`` None the 4D block ``box`` of every channel (chunks in zarr's order across channels too).
+
+        The block must cover whole inner chunks: ``origin`` a multiple of the chunk per axis, and the block's extent
+        too except where it reaches the end of the array. Blocks may come in any order (the index says where each
+        chunk sits in the file, so the order only changes the file's layout); every chunk once.
+        """
+        origin = [int(o) for o in origin]
+        if channel is None:
+            if box.ndim != 4 or box.shape[0] != self.shape[0]:
+                raise ValueError(f"ShardWriter: a box of every channel is (c, x, y, z) with c = {self.shape[0]}; got "
+                                 f"shape {box.shape}")
+            chans = range(self.shape[0])
+        else:
+            chans = range(int(channel), int(channel) + 1)
+            if box.ndim != 3 or not 0 <= int(channel) < self.shape[0]:
+                raise ValueError(f"ShardWriter: a box of one channel is a 3D block; got shape {box.shape}, channel "
+                                 f"{channel}")
+            box = box[None]
+        if len(origin) != 3:
+            raise ValueError(f"ShardWriter: origin must be (x, y, z); got {tuple(origin)}")
+        lo_c, hi_c = [], []
+        for ax in range(3):
+            o, n, c, s = origin[ax], box.shape[1 + ax], self.chunks[1 + ax], self.shape[1 + ax]
+            if o < 0 or o + n > s or o % c or (n % c and o + n != s):
+                raise ValueError(f"ShardWriter: box {box.shape} at {tuple(origin)} must cover whole chunks "
+                                 f"{self.chunks[1:]} of array {self.shape}")
+            lo_c.append(o // c)
+            hi_c.append(-(-(o + n) // c))
         from numcodecs import blosc
 
+        _, cx, cy, cz = self.chunks
         _, gx, gy, gz = self.grid
         buf, bits = self._buf, self._bits
         typesize = self.dtype.itemsize
         cname = self.cname.encode()
-        rows = range(x0 // cx, -(-(x0 + n) // cx))
-        for coord in self._order:
-            ch = coord[0]
-            if ch not in chans or coord[axis] not in rows:
+        for ch, ix, iy, iz in self._order:
+            if ch not in chans or not (lo_c[0] <= ix < hi_c[0] and lo_c[1] <= iy < hi_c[1] and lo_c[2] <= iz < hi_c[2]):
                 continue
-            lo = [coord[a] * self.chunks[a] for a in range(4)]
-            lo[0], lo[axis] = ch - chans.start, lo[axis] - x0
-            part = slab[lo[0], lo[1]:lo[1] + self.chunks[1], lo[2]:lo[2] + self.chunks[2],
-                        lo[3]:lo[3] + self.chunks[3]]
+            x0, y0, z0 = ix * cx - origin[0], iy * cy - origin[1], iz * cz - origin[2]
+            part = box[ch - chans.start, x0:x0 + cx, y0:y0 + cy, z0:z0 + cz]
             if part.shape == buf.shape:
                 buf[...] = part
             else:
                 buf.fill(self.fill)
                 buf[:part.shape[0], :part.shape[1], :part.shape[2]] = part
+            self._done[ch, ix, iy, iz] = True
             if (bits == self._fill_bits).all():  # bitwise, as zarr: -0.0 is stored under a fill of 0.0
                 continue
             enc = blosc.compress(buf, cname, self.clevel, self.shuffle, 0, typesize)
@@ -141,23 +172,20 @@ class ShardWriter:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "wb")
             self._file.write(enc)
-            _, ix, iy, iz = coord
             flat = ((ch * gx + ix) * gy + iy) * gz + iz
             self._index[flat] = (self._offset, len(enc))
             self._offset += len(enc)
-        self._done[chans.start:chans.stop, rows.start:rows.stop] = True
-        self._next_x = x0 + n
 
     def complete(self) -> bool:
         """True when every chunk of the array has been written (or skipped as fill)."""
-        return self._done is not None and bool(self._done.all())
+        return bool(self._done.all())
 
     def close(self) -> None:
         """Write the index and its crc32c; every row must have been written."""
         if not self.complete():
-            axis = self._axis or 1
-            rows = 0 if self._done is None else int(self._done.all(axis=0).sum()) * self.chunks[axis]
-            raise ValueError(f"ShardWriter: {min(rows, self.shape[axis])} of {self.shape[axis]} rows written")
+            rows = int(self._done.all(axis=(0, 2, 3)).sum()) * self.chunks[1]
+            raise ValueError(f"ShardWriter: {min(rows, self.shape[1])} of {self.shape[1]} rows (x) written, or not "
+                             f"every chunk of them")
         if self._file is None:  # nothing stored: no shard file, as zarr
             return
         import google_crc32c

@@ -15,12 +15,18 @@ import sys
 
 import numpy as np
 
-__all__ = ["release_rows", "release_bytes"]
+__all__ = ["release_rows", "release_bytes", "trim_heap"]
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4  # Linux
 _madvise = None
+_malloc_trim = None
 if sys.platform.startswith("linux"):
+    try:
+        _malloc_trim = ctypes.CDLL(None).malloc_trim  # glibc; absent from musl
+        _malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        _malloc_trim = None
     try:
         _madvise = ctypes.CDLL(None, use_errno=True).madvise
         _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -57,3 +63,13 @@ def release_rows(arr: np.ndarray, lo: int, hi: int, col_lo: int = 0, col_hi: int
         return
     for r in range(lo, hi):
         release_bytes(base + r * row + col_lo * col, (col_hi - col_lo) * col)
+
+
+def trim_heap() -> None:
+    """Give the heap memory freed so far back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Arrays below glibc's mmap threshold (up to 32 MiB once larger ones have been freed) live on the heap, and freeing
+    them does not shrink a worker's resident memory; between the phases of a case that memory would otherwise sit under
+    the next phase's peak."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)

@@ -46,7 +46,7 @@ from nnfast.errors import InputTypeError, ShapeError, UsageError
 
 from ._jit import kernel_threads, register_warmup, run_slabs, serial
 
-__all__ = ["resize_image", "resize_image_consuming", "resize_image_separate_z", "axis_taps", "nearest_indices", "check_new_shape"]
+__all__ = ["resize_image", "resize_image_consuming", "feed_sink", "resize_image_separate_z", "axis_taps", "nearest_indices", "check_new_shape"]
 
 _POLE = -0.267949192431122706472553658494127633  # sqrt(3) - 2, as written in scipy's ni_splines.c
 _NPAD = 12  # scipy's _prepad_for_spline_filter for mode='nearest'
@@ -514,10 +514,10 @@ def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: 
 
     ``release``: the caller hands over the input's memory; every pass runs slab by slab and gives the pages of the
     slabs it has read back to the system (:func:`nnfast.native.pages.release_rows`), so each pass holds about one
-    of its two arrays. ``sink``: the output is not allocated; the last pass of every channel is computed slab by slab
-    (clipped) and handed to ``sink.put(channel, axis, start, slab)``, in the order ``sink.slabs(channel, axis, n)``
-    gives (``(start, stop)`` ranges covering ``range(n)`` along the spatial ``axis``, which is never the last pass's);
-    None is returned. Either way every output line is computed exactly as without them: the values are bit-identical.
+    of its two arrays. ``sink``: the output is not allocated; the last pass of every channel is computed box by box
+    (clipped) and handed to ``sink.put(channel, origin, box)``, in the order ``sink.boxes(channel, axis, shape)`` gives
+    (each box three ``(start, stop)`` ranges of the channel's output ``shape`` (x, y, z), spanning the pass ``axis``
+    whole; the boxes tile the output); None is returned. Either way every output line is computed exactly as without them: the values are bit-identical.
     """
     data = arrays.pop()
     shape = _check_image(data, new_shape)
@@ -526,9 +526,7 @@ def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: 
     in_shape = data.shape[1:]
     if tuple(in_shape) == shape:
         if sink is not None:
-            for c in range(n_c):
-                for a, b in sink.slabs(c, 0, shape[0]):
-                    sink.put(c, 0, a, np.ascontiguousarray(data[c, a:b], dtype=np.float32))
+            feed_sink(sink, data)
             return None
         out = np.empty((n_c, *shape), np.float32)
         out[...] = data
@@ -556,6 +554,14 @@ def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: 
         if order != 0 and out is not None:
             _clip(out[c], 0, np.full(shape[0], lo), np.full(shape[0], hi))
     return out
+
+
+def feed_sink(sink, data: np.ndarray) -> None:
+    """Hand the whole array ``data`` (c, x, y, z) to ``sink`` box by box, as float32."""
+    for c in range(data.shape[0]):
+        for box in sink.boxes(c, 0, data.shape[1:]):
+            sl = tuple(slice(int(a), int(b)) for a, b in box)
+            sink.put(c, tuple(int(r[0]) for r in box), np.ascontiguousarray(data[c][sl], dtype=np.float32))
 
 
 def _slab_step(n: int, pieces: int = 16) -> int:
@@ -603,21 +609,36 @@ def _resize_axis_releasing(src: np.ndarray, axis: int, n_out: int, order: int, s
 
 def _stream_pass(src: np.ndarray, axis: int, n_out: int, order: int, sub: float, add: float, dtype, channel: int,
                  sink, bounds, release: bool) -> None:
-    """The last pass of one channel, slab by slab along x (y for a pass along x) in ``sink``'s order, each slab
-    clipped to ``bounds`` (the channel's input min/max) and handed to ``sink.put``."""
+    """The last pass of one channel, box by box in ``sink``'s order (each box spans the pass axis), each box clipped
+    to ``bounds`` (the channel's input min/max) and handed to ``sink.put``; with ``release`` the input's pages of a
+    slab along x (y for a pass along x) go once every box of that slab has been computed."""
     from .pages import release_rows
 
     along = 0 if axis != 0 else 1
-    for a, b in sink.slabs(channel, along, src.shape[along]):
-        part = _take_slab(src, along, a, b, release)
-        slab = _resize_axis(part, axis, n_out, order, sub, add, None, np.float32)
-        if release and along == 0:
-            release_rows(src, a, b)
+    out_shape = list(src.shape)
+    out_shape[axis] = n_out
+    boxes = sink.boxes(channel, axis, tuple(out_shape))
+    left: dict = {}
+    for box in boxes:
+        left[box[along]] = left.get(box[along], 0) + 1
+    for box in boxes:
+        sl = [slice(int(a), int(b)) for a, b in box]
+        sl[axis] = slice(None)
+        part = np.ascontiguousarray(src[tuple(sl)])
+        block = _resize_axis(part, axis, n_out, order, sub, add, None, np.float32)
         del part
         if bounds is not None:
-            _clip(slab, 0, np.full(slab.shape[0], bounds[0]), np.full(slab.shape[0], bounds[1]))
-        sink.put(channel, along, a, slab)
-        del slab
+            _clip(block, 0, np.full(block.shape[0], bounds[0]), np.full(block.shape[0], bounds[1]))
+        sink.put(channel, tuple(int(r[0]) for r in box), block)
+        del block
+        r = box[along]
+        left[r] -= 1
+        if release and not left[r]:
+            if along == 0:
+                release_rows(src, int(r[0]), int(r[1]))
+            else:
+                nz = src.shape[2]
+                release_rows(src.reshape(src.shape[0], -1), 0, src.shape[0], int(r[0]) * nz, int(r[1]) * nz)
 
 
 def resize_image_separate_z(data: np.ndarray, new_shape, axis: int, order: int = 3,

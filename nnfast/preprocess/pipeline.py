@@ -130,7 +130,9 @@ def _preprocess_owned(arrays: list, spacing, plans, config_name: str, case_id: s
     data = np.ascontiguousarray(data, dtype=np.float32)  # before the label map is resampled: one image alive
     class_locations: dict = {}
     if with_seg or with_class_locations:
-        seg, class_locations = _resample_seg(seg, plans, cfg, geo, with_class_locations)
+        holder = [seg]
+        del seg
+        seg, class_locations = _resample_seg(holder, plans, cfg, geo, with_class_locations)
     else:
         seg = None
     return data, seg, properties, class_locations
@@ -171,8 +173,10 @@ def _prepare(arrays: list, spacing, plans, config_name: str) -> tuple[np.ndarray
     return data, seg, properties, geo
 
 
-def _resample_seg(seg: np.ndarray, plans, cfg, geo: dict, with_class_locations: bool) -> tuple[np.ndarray, dict]:
-    """The cropped label map resampled (int8, or int16 when the labels need it) and its class locations."""
+def _resample_seg(holder: list, plans, cfg, geo: dict, with_class_locations: bool) -> tuple[np.ndarray, dict]:
+    """The cropped label map ``holder.pop()`` resampled (int8, or int16 when the labels need it) and its class
+    locations; the cropped map is dropped before the class locations are sampled."""
+    seg = holder.pop()
     seg = resample_data_or_seg_to_shape(seg, geo["new_shape"], geo["original_spacing"], geo["target_spacing"],
                                         is_seg=True, **_resampling_kwargs(cfg)["seg"])
     class_locations: dict = {}
@@ -212,7 +216,7 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
     for bit; the image's chunks may sit in another order inside its shard file), in another order of work: the label
     map is resampled, its class locations sampled and both written first (before normalization unless a channel
     normalizes within the nonzero mask), then the image is converted to float32, normalized and resampled with every
-    pass giving back the pages of the input slabs it has read, the last pass streamed slab by slab into the store's
+    pass giving back the pages of the input slabs it has read, the last pass streamed box by box into the store's
     shard writer (:meth:`nnfast.io.case_writer.CaseStoreWriter.image_sink`). The arrays read are owned here, which is
     what allows giving their memory back early.
 
@@ -220,12 +224,14 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
     -------
     (shape, voxels_in) : the stored image's ``(c, x, y, z)`` shape and the voxels of the image before cropping.
     """
+    from nnfast.native.pages import trim_heap
+
     from ..io.case_writer import CaseStoreWriter
 
     data, geom = read_images(case.image_files, dtype=None)
     if data.dtype.kind not in "iu":
         data = data.astype(np.float32, copy=False)
-    seg, _seg_geom = read_label(case.label_file)
+    seg, _seg_geom = read_label(case.label_file, small=True)  # int8 where it fits: what is stored
     if seg.shape[1:] != data.shape[1:]:
         from ..errors import GeometryError
 
@@ -240,23 +246,28 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
     props["geometry"] = geom.to_json()
     props["image_files"] = [str(p) for p in case.image_files]
     props["label_file"] = str(case.label_file)
+    trim_heap()  # what reading and cropping freed
     cfg = plans.configuration(config_name)
     where = f"case {case.case_id}"
     mask_used = any(bool(m) for m in cfg.use_mask_for_norm)
     with CaseStoreWriter(out_path, case_hash, tuple(cfg.patch_size)) as store:
         if not mask_used:  # the label map first, while the image is still in its (smaller) integer dtype
-            out_seg, locs = _resample_seg(seg, plans, cfg, geo, True)
+            holder = [seg]
             del seg
+            out_seg, locs = _resample_seg(holder, plans, cfg, geo, True)
             store.write_seg(out_seg, locs)
             del out_seg, locs
             seg = None
+            trim_heap()  # what the label map's phase freed, before the image's phase
         data = normalize(_float32_releasing(data), seg, cfg.normalization_schemes, cfg.use_mask_for_norm,
                          plans.foreground_intensity_properties_per_channel, where=where)
         if mask_used:
-            out_seg, locs = _resample_seg(seg, plans, cfg, geo, True)
+            holder = [seg]
             del seg
+            out_seg, locs = _resample_seg(holder, plans, cfg, geo, True)
             store.write_seg(out_seg, locs)
             del out_seg, locs
+            trim_heap()
         shape = (int(data.shape[0]), *geo["new_shape"])
         sink = store.image_sink(shape)
         holder = [data]

@@ -252,9 +252,9 @@ def resample_image_consuming(arrays: list, new_shape: Shape, current_spacing: Sp
     ``resize_image_consuming``). The separate-z path, float64 images and unchanged shapes
     go through :func:`resample_data_or_seg_to_shape` unchanged.
 
-    ``release`` (the caller hands over the input's memory too) and ``sink`` (the output goes slab by slab to
+    ``release`` (the caller hands over the input's memory too) and ``sink`` (the output goes box by box to
     ``sink.put``, None is returned) are those of :func:`nnfast.native.resample.resize_image_consuming`, on the 3D path;
-    on the others the result is computed whole and then handed to ``sink`` in slabs along x. Values are bit-identical
+    on the others the result is computed whole and then handed to ``sink`` box by box. Values are bit-identical
     either way.
     """
     from nnfast.native.resample import resize_image_consuming
@@ -270,10 +270,9 @@ def resample_image_consuming(arrays: list, new_shape: Shape, current_spacing: Sp
         if sink is None:
             return out
         del data
-        out = np.asarray(out, dtype=np.float32)
-        for c in range(out.shape[0]):
-            for a, b in sink.slabs(c, 0, out.shape[1]):
-                sink.put(c, 0, a, np.ascontiguousarray(out[c, a:b]))
+        from nnfast.native.resample import feed_sink
+
+        feed_sink(sink, np.asarray(out))
         return None
     holder = [data]
     del data  # resize_image_consuming holds the only reference

@@ -22,20 +22,21 @@ from nnfast.settings import Settings
 
 
 class _ListSink:
-    """Collects slabs; asks for them in reverse order (any order must work)."""
+    """Collects boxes of ``step`` voxels along the axes other than the pass's; asks for them in reverse order (any
+    order must work)."""
 
     def __init__(self, shape, step=3):
         self.out = np.full(shape, np.nan, np.float32)
         self.step = step
         self.puts = 0
 
-    def slabs(self, channel, axis, n):
-        return [(a, min(n, a + self.step)) for a in range(0, n, self.step)][::-1]
+    def boxes(self, channel, axis, shape):
+        r = [[(0, n)] if a == axis else [(s, min(n, s + self.step)) for s in range(0, n, self.step)]
+             for a, n in enumerate(shape)]
+        return [(a, b, c) for a in r[0] for b in r[1] for c in r[2]][::-1]
 
-    def put(self, channel, axis, start, slab):
-        sl = [slice(None)] * 3
-        sl[axis] = slice(start, start + slab.shape[axis])
-        self.out[channel][tuple(sl)] = slab
+    def put(self, channel, origin, box):
+        self.out[channel][tuple(slice(o, o + n) for o, n in zip(origin, box.shape))] = box
         self.puts += 1
 
 
