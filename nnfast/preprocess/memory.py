@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 #: resident memory of a preprocessing worker before its first case (imports, compiled kernels: 269 MiB measured) plus
 #: the transient buffers of reading a case
-WORKER_BASE_BYTES = 300 * 2**20
+WORKER_BASE_BYTES = 280 * 2**20
 #: the streamed last resampling pass: its boxes (the first ones held until the shuffle trial's sample is complete) and
 #: the copy of a box's input
 STREAM_BYTES = 40 * 2**20
