@@ -35,6 +35,9 @@ cost precision).
 
 Memory: input + output + one float32 intermediate per pass, plus a per-channel contiguous copy when the
 input is not C-contiguous. Float64 is only used for per-block line buffers and coefficients.
+:func:`resize_image_consuming` can do with less: with ``release`` every pass runs slab by slab and gives back the
+pages of the input it has read (:mod:`nnfast.native.pages`), and with a ``sink`` the last pass goes box by box to the
+caller (a preprocessing worker's store) instead of into an output array; the values are the same, bit for bit.
 """
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ read -> transpose -> crop to the nonzero region -> normalize -> resample (data o
 when anisotropic) -> class locations -> int8/int16 labels -> zarr case store (written under a temporary name, renamed when
 complete).
 
+A preprocessing worker does the same steps in another order to hold less memory
+(:func:`preprocess_case_to_store`: label map first, the image's resampling streamed into the store); the stored
+arrays are the same bit for bit.
+
 Axis order: arrays are ``(c, x, y, z)`` after transposition (the plan's ``transpose_forward``: low-resolution axis first),
 spacings in the same order, mm.
 """
