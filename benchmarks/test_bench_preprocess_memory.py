@@ -10,7 +10,11 @@ fresh process that first preprocesses a tiny case (imports, compiled kernels loa
 ``NNFAST_BENCH_SCALE=1``: cases 100x256x256, 200x384x384, 300x512x512 (the last resampled to 360x576x576); default:
 one 20x64x64 case (CI). Run as a script to print the table::
 
-    NNFAST_BENCH_SCALE=1 python benchmarks/test_bench_preprocess_memory.py [nnunet]   # NNFAST_BENCH_MEM_SIZES=2: the two smaller
+    NNFAST_BENCH_SCALE=1 python benchmarks/test_bench_preprocess_memory.py [nnunet] [nnfast@/path/to/old/tree]
+
+``NNFAST_BENCH_MEM_SIZES=2``: the two smaller cases; ``NNFAST_BENCH_MEM_ROUNDS=3``: three interleaved rounds (the
+per-case wall and CPU time of the worker are printed beside the peak; they follow the machine's load, the peak
+hardly does).
 """
 from __future__ import annotations
 
@@ -65,10 +69,13 @@ else:
 tmp = Path(sys.argv[5])
 run(case["case_000"], tmp / "warm")
 base = rss()
+import time
+t0, c0 = time.perf_counter(), time.process_time()
 shape = run(case[case_id], tmp / case_id)
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from the (large) parent
 hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"peak": hwm, "base": base, "shape": [int(s) for s in shape]}))
+print(json.dumps({"peak": hwm, "base": base, "shape": [int(s) for s in shape], "wall": wall, "cpu": cpu}))
 """
 
 
@@ -89,9 +96,18 @@ def _dataset(root: Path, sizes) -> tuple[Path, Path]:
 
 
 def measure(ds: Path, pre: Path, case_id: str, tool: str, tmp: Path) -> dict:
+    """One fresh worker process; ``tool`` "nnfast", "nnunet" or "nnfast@PATH" (nnfast from the source tree at
+    PATH, e.g. an older commit unpacked with ``git archive``, for before/after rows in one run)."""
+    import os
+
     tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if tool.startswith("nnfast@"):
+        env["PYTHONPATH"] = tool.split("@", 1)[1]
+        tool = "nnfast"
+    # cwd: ``python -c`` puts the working directory first on sys.path, which would shadow PYTHONPATH's nnfast
     out = subprocess.run([sys.executable, "-c", _WORKER, str(pre), case_id, tool, str(ds), str(tmp)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env, cwd=str(tmp))
     if out.returncode:
         raise RuntimeError(f"{tool} on {case_id} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -128,11 +144,15 @@ if __name__ == "__main__":  # pragma: no cover - manual tool
     sizes = SIZES_FULL if full_size() else SIZES_TINY
     sizes = sizes[:int(os.environ.get("NNFAST_BENCH_MEM_SIZES", len(sizes)))]
     ds, pre = _dataset(root, sizes)
-    tools = ["nnfast"] + (["nnunet"] if "nnunet" in sys.argv[1:] else [])
+    tools = ["nnfast"] + [a for a in sys.argv[1:] if a == "nnunet" or a.startswith("nnfast@")]
+    rounds = int(os.environ.get("NNFAST_BENCH_MEM_ROUNDS", 1))
     mib = 2**20
-    print("| case (z, y, x) | preprocessed image | tool | peak RSS | x image bytes | baseline |")
+    print("| case (z, y, x) | preprocessed image | tool | peak RSS | x image bytes | baseline | wall | CPU | load |")
     for i, size in enumerate(sizes):
-        for tool in tools:
-            r = measure(ds, pre, f"case_{3 + i:03d}", tool, root / "out")
-            print(f"| {size} | {tuple(r['shape'][1:])} {r['image_bytes'] / mib:.0f} MiB | {tool} | "
-                  f"{r['peak'] / mib:.0f} MiB | {r['ratio']:.2f}x | {r['base'] / mib:.0f} MiB |", flush=True)
+        for _ in range(rounds):  # tools interleaved, so that a change of load hits every tool alike
+            for tool in tools:
+                r = measure(ds, pre, f"case_{3 + i:03d}", tool, root / "out")
+                load = open("/proc/loadavg").read().split()[0]
+                print(f"| {size} | {tuple(r['shape'][1:])} {r['image_bytes'] / mib:.0f} MiB | {tool} | "
+                      f"{r['peak'] / mib:.0f} MiB | {r['ratio']:.2f}x | {r['base'] / mib:.0f} MiB | "
+                      f"{r['wall']:.2f} s | {r['cpu']:.2f} s | {load} |", flush=True)

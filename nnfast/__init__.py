@@ -2,9 +2,10 @@
 
 Map of the package (one subpackage per pipeline stage):
 
-- ``nnfast.native``       Numba kernels (cropping, intensity statistics, resampling, class locations); arrays in, arrays out.
+- ``nnfast.native``       Numba kernels (cropping, intensity statistics, resampling, class locations); arrays in, arrays out;
+                          ``native.pages`` gives the consumed part of a large array back to the system early.
 - ``nnfast.io``           image reading/writing (SimpleITK, nnU-Net conventions), dataset.json and case listing, atomic
-                          writes, zarr case stores (``io.shard_writer`` writes their shards), the lean patch reader, the cascade's previous-stage stores, the
+                          writes, zarr case stores (``io.shard_writer`` writes their shards, ``io.case_writer`` builds a store piece by piece), the lean patch reader, the cascade's previous-stage stores, the
                           data-only reader of nnU-Net's pickles, safe torch checkpoint loading (``weights_only`` +
                           numpy-scalar allowlist, nnU-Net's ``.pth``).
 - ``nnfast.synth``        deterministic synthetic Decathlon-style datasets (CT-like and multi-channel MRI-like).
@@ -14,7 +15,8 @@ Map of the package (one subpackage per pipeline stage):
 - ``nnfast.plan``         experiment planning identical to nnU-Net v2's ExperimentPlanner and ResEnc M/L/XL planners
                           (``plan.presets``); plans identifiers side by side (``plan.api``); plan transfer between
                           datasets (``plan.transfer``); nnUNetPlans.json export.
-- ``nnfast.preprocess``   cropping, normalization, resampling, class locations, case stores; parallel, distributed, resumable;
+- ``nnfast.preprocess``   cropping, normalization, resampling, class locations, case stores (a worker streams the image's
+                          last resampling pass into the store: ``preprocess.pipeline``); parallel, distributed, resumable;
                           worker memory estimates and the ``--workers`` warning (``preprocess.memory``).
 - ``nnfast.data``         patch sampling, augmentation, the multiprocess loader, the nnU-Net trainer drop-in.
 - ``nnfast.train``        Dice+CE with deep supervision (Dice+BCE for regions), the training run (2d, 3d_fullres,

@@ -85,6 +85,8 @@ __all__ = [
     "store_path",
     "list_case_ids",
     "write_case",
+    "central_sample",
+    "choose_shuffle",
     "read_case_metadata",
     "is_complete",
     "load_case",
@@ -305,22 +307,33 @@ def seg_dtype(seg: np.ndarray) -> np.dtype:
     raise StoreError(f"seg values span [{lo}, {hi}]; labels must fit int16 (-1 marks outside the nonzero region)")
 
 
-def _pick_shuffle(arr: np.ndarray, layout: StoreLayout, cname: str, clevel: int) -> str:
-    """nnU-Net v2.8's filter trial: compress the central inner chunk of channel 0 with and without byte shuffle and
-    keep the smaller (resampled intensities favour shuffle, quantized ones not).
-
-    One chunk, not the 2x2x2 chunks nnfast used to try: LZ4HC without shuffle is slow on float data, and the larger
-    trial cost a third of writing a CT case while choosing the same filter on every case measured."""
-    from numcodecs import Blosc
-
+def central_sample(arr: np.ndarray, layout: StoreLayout) -> np.ndarray:
+    """The central inner chunk of channel 0 of ``arr`` (c, x, y, z): the sample of the shuffle trial."""
     spatial = arr.shape[1:]
     slab = [min(c, s) for c, s in zip(layout.chunks[1:], spatial)]
     sl = tuple(slice((s - w) // 2, (s - w) // 2 + w) for s, w in zip(spatial, slab))
-    sample = np.ascontiguousarray(arr[(0, *sl)])
+    return np.ascontiguousarray(arr[(0, *sl)])
+
+
+def choose_shuffle(sample: np.ndarray, cname: str, clevel: int) -> str:
+    """nnU-Net v2.8's filter trial: compress ``sample`` with and without byte shuffle and keep the smaller (resampled
+    intensities favour shuffle, quantized ones not).
+
+    One chunk (:func:`central_sample`), not the 2x2x2 chunks nnfast used to try: LZ4HC without shuffle is slow on
+    float data, and the larger trial cost a third of writing a CT case while choosing the same filter on every case
+    measured."""
+    from numcodecs import Blosc
+
+    sample = np.ascontiguousarray(sample)
     sizes = {}
     for name, flag in (("noshuffle", Blosc.NOSHUFFLE), ("shuffle", Blosc.SHUFFLE)):
         sizes[name] = len(Blosc(cname=cname, clevel=clevel, shuffle=flag).encode(sample))
     return "shuffle" if sizes["shuffle"] < sizes["noshuffle"] else "noshuffle"
+
+
+def _pick_shuffle(arr: np.ndarray, layout: StoreLayout, cname: str, clevel: int) -> str:
+    """:func:`choose_shuffle` on :func:`central_sample` of ``arr``."""
+    return choose_shuffle(central_sample(arr, layout), cname, clevel)
 
 
 def blosc_codec(cname: str, clevel: int, shuffle: str):
@@ -475,14 +488,9 @@ def write_case(
     StoreError
         On bad shapes/dtypes/keys/properties, or when the rename fails.
     """
-    import zarr
+    from .case_writer import CaseStoreWriter
 
     path = Path(path)
-    name = path.name
-    if case_id is None:
-        case_id = name[: -len(STORE_SUFFIX)] if name.endswith(STORE_SUFFIX) else name
-    if not isinstance(config_hash, str):
-        raise StoreError(f"config_hash must be a str, got {type(config_hash).__name__}")
     image = np.asarray(image)
     seg = np.asarray(seg)
     if image.ndim != 4 or image.dtype not in (np.float32, np.float16):
@@ -495,68 +503,12 @@ def write_case(
     if min(image.shape) <= 0:
         raise StoreError(f"{path}: empty image {image.shape}")
     seg = seg.astype(seg_dtype(seg), copy=False)
-    props = jsonable(dict(properties), "")
-
-    locations: dict[str, np.ndarray] = {}
-    keys: dict[str, int | list[int]] = {}
-    for key, locs in (class_locations or {}).items():
-        arr_name = class_location_name(key)
-        a = np.asarray(locs, dtype=np.int64)
-        if a.size == 0:
-            a = a.reshape(0, 4)
-        if a.ndim != 2 or a.shape[1] != 4:
-            raise StoreError(f"{path}: class_locations[{key!r}] must be (n, 4) (0, x, y, z) coordinates, "
-                             f"got shape {a.shape}")
-        if arr_name in locations:
-            raise StoreError(f"{path}: class_locations keys collide on name {arr_name!r}")
-        locations[arr_name] = a.astype(np.int32)
-        keys[arr_name] = _json_key(key)
-
-    is_2d = len(patch_size) == 2
-    if max_chunk_nbytes is None:
-        max_chunk_nbytes = DEFAULT_CHUNK_NBYTES_2D if is_2d else DEFAULT_CHUNK_NBYTES
-    image_layout = chunk_layout(image.shape, patch_size, image.itemsize, max_chunk_nbytes=max_chunk_nbytes,
-                                whole_slices=is_2d)
-    seg_layout = chunk_layout(seg.shape, patch_size, seg.itemsize,
-                              max_chunk_nbytes=seg_max_chunk_nbytes or max_chunk_nbytes, whole_slices=is_2d)
-    image_shuffle = _pick_shuffle(image, image_layout, cname, clevel) if shuffle == "auto" else shuffle
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    try:
-        root = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        image_codec = blosc_codec(cname, clevel, image_shuffle)
-        seg_codec = blosc_codec(cname, clevel, "noshuffle")
-        write_sharded(root, "image", np.ascontiguousarray(image), image_layout, 0.0, image_codec)
-        write_sharded(root, "seg", np.ascontiguousarray(seg), seg_layout, -1, seg_codec)
-        cl = root.create_group("class_locations", attributes={"keys": keys})
-        for arr_name, a in locations.items():
-            z = cl.create_array(arr_name, shape=a.shape, dtype=a.dtype, chunks=(max(1, a.shape[0]), 4),
-                                compressors=[blosc_codec("lz4", 5, "shuffle")], fill_value=0)
-            if a.size:
-                z[...] = a
-
-        def array_info(arr: np.ndarray, layout: StoreLayout, codec: str) -> dict:
-            return {"shape": list(arr.shape), "dtype": arr.dtype.name, "chunks": list(layout.chunks),
-                    "shards": list(layout.shards), "codec": codec}
-
-        # written last: the attribute that says "complete"
-        root.attrs["nnfast"] = {
-            "schema_version": SCHEMA_VERSION,
-            "case_id": case_id,
-            "config_hash": config_hash,
-            "properties": props,
-            "patch_size": [int(p) for p in patch_size],
-            "image": array_info(image, image_layout, f"blosc-{cname}-{clevel}-{image_shuffle}"),
-            "seg": array_info(seg, seg_layout, f"blosc-{cname}-{clevel}-noshuffle"),
-            "complete": True,
-        }
-        install_store(tmp, path)
-    except BaseException:
-        remove_tree(tmp)
-        raise
-    logger.debug("wrote case store %s (image %s chunks %s, seg %s)", path, image.shape, image_layout.chunks,
-                 seg.dtype)
+    props = jsonable(dict(properties), "")  # before anything is written: a bad property fails first
+    with CaseStoreWriter(path, config_hash, patch_size, case_id=case_id, cname=cname, clevel=clevel, shuffle=shuffle,
+                         max_chunk_nbytes=max_chunk_nbytes, seg_max_chunk_nbytes=seg_max_chunk_nbytes) as w:
+        w.write_seg(seg, class_locations)
+        w.write_image(image)
+        w.finish(props)
 
 
 # ----------------------------------------------------------------------------------------------------------

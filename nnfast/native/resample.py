@@ -35,6 +35,9 @@ cost precision).
 
 Memory: input + output + one float32 intermediate per pass, plus a per-channel contiguous copy when the
 input is not C-contiguous. Float64 is only used for per-block line buffers and coefficients.
+:func:`resize_image_consuming` can do with less: with ``release`` every pass runs slab by slab and gives back the
+pages of the input it has read (:mod:`nnfast.native.pages`), and with a ``sink`` the last pass goes box by box to the
+caller (a preprocessing worker's store) instead of into an output array; the values are the same, bit for bit.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from nnfast.errors import InputTypeError, ShapeError, UsageError
 
 from ._jit import kernel_threads, register_warmup, run_slabs, serial
 
-__all__ = ["resize_image", "resize_image_consuming", "resize_image_separate_z", "axis_taps", "nearest_indices", "check_new_shape"]
+__all__ = ["resize_image", "resize_image_consuming", "feed_sink", "resize_image_separate_z", "axis_taps", "nearest_indices", "check_new_shape"]
 
 _POLE = -0.267949192431122706472553658494127633  # sqrt(3) - 2, as written in scipy's ni_splines.c
 _NPAD = 12  # scipy's _prepad_for_spline_filter for mode='nearest'
@@ -502,7 +505,8 @@ def resize_image(data: np.ndarray, new_shape, order: int = 3, *, precise: bool =
     return resize_image_consuming([data], new_shape, order, precise=precise)
 
 
-def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: bool = False) -> np.ndarray:
+def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: bool = False, sink=None,
+                           release: bool = False) -> np.ndarray | None:
     """:func:`resize_image` of ``arrays.pop()``, dropping this function's reference to the input early.
 
     ``arrays`` is a one-element list, emptied here. When the caller held no other reference, the input is freed once
@@ -510,6 +514,13 @@ def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: 
     output never coexist (a 300x512x512 CT case: ~300 MiB less peak memory in a preprocessing worker). The same
     passes in the same order as :func:`resize_image` (which is this function on a list the caller keeps): the
     result is bit-identical.
+
+    ``release``: the caller hands over the input's memory; every pass runs slab by slab and gives the pages of the
+    slabs it has read back to the system (:func:`nnfast.native.pages.release_rows`), so each pass holds about one
+    of its two arrays. ``sink``: the output is not allocated; the last pass of every channel is computed box by box
+    (clipped) and handed to ``sink.put(channel, origin, box)``, in the order ``sink.boxes(channel, axis, shape)`` gives
+    (each box three ``(start, stop)`` ranges of the channel's output ``shape`` (x, y, z), spanning the pass ``axis``
+    whole; the boxes tile the output); None is returned. Either way every output line is computed exactly as without them: the values are bit-identical.
     """
     data = arrays.pop()
     shape = _check_image(data, new_shape)
@@ -517,10 +528,13 @@ def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: 
     n_c = data.shape[0]
     in_shape = data.shape[1:]
     if tuple(in_shape) == shape:
+        if sink is not None:
+            feed_sink(sink, data)
+            return None
         out = np.empty((n_c, *shape), np.float32)
         out[...] = data
         return out
-    out = np.empty((n_c, *shape), np.float32)
+    out = None if sink is not None else np.empty((n_c, *shape), np.float32)
     axes = _pass_order(in_shape, shape, (0, 1, 2))
     inter = _inter(precise)
     for c in range(n_c):
@@ -531,12 +545,103 @@ def resize_image_consuming(arrays: list, new_shape, order: int = 3, *, precise: 
         shift = _shift(lo, hi, order)
         for i, axis in enumerate(axes):
             first, last = i == 0, i == len(axes) - 1
-            cur = _resize_axis(cur, axis, shape[axis], order, shift if first else 0.0, shift if last else 0.0,
-                               out[c] if last else None, inter)
+            sub, add = (shift if first else 0.0), (shift if last else 0.0)
+            if last and sink is not None:
+                bounds = None if order == 0 else (lo, hi)
+                _stream_pass(cur, axis, shape[axis], order, sub, add, inter, c, sink, bounds, release)
+            elif release:
+                cur = _resize_axis_releasing(cur, axis, shape[axis], order, sub, add, out[c] if last else None, inter)
+            else:
+                cur = _resize_axis(cur, axis, shape[axis], order, sub, add, out[c] if last else None, inter)
         del cur
-        if order != 0:
+        if order != 0 and out is not None:
             _clip(out[c], 0, np.full(shape[0], lo), np.full(shape[0], hi))
     return out
+
+
+def feed_sink(sink, data: np.ndarray) -> None:
+    """Hand the whole array ``data`` (c, x, y, z) to ``sink`` box by box, as float32."""
+    for c in range(data.shape[0]):
+        for box in sink.boxes(c, 0, data.shape[1:]):
+            sl = tuple(slice(int(a), int(b)) for a, b in box)
+            sink.put(c, tuple(int(r[0]) for r in box), np.ascontiguousarray(data[c][sl], dtype=np.float32))
+
+
+def _slab_step(n: int, pieces: int = 16) -> int:
+    return max(1, -(-n // pieces))
+
+
+def _take_slab(src: np.ndarray, along: int, a: int, b: int, release: bool) -> np.ndarray:
+    """Rows ``a:b`` of ``src`` (3D, C-contiguous) along axis ``along`` (0 or 1) as a C-contiguous array; with
+    ``release`` the pages of ``src`` they came from are given back (``src`` is not read there again)."""
+    if along == 0:
+        return src[a:b]  # a contiguous view: released by the caller once it has been read
+    part = src[:, a:b].copy()  # a copy even when the slab is all of ``src``: its pages are released below
+    if release:
+        from .pages import release_rows
+
+        nz = src.shape[2]
+        release_rows(src.reshape(src.shape[0], -1), 0, src.shape[0], a * nz, b * nz)
+    return part
+
+
+def _resize_axis_releasing(src: np.ndarray, axis: int, n_out: int, order: int, sub: float, add: float,
+                           dst: np.ndarray | None, dtype) -> np.ndarray:
+    """:func:`_resize_axis` slab by slab along another axis (x, or y for a pass along x), giving each input slab's
+    pages back once it has been read: the same lines computed the same way (bit-identical), about one array resident."""
+    from .pages import release_rows
+
+    shape = list(src.shape)
+    shape[axis] = n_out
+    if dst is None:
+        dst = np.empty(shape, dtype)
+    along = 0 if axis != 0 else 1
+    n = src.shape[along]
+    step = _slab_step(n)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        part = _take_slab(src, along, a, b, True)
+        if along == 0:
+            _resize_axis(part, axis, n_out, order, sub, add, dst[a:b], dtype)
+            release_rows(src, a, b)
+        else:
+            dst[:, a:b] = _resize_axis(part, axis, n_out, order, sub, add, None, dtype)
+        del part
+    return dst
+
+
+def _stream_pass(src: np.ndarray, axis: int, n_out: int, order: int, sub: float, add: float, dtype, channel: int,
+                 sink, bounds, release: bool) -> None:
+    """The last pass of one channel, box by box in ``sink``'s order (each box spans the pass axis), each box clipped
+    to ``bounds`` (the channel's input min/max) and handed to ``sink.put``; with ``release`` the input's pages of a
+    slab along x (y for a pass along x) go once every box of that slab has been computed."""
+    from .pages import release_rows
+
+    along = 0 if axis != 0 else 1
+    out_shape = list(src.shape)
+    out_shape[axis] = n_out
+    boxes = sink.boxes(channel, axis, tuple(out_shape))
+    left: dict = {}
+    for box in boxes:
+        left[box[along]] = left.get(box[along], 0) + 1
+    for box in boxes:
+        sl = [slice(int(a), int(b)) for a, b in box]
+        sl[axis] = slice(None)
+        part = np.ascontiguousarray(src[tuple(sl)])
+        block = _resize_axis(part, axis, n_out, order, sub, add, None, np.float32)
+        del part
+        if bounds is not None:
+            _clip(block, 0, np.full(block.shape[0], bounds[0]), np.full(block.shape[0], bounds[1]))
+        sink.put(channel, tuple(int(r[0]) for r in box), block)
+        del block
+        r = box[along]
+        left[r] -= 1
+        if release and not left[r]:
+            if along == 0:
+                release_rows(src, int(r[0]), int(r[1]))
+            else:
+                nz = src.shape[2]
+                release_rows(src.reshape(src.shape[0], -1), 0, src.shape[0], int(r[0]) * nz, int(r[1]) * nz)
 
 
 def resize_image_separate_z(data: np.ndarray, new_shape, axis: int, order: int = 3,

@@ -4,6 +4,10 @@ read -> transpose -> crop to the nonzero region -> normalize -> resample (data o
 when anisotropic) -> class locations -> int8/int16 labels -> zarr case store (written under a temporary name, renamed when
 complete).
 
+A preprocessing worker does the same steps in another order to hold less memory
+(:func:`preprocess_case_to_store`: label map first, the image's resampling streamed into the store); the stored
+arrays are the same bit for bit.
+
 Axis order: arrays are ``(c, x, y, z)`` after transposition (the plan's ``transpose_forward``: low-resolution axis first),
 spacings in the same order, mm.
 """
@@ -32,6 +36,7 @@ __all__ = [
     "CaseResult",
     "preprocess_arrays",
     "preprocess_case",
+    "preprocess_case_to_store",
     "run_case_task",
     "configuration_hash",
     "case_hash",
@@ -116,11 +121,35 @@ def _preprocess_owned(arrays: list, spacing, plans, config_name: str, case_id: s
     """:func:`preprocess_arrays` on ``arrays = [data, seg]``, emptied here: when the caller holds no other reference,
     every intermediate (the arrays read, the uncropped arrays, the resampling inputs) is freed as soon as the next one
     exists, which is what bounds a worker's peak memory on large cases."""
+    data, seg, properties, geo = _prepare(arrays, spacing, plans, config_name)
+    cfg = plans.configuration(config_name)
+    where = f"case {case_id}" if case_id else "case"
+    data = normalize(np.ascontiguousarray(data, dtype=np.float32), seg, cfg.normalization_schemes, cfg.use_mask_for_norm,
+                     plans.foreground_intensity_properties_per_channel, where=where)
+    rk = _resampling_kwargs(cfg)
+    holder = [data]
+    del data  # resample_image_consuming frees the input once its first pass has run
+    data = resample_image_consuming(holder, geo["new_shape"], geo["original_spacing"], geo["target_spacing"],
+                                    **rk["data"])
+    data = np.ascontiguousarray(data, dtype=np.float32)  # before the label map is resampled: one image alive
+    class_locations: dict = {}
+    if with_seg or with_class_locations:
+        holder = [seg]
+        del seg
+        seg, class_locations = _resample_seg(holder, plans, cfg, geo, with_class_locations)
+    else:
+        seg = None
+    return data, seg, properties, class_locations
+
+
+def _prepare(arrays: list, spacing, plans, config_name: str) -> tuple[np.ndarray, np.ndarray | None, dict, dict]:
+    """Transpose and crop ``arrays = [data, seg]`` (emptied here; int8 label maps where the values fit): the cropped
+    ``data`` and ``seg``, the case's properties and its geometry (``original_spacing``, ``target_spacing``,
+    ``new_shape``)."""
     data, seg = arrays
     arrays.clear()
     cfg = plans.configuration(config_name)
     tf = [int(a) for a in plans.transpose_forward]
-    where = f"case {case_id}" if case_id else "case"
     data = np.ascontiguousarray(data.transpose([0, *[a + 1 for a in tf]]))
     if seg is not None:
         seg = np.ascontiguousarray(seg.transpose([0, *[a + 1 for a in tf]]))
@@ -134,25 +163,6 @@ def _preprocess_owned(arrays: list, spacing, plans, config_name: str, case_id: s
     if len(target_spacing) < len(shape_after_crop):
         target_spacing = [original_spacing[0]] + target_spacing
     new_shape = tuple(int(s) for s in compute_new_shape(shape_after_crop, original_spacing, target_spacing))
-
-    data = normalize(np.ascontiguousarray(data, dtype=np.float32), seg, cfg.normalization_schemes, cfg.use_mask_for_norm,
-                     plans.foreground_intensity_properties_per_channel, where=where)
-    rk = _resampling_kwargs(cfg)
-    holder = [data]
-    del data  # resample_image_consuming frees the input once its first pass has run
-    data = resample_image_consuming(holder, new_shape, original_spacing, target_spacing, **rk["data"])
-    data = np.ascontiguousarray(data, dtype=np.float32)  # before the label map is resampled: one image alive
-    class_locations: dict = {}
-    if with_seg or with_class_locations:
-        seg = resample_data_or_seg_to_shape(seg, new_shape, original_spacing, target_spacing, is_seg=True,
-                                            **rk["seg"])
-        if with_class_locations:
-            from .class_locations import sample_class_locations
-
-            class_locations = sample_class_locations(seg, LabelManager.from_plans(plans).class_location_keys)
-        seg = seg.astype(np.int16 if seg.size and seg.max() > 127 else np.int8, copy=False)
-    else:
-        seg = None
     properties = {
         "spacing_reader_order": [float(s) for s in spacing],
         "original_spacing": original_spacing,
@@ -163,7 +173,113 @@ def _preprocess_owned(arrays: list, spacing, plans, config_name: str, case_id: s
         "shape_after_resampling": list(new_shape),
         "transpose_forward": tf,
     }
-    return data, seg, properties, class_locations
+    geo = {"original_spacing": original_spacing, "target_spacing": target_spacing, "new_shape": new_shape}
+    return data, seg, properties, geo
+
+
+def _resample_seg(holder: list, plans, cfg, geo: dict, with_class_locations: bool) -> tuple[np.ndarray, dict]:
+    """The cropped label map ``holder.pop()`` resampled (int8, or int16 when the labels need it) and its class
+    locations; the cropped map is dropped before the class locations are sampled."""
+    seg = holder.pop()
+    seg = resample_data_or_seg_to_shape(seg, geo["new_shape"], geo["original_spacing"], geo["target_spacing"],
+                                        is_seg=True, **_resampling_kwargs(cfg)["seg"])
+    class_locations: dict = {}
+    if with_class_locations:
+        from .class_locations import sample_class_locations
+
+        class_locations = sample_class_locations(seg, LabelManager.from_plans(plans).class_location_keys)
+    seg = seg.astype(np.int16 if seg.size and seg.max() > 127 else np.int8, copy=False)
+    return seg, class_locations
+
+
+def _float32_releasing(data: np.ndarray) -> np.ndarray:
+    """``data`` (c, x, y, z) as a C-contiguous float32 array; when a conversion is needed it runs slab by slab along x
+    and gives the pages of ``data`` already converted back to the system (``data`` is owned and not read again)."""
+    from nnfast.native.pages import release_rows
+
+    if data.dtype == np.float32 and data.flags.c_contiguous:
+        return data
+    if not data.flags.c_contiguous:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    out = np.empty(data.shape, np.float32)
+    n = data.shape[1]
+    step = max(1, -(-n // 16))
+    for c in range(data.shape[0]):
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            out[c, a:b] = data[c, a:b]
+            release_rows(data[c], a, b)
+    return out
+
+
+def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path: str | os.PathLike, case_hash: str,
+                             ) -> tuple[tuple[int, ...], int]:
+    """Read, preprocess and store one training case, holding as little of it in memory as the steps allow.
+
+    The same arrays and store as :func:`preprocess_case` followed by :func:`nnfast.io.store.write_case` (values bit
+    for bit; the image's chunks may sit in another order inside its shard file), in another order of work: the label
+    map is resampled, its class locations sampled and both written first (before normalization unless a channel
+    normalizes within the nonzero mask), then the image is converted to float32, normalized and resampled with every
+    pass giving back the pages of the input slabs it has read, the last pass streamed box by box into the store's
+    shard writer (:meth:`nnfast.io.case_writer.CaseStoreWriter.image_sink`). The arrays read are owned here, which is
+    what allows giving their memory back early.
+
+    Returns
+    -------
+    (shape, voxels_in) : the stored image's ``(c, x, y, z)`` shape and the voxels of the image before cropping.
+    """
+    from nnfast.native.pages import trim_heap
+
+    from ..io.case_writer import CaseStoreWriter
+
+    data, geom = read_images(case.image_files, dtype=None)
+    if data.dtype.kind not in "iu":
+        data = data.astype(np.float32, copy=False)
+    seg, _seg_geom = read_label(case.label_file, small=True)  # int8 where it fits: what is stored
+    if seg.shape[1:] != data.shape[1:]:
+        from ..errors import GeometryError
+
+        raise GeometryError(
+            f"case {case.case_id}: label file `{case.label_file}` has shape {seg.shape[1:]} but the image has "
+            f"{data.shape[1:]}; run `nnfast verify` for a full report"
+        )
+    arrays = [data, seg]
+    del data, seg
+    data, seg, props, geo = _prepare(arrays, geom.spacing, plans, config_name)
+    props["case_id"] = case.case_id
+    props["geometry"] = geom.to_json()
+    props["image_files"] = [str(p) for p in case.image_files]
+    props["label_file"] = str(case.label_file)
+    trim_heap()  # what reading and cropping freed
+    cfg = plans.configuration(config_name)
+    where = f"case {case.case_id}"
+    mask_used = any(bool(m) for m in cfg.use_mask_for_norm)
+    with CaseStoreWriter(out_path, case_hash, tuple(cfg.patch_size)) as store:
+        if not mask_used:  # the label map first, while the image is still in its (smaller) integer dtype
+            holder = [seg]
+            del seg
+            out_seg, locs = _resample_seg(holder, plans, cfg, geo, True)
+            store.write_seg(out_seg, locs)
+            del out_seg, locs
+            seg = None
+            trim_heap()  # what the label map's phase freed, before the image's phase
+        data = normalize(_float32_releasing(data), seg, cfg.normalization_schemes, cfg.use_mask_for_norm,
+                         plans.foreground_intensity_properties_per_channel, where=where)
+        if mask_used:
+            holder = [seg]
+            del seg
+            out_seg, locs = _resample_seg(holder, plans, cfg, geo, True)
+            store.write_seg(out_seg, locs)
+            del out_seg, locs
+            trim_heap()
+        shape = (int(data.shape[0]), *geo["new_shape"])
+        sink = store.image_sink(shape)
+        holder = [data]
+        del data
+        resample_image_consuming(holder, geo["new_shape"], geo["original_spacing"], geo["target_spacing"],
+                                 **_resampling_kwargs(cfg)["data"], sink=sink, release=True)
+        store.finish(props)
+    return shape, int(np.prod(props["shape_before_cropping"]))
 
 
 def preprocess_case(case: CaseFiles, plans, config_name: str) -> tuple[np.ndarray, np.ndarray, dict, dict]:
@@ -222,10 +338,14 @@ def _load_plans_cached(path: str, mtime_ns: int):
 
 
 def run_case_task(task: CaseTask) -> CaseResult:
-    """Worker entry point: preprocess one case and write its store atomically."""
+    """Worker entry point: preprocess one case and write its store atomically (streamed:
+    :func:`preprocess_case_to_store`; a case without a label file the whole-array way)."""
     from ..io.store import write_case
 
     plans = _load_plans_cached(task.plans_file, os.stat(task.plans_file).st_mtime_ns)
+    if task.case.label_file is not None:
+        shape, voxels_in = preprocess_case_to_store(task.case, plans, task.config_name, task.out_path, task.case_hash)
+        return CaseResult(task.case.case_id, shape, voxels_in, int(np.prod(shape[1:])), dir_size(task.out_path))
     data, seg, props, locs = preprocess_case(task.case, plans, task.config_name)
     cfg = plans.configuration(task.config_name)
     voxels_in = int(np.prod(props["shape_before_cropping"]))

@@ -241,7 +241,8 @@ def resample_data_or_seg_to_spacing(data: np.ndarray, current_spacing: Spacing, 
 
 def resample_image_consuming(arrays: list, new_shape: Shape, current_spacing: Spacing, new_spacing: Spacing,
                              order: int = 3, order_z: int = 0, force_separate_z: bool | None = False,
-                             separate_z_anisotropy_threshold: float = ANISO_THRESHOLD) -> np.ndarray:
+                             separate_z_anisotropy_threshold: float = ANISO_THRESHOLD, *, sink=None,
+                             release: bool = False) -> np.ndarray | None:
     """:func:`resample_data_or_seg_to_shape` of the image ``arrays.pop()`` (``is_seg=False``), freeing it early.
 
     The caller hands over its only reference (``arrays`` is a one-element list, emptied here). On the 3D path the input
@@ -250,6 +251,11 @@ def resample_image_consuming(arrays: list, new_shape: Shape, current_spacing: Sp
     to :func:`resample_data_or_seg_to_shape` (the same kernel passes in the same order: ``nnfast.native.resample``'s
     ``resize_image_consuming``). The separate-z path, float64 images and unchanged shapes
     go through :func:`resample_data_or_seg_to_shape` unchanged.
+
+    ``release`` (the caller hands over the input's memory too) and ``sink`` (the output goes box by box to
+    ``sink.put``, None is returned) are those of :func:`nnfast.native.resample.resize_image_consuming`, on the 3D path;
+    on the others the result is computed whole and then handed to ``sink`` box by box. Values are bit-identical
+    either way.
     """
     from nnfast.native.resample import resize_image_consuming
 
@@ -259,8 +265,15 @@ def resample_image_consuming(arrays: list, new_shape: Shape, current_spacing: Sp
                                                        separate_z_anisotropy_threshold)
     if (do_separate_z or not isinstance(data, np.ndarray) or data.ndim != 4 or data.dtype != np.float32
             or tuple(data.shape[1:]) == target or order not in (0, 1, 3)):
-        return resample_data_or_seg_to_shape(data, target, current_spacing, new_spacing, False, order, order_z,
-                                             force_separate_z, separate_z_anisotropy_threshold)
+        out = resample_data_or_seg_to_shape(data, target, current_spacing, new_spacing, False, order, order_z,
+                                            force_separate_z, separate_z_anisotropy_threshold)
+        if sink is None:
+            return out
+        del data
+        from nnfast.native.resample import feed_sink
+
+        feed_sink(sink, np.asarray(out))
+        return None
     holder = [data]
     del data  # resize_image_consuming holds the only reference
-    return resize_image_consuming(holder, target, order)
+    return resize_image_consuming(holder, target, order, sink=sink, release=release)

@@ -85,3 +85,17 @@ def test_write_segmentation_round_trips_geometry(tmp_path):
     assert g2 == g
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary file left behind"
     assert ImageGeometry.from_json(g.to_json()) == g
+
+
+@pytest.mark.parametrize("dtype,values,want", [
+    (np.uint8, (0, 3, 127), np.int8), (np.int16, (-1, 0, 5), np.int8), (np.float32, (0.0, 2.0, 7.0), np.int8),
+    (np.uint8, (0, 200, 3), np.int16), (np.int32, (0, 40000, 1), np.int32),
+])
+def test_small_labels_are_int8_where_they_fit(tmp_path, dtype, values, want):
+    arr = np.zeros((3, 4, 5), dtype)
+    arr[0, 0, :3] = values
+    p = _img(tmp_path, "s.nii.gz", arr)
+    got, _ = read_label(p, small=True)
+    assert got.dtype == want and got.shape == (1, 3, 4, 5)
+    np.testing.assert_array_equal(got[0].astype(np.int64), arr.astype(np.int64))
+    assert read_label(p)[0].dtype == (np.int32 if want == np.int32 else np.int16)  # the default is unchanged
