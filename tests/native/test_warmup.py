@@ -103,3 +103,33 @@ def test_shared_warmup_compiles_each_module_once_across_processes(tmp_path):
     assert a["have"] == b["have"] and all(n >= 1 for n in a["have"].values()), results
     for kernel, n in a["have"].items():
         assert a["misses"][kernel] + b["misses"][kernel] == n, (kernel, results)  # compiled once, loaded once
+
+
+def test_a_failed_background_compile_is_reported_and_its_log_kept(tmp_path, monkeypatch, caplog):
+    """The background compile's output is not discarded: when it fails, :func:`finish_background` warns in one line
+    naming the error and keeps the full output in a file; a successful (or terminated) one says nothing."""
+    import logging
+    import tempfile
+
+    from nnfast.native import _jit
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba_cache"))
+    proc = _jit.warm_in_background(("no_such_kernel_module",))
+    with caplog.at_level(logging.WARNING, logger="nnfast"):
+        message = _jit.finish_background(proc, timeout_s=120)
+    assert proc.returncode == 1
+    assert message is not None and "\n" not in message
+    assert "no_such_kernel_module" in message and "ModuleNotFoundError" in message, message
+    kept = tmp_path / _jit.FAILED_COMPILE_LOG
+    assert str(kept) in message and "Traceback" in kept.read_text()
+    assert any(r.getMessage() == message for r in caplog.records)
+
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")  # the child then has nothing to compile and exits 0 at once
+    ok = _jit.warm_in_background(("normalize",))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nnfast"):
+        assert _jit.finish_background(ok, timeout_s=120) is None
+    assert ok.returncode == 0 and not caplog.records
+    assert _jit.finish_background(None) is None
