@@ -365,12 +365,22 @@ def limit_threads(threads: int) -> int:
         pass
     else:
         threadpool_limits(limits=threads)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
-    if "SimpleITK" in sys.modules:
-        sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    if "numcodecs.blosc" in sys.modules:
-        sys.modules["numcodecs.blosc"].set_nthreads(threads)
-    if "blosc2" in sys.modules:
-        sys.modules["blosc2"].set_nthreads(threads)
+    if (torch := _imported("torch")) is not None:
+        torch.set_num_threads(threads)
+    if (sitk := _imported("SimpleITK")) is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    if (blosc := _imported("numcodecs.blosc")) is not None:
+        blosc.set_nthreads(threads)
+    if (blosc2 := _imported("blosc2")) is not None:
+        blosc2.set_nthreads(threads)
     return numba_threads
+
+
+def _imported(name: str):
+    """Module ``name`` if it is imported, else ``None``; when another thread is still importing it (a dask worker's
+    other task), this waits for that import to finish instead of using the half-initialized module."""
+    if name not in sys.modules:
+        return None
+    import importlib
+
+    return importlib.import_module(name)  # blocks on the module's import lock while it initializes

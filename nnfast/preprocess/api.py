@@ -171,13 +171,11 @@ def preprocess_dataset(
 
 
 def compile_in_background(scheduler=None):
-    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache when it is cold, without dask (the local
-    pool's workers, or this process with one worker, then compile the rest and load what it compiled,
-    :func:`nnfast.native._jit.warm_in_background`); else None.
+    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache when it is cold
+    (:func:`nnfast.native._jit.warm_in_background`): the local pool's workers, or this process with one worker or a
+    dask scheduler (whose workers on this machine load this cache), then compile the rest and load what it compiled.
 
-    On an error, this process's exit stops it."""
-    if scheduler is not None:
-        return None
+    On an error, this process's exit stops it. ``scheduler`` is accepted for callers' convenience and not used."""
     from ..native._jit import warm_in_background
 
     return warm_in_background(PREPROCESS_KERNELS)

@@ -133,3 +133,25 @@ def test_a_failed_background_compile_is_reported_and_its_log_kept(tmp_path, monk
         assert _jit.finish_background(ok, timeout_s=120) is None
     assert ok.returncode == 0 and not caplog.records
     assert _jit.finish_background(None) is None
+
+
+def test_limit_threads_while_another_thread_imports_simpleitk():
+    """A dask worker runs tasks on several threads: one may call ``limit_threads`` while another is still importing
+    SimpleITK (found on the first ``--scheduler`` run: ``partially initialized module 'SimpleITK' has no attribute
+    'ProcessObject'``). It waits for that import instead of failing."""
+    out = _run(textwrap.dedent("""
+        import sys, threading
+        from nnfast.native import limit_threads
+        limit_threads(1)
+        t = threading.Thread(target=lambda: __import__("SimpleITK"))
+        t.start()
+        calls = 0
+        while t.is_alive() or calls == 0:
+            limit_threads(1)
+            calls += 1
+        t.join()
+        import SimpleITK
+        print(calls, SimpleITK.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        """))
+    calls, sitk_threads = map(int, out.split()[-2:])
+    assert calls >= 1 and sitk_threads == 1
