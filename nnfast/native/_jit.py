@@ -40,7 +40,7 @@ import sys
 from typing import Callable
 
 __all__ = ["serial", "run_slabs", "kernel_threads", "slab_threads", "register_warmup", "warmup", "warmup_shared", "warmup_lock_dir", "warm_in_background",
-           "finish_background",
+           "finish_background", "share_background",
            "is_warm", "available_cores", "threads_per_worker", "limit_threads",
            "THREAD_ENV", "LOADER_WORKER_THREADS"]
 
@@ -249,6 +249,18 @@ def warm_in_background(modules: "tuple[str, ...]"):
     threading.Thread(target=proc.wait, name="nnfast-compile-reaper", daemon=True).start()  # no zombie once done
     atexit.register(lambda: proc.poll() is None and proc.terminate())
     return proc
+
+
+def share_background(modules: "tuple[str, ...]") -> None:
+    """When a :func:`warm_in_background` compile that includes ``modules`` is running in this process, take those
+    modules' share of it here (:func:`warmup_shared`): wait for what it is compiling and load it, or compile what it
+    has not started, instead of compiling the same signatures beside it on first use (fingerprinting calls crop's
+    kernels while the background compile is still at them). Without a running background compile: nothing."""
+    wanted = set(modules)
+    for key, proc in list(_BACKGROUND_RUNNING.items()):
+        if proc.poll() is None and wanted <= set(key):
+            warmup_shared(tuple(modules), 1, 2, warmup_lock_dir())
+            return
 
 
 #: Where :func:`finish_background` keeps the output of a background compile that failed (the lock folder it was

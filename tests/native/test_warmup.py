@@ -155,3 +155,31 @@ def test_limit_threads_while_another_thread_imports_simpleitk():
         """))
     calls, sitk_threads = map(int, out.split()[-2:])
     assert calls >= 1 and sitk_threads == 1
+
+
+def test_share_background_takes_a_share_only_of_a_running_background_compile(monkeypatch):
+    """Fingerprinting calls crop's kernels while a cold ``preprocess`` compiles them in the background: with such a
+    compile running it shares it (``warmup_shared`` on the same lock folder); without one, or when the running one
+    does not include the modules, it does nothing (``nnfast fingerprint`` alone compiles on first use)."""
+    import subprocess
+
+    from nnfast.native import _jit
+
+    calls = []
+    monkeypatch.setattr(_jit, "warmup_shared", lambda *a: calls.append(a))
+    monkeypatch.setattr(_jit, "_BACKGROUND_RUNNING", {})
+    _jit.share_background(("crop",))
+    assert calls == []
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _jit._BACKGROUND_RUNNING[("normalize",)] = proc
+        _jit.share_background(("crop",))
+        assert calls == []
+        _jit._BACKGROUND_RUNNING[("crop", "normalize")] = proc
+        _jit.share_background(("crop",))
+        assert calls == [(("crop",), 1, 2, _jit.warmup_lock_dir())]
+    finally:
+        proc.kill()
+        proc.wait()
+    _jit.share_background(("crop",))  # finished: nothing to share
+    assert len(calls) == 1
