@@ -10,13 +10,20 @@ One benchmark runs, interleaved in every round (so that the ratios see the same 
 on the synthetic CT set of ``test_bench_pipeline.py`` (``ct_task``: 24 cases of ~65x250x250 at
 ``NNFAST_BENCH_SCALE=1``). Wall times per command (median over rounds) and the ratios go to ``extra_info``. A second
 benchmark times ``nnfast demo --skip-training`` (synthesize, convert, verify, fingerprint, plan, preprocess ten small
-cases) on a fresh cache and on a warm one.
+cases) on a fresh cache and on a warm one. A third (full size only: starting a cluster costs more than the tiny
+scale's budget) times the same ``nnfast preprocess`` with ``--scheduler`` on a fresh local ``dask scheduler`` and two
+``dask worker`` processes sharing the fresh cache, cold then warm, beside the cold and warm run without dask.
 
 At the tiny scale (CI, ``--benchmark-disable``) only the warm command runs: a cold run compiles for ~10 s.
 """
+import os
 import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +110,66 @@ def test_demo_preprocessing_cold_and_warm(benchmark, tmp_path):
     benchmark.pedantic(one_round, rounds=1 if benchmark.disabled else 2, iterations=1)
     benchmark.extra_info.update({f"{k}_s": round(statistics.median(v), 2) for k, v in times.items() if v})
     benchmark.extra_info["loadavg"] = _load()
+
+
+def _dask_cluster(env: dict) -> tuple[str, list]:
+    """A fresh local ``dask scheduler`` and two ``dask worker`` processes with ``env``; (address, processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dask = [str(Path(sys.executable).with_name("dask"))]
+    procs = [subprocess.Popen([*dask, "scheduler", "--port", str(port), "--no-dashboard"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    time.sleep(3)
+    procs += [subprocess.Popen([*dask, "worker", f"tcp://127.0.0.1:{port}", "--no-dashboard"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    time.sleep(5)
+    return f"tcp://127.0.0.1:{port}", procs
+
+
+def _stop(procs: list) -> None:
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.timeout(7200)
+@pytest.mark.benchmark(group="cold-start-dask")
+def test_cold_and_warm_preprocess_on_a_local_dask_cluster(benchmark, ct_task, tmp_path):
+    """``nnfast preprocess --scheduler tcp://127.0.0.1:PORT`` on a fresh cluster (scheduler + 2 workers) with an
+    empty Numba cache, then again on the filled one (the same cluster), and the same two without dask."""
+    if not full_size():
+        pytest.skip("full size only (NNFAST_BENCH_SCALE=1): a cluster's start-up exceeds the tiny scale's budget")
+    raw, did, _ = ct_task
+    pre = tmp_path / "pre"
+    os_env = dict(os.environ)
+    times: dict[str, list[float]] = {"dask_cold": [], "dask_warm": [], "cold": [], "warm": []}
+    loads: list[str] = []
+
+    def one_round():
+        for use_dask in (True, False):
+            cache = _cache_dir(tmp_path, "numba-dask-")
+            env = {**os_env, **_env(raw, pre, cache)}
+            address, procs = _dask_cluster(env) if use_dask else ("", [])
+            try:
+                for run in ("cold", "warm"):
+                    _fresh(pre)
+                    cmd = nnfast_cmd("preprocess", "--task", str(did), "--workers", "2", "-q",
+                                     *(("--scheduler", address) if use_dask else ()))
+                    dt, _, _ = run_measured(cmd, env)  # raises when the command fails
+                    times[("dask_" if use_dask else "") + run].append(dt)
+            finally:
+                _stop(procs)
+                shutil.rmtree(cache, ignore_errors=True)
+        loads.append(_load())
+
+    benchmark.pedantic(one_round, rounds=2, iterations=1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    benchmark.extra_info.update({f"{k}_s": round(v, 2) for k, v in med.items()})
+    benchmark.extra_info["loadavg_after_each_round"] = loads
+    benchmark.extra_info["dask_cold_over_cold"] = round(med["dask_cold"] / med["cold"], 2)

@@ -131,7 +131,8 @@ def run_tasks(
         With a tuple ``warmup``: the processes that run the tasks share the compile with each other and with a
         background compile started earlier (:func:`nnfast.native._jit.warmup_shared`, one lock folder per process
         tree: on a cold cache each compiles part of the kernels, on a warm one each only loads them). With a pool
-        this process loads none; in-process it takes its share. Tasks start when their process is warm.
+        this process loads none; in-process, and with a dask scheduler (whose workers on this machine load what
+        this process compiled), it takes its share. Tasks start when their process is warm.
 
     Returns
     -------
@@ -157,7 +158,13 @@ def run_tasks(
 
         # a missing dask is named before the kernels compile (tens of seconds on a cold cache), not after
         require("distributed", "running tasks on a dask cluster (--scheduler)")
-        if warmup:
+        if warmup and warmup_in_workers and isinstance(warmup, tuple):
+            # share the client's compile with a background one started earlier (a local cluster's workers then
+            # load it from the same cache), instead of compiling it again beside it after fingerprinting
+            from .native._jit import warmup_lock_dir, warmup_shared
+
+            warmup_shared(tuple(warmup), 1, 2, warmup_lock_dir())
+        elif warmup:
             _warmup(warmup)
         return _run_dask(func, items, order, case_keys, scheduler, progress, initializer, initargs,
                          threads_per_worker, desc)

@@ -98,6 +98,10 @@ def extract_fingerprint(
 
     done = dict(precomputed or {})
     todo = [c for c in cases if c.case_id not in done]
+    if todo:
+        from ..native._jit import share_background
+
+        share_background(("crop",))  # a cold `preprocess` compiles crop in the background: load it, not twice
     if todo and scheduler is None:
         # a case is cheap and every heavy step releases the GIL: threads beat worker processes here
         new = run_in_threads(analyze_case, todo, workers=workers, keys=[c.case_id for c in todo], progress=progress)

@@ -40,6 +40,7 @@ import sys
 from typing import Callable
 
 __all__ = ["serial", "run_slabs", "kernel_threads", "slab_threads", "register_warmup", "warmup", "warmup_shared", "warmup_lock_dir", "warm_in_background",
+           "finish_background", "share_background",
            "is_warm", "available_cores", "threads_per_worker", "limit_threads",
            "THREAD_ENV", "LOADER_WORKER_THREADS"]
 
@@ -224,9 +225,11 @@ def warm_in_background(modules: "tuple[str, ...]"):
 
     The check runs in that process too: this one imports neither Numba nor the kernels (a warm run pays one
     short-lived interpreter on another core). It is a plain ``python -c`` subprocess, not a pool worker; its output
-    is discarded (whatever it fails to compile, the pool compiles). Returns the ``subprocess.Popen``: wait for it or
-    terminate it when the work that needs the kernels is done; this process's exit terminates it otherwise. While
-    one for the same modules still runs, that one is returned."""
+    goes to a log file in :func:`warmup_lock_dir` (``proc.nnfast_log``), which :func:`finish_background` turns into
+    a one-line warning, and keeps, when the process failed (whatever it failed to compile, the pool compiles).
+    Returns the ``subprocess.Popen``: hand it to :func:`finish_background` when the work that needs the kernels is
+    done; this process's exit terminates it otherwise. While one for the same modules still runs, that one is
+    returned."""
     import atexit
     import subprocess
     import threading
@@ -235,11 +238,75 @@ def warm_in_background(modules: "tuple[str, ...]"):
     running = _BACKGROUND_RUNNING.get(key)
     if running is not None and running.poll() is None:
         return running
-    proc = _BACKGROUND_RUNNING[key] = subprocess.Popen([sys.executable, "-c", _BACKGROUND, warmup_lock_dir(), ",".join(modules)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock_dir = warmup_lock_dir()
+    log_path = os.path.join(lock_dir, f"compile-{len(_BACKGROUND_RUNNING)}.log")
+    with open(log_path, "wb") as log_file:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-c", _BACKGROUND, lock_dir, ",".join(modules)],
+                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    proc.nnfast_log = log_path  # type: ignore[attr-defined]
+    proc.nnfast_modules = key  # type: ignore[attr-defined]
+    _BACKGROUND_RUNNING[key] = proc
     threading.Thread(target=proc.wait, name="nnfast-compile-reaper", daemon=True).start()  # no zombie once done
     atexit.register(lambda: proc.poll() is None and proc.terminate())
     return proc
+
+
+def share_background(modules: "tuple[str, ...]") -> None:
+    """When a :func:`warm_in_background` compile that includes ``modules`` is running in this process, take those
+    modules' share of it here (:func:`warmup_shared`): wait for what it is compiling and load it, or compile what it
+    has not started, instead of compiling the same signatures beside it on first use (fingerprinting calls crop's
+    kernels while the background compile is still at them). Without a running background compile: nothing."""
+    wanted = set(modules)
+    for key, proc in list(_BACKGROUND_RUNNING.items()):
+        if proc.poll() is None and wanted <= set(key):
+            warmup_shared(tuple(modules), 1, 2, warmup_lock_dir())
+            return
+
+
+#: Where :func:`finish_background` keeps the output of a background compile that failed (the lock folder it was
+#: written to is removed when this process exits).
+FAILED_COMPILE_LOG = "nnfast-background-compile.log"
+
+
+def finish_background(proc, timeout_s: float = 10.0) -> "str | None":
+    """Wait up to ``timeout_s`` for a :func:`warm_in_background` process (``None``: nothing to do), terminate it after
+    that (the work that needed it is done), and report a failure: when it exited with an error, its log is copied to
+    ``<tempdir>/``:data:`FAILED_COMPILE_LOG` and one warning line names the error and that file. Returns the
+    warning (``None`` when it succeeded or was terminated here). The kernels it did not compile were compiled by
+    the processes that used them (:func:`warmup_shared` takes over a dead holder's lock)."""
+    import logging
+    import shutil
+    import subprocess
+    import tempfile
+
+    if proc is None:
+        return None
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.wait()
+        return None
+    if proc.returncode == 0 or proc.returncode < 0:  # done, or stopped by a signal (this process's terminate())
+        return None
+    log_path = getattr(proc, "nnfast_log", None)
+    last, kept = "no output", None
+    if log_path and os.path.isfile(log_path):
+        try:
+            with open(log_path, "rb") as f:
+                lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+            if lines:
+                last = lines[-1]
+            kept = os.path.join(tempfile.gettempdir(), FAILED_COMPILE_LOG)
+            shutil.copyfile(log_path, kept)
+        except OSError:
+            kept = None
+    modules = ",".join(getattr(proc, "nnfast_modules", ()))
+    message = (f"the background compile of Numba kernels ({modules}) failed with exit code {proc.returncode}: "
+               f"{last[:300]}; the kernels were compiled where they ran instead"
+               + (f" (full output: {kept})" if kept else ""))
+    logging.getLogger(__name__).warning("%s", message)
+    return message
 
 
 def warmup_shared(modules: "tuple[str, ...]", index: int, count: int, lock_dir: str) -> None:
@@ -310,12 +377,22 @@ def limit_threads(threads: int) -> int:
         pass
     else:
         threadpool_limits(limits=threads)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
-    if "SimpleITK" in sys.modules:
-        sys.modules["SimpleITK"].ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    if "numcodecs.blosc" in sys.modules:
-        sys.modules["numcodecs.blosc"].set_nthreads(threads)
-    if "blosc2" in sys.modules:
-        sys.modules["blosc2"].set_nthreads(threads)
+    if (torch := _imported("torch")) is not None:
+        torch.set_num_threads(threads)
+    if (sitk := _imported("SimpleITK")) is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    if (blosc := _imported("numcodecs.blosc")) is not None:
+        blosc.set_nthreads(threads)
+    if (blosc2 := _imported("blosc2")) is not None:
+        blosc2.set_nthreads(threads)
     return numba_threads
+
+
+def _imported(name: str):
+    """Module ``name`` if it is imported, else ``None``; when another thread is still importing it (a dask worker's
+    other task), this waits for that import to finish instead of using the half-initialized module."""
+    if name not in sys.modules:
+        return None
+    import importlib
+
+    return importlib.import_module(name)  # blocks on the module's import lock while it initializes

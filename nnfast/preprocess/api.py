@@ -19,7 +19,7 @@ from ..plan.schema import CONFIGURATION_NAMES
 from ..settings import Settings
 
 __all__ = ["PreprocessSummary", "ConfigSummary", "preprocess_dataset", "configs_to_run", "PREPROCESSED_CONFIGURATIONS",
-           "CONFIG_CHOICES", "compile_in_background"]
+           "CONFIG_CHOICES", "compile_in_background", "finish_background"]
 
 log = logging.getLogger(__name__)
 
@@ -164,35 +164,29 @@ def preprocess_dataset(
         cs.wall_s = time.perf_counter() - t1
         cs.bytes_on_disk = dir_size(folder)
         summary.configs.append(cs)
-    _join(compiler)
+    finish_background(compiler)  # a failed background compile: one warning line, its log kept
     summary.wall_s = time.perf_counter() - t0
     summary.peak_rss_parent, summary.peak_rss_children = peak_rss_bytes()
     return summary
 
 
 def compile_in_background(scheduler=None):
-    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache when it is cold, without dask (the local
-    pool's workers, or this process with one worker, then compile the rest and load what it compiled,
-    :func:`nnfast.native._jit.warm_in_background`); else None.
+    """A process compiling :data:`PREPROCESS_KERNELS` into Numba's cache when it is cold
+    (:func:`nnfast.native._jit.warm_in_background`): the local pool's workers, or this process with one worker or a
+    dask scheduler (whose workers on this machine load this cache), then compile the rest and load what it compiled.
 
-    On an error, this process's exit stops it."""
-    if scheduler is not None:
-        return None
+    On an error, this process's exit stops it. ``scheduler`` is accepted for callers' convenience and not used."""
     from ..native._jit import warm_in_background
 
     return warm_in_background(PREPROCESS_KERNELS)
 
 
-def _join(proc, timeout_s: float = 10.0) -> None:
-    import subprocess
+def finish_background(proc) -> None:
+    """Wait for (briefly) or stop a :func:`compile_in_background` process and warn if it failed
+    (:func:`nnfast.native._jit.finish_background`)."""
+    from ..native._jit import finish_background as finish
 
-    if proc is None:
-        return
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        proc.wait()
+    finish(proc)
 
 
 def _warn_if_workers_do_not_fit(fingerprint, plans, config_name: str, case_ids: list[str], workers: int) -> None:

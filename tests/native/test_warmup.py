@@ -103,3 +103,83 @@ def test_shared_warmup_compiles_each_module_once_across_processes(tmp_path):
     assert a["have"] == b["have"] and all(n >= 1 for n in a["have"].values()), results
     for kernel, n in a["have"].items():
         assert a["misses"][kernel] + b["misses"][kernel] == n, (kernel, results)  # compiled once, loaded once
+
+
+def test_a_failed_background_compile_is_reported_and_its_log_kept(tmp_path, monkeypatch, caplog):
+    """The background compile's output is not discarded: when it fails, :func:`finish_background` warns in one line
+    naming the error and keeps the full output in a file; a successful (or terminated) one says nothing."""
+    import logging
+    import tempfile
+
+    from nnfast.native import _jit
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba_cache"))
+    proc = _jit.warm_in_background(("no_such_kernel_module",))
+    with caplog.at_level(logging.WARNING, logger="nnfast"):
+        message = _jit.finish_background(proc, timeout_s=120)
+    assert proc.returncode == 1
+    assert message is not None and "\n" not in message
+    assert "no_such_kernel_module" in message and "ModuleNotFoundError" in message, message
+    kept = tmp_path / _jit.FAILED_COMPILE_LOG
+    assert str(kept) in message and "Traceback" in kept.read_text()
+    assert any(r.getMessage() == message for r in caplog.records)
+
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")  # the child then has nothing to compile and exits 0 at once
+    ok = _jit.warm_in_background(("normalize",))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nnfast"):
+        assert _jit.finish_background(ok, timeout_s=120) is None
+    assert ok.returncode == 0 and not caplog.records
+    assert _jit.finish_background(None) is None
+
+
+def test_limit_threads_while_another_thread_imports_simpleitk():
+    """A dask worker runs tasks on several threads: one may call ``limit_threads`` while another is still importing
+    SimpleITK (found on the first ``--scheduler`` run: ``partially initialized module 'SimpleITK' has no attribute
+    'ProcessObject'``). It waits for that import instead of failing."""
+    out = _run(textwrap.dedent("""
+        import sys, threading
+        from nnfast.native import limit_threads
+        limit_threads(1)
+        t = threading.Thread(target=lambda: __import__("SimpleITK"))
+        t.start()
+        calls = 0
+        while t.is_alive() or calls == 0:
+            limit_threads(1)
+            calls += 1
+        t.join()
+        import SimpleITK
+        print(calls, SimpleITK.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        """))
+    calls, sitk_threads = map(int, out.split()[-2:])
+    assert calls >= 1 and sitk_threads == 1
+
+
+def test_share_background_takes_a_share_only_of_a_running_background_compile(monkeypatch):
+    """Fingerprinting calls crop's kernels while a cold ``preprocess`` compiles them in the background: with such a
+    compile running it shares it (``warmup_shared`` on the same lock folder); without one, or when the running one
+    does not include the modules, it does nothing (``nnfast fingerprint`` alone compiles on first use)."""
+    import subprocess
+
+    from nnfast.native import _jit
+
+    calls = []
+    monkeypatch.setattr(_jit, "warmup_shared", lambda *a: calls.append(a))
+    monkeypatch.setattr(_jit, "_BACKGROUND_RUNNING", {})
+    _jit.share_background(("crop",))
+    assert calls == []
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _jit._BACKGROUND_RUNNING[("normalize",)] = proc
+        _jit.share_background(("crop",))
+        assert calls == []
+        _jit._BACKGROUND_RUNNING[("crop", "normalize")] = proc
+        _jit.share_background(("crop",))
+        assert calls == [(("crop",), 1, 2, _jit.warmup_lock_dir())]
+    finally:
+        proc.kill()
+        proc.wait()
+    _jit.share_background(("crop",))  # finished: nothing to share
+    assert len(calls) == 1
