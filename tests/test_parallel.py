@@ -106,7 +106,10 @@ def test_pool_results_in_order_threads_initializer_and_warmup_first(monkeypatch)
 def test_pool_hands_out_largest_first():
     sizes = [3, 1, 6, 2, 5, 4]
     keys = [f"case_{s}" for s in sizes]
-    out = run_tasks(tasks.timed, [(k, 0.2) for k in keys], keys=keys, sizes=sizes, workers=2, warmup=False)
+    # start times stand for the hand-out order: each task sleeps long enough (0.5 s) that a worker process
+    # descheduled between receiving its task and reading the clock (a loaded 2-core machine, two pytest workers)
+    # does not reorder them (0.2 s did, at load 17)
+    out = run_tasks(tasks.timed, [(k, 0.5) for k in keys], keys=keys, sizes=sizes, workers=2, warmup=False)
     assert [k for k, _, _ in out] == keys  # results in the order of items
     assert len({pid for _, _, pid in out}) == 2
     start = {k: t for k, t, _ in out}

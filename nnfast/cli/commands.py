@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from contextlib import contextmanager
@@ -214,10 +215,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n[6/{steps}] training 3d_fullres fold 0 on the CPU: {cfg.num_epochs} epochs x {cfg.num_iterations_per_epoch} "
           f"iterations, patch {'x'.join(map(str, cfg.patch_size))}, batch {cfg.batch_size}")
 
+    no_tta = args.no_tta
     result = train(task_id, settings, "3d_fullres", fold=0, train_config=cfg, device="cpu", num_workers=0,
-                   final_validation=validate_fold)
+                   final_validation=functools.partial(validate_fold, use_tta=False) if no_tta else validate_fold)
     if result.validation is not None:
-        print("      held-out validation cases of fold 0 (sliding window + mirroring, original geometry):")
+        how = "sliding window" if no_tta else "sliding window + mirroring"
+        print(f"      held-out validation cases of fold 0 ({how}, original geometry):")
         print("      " + result.validation.format().replace("\n", "\n      "))
         pictures = _demo_pictures(task_id, settings, result, root / "overlays", args.workers)
         if pictures is not None:

@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gb", type=_positive_float, default=0.25,
                    help="GPU memory target of the demo's plans (small: a patch the CPU trains in minutes)")
     p.add_argument("--skip-training", action="store_true", help="stop after preprocessing")
+    p.add_argument("--no-tta", action="store_true",
+                   help="validate the held-out cases without mirroring (8x fewer network passes; the test suite's run)")
     _add_common(p)
 
     p = sub.add_parser("synth", help="write a deterministic synthetic Decathlon-style task", allow_abbrev=False)

@@ -109,7 +109,7 @@ def _previous_stage_predictions(model, fold, val: list[str], fold_dir: Path) -> 
 
 
 def validate_fold(fold_dir: Path | str, *, settings, device: Any = "auto", checkpoint_name: str = "checkpoint_final",
-                  save_probabilities: bool = False, workers: int = 1):
+                  save_probabilities: bool = False, workers: int = 1, use_tta: bool = True):
     """Predict and score the validation cases of one trained fold.
 
     Parameters
@@ -126,6 +126,8 @@ def validate_fold(fold_dir: Path | str, *, settings, device: Any = "auto", check
         Also write ``<case>.npz``/``.json`` (nnU-Net's ``--npz``; needed to ensemble configurations).
     workers : int
         Export threads and evaluation processes.
+    use_tta : bool
+        Mirroring test-time augmentation (nnU-Net's validation mirrors; ``nnfast demo --no-tta`` does not).
 
     Returns
     -------
@@ -174,7 +176,7 @@ def validate_fold(fold_dir: Path | str, *, settings, device: Any = "auto", check
     prev_folder = _previous_stage_predictions(model, fold, val, fold_dir) if conf.previous_stage else None
     log.info("validating %s fold %s on %d case(s) into %s", model.config_name, fold, len(val), out)
     options = PredictOptions(model_folder=fold_dir.parent, folds=(fold,), checkpoint_name=checkpoint_name,
-                             use_tta=True, device=device, save_probabilities=save_probabilities, workers=workers,
+                             use_tta=use_tta, device=device, save_probabilities=save_probabilities, workers=workers,
                              settings=settings, previous_stage_folder=prev_folder)
     report = predict_folder([list(by_id[c].image_files) for c in val], out, options, logits_hook=writer)
     if writer is not None and writer.skipped:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -238,7 +239,10 @@ tr.on_train_end()
 out["closed"] = [tr.dataloader_train.shm_name, tr.dataloader_val.shm_name, os.path.exists("/dev/shm/" + shm)]
 
 # nnUNetv2_train -tr nnUNetTrainerNnfastLoader: nnU-Net's lookup (get_trainer_from_args) after
-# install_nnunet_trainer() wrote its module into nnunetv2/training/nnUNetTrainer/ (removed again here)
+# install_nnunet_trainer() wrote its module into nnunetv2/training/nnUNetTrainer/ (removed again here); the test runs
+# this on a private copy of the nnunetv2 package, so that nnU-Net's lookups in other processes never see the stub
+import nnunetv2
+out["nnunetv2_path"] = nnunetv2.__path__[0]
 stub = install_nnunet_trainer()
 try:
     found = get_trainer_from_args(ds, "3d_fullres", 0, "nnUNetTrainerNnfastLoader", device=torch.device("cpu"))
@@ -281,9 +285,14 @@ def test_real_nnunet_trainer_runs_on_nnfast_loader(tmp_path):
                                                              "val": ["case_003"]}]))
     ext = tmp_path / "ext_trainers"
     install_nnunet_trainer(ext)
+    # the default install target is nnU-Net's own trainer folder: a private copy of the package, first on the path,
+    # keeps the stub away from the installed nnunetv2 that concurrent tests (pytest -n 2) search for trainers
+    site = tmp_path / "site"
+    shutil.copytree(nnunetv2.__path__[0], site / "nnunetv2", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res),
            "nnUNet_n_proc_DA": "0", "nnUNet_compile": "f", "nnUNet_extTrainer": str(ext), "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+           "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", SCRIPT, ds_dir.name], env=env, capture_output=True, text=True,
                        timeout=540, cwd=tmp_path)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -298,6 +307,8 @@ def test_real_nnunet_trainer_runs_on_nnfast_loader(tmp_path):
     assert all(np.isfinite(out["losses"])) and np.isfinite(out["val_loss"]) and np.isfinite(out["subclass_loss"])
     assert out["closed"] == [None, None, False]
     assert out["found"] == out["found_ext"] == "nnfast.data.nnunet_adapter.nnUNetTrainerNnfastLoader"
+    assert Path(out["nnunetv2_path"]) == site / "nnunetv2"
+    assert not (site / "nnunetv2" / "training" / "nnUNetTrainer" / "nnfast_loader_trainer.py").exists()
     assert not (Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer" / "nnfast_loader_trainer.py").exists()
 
 
