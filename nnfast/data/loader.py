@@ -14,6 +14,8 @@ How the work is spread (compare nnU-Net's ``NonDetMultiThreadedAugmenter``):
   reaches each worker as JSON (:func:`~nnfast.data.dataset.source_to_json`: folder and case ids).
 * At most ``num_cached`` batches are in flight; each new one goes to the worker with the fewest outstanding
   batches. Batches are delivered in index order: ``next()`` waits for batch ``i`` even if ``i + 1`` is ready.
+* The workers start (spawn) at construction; :meth:`PatchLoader.wait_ready` waits until they are up and the next
+  batch is built, which trainers call before their first epoch (nnU-Net's ``get_dataloaders`` draws a batch there).
 * ``next()`` copies the slot into fresh tensors (pinned host memory when CUDA is present, so that
   ``.to(device, non_blocking=True)`` overlaps) before the slot is reused.
 
