@@ -75,6 +75,13 @@ def test_table_csv_and_timings():
     line = next(ln for ln in text.splitlines() if ln.startswith("| iso | organ"))
     assert "0.800 ± 0.050 (n=3)" in line and "+0.030 (0.050) inside" in line and "-0.300 (0.050) **OUTSIDE**" in line
     assert "| iso | 11 ± 1 (1.0 ± 0.0)" in text
+    # the labels' sizes, the smallest marked (which Dice the budget cannot be expected to reach)
+    rows2 = rows + [{**r, "label": "tumour", "dice": 0.0} for r in rows]
+    s2 = aggregate.summarize(rows2)
+    text = aggregate.markdown_table(s2, aggregate.differences(s2), label_shares={"iso": {"organ": 0.015,
+                                                                                          "tumour": 0.0009}})
+    assert "| iso | tumour (0.09 % of voxels, smallest) | 0.000 ± 0.000 (n=3)" in text
+    assert "| iso | organ (1.5 % of voxels) |" in text
     csv_text = aggregate.rows_csv(rows)
     assert csv_text.splitlines()[0] == "dataset,arm,seed,label,dice,wall_s,loader_wait_s"
     assert len(csv_text.splitlines()) == 1 + len(rows)

@@ -84,17 +84,28 @@ def _pm(m: float, s: float, digits: int = 3) -> str:
     return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def label_cell(label: str, shares: Mapping[str, float] | None) -> str:
+    """``label`` with its share of the held-out voxels, the dataset's smallest foreground label marked."""
+    if not shares or label not in shares:
+        return label
+    smallest = min(shares, key=lambda k: shares[k])
+    return f"{label} ({100 * shares[label]:.2g} % of voxels{', smallest' if label == smallest else ''})"
+
+
 def markdown_table(summary: Mapping, diffs: Sequence[Mapping], times: Mapping | None = None,
-                   arms: Sequence[str] = ("A", "B", "C")) -> str:
+                   arms: Sequence[str] = ("A", "B", "C"),
+                   label_shares: Mapping[str, Mapping[str, float]] | None = None) -> str:
     """One markdown table: a row per (dataset, label) with each arm's Dice (mean ± sd over seeds) and B−A, C−A
-    (``inside``/``OUTSIDE`` the limit); then a row per dataset of training wall time and loader wait."""
+    (``inside``/``OUTSIDE`` the limit); then a row per dataset of training wall time and loader wait.
+    ``label_shares`` (dataset -> label -> share of the held-out voxels) adds each label's size, the smallest one
+    marked: a label too small to be learnt at the budget has Dice 0 in every arm, which says nothing."""
     by = {(d["dataset"], d["label"], d["arm"]): d for d in diffs}
     others = [a for a in arms if a != "A"]
     head = ["dataset", "label"] + [f"{a} Dice" for a in arms] + [f"{a}−A (limit)" for a in others]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = sorted({(ds, label) for ds, _, label in summary}, key=lambda k: (k[0], k[1] == "foreground mean", k[1]))
     for ds, label in keys:
-        cells = [ds, label]
+        cells = [ds, label_cell(label, (label_shares or {}).get(ds))]
         for a in arms:
             s = summary.get((ds, a, label))
             cells.append(_pm(s["mean"], s["sd"]) + f" (n={s['n']})" if s else "")

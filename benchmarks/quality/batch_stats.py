@@ -12,6 +12,7 @@ several standard errors points at a sampling or augmentation difference, without
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -44,6 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="quality_runs")
     p.add_argument("--dataset", default="real", choices=sorted(IDS))
     p.add_argument("--batches", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="seeds both loaders (nnU-Net's: numpy/torch; nnfast's: "
+                   "base_seed); another seed gives an independent replicate")
+    p.add_argument("--ablate", nargs="+", default=[], metavar="AUG",
+                   help="switch these augmentations off in both loaders (the harness's --ablate names)")
     args = p.parse_args(argv)
     did, name = IDS[args.dataset]
     pre = Path(args.work) / args.dataset / "preprocessed" / f"Dataset{did:03d}_{name}"
@@ -72,9 +77,15 @@ def main(argv=None) -> int:
     tr = nnUNetTrainer.get_training_transforms(patch, aug.rotation, None, aug.mirror_axes, aug.do_dummy_2d,
                                                use_mask_for_norm=list(conf["use_mask_for_norm"]), is_cascaded=False,
                                                foreground_labels=fg, regions=None, ignore_label=None)
+    if args.ablate:
+        from benchmarks.quality.arm_worker import ABLATIONS, _ablate_nnunet_transforms
+
+        if _ablate_nnunet_transforms(tr, args.ablate) < len(args.ablate):
+            raise SystemExit(f"--ablate {args.ablate}: not every transform was found in nnU-Net's pipeline")
+        aug = dataclasses.replace(aug, **{f: 0.0 for name in args.ablate for f in ABLATIONS[name][0]})
     lm = LabelManager(dj["labels"], None)
-    torch.manual_seed(0)
-    np.random.seed(0)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
     dl = nnUNetDataLoader(nnUNetDatasetBlosc2(str(folder), identifiers=train_ids), bs, aug.initial_patch_size, patch,
                           lm, oversample_foreground_percent=0.33, transforms=tr)
 
@@ -84,8 +95,9 @@ def main(argv=None) -> int:
             yield b["data"].numpy(), b["target"].numpy()
 
     spec = BatchSpec(augment=aug, batch_size=bs, num_channels=1, oversample_foreground_percent=0.33)
-    res = {"patch": patch, "batch_size": bs, "batches": args.batches, "nnunet": _stats(nn_batches())}
-    with PatchLoader(NnunetCaseSource(folder, train_ids), spec, num_workers=0, base_seed=0) as loader:
+    res = {"patch": patch, "batch_size": bs, "batches": args.batches, "seed": args.seed, "ablate": args.ablate,
+           "nnunet": _stats(nn_batches())}
+    with PatchLoader(NnunetCaseSource(folder, train_ids), spec, num_workers=0, base_seed=args.seed) as loader:
         def ours():
             for _ in range(args.batches):
                 b = next(loader)

@@ -206,6 +206,23 @@ def _divide_features(ds_pre: Path, divisor: int) -> list[int]:
     return features
 
 
+def label_shares(labels_folder: Path, dataset_json: Path) -> dict[str, float]:
+    """Each foreground label's share of the voxels of the held-out label files (all cases pooled), by label name:
+    which structure is small, i.e. which Dice a few hundred iterations cannot be expected to reach."""
+    import nibabel as nib
+
+    names = {int(v): k for k, v in json.loads(dataset_json.read_text())["labels"].items()
+             if isinstance(v, int) and v > 0}
+    counts = dict.fromkeys(names, 0)
+    total = 0
+    for f in sorted(labels_folder.glob("*.nii.gz")):
+        seg = np.asarray(nib.load(str(f)).dataobj)
+        total += seg.size
+        for v in names:
+            counts[v] += int((seg == v).sum())
+    return {names[v]: counts[v] / max(1, total) for v in sorted(names)}
+
+
 def prepare(name: str, work: Path, budget, cache: Path, log=print) -> Prepared:
     """Prepare dataset ``name`` under ``work/<name>`` (reused when its summary exists)."""
     from nnfast.plan.api import plan_dataset
@@ -222,9 +239,14 @@ def prepare(name: str, work: Path, budget, cache: Path, log=print) -> Prepared:
     summary_file = root / "dataset_summary.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
+        changed = "label_shares" not in summary  # a summary written before the shares were recorded
+        if changed:
+            summary["label_shares"] = label_shares(heldout / "labels", pre / folder_name / "dataset.json")
         if summary.get("features_divisor", 1) != budget.features_divisor:
             summary["features_per_stage"] = _divide_features(pre / folder_name, budget.features_divisor)
             summary["features_divisor"] = budget.features_divisor
+            changed = True
+        if changed:
             summary_file.write_text(json.dumps(summary, indent=2))
         return Prepared(name, did, folder_name, raw, pre, heldout / "images", heldout / "labels", summary)
     if root.exists():
@@ -259,6 +281,7 @@ def prepare(name: str, work: Path, budget, cache: Path, log=print) -> Prepared:
         "plans_gpu_memory_gb": budget.gpu_memory_gb, "features_divisor": budget.features_divisor,
         "features_per_stage": features, "plans_identifier": res.plans_identifier
         if hasattr(res, "plans_identifier") else "nnfast_plans",
+        "label_shares": label_shares(heldout / "labels", ds_pre / "dataset.json"),
     }
     summary_file.write_text(json.dumps(summary, indent=2))
     log(f"[{name}] prepared: {json.dumps(summary)}")

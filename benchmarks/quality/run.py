@@ -164,7 +164,8 @@ def _write_report(report: Path, budget: Budget, ablate: list[str], prepared: dic
         "summary": [{"dataset": k[0], "arm": k[1], "label": k[2], **v} for k, v in summary.items()],
         "differences": diffs}, indent=2))
     (report / "runs.csv").write_text(aggregate.rows_csv(rows))
-    text = aggregate.markdown_table(summary, diffs, times, arms=arms)
+    text = aggregate.markdown_table(summary, diffs, times, arms=arms,
+                                    label_shares={k: v.summary.get("label_shares") or {} for k, v in prepared.items()})
     (report / "summary.md").write_text(
         f"Budget `{budget.name}`{' with ' + ', '.join('no ' + a for a in ablate) if ablate else ''}: "
         f"{budget.epochs} epochs x {budget.iterations} iterations, {budget.workers} loader worker(s) per arm; "

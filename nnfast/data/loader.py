@@ -14,6 +14,8 @@ How the work is spread (compare nnU-Net's ``NonDetMultiThreadedAugmenter``):
   reaches each worker as JSON (:func:`~nnfast.data.dataset.source_to_json`: folder and case ids).
 * At most ``num_cached`` batches are in flight; each new one goes to the worker with the fewest outstanding
   batches. Batches are delivered in index order: ``next()`` waits for batch ``i`` even if ``i + 1`` is ready.
+* The workers start (spawn) at construction; :meth:`PatchLoader.wait_ready` waits until they are up and the next
+  batch is built, which trainers call before their first epoch (nnU-Net's ``get_dataloaders`` draws a batch there).
 * ``next()`` copies the slot into fresh tensors (pinned host memory when CUDA is present, so that
   ``.to(device, non_blocking=True)`` overlaps) before the slot is reused.
 
@@ -41,8 +43,9 @@ from __future__ import annotations
 import atexit
 import logging
 import sys
+import time
 import weakref
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Callable, Literal, cast
 
 import numpy as np
 
@@ -282,6 +285,40 @@ class PatchLoader:
         """Name of the shared-memory block (None without workers or after close)."""
         return None if self._shm is None else self._shm.name
 
+    @property
+    def workers_ready(self) -> bool:
+        """Every worker has started (imports done, data opened) and said so; True without workers."""
+        return all(w.ready for w in self._workers)
+
+    @property
+    def batches_ready(self) -> int:
+        """Batches built by the workers and not delivered yet (received messages only: no waiting)."""
+        return len(self._done)
+
+    def wait_ready(self) -> float:
+        """Block until every worker has started and the next batch is built; returns the seconds waited.
+
+        Spawned workers need seconds to start (import torch and nnfast, load the Numba kernels from the cache; a
+        minute on a loaded machine). nnU-Net's trainer pays its loaders' start-up in ``on_train_start`` (its
+        ``get_dataloaders`` draws a first batch from each); calling this there (the nnU-Net adapter) or before
+        the first epoch (``nnfast train``) does the same, so the start-up is not counted in the first epoch's
+        loader wait. Unlike nnU-Net no batch is consumed: the stream stays ``(base_seed, i)``. Returns at once
+        without workers or when the loader is exhausted. A worker that dies or fails to start raises (as in
+        ``next()``) and closes the loader.
+        """
+        if self._closed:
+            raise ClosedError("PatchLoader: wait_ready() on a closed loader; create a new one")
+        t0 = time.perf_counter()
+        if self._builder is not None or (self._end is not None and self._next >= self._end):
+            return 0.0
+        index = self._next
+        try:
+            self._pump(lambda: index in self._done and self.workers_ready)
+        except BaseException:
+            self.close()
+            raise
+        return time.perf_counter() - t0
+
     def __next__(self) -> dict:
         if self._closed:
             raise ClosedError("PatchLoader: next() on a closed loader; create a new one (start_batch= resumes)")
@@ -343,18 +380,22 @@ class PatchLoader:
             self._dispatched += 1
 
     def _wait_for(self, index: int) -> list[str]:
-        while index not in self._done:
+        self._pump(lambda: index in self._done)
+        return self._done.pop(index)
+
+    def _pump(self, done: Callable[[], bool]) -> None:
+        """Receive the workers' messages until ``done()``; a worker that dies first raises."""
+        while not done():
             ready = wait(self._workers, timeout=_POLL_S)
             for w in self._workers:
                 if w.conn in ready:
                     self._receive(w)
             for w in self._workers:  # exit codes, also when a pipe message and the death arrive together
-                if w.proc.exitcode is not None and index not in self._done:
+                if w.proc.exitcode is not None and not done():
                     while w.conn.poll():  # drain what it sent before dying (it may be an error report)
                         self._receive(w)
-                    if index not in self._done:
+                    if not done():
                         raise self._died(w)
-        return self._done.pop(index)
 
     def _receive(self, w: Worker) -> None:
         msg = w.recv()

@@ -114,6 +114,9 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
                          previous_stage_folder: str | os.PathLike | None = None) -> tuple[PatchLoader, PatchLoader]:
     """nnfast loaders (train, val) equivalent to what ``trainer.get_dataloaders()`` would return.
 
+    Like nnU-Net's, they return with their workers started and a first batch built
+    (:meth:`~nnfast.data.loader.PatchLoader.wait_ready`), so the start-up falls in ``on_train_start``.
+
     Parameters
     ----------
     trainer : nnunetv2 ``nnUNetTrainer`` (initialized, as in ``on_train_start``)
@@ -198,18 +201,24 @@ def build_nnunet_loaders(trainer, *, num_workers: int | None = None, num_workers
     epoch = int(getattr(trainer, "current_epoch", 0))
     train = PatchLoader(base.subset(tr_keys), spec, num_workers=num_workers, base_seed=seed,
                         start_batch=epoch * n_tr, **common)
+    val = None
     try:
         val = PatchLoader(base.subset(val_keys), spec.with_train(False), num_workers=num_workers_val,
                           base_seed=seed + _VAL_SEED_OFFSET, start_batch=epoch * n_val, **common)
+        # nnU-Net's get_dataloaders draws a first batch from each loader: its workers' start-up is paid here, in
+        # on_train_start, not in the first epoch. Ours wait for their workers and first batch (none consumed).
+        ready_s = train.wait_ready() + val.wait_ready()
     except BaseException:
         train.close()
+        if val is not None:
+            val.close()
         raise
     base.close()
     if hasattr(trainer, "print_to_log_file"):
         trainer.print_to_log_file(
-            f"nnfast loader: seed {int(base_seed)}, {num_workers} train / {num_workers_val} val workers, "
-            f"patch {aug.patch_size} (initial {aug.initial_patch_size}), batch {batch_size}, reading "
-            f"{type(base).__name__}({base.folder})" + (f", previous stage from {prev}" if prev else ""))
+            f"nnfast loader: seed {int(base_seed)}, {num_workers} train / {num_workers_val} val workers (ready in "
+            f"{ready_s:.1f} s), patch {aug.patch_size} (initial {aug.initial_patch_size}), batch {batch_size}, "
+            f"reading {type(base).__name__}({base.folder})" + (f", previous stage from {prev}" if prev else ""))
     return train, val
 
 

@@ -349,6 +349,7 @@ class _Loaders:
     num_workers_val: int
     batch_size: int  # per rank
     mirror_axes: tuple[int, ...]
+    ready_s: float = 0.0  # waited for the workers' start-up and first batches (PatchLoader.wait_ready)
 
 
 class _Run:
@@ -660,8 +661,10 @@ class _Run:
             val_loader = make_loader(data.val_ids, nwv, seed_val, False, next_val)
         elif cfg.num_val_iterations_per_epoch > 0:
             log.warning("fold %s has no validation cases: no pseudo-Dice, no best checkpoint", self.fold)
+        # the workers' start-up (seconds; a minute under load) before the first epoch, as nnU-Net's on_train_start
+        ready_s = sum(ld.wait_ready() for ld in (train_loader, val_loader) if ld is not None)
         return _Loaders(train=train_loader, val=val_loader, num_workers=nw, num_workers_val=nwv, batch_size=bs,
-                        mirror_axes=tuple(int(a) for a in train_loader.spec.augment.mirror_axes))
+                        mirror_axes=tuple(int(a) for a in train_loader.spec.augment.mirror_axes), ready_s=ready_s)
 
     def _log_start(self, restored: _Restored, data: _FoldData, model: _Model, loaders: _Loaders) -> None:
         cfg, ckpt_path = self.cfg, restored.checkpoint_path
@@ -675,7 +678,7 @@ class _Run:
             + (f" ({loaders.batch_size} per rank)" if self.ctx.is_ddp else "") + f", patch {cfg.patch_size}, "
             f"{cfg.num_epochs} epochs x {cfg.num_iterations_per_epoch} + {cfg.num_val_iterations_per_epoch} batches",
             f"amp {model.amp_dtype or 'off'}, compile {model.compiled}, loader workers {loaders.num_workers} + "
-            f"{loaders.num_workers_val}, seed {cfg.seed}",
+            f"{loaders.num_workers_val} (ready in {loaders.ready_s:.1f} s), seed {cfg.seed}",
             f"{model.num_input_channels} input channels"
             + (f" ({len(self.cascade_labels)} of them the `{self.conf.previous_stage}` "
                f"segmentation from `{self.prev_stage_dir}`)" if self.cascade_labels else ""),

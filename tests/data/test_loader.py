@@ -199,6 +199,29 @@ def test_worker_exception_is_reraised_with_its_type(ld_cases, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_wait_ready_starts_the_workers_before_the_first_batch_and_keeps_the_stream(source):
+    with PatchLoader(source, SPEC, num_workers=0, num_batches=2, **SETTINGS) as ref_loader:
+        assert ref_loader.wait_ready() == 0.0 and ref_loader.workers_ready
+        ref = list(ref_loader)
+    before = our_shm()
+    with PatchLoader(source, SPEC, num_workers=1, num_batches=2, num_cached=2, **SETTINGS) as loader:
+        # spawned at construction, but nothing has been heard from the worker yet (it is importing)
+        assert not loader.workers_ready and loader.batches_ready == 0
+        assert loader.wait_ready() > 0.0
+        # what nnU-Net's get_dataloaders guarantees by drawing a batch: the worker is up, a batch is built
+        assert loader.workers_ready and loader.batches_ready >= 1
+        assert loader.next_batch_index == 0  # nothing consumed
+        pids = loader.worker_pids
+        got = list(loader)
+        assert loader.wait_ready() == 0.0  # exhausted
+    assert_same(got, ref)
+    assert our_shm() == before
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.timeout(120)
 def test_dropped_loader_releases_its_shared_memory(source):
     import gc
 

@@ -222,6 +222,10 @@ tr = use_nnfast_loader(trainer(), num_workers=1, base_seed=3)
 tr.on_train_start()
 out["loader_types"] = [type(tr.dataloader_train).__name__, type(tr.dataloader_val).__name__]
 out["workers"] = [tr.dataloader_train.num_workers, tr.dataloader_val.num_workers]
+# on_train_start paid the workers' start-up, as nnU-Net's own get_dataloaders does (it draws a first batch)
+out["ready"] = [[ld.workers_ready, ld.batches_ready >= 1, ld.next_batch_index]
+                for ld in (tr.dataloader_train, tr.dataloader_val)]
+pids = tr.dataloader_train.worker_pids + tr.dataloader_val.worker_pids
 tr.on_train_epoch_start()
 losses = []
 for _ in range(tr.num_iterations_per_epoch):
@@ -237,6 +241,13 @@ out["losses"] = losses
 shm = tr.dataloader_train.shm_name
 tr.on_train_end()
 out["closed"] = [tr.dataloader_train.shm_name, tr.dataloader_val.shm_name, os.path.exists("/dev/shm/" + shm)]
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+out["alive_after_end"] = [alive(p) for p in pids]
 
 # nnUNetv2_train -tr nnUNetTrainerNnfastLoader: nnU-Net's lookup (get_trainer_from_args) after
 # install_nnunet_trainer() wrote its module into nnunetv2/training/nnUNetTrainer/ (removed again here); the test runs
@@ -306,6 +317,8 @@ def test_real_nnunet_trainer_runs_on_nnfast_loader(tmp_path):
         assert set(out[mine]["labels"]) <= {0, 1, 2} and out[mine]["finite"] and out[mine]["n_keys"] == 2
     assert all(np.isfinite(out["losses"])) and np.isfinite(out["val_loss"]) and np.isfinite(out["subclass_loss"])
     assert out["closed"] == [None, None, False]
+    assert out["ready"] == [[True, True, 0], [True, True, 0]]
+    assert out["alive_after_end"] == [False, False]
     assert out["found"] == out["found_ext"] == "nnfast.data.nnunet_adapter.nnUNetTrainerNnfastLoader"
     assert Path(out["nnunetv2_path"]) == site / "nnunetv2"
     assert not (site / "nnunetv2" / "training" / "nnUNetTrainer" / "nnfast_loader_trainer.py").exists()

@@ -127,14 +127,45 @@ def test_training_learns_and_writes_its_files(dataset, tmp_path):
     net.load_state_dict(final["network_weights"])
 
 
-def test_resume_continues_bit_for_bit(dataset, tmp_path):
+def _watch_loaders_at_first_epoch(monkeypatch) -> list[dict]:
+    """Record the loaders' state when the first epoch starts (the epoch clock); the list fills during train()."""
+    from nnfast.train import trainer as trainer_mod
+
+    seen: list[dict] = []
+    real_epoch = trainer_mod._Run._epoch
+
+    def epoch(self, e):
+        if not seen:
+            lds = [ld for ld in (self.train_loader, self.val_loader) if ld is not None]
+            seen.append({"ready": [ld.workers_ready for ld in lds], "built": [ld.batches_ready for ld in lds],
+                         "pids": [p for ld in lds for p in ld.worker_pids]})
+        return real_epoch(self, e)
+
+    monkeypatch.setattr(trainer_mod._Run, "_epoch", epoch)
+    return seen
+
+
+def _assert_gone(pids: list[int]) -> None:
+    import os
+
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_resume_continues_bit_for_bit(dataset, tmp_path, monkeypatch):
     cfg = TrainConfig(num_epochs=3, num_iterations_per_epoch=3, num_val_iterations_per_epoch=2, **TINY)
     a_set = _settings(dataset, tmp_path / "a")
     b_set = _settings(dataset, tmp_path / "b")
     a = train(TASK, a_set, "3d_fullres", 1, cfg, device="cpu", num_workers=0)
 
     # the interrupted run reads its batches through loader worker processes: same batches as in-process
+    seen = _watch_loaders_at_first_epoch(monkeypatch)
     b1 = train(TASK, b_set, "3d_fullres", 1, cfg, device="cpu", num_workers=1, stop_after_epoch=2)
+    monkeypatch.undo()
+    # the workers started before the first epoch's clock (as nnU-Net's on_train_start), and are gone at the end
+    assert seen[0]["ready"] == [True, True] and min(seen[0]["built"]) >= 1 and len(seen[0]["pids"]) == 2
+    _assert_gone(seen[0]["pids"])
     out_b = fold_folder(b_set.results, DATASET, "3d_fullres", 1)
     assert not b1.finished and b1.epochs_completed == 2 and b1.checkpoint == out_b / "checkpoint_latest.pt"
     assert load_checkpoint(b1.checkpoint)["current_epoch"] == 2
@@ -157,6 +188,28 @@ def test_resume_continues_bit_for_bit(dataset, tmp_path):
     b3 = train(TASK, b_set, "3d_fullres", 1, None, device="cpu", num_workers=0, resume=True)
     assert b3.finished and b3.epochs_run == 0
     assert _state_equal(a.network.state_dict(), b3.network.state_dict()) == []
+
+
+def test_failed_training_leaves_no_loader_process(dataset, tmp_path, monkeypatch):
+    import os
+
+    from nnfast.data.loader import SHM_PREFIX
+    from nnfast.train import trainer as trainer_mod
+
+    seen = _watch_loaders_at_first_epoch(monkeypatch)
+    watched = trainer_mod._Run._epoch
+
+    def failing(self, e):
+        watched(self, e)  # records, then trains one epoch
+        raise RuntimeError("boom in epoch")
+
+    monkeypatch.setattr(trainer_mod._Run, "_epoch", failing)
+    cfg = TrainConfig(num_epochs=2, num_iterations_per_epoch=1, num_val_iterations_per_epoch=1, **TINY)
+    with pytest.raises(RuntimeError, match="boom in epoch"):
+        train(TASK, _settings(dataset, tmp_path), "3d_fullres", 0, cfg, device="cpu", num_workers=1)
+    assert seen[0]["ready"] == [True, True] and len(seen[0]["pids"]) == 2
+    _assert_gone(seen[0]["pids"])
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"{SHM_PREFIX}{os.getpid()}_")]
 
 
 @pytest.mark.parametrize("config, patch, fold", [("2d", (32, 32), "all"), ("3d_lowres", (8, 16, 16), 0)])
