@@ -112,3 +112,26 @@ def test_every_ablation_switches_off_a_transform_in_nnunets_pipeline_and_a_field
     assert all(getattr(off, f) == 0.0 for f in fields)
     assert all(getattr(aug, f) > 0 for f in fields)
     assert off.p_noise == aug.p_noise or "p_noise" in fields
+
+
+def test_batch_stats_given_case_removes_the_case_mix_and_keeps_a_real_shift():
+    """Issue 15: two loaders that draw the cases in different proportions but place patches alike differ at batch
+    level; compared given the case they do not, while a real per-case shift still shows."""
+    import numpy as np
+
+    from benchmarks.quality.batch_stats import given_case
+
+    rng = np.random.default_rng(0)
+    level = {"a": 0.0, "b": 1.0}  # case b's patches are brighter
+
+    def samples(n_a, n_b, shift=0.0):
+        return [(c, 0.02, level[c] + shift + rng.normal(0, 0.1), 1.0 + rng.normal(0, 0.01))
+                for c, n in (("a", n_a), ("b", n_b)) for _ in range(n)]
+
+    ref = samples(300, 100)
+    mixed = samples(100, 300)  # more of case b: a higher mean per batch, same placement
+    assert np.mean([r[2] for r in mixed]) - np.mean([r[2] for r in ref]) > 0.4
+    d, se = given_case(ref, mixed)["image_mean"]
+    assert abs(d) < 3 * se and se < 0.02
+    d, se = given_case(ref, samples(100, 300, shift=0.1))["image_mean"]
+    assert d / se > 5
