@@ -300,6 +300,17 @@ def _warp_3d(img, seg, a, centre, half, sign, out_img, out_seg, pad_label):
 
 # --------------------------------------------------------------------------------------------- 2D warp
 @serial
+def _pixel_source(q, pz, sign, half, centre, a00, a01, a10, a11):
+    """Output pixel ``q`` of a 2D warp (row-major, ``pz`` columns): its row and column and the source position
+    ``(y, z)`` it samples (centre + matrix @ mirrored offset from the patch centre)."""
+    j = q // pz
+    k = q - j * pz
+    o1 = sign[0] * (j - half[0])
+    o2 = sign[1] * (k - half[1])
+    return j, k, (centre[0] + a00 * o1) + a01 * o2, (centre[1] + a10 * o1) + a11 * o2
+
+
+@serial
 def _border_pixel_2d(src_img, src_seg, out_img, out_seg, n, j, k, y, z, pad_label, lab, w):
     """Output pixel (j, k) of source slice ``n`` (``out_*`` are that slice's views) whose 4 neighbours are not all
     inside the region."""
@@ -414,12 +425,7 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
                 lab[1] = l1
                 lab[2] = l2
                 lab[3] = l3
-                j = q // pz
-                k = q - j * pz
-                o1 = sign[0] * (j - half[0])
-                o2 = sign[1] * (k - half[1])
-                y = (centre[0] + a00 * o1) + a01 * o2
-                z = (centre[1] + a10 * o1) + a11 * o2
+                j, k, y, z = _pixel_source(q, pz, sign, half, centre, a00, a01, a10, a11)
                 fy = np.floor(y)
                 fz = np.floor(z)
                 ty = y - fy
@@ -434,12 +440,7 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
         osg = out_seg[:, on]
         for q in range(npx):
             if border[q] or tiny:
-                j = q // pz
-                k = q - j * pz
-                o1 = sign[0] * (j - half[0])
-                o2 = sign[1] * (k - half[1])
-                y = (centre[0] + a00 * o1) + a01 * o2
-                z = (centre[1] + a10 * o1) + a11 * o2
+                j, k, y, z = _pixel_source(q, pz, sign, half, centre, a00, a01, a10, a11)
                 _border_pixel_2d(img, seg, oi, osg, n, j, k, y, z, pad_label, lab, w)
 
 
