@@ -331,11 +331,6 @@ def choose_shuffle(sample: np.ndarray, cname: str, clevel: int) -> str:
     return "shuffle" if sizes["shuffle"] < sizes["noshuffle"] else "noshuffle"
 
 
-def _pick_shuffle(arr: np.ndarray, layout: StoreLayout, cname: str, clevel: int) -> str:
-    """:func:`choose_shuffle` on :func:`central_sample` of ``arr``."""
-    return choose_shuffle(central_sample(arr, layout), cname, clevel)
-
-
 def blosc_codec(cname: str, clevel: int, shuffle: str):
     """zarr v3's Blosc codec (``cname``, ``clevel``, ``shuffle`` as zarr names them)."""
     from zarr.codecs import BloscCodec

@@ -192,6 +192,35 @@ def _resample_seg(holder: list, plans, cfg, geo: dict, with_class_locations: boo
     return seg, class_locations
 
 
+def _check_label_shape(case: CaseFiles, data: np.ndarray, seg: np.ndarray) -> None:
+    if seg.shape[1:] != data.shape[1:]:
+        from ..errors import GeometryError
+
+        raise GeometryError(
+            f"case {case.case_id}: label file `{case.label_file}` has shape {seg.shape[1:]} but the image has "
+            f"{data.shape[1:]}; run `nnfast verify` for a full report"
+        )
+
+
+def _add_case_properties(props: dict, case: CaseFiles, geom) -> None:
+    """The case's identity, geometry and source files, stored with its properties."""
+    props["case_id"] = case.case_id
+    props["geometry"] = geom.to_json()
+    props["image_files"] = [str(p) for p in case.image_files]
+    props["label_file"] = str(case.label_file) if case.label_file else None
+
+
+def _write_label_phase(store, holder: list, plans, cfg, geo: dict) -> None:
+    """Resample the label map ``holder.pop()``, write it and its class locations to ``store``, and give the memory
+    this phase freed back to the system before the image's phase."""
+    from nnfast.native.pages import trim_heap
+
+    seg, locs = _resample_seg(holder, plans, cfg, geo, True)
+    store.write_seg(seg, locs)
+    del seg, locs
+    trim_heap()
+
+
 def _float32_releasing(data: np.ndarray) -> np.ndarray:
     """``data`` (c, x, y, z) as a C-contiguous float32 array; when a conversion is needed it runs slab by slab along x
     and gives the pages of ``data`` already converted back to the system (``data`` is owned and not read again)."""
@@ -236,20 +265,11 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
     if data.dtype.kind not in "iu":
         data = data.astype(np.float32, copy=False)
     seg, _seg_geom = read_label(case.label_file, small=True)  # int8 where it fits: what is stored
-    if seg.shape[1:] != data.shape[1:]:
-        from ..errors import GeometryError
-
-        raise GeometryError(
-            f"case {case.case_id}: label file `{case.label_file}` has shape {seg.shape[1:]} but the image has "
-            f"{data.shape[1:]}; run `nnfast verify` for a full report"
-        )
+    _check_label_shape(case, data, seg)
     arrays = [data, seg]
     del data, seg
     data, seg, props, geo = _prepare(arrays, geom.spacing, plans, config_name)
-    props["case_id"] = case.case_id
-    props["geometry"] = geom.to_json()
-    props["image_files"] = [str(p) for p in case.image_files]
-    props["label_file"] = str(case.label_file)
+    _add_case_properties(props, case, geom)
     trim_heap()  # what reading and cropping freed
     cfg = plans.configuration(config_name)
     where = f"case {case.case_id}"
@@ -258,20 +278,14 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
         if not mask_used:  # the label map first, while the image is still in its (smaller) integer dtype
             holder = [seg]
             del seg
-            out_seg, locs = _resample_seg(holder, plans, cfg, geo, True)
-            store.write_seg(out_seg, locs)
-            del out_seg, locs
+            _write_label_phase(store, holder, plans, cfg, geo)
             seg = None
-            trim_heap()  # what the label map's phase freed, before the image's phase
         data = normalize(_float32_releasing(data), seg, cfg.normalization_schemes, cfg.use_mask_for_norm,
                          plans.foreground_intensity_properties_per_channel, where=where)
         if mask_used:
             holder = [seg]
             del seg
-            out_seg, locs = _resample_seg(holder, plans, cfg, geo, True)
-            store.write_seg(out_seg, locs)
-            del out_seg, locs
-            trim_heap()
+            _write_label_phase(store, holder, plans, cfg, geo)
         shape = (int(data.shape[0]), *geo["new_shape"])
         sink = store.image_sink(shape)
         holder = [data]
@@ -293,20 +307,11 @@ def preprocess_case(case: CaseFiles, plans, config_name: str) -> tuple[np.ndarra
     seg = None
     if case.label_file is not None:
         seg, seg_geom = read_label(case.label_file)
-        if seg.shape[1:] != data.shape[1:]:
-            from ..errors import GeometryError
-
-            raise GeometryError(
-                f"case {case.case_id}: label file `{case.label_file}` has shape {seg.shape[1:]} but the image has "
-                f"{data.shape[1:]}; run `nnfast verify` for a full report"
-            )
+        _check_label_shape(case, data, seg)
     arrays = [data, seg]
     del data, seg  # _preprocess_owned holds the only references
     data, seg, props, locs = _preprocess_owned(arrays, geom.spacing, plans, config_name, case.case_id)
-    props["case_id"] = case.case_id
-    props["geometry"] = geom.to_json()
-    props["image_files"] = [str(p) for p in case.image_files]
-    props["label_file"] = str(case.label_file) if case.label_file else None
+    _add_case_properties(props, case, geom)
     return data, seg, props, locs
 
 
