@@ -167,18 +167,27 @@ def warmup_lock_dir() -> str:
 
 def _stamp(name: str) -> "tuple[str, str] | None":
     """(path, content) of the stamp that says kernel module ``name``'s warm-up is in Numba's cache; ``None`` when
-    its kernels are not cached (``NUMBA_DISABLE_JIT``, no writable cache folder)."""
+    its kernels are not cached (``NUMBA_DISABLE_JIT``, no writable cache folder).
+
+    The content names the numba version, the CPU and a hash of the module's source, as Numba's cache index does
+    (numba >= 0.68 stamps sources by content, numba PR #10659), not its mtime: a cache compiled into a wheel at build time, or into a
+    copy of the tree, stays warm once the files are installed or copied with new mtimes."""
     import importlib
 
     try:
         mod = importlib.import_module(f"{__package__}.{name}")
         cache_dir = next(obj._cache._cache_path for obj in vars(mod).values()
                          if getattr(getattr(obj, "_cache", None), "_cache_path", None))
+        import hashlib
+
+        import llvmlite.binding
         import numba
 
-        st = os.stat(mod.__file__)
+        with open(mod.__file__, "rb") as f:
+            source = hashlib.sha256(f.read()).hexdigest()
+        cpu = numba.config.CPU_NAME or llvmlite.binding.get_host_cpu_name()
         return (os.path.join(cache_dir, f"nnfast-warm-{name}.stamp"),
-                f"numba {numba.__version__} source {st.st_mtime_ns} {st.st_size}\n")
+                f"numba {numba.__version__} cpu {cpu} source {source}\n")
     except Exception:
         return None
 
@@ -309,7 +318,7 @@ def finish_background(proc, timeout_s: float = 10.0) -> "str | None":
     return message
 
 
-def warmup_shared(modules: "tuple[str, ...]", index: int, count: int, lock_dir: str) -> None:
+def warmup_shared(modules: "tuple[str, ...]", index: int, count: int, lock_dir: str, *, wait: bool = True) -> None:
     """:func:`warmup` of ``modules`` in process ``index`` of ``count`` that warm up the same modules at once.
 
     Each process walks the modules from its own starting point (``index * len(modules) // count``) and compiles a
@@ -317,6 +326,10 @@ def warmup_shared(modules: "tuple[str, ...]", index: int, count: int, lock_dir: 
     another process holds is done last, after waiting for its lock, and then loads from Numba's on-disk cache. So no
     module is compiled twice at the same time and a cold start compiles on ``count`` cores. A lock is released
     when its holder exits, also when it dies. Without ``fcntl`` (Windows) this is :func:`warmup`.
+
+    ``wait=False`` (the install-time compile, :mod:`nnfast.native.precompile`: the cache is the product, not the
+    kernels in this process): a module another process holds is left to it, and one it has finished (:func:`is_warm`)
+    is not loaded again.
     """
     try:
         import fcntl
@@ -326,7 +339,7 @@ def warmup_shared(modules: "tuple[str, ...]", index: int, count: int, lock_dir: 
     mods = list(modules)
     start = (index * len(mods) // max(1, count)) if mods else 0
     deferred = []
-    for blocking, todo in ((False, mods[start:] + mods[:start]), (True, deferred)):
+    for blocking, todo in ((False, mods[start:] + mods[:start]), (True, deferred if wait else [])):
         for name in todo:
             fd = os.open(os.path.join(lock_dir, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -334,6 +347,8 @@ def warmup_shared(modules: "tuple[str, ...]", index: int, count: int, lock_dir: 
                     fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     deferred.append(name)
+                    continue
+                if not wait and is_warm((name,)):
                     continue
                 warmup((name,))
             finally:
