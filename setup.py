@@ -7,6 +7,9 @@
 on the package's source tree (editable: the tree the install runs from) or on its copy in ``build/lib`` (a wheel,
 which then carries the cache). It never fails the build: on any error it prints one warning line and the kernels
 compile on first use, as they would without it.
+
+``NNFAST_INSTALL_COMPILE``: ``all`` (default), ``none`` (skip it: the kernels compile on first use), or
+comma-separated kernel modules (e.g. ``crop,normalize,resample,resample_seg,class_locations``: preprocessing only).
 """
 import os
 import subprocess
@@ -33,10 +36,17 @@ class build_kernels(Command):
         return []  # the cache is not a module: an editable install maps nothing for it
 
     def run(self):
+        which = os.environ.get("NNFAST_INSTALL_COMPILE", "all").strip()
+        if which.lower() in ("none", "0", "no", "false"):
+            sys.stderr.write("nnfast: NNFAST_INSTALL_COMPILE=none: the Numba kernels compile on first use\n")
+            return
         root = ROOT if self.editable_mode else os.path.abspath(self.build_lib)
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        cmd = [sys.executable, "-m", "nnfast.native.precompile"]
+        if which.lower() not in ("", "all", "1", "yes", "true"):
+            cmd += ["--modules", which]
         try:
-            res = subprocess.run([sys.executable, "-m", "nnfast.native.precompile"], cwd=root,
+            res = subprocess.run(cmd, cwd=root,
                                  env={**os.environ, "PYTHONPATH": path}, stdin=subprocess.DEVNULL,
                                  capture_output=True, text=True, timeout=1800)
             lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]

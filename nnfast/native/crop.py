@@ -472,15 +472,19 @@ def _check_representable(label: int, dtype: np.dtype, what: str) -> None:
 
 @register_warmup
 def _warmup() -> None:
-    """Compile the signatures preprocessing passes (and only those: each costs ~0.5-2 s on a cold start).
+    """Compile the signatures real runs pass (and only those: each costs ~0.5-2 s of compile, at install or, without
+    the install-time compile, on a cold start).
 
-    Preprocessing crops images in their file's dtype when it is an integer one (int16: CT) and as contiguous float32
-    otherwise, and label maps as int8 (int16 only beyond int8's range, :mod:`nnfast.preprocess.pipeline`). Other
-    dtypes and layouts (the fingerprint's file dtypes, uint8/uint16 images, views) and prediction's ``seg_from_mask``
-    (cases without labels, one per process) compile on first use.
+    Preprocessing crops images in their file's dtype when it is an integer one (int16: CT; uint8) and as contiguous
+    float32 otherwise, and label maps as int8 (int16 only beyond int8's range, :mod:`nnfast.preprocess.pipeline`);
+    ``nnfast fingerprint`` crops the label maps as :func:`nnfast.io.image.read_label` gives them (int16), and
+    prediction makes the label map of a case without labels (``seg_from_mask``, int8). Other dtypes and layouts
+    (uint16/float64 files, views) compile on first use.
     """
-    for dtype in (np.float32, np.int16):
+    for dtype in (np.float32, np.int16, np.uint8):
         tiny = np.zeros((1, 3, 4, 5), dtype)
         tiny[0, 1, 1:3, 1:4] = 1
         m, _ = nonzero_mask_and_bbox(tiny)
-    label_outside_mask(np.zeros((1, 3, 4, 5), np.int8), m)
+    for dtype in (np.int8, np.int16):
+        label_outside_mask(np.zeros((1, 3, 4, 5), dtype), m)
+    seg_from_mask(m, -1)

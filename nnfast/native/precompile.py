@@ -34,8 +34,8 @@ from dataclasses import dataclass
 __all__ = ["PrecompileResult", "precompile", "main"]
 
 _CHILD = ("import sys; from nnfast.native._jit import warmup_shared; "
-          "from nnfast.native.kernels_index import MODULES; "
-          "import numba; numba.config.DISABLE_JIT or warmup_shared(MODULES, 0, 1, sys.argv[1], wait=False)")
+          "import numba; numba.config.DISABLE_JIT or "
+          "warmup_shared(tuple(sys.argv[2].split(',')), 0, 1, sys.argv[1], wait=False)")
 
 
 @dataclass(frozen=True)
@@ -52,19 +52,22 @@ class PrecompileResult:
         return not self.failures
 
 
-def precompile(jobs: "int | None" = None, timeout_s: float = 1800.0) -> PrecompileResult:
-    """Compile every kernel module's warm-up into Numba's cache in ``jobs`` processes (default: this process's
+def precompile(jobs: "int | None" = None, modules: "tuple[str, ...] | None" = None,
+               timeout_s: float = 1800.0) -> PrecompileResult:
+    """Compile the warm-ups of ``modules`` (default: every kernel module,
+    :data:`nnfast.native.kernels_index.MODULES`) into Numba's cache in ``jobs`` processes (default: this process's
     cores, at most one per module) of this interpreter, which import ``nnfast`` as this process would
     (``PYTHONPATH`` is passed on). A process still running after ``timeout_s`` is killed and counted as failed.
     Never raises for a failed compile: see :attr:`PrecompileResult.failures`."""
-    from .kernels_index import MODULES
     from ._jit import available_cores
 
-    n = max(1, min(int(jobs) if jobs else available_cores(), len(MODULES)))
+    if modules is None:
+        from .kernels_index import MODULES as modules
+    n = max(1, min(int(jobs) if jobs else available_cores(), len(modules)))
     lock_dir = tempfile.mkdtemp(prefix="nnfast-precompile-")
     t0 = time.perf_counter()
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", _CHILD, lock_dir], stdin=subprocess.DEVNULL,
+        procs = [subprocess.Popen([sys.executable, "-c", _CHILD, lock_dir, ",".join(modules)], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(n)]
         failures = []
         for p in procs:
@@ -86,9 +89,11 @@ def main(argv: "list[str] | None" = None) -> int:
     """Command line: one line on stdout saying what was compiled and how long it took; exit code 1 when a process
     failed (the build hook turns that into a warning, never a failed install)."""
     parser = argparse.ArgumentParser(prog="python -m nnfast.native.precompile", description=__doc__.split("\n")[0])
-    parser.add_argument("--jobs", type=int, default=None, help="processes (default: the cores, at most 13)")
+    parser.add_argument("--jobs", type=int, default=None, help="processes (default: the cores, at most one a module)")
+    parser.add_argument("--modules", default=None,
+                        help="comma-separated kernel modules (default: all; e.g. crop,normalize for a test)")
     args = parser.parse_args(argv)
-    res = precompile(args.jobs)
+    res = precompile(args.jobs, tuple(args.modules.split(",")) if args.modules else None)
     where = os.environ.get("NUMBA_CACHE_DIR") or "nnfast/native/__pycache__"
     if res.ok:
         sys.stdout.write(f"nnfast: Numba kernels compiled into {where} in {res.wall_s:.1f} s ({res.jobs} processes)\n")
