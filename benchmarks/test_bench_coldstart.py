@@ -83,10 +83,12 @@ def _on(site: Path | None, env: dict) -> dict:
     return {**env, "PYTHONPATH": path}
 
 
-def _timed(cmd: list[str], env: dict) -> tuple[float, float]:
-    """(wall s, CPU s: user + sys of the command and every process it waited for) of ``cmd`` run with ``env``."""
+def _timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float]:
+    """(wall s, CPU s: user + sys of the command and every process it waited for) of ``cmd`` run with ``env`` in
+    ``cwd``, a folder without a ``nnfast`` package: ``python -m`` puts the current folder before ``PYTHONPATH``, so
+    from the repository root the commands would import the repository's nnfast (and its cache), not the copy."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    dt, _, out = run_measured(cmd, env)
+    dt, _, out = run_measured(cmd, env, cwd=cwd)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if cmd[1:3] == ["-m", "nnfast.native.precompile"] and "compiled into" not in out:
         raise RuntimeError(f"the install compile did not compile: {out[-2000:]}")
@@ -133,7 +135,7 @@ def test_cold_warm_nnunet_preprocess(benchmark, ct_task, tmp_path):
             else:
                 cmd = theirs if name == "nnunet" else ours
                 env = _on(site, _env(raw, pre, empty if name == "jit_cold" else None))
-            dt, cs = _timed(cmd, env)
+            dt, cs = _timed(cmd, env, tmp_path)
             times[name].append(dt)
             cpu[name].append(cs)
         loads.append(_load())
@@ -167,7 +169,7 @@ def test_demo_preprocessing_cold_and_warm(benchmark, tmp_path):
                 folder = _fresh(tmp_path / "demo")
                 cmd = nnfast_cmd("demo", "--folder", str(folder), "--cases", cases, "--skip-training")
                 env = _on(site, {"NUMBA_CACHE_DIR": str(empty)} if name == "jit_cold" else {})
-            dt, cs = _timed(cmd, env)
+            dt, cs = _timed(cmd, env, tmp_path)
             times[name].append(dt)
             cpu[name].append(cs)
         loads.append(_load())
