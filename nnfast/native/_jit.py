@@ -28,7 +28,9 @@ oversubscribed threads):
   :func:`warm_in_background` starts that compile in a spawned process early (``nnfast preprocess`` does during
   verification and fingerprinting); it compiles only when the cache is not known to be warm (:func:`is_warm`: a
   stamp per module beside Numba's cache files, written after its warm-up). The pool's workers share its lock folder
-  (:func:`warmup_lock_dir`), so they wait for what it is compiling and load it.
+  (:func:`warmup_lock_dir`), so they wait for what it is compiling and load it. All of this is the fallback: the
+  install compiles every module's warm-up into the cache already (:mod:`nnfast.native.precompile`, run by
+  ``setup.py``), and then a first run only loads.
 
 Numba is imported when a kernel is defined or a thread limit applied, not when this module is imported, so that a
 worker can set :data:`THREAD_ENV` first.
