@@ -28,7 +28,8 @@ How it is fast: positions, flat offsets and fractions are computed first for a w
 shared by all slices) in a branch-free loop that LLVM vectorises; the gathers follow as tight loops (image: float32
 weights; labels: eight or four loads and a comparison, the vote only where neighbours disagree, the float16
 rounding only where the two best scores are within 0.5). Voxels whose neighbours are not all inside the region
-are redone by a separate scalar routine. Versus one scalar pass per voxel this measured 2.4x (3D) and ~4x
+are redone by a separate scalar routine. A rotated 2D warp reads each source plane in order before gathering
+from it (the gathers' diagonal walk defeats the hardware prefetchers: ~2x faster at 45 degrees). Versus one scalar pass per voxel this measured 2.4x (3D) and ~4x
 (dummy-2D) faster; the 2D image gather runs at about the speed of torch's vectorised ``grid_sample``.
 
 All kernels are serial (one loader worker = one core) and never allocate per voxel.
@@ -346,12 +347,27 @@ def _border_pixel_2d(src_img, src_seg, out_img, out_seg, n, j, k, y, z, pad_labe
 
 
 @serial
+def _touch(flat, step):
+    """Read one element per ``step`` of a flat array in order (one per cache line) and return their sum, so that
+    the array's lines are in the cache before a gather walks it along a rotated grid (see :func:`_warp_2d`)."""
+    acc = flat[0] - flat[0]
+    for i in range(0, flat.shape[0], step):
+        acc += flat[i]
+    return acc
+
+
+@serial
 def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_label):
     # The in-plane sampling (flat offsets, float32 fractions, border flags) is the same for every slice: computed
     # once in a branch-free loop, then each slice is a gather pass (slices outermost, so every region plane is read
     # in order). The tables are 10 bytes per pixel: the float32 weights are recomputed in the gather (vectorized
     # arithmetic), and the float64 positions only where labels disagree or at the border (same formulas, so the
     # same bits as storing them).
+    # A rotated grid walks each source plane diagonally, which the hardware prefetchers do not follow: every first
+    # touch of a line was a miss to L3 or memory (a 45 degree warp of 56 slices of 275^2 cost ~3x the unrotated one).
+    # Rotated warps therefore read each plane in order first (_touch, one load per 64-byte line), which brings it
+    # into L2 at streaming speed: ~2x faster gathers at 45 degrees, ~1 ms per 56 x 275^2 stack when not rotated (so
+    # it is skipped then: rows of an unrotated grid run along the source rows).
     n_c = img.shape[0]
     n_s = seg.shape[0]
     n_sl = img.shape[1]
@@ -396,10 +412,14 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
     urz1 = np.uint64(rz + 1)
     lab = np.empty(4, np.int64)
     w = np.empty(4, np.float64)
+    rotated = a01 != 0.0 or a10 != 0.0
+    touched = 0.0
     for n in range(n_sl):
         on = n_sl - 1 - n if flip_n else n
         for c in range(n_c if not tiny else 0):
             src = img[c, n].reshape(-1)
+            if rotated:
+                touched += _touch(src, 16)
             dst = out_img[c, on].reshape(-1)
             for q in range(npx):
                 o = np.uint64(off[q])
@@ -409,6 +429,8 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
                           + ty * (one - tz) * src[o + urz] + ty * tz * src[o + urz1])
         for s in range(n_s if not tiny else 0):
             sg = seg[s, n].reshape(-1)
+            if rotated:
+                touched += _touch(sg, 64 // sg.itemsize)
             dst_s = out_seg[s, on].reshape(-1)
             for q in range(npx):
                 if border[q]:
@@ -442,6 +464,7 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
             if border[q] or tiny:
                 j, k, y, z = _pixel_source(q, pz, sign, half, centre, a00, a01, a10, a11)
                 _border_pixel_2d(img, seg, oi, osg, n, j, k, y, z, pad_label, lab, w)
+    return touched  # returned so that the reads are not optimized away
 
 
 def _check_warp_inputs(image, seg, matrix, centre, patch_shape, nd_matrix, what):

@@ -178,6 +178,33 @@ def test_warp_validates_inputs():
         K.warp_3d(img, None, np.eye(2), (1, 1), (2, 2))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int8, np.int16])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000])
+def test_touch_sums_one_element_per_step(dtype, n):
+    """The rotated 2D warp's cache warm-up reads ``flat[::step]``; its sum is returned so the reads stay."""
+    flat = (np.arange(n) % 7 - 3).astype(dtype)
+    step = 64 // flat.itemsize
+    assert K._touch(flat, step) == flat[::step].astype(np.float64).sum()
+
+
+@pytest.mark.parametrize("angle", [0.0, 0.3, np.pi / 4, 2.0])
+def test_warp_2d_large_stack_rotated_and_not(angle):
+    """A dummy-2D-like stack (several slices, a patch of many rows) on both paths of the 2D warp: unrotated grids
+    skip the cache warm-up, rotated ones run it; both equal grid_sample / the label vote on every slice."""
+    rng = np.random.default_rng(21)
+    n, region, patch = 4, (61, 58), (40, 37)
+    img = rng.standard_normal((1, n, *region)).astype(np.float32)
+    seg = np.stack([blob_labels(rng, region, 3) for _ in range(n)])[None]
+    a = rotation_matrix([0.0, angle], [1.1] * 2)
+    centre = np.array(region) / 2 - 0.5 + 1.25
+    flip = (True, False, True)
+    out_img, out_seg = K.warp_2d(img, seg, a, centre, patch, flip)
+    pos = positions(a, centre, patch, flip[1:])
+    for s in range(n):  # float32 sums in another order than torch's: a few pixels 1e-5 apart
+        np.testing.assert_allclose(out_img[:, n - 1 - s], torch_bilinear(img[:, s], pos), atol=3e-5)
+        np.testing.assert_array_equal(out_seg[0, n - 1 - s], vote_reference(seg[0, s], pos))
+
+
 def test_fp16_round_matches_numpy_half():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.uniform(0, 1000, 20000), rng.uniform(0, 1e-3, 2000), 500 + rng.uniform(-1, 1, 2000),
