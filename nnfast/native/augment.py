@@ -45,7 +45,7 @@ from nnfast.errors import ShapeError
 
 from ._jit import register_warmup, serial
 
-__all__ = ["warp_3d", "warp_2d"]
+__all__ = ["warp_3d", "warp_2d", "copy_box"]
 
 _SCORE_SCALE = 1000.0  # batchgeneratorsv2's scale_factor for the one-hot scores
 
@@ -468,6 +468,54 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
     return touched  # returned so that the reads are not optimized away
 
 
+# --------------------------------------------------------------------------------------------- crops
+@serial
+def _copy_box(src, dst, src_lo, dst_lo, ext, f0, f1, f2):
+    # Rows are copied forwards or, on a mirrored last axis, backwards through an unsigned index: with a signed one
+    # Numba's negative-index wrap-around check keeps LLVM from vectorizing the reversed loop (numpy's negative-stride
+    # copy measured ~2x slower than this on 56 x 192^2 patches).
+    ex, ey, ez = ext[0], ext[1], ext[2]
+    last = np.uint64(ez - 1)
+    for c in range(src.shape[0]):
+        for i in range(ex):
+            si = src_lo[0] + (ex - 1 - i if f0 else i)
+            for j in range(ey):
+                sj = src_lo[1] + (ey - 1 - j if f1 else j)
+                s = src[c, si, sj, src_lo[2]:src_lo[2] + ez]
+                d = dst[c, dst_lo[0] + i, dst_lo[1] + j, dst_lo[2]:dst_lo[2] + ez]
+                if f2:
+                    for k in range(ez):
+                        d[k] = s[last - np.uint64(k)]
+                else:
+                    for k in range(ez):
+                        d[k] = s[k]
+
+
+def copy_box(src, dst, src_lo, dst_lo, extent, flip=(False, False, False)):
+    """``dst[:, dst_lo + t] = src[:, src_lo + t']`` over a box of ``extent`` voxels, ``t'`` mirrored (``extent - 1 -
+    t``) on the axes in ``flip``: a crop written mirrored, as the spatial step does when no rotation or scaling fires.
+
+    Parameters
+    ----------
+    src, dst : (c, x, y, z) C-contiguous arrays of one dtype and channel count.
+    src_lo, dst_lo, extent : 3 ints each; both boxes must lie inside their arrays.
+    flip : 3 bools.
+    """
+    if (not isinstance(src, np.ndarray) or not isinstance(dst, np.ndarray) or src.ndim != 4 or dst.ndim != 4
+            or src.dtype != dst.dtype or src.shape[0] != dst.shape[0] or not src.flags.c_contiguous
+            or not dst.flags.c_contiguous):
+        raise ShapeError(f"copy_box: src and dst must be C-contiguous (c, x, y, z) arrays of one dtype and channel "
+                         f"count, got {getattr(src, 'dtype', type(src))} {getattr(src, 'shape', None)} and "
+                         f"{getattr(dst, 'dtype', type(dst))} {getattr(dst, 'shape', None)}")
+    lo_s, lo_d, ext = (np.array([int(v) for v in a], np.int64) for a in (src_lo, dst_lo, extent))
+    if (lo_s.shape != (3,) or lo_d.shape != (3,) or ext.shape != (3,) or (ext < 0).any() or (lo_s < 0).any()
+            or (lo_d < 0).any() or (lo_s + ext > np.array(src.shape[1:])).any()
+            or (lo_d + ext > np.array(dst.shape[1:])).any()):
+        raise ShapeError(f"copy_box: the box {tuple(ext)} at {tuple(lo_s)} / {tuple(lo_d)} does not fit src "
+                         f"{src.shape[1:]} / dst {dst.shape[1:]}")
+    _copy_box(src, dst, lo_s, lo_d, ext, bool(flip[0]), bool(flip[1]), bool(flip[2]))
+
+
 def _check_warp_inputs(image, seg, matrix, centre, patch_shape, nd_matrix, what):
     if not isinstance(image, np.ndarray) or image.dtype != np.float32 or image.ndim != 4:
         raise ShapeError(f"{what}: image must be a float32 array (c, x, y, z), got "
@@ -578,3 +626,5 @@ def _warmup() -> None:
         seg[0, 1:3, 1:3, 1:4] = 1
         warp_3d(img, seg, np.eye(3) * 1.1, (1.5, 2.0, 2.5), (3, 4, 5), flip=(True, False, True))
         warp_2d(img, seg, np.eye(2) * 0.9, (2.0, 2.5), (4, 5), flip=(True, False, True))
+        copy_box(seg, np.empty_like(seg), (0, 1, 2), (1, 0, 0), (3, 4, 4), (True, False, True))
+    copy_box(img, np.empty_like(img), (0, 1, 2), (1, 0, 0), (3, 4, 4), (True, False, True))

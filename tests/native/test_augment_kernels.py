@@ -205,6 +205,35 @@ def test_warp_2d_large_stack_rotated_and_not(angle):
         np.testing.assert_array_equal(out_seg[0, n - 1 - s], vote_reference(seg[0, s], pos))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_copy_box_matches_numpy_slicing(dtype, seed):
+    """The crop kernel against numpy's (slow, negative-stride) slicing: random boxes, every flip combination."""
+    rng = np.random.default_rng(seed)
+    src = (rng.integers(-100, 100, (2, 7, 9, 33)) if np.dtype(dtype).kind in "iu" else
+           rng.standard_normal((2, 7, 9, 33))).astype(dtype)
+    dst_shape = (2, 6, 8, 40)
+    ext = [int(rng.integers(1, min(a, b) + 1)) for a, b in zip(src.shape[1:], dst_shape[1:])]
+    lo_s = [int(rng.integers(0, n - e + 1)) for n, e in zip(src.shape[1:], ext)]
+    lo_d = [int(rng.integers(0, n - e + 1)) for n, e in zip(dst_shape[1:], ext)]
+    flip = tuple(bool(v) for v in rng.integers(0, 2, 3)) if seed else (True, True, True)
+    dst = np.full(dst_shape, 7, dtype)
+    K.copy_box(src, dst, lo_s, lo_d, ext, flip)
+    ref = np.full(dst_shape, 7, dtype)
+    box = src[(slice(None), *(slice(a, a + e) for a, e in zip(lo_s, ext)))]
+    ref[(slice(None), *(slice(a, a + e) for a, e in zip(lo_d, ext)))] = box[
+        (slice(None), *(slice(None, None, -1) if f else slice(None) for f in flip))]
+    np.testing.assert_array_equal(dst, ref)
+
+
+def test_copy_box_validates():
+    src = np.zeros((1, 4, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        K.copy_box(src, np.zeros((1, 3, 4, 4), np.float32), (0, 0, 0), (0, 0, 0), (4, 4, 4))
+    with pytest.raises(ValueError, match="one dtype"):
+        K.copy_box(src, np.zeros((1, 4, 4, 4), np.int16), (0, 0, 0), (0, 0, 0), (4, 4, 4))
+
+
 def test_fp16_round_matches_numpy_half():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.uniform(0, 1000, 20000), rng.uniform(0, 1e-3, 2000), 500 + rng.uniform(-1, 1, 2000),
