@@ -28,7 +28,9 @@ How it is fast: positions, flat offsets and fractions are computed first for a w
 shared by all slices) in a branch-free loop that LLVM vectorises; the gathers follow as tight loops (image: float32
 weights; labels: eight or four loads and a comparison, the vote only where neighbours disagree, the float16
 rounding only where the two best scores are within 0.5). Voxels whose neighbours are not all inside the region
-are redone by a separate scalar routine. Versus one scalar pass per voxel this measured 2.4x (3D) and ~4x
+are redone by a separate scalar routine, except those with all neighbours outside, which are written as padding
+directly (a grid scaled up beyond the sampled box has many: a 56x192^2 dummy-2D warp at scale 1.3 took 58 -> 34 ms,
+80 -> 25 ms rotated). Versus one scalar pass per voxel this measured 2.4x (3D) and ~4x
 (dummy-2D) faster; the 2D image gather runs at about the speed of torch's vectorised ``grid_sample``. A rotated
 2D warp reads each source plane in order before gathering from it: the gathers' diagonal walk defeats the
 hardware prefetchers (~2x faster at 45 degrees with the warm-up).
@@ -204,7 +206,7 @@ def _warp_3d(img, seg, a, centre, half, sign, out_img, out_seg, pad_label):
     tys = np.empty(pz, np.float64)
     tzs = np.empty(pz, np.float64)
     off = np.empty(pz, np.int32)  # int32: AVX2 converts packed doubles to int32, not int64
-    border = np.empty(pz, np.bool_)
+    border = np.empty(pz, np.uint8)  # 0 inside, 1 some of the 8 neighbours outside the region, 2 all of them
     lab = np.empty(8, np.int64)
     w = np.empty(8, np.float64)
     a02 = a[0, 2]
@@ -237,7 +239,10 @@ def _warp_3d(img, seg, a, centre, half, sign, out_img, out_seg, pad_label):
                 txs[k] = x - fx
                 tys[k] = y - fy
                 tzs[k] = z - fz
-                border[k] = (fx < 0.0) | (fy < 0.0) | (fz < 0.0) | (fx + 1.0 >= rx) | (fy + 1.0 >= ry) | (fz + 1.0 >= rz)
+                border[k] = (np.uint8((fx < 0.0) | (fy < 0.0) | (fz < 0.0) | (fx + 1.0 >= rx) | (fy + 1.0 >= ry)
+                                      | (fz + 1.0 >= rz))
+                             + np.uint8((fx + 1.0 < 0.0) | (fy + 1.0 < 0.0) | (fz + 1.0 < 0.0) | (fx >= rx) | (fy >= ry)
+                                        | (fz >= rz)))
                 # clamped so that all 8 reads of a border voxel stay inside the region: the gather loops run
                 # without a branch and the border voxels are overwritten afterwards
                 cx = min(max(fx, 0.0), mx)
@@ -296,7 +301,12 @@ def _warp_3d(img, seg, a, centre, half, sign, out_img, out_seg, pad_label):
                     nn = 4 * _nn_corner(x, x - tx) + 2 * _nn_corner(y, y - ty) + _nn_corner(z, z - tz)
                     dst_s[k] = _vote(lab, w, 8, nn)
             for k in range(pz):
-                if border[k] or tiny:
+                if border[k] == 2:  # all neighbours outside: padding (what _border_voxel_3d gives, without the work)
+                    for c in range(n_c):
+                        out_img[c, i, j, k] = 0.0
+                    for s in range(n_s):
+                        out_seg[s, i, j, k] = pad_label
+                elif border[k] or tiny:
                     _border_voxel_3d(img, seg, out_img, out_seg, i, j, k, xs[k], ys[k], zs[k], pad_label, lab, w)
 
 
@@ -381,7 +391,7 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
     ty32 = np.empty(npx, np.float32)
     tz32 = np.empty(npx, np.float32)
     off = np.empty(npx, np.uint32)  # unsigned: the gathers need no negative-index wrap-around checks
-    border = np.empty(npx, np.bool_)
+    border = np.empty(npx, np.uint8)  # 0 inside, 1 some of the 4 neighbours outside the region, 2 all of them
     a00, a01, a10, a11 = a[0, 0], a[0, 1], a[1, 0], a[1, 1]
     s1, h1 = sign[1], half[1]
     fry = np.float64(ry)
@@ -403,7 +413,8 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
             fz = np.floor(z)
             t_y[k] = np.float32(y - fy)
             t_z[k] = np.float32(z - fz)
-            b_r[k] = (fy < 0.0) | (fz < 0.0) | (fy + 1.0 >= fry) | (fz + 1.0 >= frz)
+            b_r[k] = (np.uint8((fy < 0.0) | (fz < 0.0) | (fy + 1.0 >= fry) | (fz + 1.0 >= frz))
+                      + np.uint8((fy + 1.0 < 0.0) | (fz + 1.0 < 0.0) | (fy >= fry) | (fz >= frz)))
             cy = min(max(fy, 0.0), my)  # all 4 reads stay inside the region (see _warp_3d)
             cz = min(max(fz, 0.0), mz)
             o_r[k] = np.uint32(cy * frz + cz)
@@ -462,7 +473,14 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
         oi = out_img[:, on]
         osg = out_seg[:, on]
         for q in range(npx):
-            if border[q] or tiny:
+            if border[q] == 2:  # all neighbours outside: padding (what _border_pixel_2d gives, without the work)
+                j = q // pz
+                k = q - j * pz
+                for c in range(n_c):
+                    oi[c, j, k] = 0.0
+                for s in range(n_s):
+                    osg[s, j, k] = pad_label
+            elif border[q] or tiny:
                 j, k, y, z = _pixel_source(q, pz, sign, half, centre, a00, a01, a10, a11)
                 _border_pixel_2d(img, seg, oi, osg, n, j, k, y, z, pad_label, lab, w)
     return touched  # returned so that the reads are not optimized away

@@ -115,6 +115,38 @@ def test_warp_2d_stack_matches_grid_sample_per_slice(seed):
         np.testing.assert_array_equal(out_seg[0, o], vote_reference(seg[0, s], pos))
 
 
+@pytest.mark.parametrize("nd", [2, 3])
+def test_warp_grid_larger_than_region(nd):
+    """Scaled-up grids off-centre: a ring of output voxels with some neighbours outside the region and a large part
+    with all of them outside (the padding fast path) equal grid_sample / the label vote."""
+    rng = np.random.default_rng(30 + nd)
+    region = (9, 14, 15)[3 - nd:] if nd == 2 else (9, 14, 15)
+    patch = (8, 12, 13)[3 - nd:]
+    img = rng.standard_normal((1, 3, *region[-2:]) if nd == 2 else (1, *region)).astype(np.float32)
+    if nd == 2:
+        seg = np.stack([blob_labels(rng, region[-2:], 3) for _ in range(3)])[None]
+        a = rotation_matrix([0.0, 0.5], [1.4] * 2)
+        centre = np.array(region[-2:]) / 2 - 0.5 + np.array([3.0, -2.5])
+        out_img, out_seg = K.warp_2d(img, seg, a, centre, patch, (False, True, False))
+        pos = positions(a, centre, patch, (True, False))
+        pairs = [(out_img[:, n], out_seg[0, n], img[:, n], seg[0, n]) for n in range(3)]
+    else:
+        seg = blob_labels(rng, region, 3)[None]
+        a = rotation_matrix((0.2, -0.3, 0.4), (1.4,) * 3)
+        centre = np.array(region) / 2 - 0.5 + np.array([2.0, 3.0, -3.5])
+        out_img, out_seg = K.warp_3d(img, seg, a, centre, patch, (False, True, False))
+        pos = positions(a, centre, patch, (False, True, False))
+        pairs = [(out_img, out_seg[0], img, seg[0])]
+    inside = np.ones(pos.shape[:-1], bool)
+    for d, n in enumerate(img.shape[-nd:]):
+        inside &= (pos[..., d] > -1) & (pos[..., d] < n)
+    assert 0.1 < (~inside).mean() < 0.9  # both paths are exercised
+    for o_img, o_seg, i_img, i_seg in pairs:
+        np.testing.assert_allclose(o_img, torch_bilinear(i_img, pos), atol=1e-5)
+        np.testing.assert_array_equal(o_seg, vote_reference(i_seg, pos))
+        assert (o_img[..., ~inside] == 0).all() and (o_seg[~inside] == -1).all()
+
+
 @pytest.mark.parametrize("layout", ["F", "strided"])
 def test_warp_accepts_any_layout(layout):
     rng = np.random.default_rng(8)
