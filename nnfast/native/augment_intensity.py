@@ -75,8 +75,11 @@ def _blur_axis(src, dst, w, axis):
         for i in range(nx):
             for j in range(ny):
                 line = src[i, j]
-                for z in range(nz + 2 * h):
+                for z in range(nz):  # the padded line: a plain copy, the reflected ends apart (_reflect per
+                    buf[h + z] = line[z]  # element took ~3/4 of this axis's time)
+                for z in range(h):
                     buf[z] = line[_reflect(z - h, nz)]
+                    buf[nz + h + z] = line[_reflect(nz + z, nz)]
                 acc[:] = 0.0
                 for t in range(k):
                     wt = w[t]
