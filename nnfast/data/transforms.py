@@ -301,10 +301,12 @@ def _lowres_channel(x: np.ndarray, scales: Sequence[float], flips: Sequence[bool
     small = KI.gather_nd(x, tuple(idx))
     cur = _as3d(small)
     off = 3 - x.ndim
-    for d in range(x.ndim):
-        if new[d] != shape[d]:
-            cur = KI.linear_resize_axis(cur, _linear_taps(new[d], shape[d], flips[d]), d + off)
-    x[...] = cur if x.ndim == 3 else cur[0]
+    resized = [d for d in range(x.ndim) if new[d] != shape[d]]
+    for d in resized:  # the last axis resized writes straight into x
+        out = _as3d(x) if d == resized[-1] and x.flags.c_contiguous else None
+        cur = KI.linear_resize_axis(cur, _linear_taps(new[d], shape[d], flips[d]), d + off, out=out)
+    if not resized or not x.flags.c_contiguous:
+        x[...] = cur if x.ndim == 3 else cur[0]
 
 
 def _apply_intensity(image: np.ndarray, p: IntensityParams, flips: Sequence[bool], rng: np.random.Generator) -> None:

@@ -380,20 +380,28 @@ def _up_axis(src, dst, i0, i1, lam, axis):
                     dst[a, b, c] = (1.0 - l1) * s0[b, c] + l1 * s1[b, c]
 
 
-def linear_resize_axis(src: np.ndarray, taps: tuple[np.ndarray, np.ndarray, np.ndarray], axis: int) -> np.ndarray:
+def linear_resize_axis(src: np.ndarray, taps: tuple[np.ndarray, np.ndarray, np.ndarray], axis: int,
+                       out: np.ndarray | None = None) -> np.ndarray:
     """Resize a C-contiguous float32 (x, y, z) volume along ``axis`` with linear taps ``(i0, i1, lambda1)``
-    (:func:`linear_taps`, possibly reversed for a mirrored axis); returns a new array."""
+    (:func:`linear_taps`, possibly reversed for a mirrored axis); returns a new array, or fills ``out`` (C-contiguous
+    float32 of the resized shape, not overlapping ``src``)."""
     if src.dtype != np.float32 or src.ndim != 3 or not src.flags.c_contiguous or axis not in (0, 1, 2):
         raise ShapeError(f"linear_resize_axis: expected C-contiguous float32 (x, y, z) and axis 0-2, got {src.dtype} "
                          f"{src.shape}, axis {axis}")
     i0, i1, lam = (np.ascontiguousarray(taps[0], np.int64), np.ascontiguousarray(taps[1], np.int64),
                    np.ascontiguousarray(taps[2], np.float64))
-    if not (i0.shape == i1.shape == lam.shape) or i0.ndim != 1 or (i0.size and max(i0.max(), i1.max()) >= src.shape[axis]):
+    if (not (i0.shape == i1.shape == lam.shape) or i0.ndim != 1
+            or (i0.size and (max(i0.max(), i1.max()) >= src.shape[axis] or min(i0.min(), i1.min()) < 0))):
         raise ShapeError(f"linear_resize_axis: taps must be three 1D arrays of one length indexing axis {axis} "
                          f"(size {src.shape[axis]})")
     shape = list(src.shape)
     shape[axis] = i0.shape[0]
-    out = np.empty(shape, np.float32)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif (out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous
+          or np.shares_memory(out, src)):
+        raise ShapeError(f"linear_resize_axis: out must be a separate C-contiguous float32 array of shape "
+                         f"{tuple(shape)}, got {out.dtype} {out.shape}")
     _up_axis(src, out, i0, i1, lam, axis)
     return out
 

@@ -395,6 +395,13 @@ def test_linear_upsampling_matches_trilinear(shape, new):
     if shape[0] == 1:  # a 2D image as (1, y, z): bilinear
         ref2 = interpolate(torch.from_numpy(small[0])[None, None], size=shape[1:], mode="bilinear")[0, 0].numpy()
         np.testing.assert_allclose(cur[0], ref2, atol=2e-6)
+    # into a given array: the same values; an overlapping or mis-shaped one is refused
+    taps = KI.linear_taps(new[2], shape[2])
+    out = np.full((*new[:2], shape[2]), np.nan, np.float32)
+    KI.linear_resize_axis(small, taps, 2, out=out)
+    np.testing.assert_array_equal(out, KI.linear_resize_axis(small, taps, 2))
+    with pytest.raises(ValueError, match="out must be"):
+        KI.linear_resize_axis(small, taps, 2, out=np.empty((*new[:2], shape[2] + 1), np.float32))
 
 
 def test_mask_and_relabel():
