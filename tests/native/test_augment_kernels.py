@@ -416,6 +416,19 @@ def test_mask_and_relabel():
     np.testing.assert_array_equal(seg, ref_seg)
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32])
+def test_relabel_without_mask_channels(dtype):
+    """No mask channels: only label -1 becomes 0 (other negative values and the image stay), in every seg channel."""
+    rng = np.random.default_rng(7)
+    img = rng.standard_normal((1, 5, 6, 7)).astype(np.float32)
+    seg = rng.integers(-3, 4, (2, 5, 6, 7)).astype(dtype)
+    ref_img, ref_seg = img.copy(), seg.copy()
+    ref_seg[ref_seg == -1] = 0
+    KI.mask_and_relabel(img, seg, ())
+    np.testing.assert_array_equal(img, ref_img)
+    np.testing.assert_array_equal(seg, ref_seg)
+
+
 def test_kernels_run_as_plain_python():
     """NUMBA_DISABLE_JIT=1: the kernels stay valid Python (and visible to coverage)."""
     code = textwrap.dedent(
