@@ -424,6 +424,22 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
     urz1 = np.uint64(rz + 1)
     lab = np.empty(4, np.int64)
     w = np.empty(4, np.float64)
+    # the ring of pixels with some neighbours outside, listed once with their positions: the fix-up pass of each
+    # slice visits only them (pixels with all neighbours outside are written as padding by the gather loops)
+    n_ring = 0
+    for q in range(npx):
+        n_ring += border[q] == 1
+    ring_q = np.empty(n_ring, np.int64)
+    ring_y = np.empty(n_ring, np.float64)
+    ring_z = np.empty(n_ring, np.float64)
+    r = 0
+    for q in range(npx):
+        if border[q] == 1:
+            _, _, ring_y[r], ring_z[r] = _pixel_source(q, pz, sign, half, centre, a00, a01, a10, a11)
+            ring_q[r] = q
+            r += 1
+    zero32 = np.float32(0.0)
+    pad = out_seg.dtype.type(pad_label)
     rotated = a01 != 0.0 or a10 != 0.0
     touched = 0.0
     for n in range(n_sl):
@@ -437,8 +453,9 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
                 o = np.uint64(off[q])
                 ty = ty32[q]
                 tz = tz32[q]
-                dst[q] = ((one - ty) * (one - tz) * src[o] + (one - ty) * tz * src[o + u1]
-                          + ty * (one - tz) * src[o + urz] + ty * tz * src[o + urz1])
+                v = ((one - ty) * (one - tz) * src[o] + (one - ty) * tz * src[o + u1]
+                     + ty * (one - tz) * src[o + urz] + ty * tz * src[o + urz1])
+                dst[q] = zero32 if border[q] == 2 else v  # a select, no branch
         for s in range(n_s if not tiny else 0):
             sg = seg[s, n].reshape(-1)
             if rotated:
@@ -446,6 +463,8 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
             dst_s = out_seg[s, on].reshape(-1)
             for q in range(npx):
                 if border[q]:
+                    if border[q] == 2:
+                        dst_s[q] = pad
                     continue
                 o = np.uint64(off[q])
                 l0 = sg[o]
@@ -472,17 +491,15 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
                 dst_s[q] = _vote(lab, w, 4, nn)
         oi = out_img[:, on]
         osg = out_seg[:, on]
-        for q in range(npx):
-            if border[q] == 2:  # all neighbours outside: padding (what _border_pixel_2d gives, without the work)
-                j = q // pz
-                k = q - j * pz
-                for c in range(n_c):
-                    oi[c, j, k] = 0.0
-                for s in range(n_s):
-                    osg[s, j, k] = pad_label
-            elif border[q] or tiny:
+        if tiny:  # no gather loops ran: every pixel through the scalar routine
+            for q in range(npx):
                 j, k, y, z = _pixel_source(q, pz, sign, half, centre, a00, a01, a10, a11)
                 _border_pixel_2d(img, seg, oi, osg, n, j, k, y, z, pad_label, lab, w)
+            continue
+        for r in range(n_ring):
+            q = ring_q[r]
+            j = q // pz
+            _border_pixel_2d(img, seg, oi, osg, n, j, q - j * pz, ring_y[r], ring_z[r], pad_label, lab, w)
     return touched  # returned so that the reads are not optimized away
 
 
