@@ -361,7 +361,7 @@ def _border_pixel_2d(src_img, src_seg, out_img, out_seg, n, j, k, y, z, pad_labe
 def _touch(flat, step):
     """Read one element per ``step`` of a flat array in order (one per cache line) and return their sum, so that
     the array's lines are in the cache before a gather walks it along a rotated grid (see :func:`_warp_2d`)."""
-    acc = flat[0] - flat[0]
+    acc = 0.0
     for i in range(0, flat.shape[0], step):
         acc += flat[i]
     return acc

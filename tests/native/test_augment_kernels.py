@@ -446,6 +446,10 @@ def test_kernels_run_as_plain_python():
         KI.blur_axis(img[0], KI.gaussian_kernel_1d(0.8), 2)
         KI.gamma_inplace(img[0].copy(), 1.2, True, True)
         KI.mask_and_relabel(img, seg.copy(), (0,))
+        KI.mask_and_relabel(img, seg.copy(), ())
+        K.copy_box(img, np.empty_like(img), (0, 1, 2), (1, 0, 0), (3, 4, 5), (True, False, True))
+        i, s = K.warp_2d(img, seg, a[:2, :2] * 1.6, (2.5, 3.0), (4, 5), (False, True, False))  # a padded corner
+        assert (s == -1).any()
         """
     )
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
