@@ -176,10 +176,9 @@ def sample_intensity(rng: np.random.Generator, cfg: AugmentConfig, n_channels: i
 # --------------------------------------------------------------------------------------------- spatial step
 def _crop_into(src: np.ndarray, start: Sequence[int], out: np.ndarray, flips: Sequence[bool], pad_value) -> None:
     """``out[:] = src[:, start:start + P]`` (spatial axes) with ``pad_value`` outside ``src`` and the axes in
-    ``flips`` reversed."""
+    ``flips`` reversed (2 or 3 spatial axes; the copy is :func:`nnfast.native.augment.copy_box`)."""
     size = out.shape[1:]
-    dst_sl: list[slice] = [slice(None)]
-    src_sl: list[slice] = [slice(None)]
+    src_lo, dst_lo, ext = [], [], []
     full = True
     for s0, p, n, f in zip(start, size, src.shape[1:], flips):
         v0, v1 = max(s0, 0), min(s0 + p, n)
@@ -188,15 +187,19 @@ def _crop_into(src: np.ndarray, start: Sequence[int], out: np.ndarray, flips: Se
             return
         d0, d1 = v0 - s0, v1 - s0
         full &= d0 == 0 and d1 == p
-        if f:
-            dst_sl.append(slice(p - d1, p - d0))
-            src_sl.append(slice(v1 - 1, v0 - 1 if v0 > 0 else None, -1))
-        else:
-            dst_sl.append(slice(d0, d1))
-            src_sl.append(slice(v0, v1))
+        src_lo.append(v0)
+        dst_lo.append(p - d1 if f else d0)
+        ext.append(v1 - v0)
+    dst = out if out.flags.c_contiguous else np.empty(out.shape, out.dtype)
     if not full:
-        out.fill(pad_value)
-    out[tuple(dst_sl)] = src[tuple(src_sl)]
+        dst.fill(pad_value)
+    src = np.ascontiguousarray(src, dtype=out.dtype)
+    if out.ndim == 3:  # 2D configurations: one slice
+        K.copy_box(src[:, None], dst[:, None], [0, *src_lo], [0, *dst_lo], [1, *ext], (False, *flips))
+    else:
+        K.copy_box(src, dst, src_lo, dst_lo, ext, flips)
+    if dst is not out:
+        out[...] = dst
 
 
 def spatial_patch(image_region: np.ndarray, seg_region: np.ndarray, params: SpatialParams, cfg: AugmentConfig,
@@ -298,10 +301,12 @@ def _lowres_channel(x: np.ndarray, scales: Sequence[float], flips: Sequence[bool
     small = KI.gather_nd(x, tuple(idx))
     cur = _as3d(small)
     off = 3 - x.ndim
-    for d in range(x.ndim):
-        if new[d] != shape[d]:
-            cur = KI.linear_resize_axis(cur, _linear_taps(new[d], shape[d], flips[d]), d + off)
-    x[...] = cur if x.ndim == 3 else cur[0]
+    resized = [d for d in range(x.ndim) if new[d] != shape[d]]
+    for d in resized:  # the last axis resized writes straight into x
+        out = _as3d(x) if d == resized[-1] and x.flags.c_contiguous else None
+        cur = KI.linear_resize_axis(cur, _linear_taps(new[d], shape[d], flips[d]), d + off, out=out)
+    if not resized or not x.flags.c_contiguous:
+        x[...] = cur if x.ndim == 3 else cur[0]
 
 
 def _apply_intensity(image: np.ndarray, p: IntensityParams, flips: Sequence[bool], rng: np.random.Generator) -> None:

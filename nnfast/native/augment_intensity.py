@@ -75,8 +75,11 @@ def _blur_axis(src, dst, w, axis):
         for i in range(nx):
             for j in range(ny):
                 line = src[i, j]
-                for z in range(nz + 2 * h):
+                for z in range(nz):  # the padded line: a plain copy, the reflected ends apart (_reflect per
+                    buf[h + z] = line[z]  # element took ~3/4 of this axis's time)
+                for z in range(h):
                     buf[z] = line[_reflect(z - h, nz)]
+                    buf[nz + h + z] = line[_reflect(nz + z, nz)]
                 acc[:] = 0.0
                 for t in range(k):
                     wt = w[t]
@@ -217,11 +220,13 @@ def _pow_unit_bits(bits, g):
     """In place ``u = u ** g`` (``g > 0``) on the uint32 bit patterns of float32 values ``u >= 0``.
 
     ``log2(u) = e + log2(m)`` from the exponent and mantissa bits (``m`` folded into ``[sqrt(1/2), sqrt(2))``,
-    ``log(m) = 2 atanh((m - 1) / (m + 1))`` to ``t^11``), then ``2^y = 2^n * 2^f`` (``f`` in ``[0, 1)``, a degree-8
-    polynomial of ``exp`` about ``f = 1/2``), all in float64, and the result's bits assembled from ``n`` and the
-    rounded mantissa (a mantissa that rounds to 2 carries into the exponent). Within 1 ulp of the correctly rounded
-    float32 power. Zero, subnormal inputs and results below the smallest normal float32 give 0; inf/NaN stay as they
-    are. No branches and no calls, so the loop vectorizes without ``fastmath``."""
+    ``log(m) = 2 atanh((m - 1) / (m + 1))`` to ``t^9``, truncation below 1e-9), then ``2^y = 2^n * 2^f`` (``f`` in
+    ``[0, 1)``, the degree-7 Taylor polynomial of ``exp`` about ``f = 1/2``, truncation below 6e-9), all in float64,
+    and the result's bits assembled from ``n`` and the rounded mantissa (a mantissa that rounds to 2 carries into the
+    exponent). Within 1 ulp of the correctly rounded float32 power. Zero, subnormal inputs and results below the
+    smallest normal float32 give 0; inf/NaN stay as they are. No branches and no calls, so the loop vectorizes
+    without ``fastmath``; both polynomials run in Estrin's scheme (independent halves, ~15 % faster than Horner's
+    chains of dependent multiply-adds, and those two degrees lower than before: 12.8 -> ~9.5 ms per 2 M voxels)."""
     inv_ln2 = 1.4426950408889634
     ln2 = 0.6931471805599453
     for i in range(bits.shape[0]):
@@ -234,14 +239,17 @@ def _pow_unit_bits(bits, g):
         eb = e + np.int32(big)
         t = (m - 1.0) / (m + 1.0)
         t2 = t * t
-        s = 1.0 + t2 * (1.0 / 3.0 + t2 * (1.0 / 5.0 + t2 * (1.0 / 7.0 + t2 * (1.0 / 9.0 + t2 * (1.0 / 11.0)))))
+        t4 = t2 * t2
+        s = (1.0 + t2 * (1.0 / 3.0)) + t4 * ((1.0 / 5.0 + t2 * (1.0 / 7.0)) + t4 * (1.0 / 9.0))
         y = g * (np.float64(eb - np.int32(127)) + 2.0 * t * s * inv_ln2)
         if y < -200.0:
             y = -200.0
         n = np.floor(y)
         f = (y - n - 0.5) * ln2
-        p = 1.0 + f * (1.0 + f * (1.0 / 2 + f * (1.0 / 6 + f * (1.0 / 24 + f * (
-            1.0 / 120 + f * (1.0 / 720 + f * (1.0 / 5040 + f * (1.0 / 40320))))))))
+        f2 = f * f
+        f4 = f2 * f2
+        p = (((1.0 + f) + f2 * (1.0 / 2 + f * (1.0 / 6)))
+             + f4 * ((1.0 / 24 + f * (1.0 / 120)) + f2 * (1.0 / 720 + f * (1.0 / 5040))))
         p = p * 1.4142135623730951  # 2^f = 2^(1/2) * exp((f - 1/2) ln 2)
         ne = np.int32(n) + np.int32(127)
         r = (ne << np.int32(23)) + np.int32(np.floor((p - 1.0) * 8388608.0 + 0.5))
@@ -257,10 +265,27 @@ def _gamma_finish(x, sgn, mean, std, mn, rng, retain, eps):
     """``y = x * rng + mn`` (x holds ``u ** gamma``); with ``retain`` restore ``mean``/``std``; ``x = sgn * y``."""
     n = x.shape[0]
     if retain:
-        s = 0.0
-        s2 = 0.0
-        for i in range(n):
-            v = x[i]
+        # four interleaved partial sums: one running float64 sum waits on every add (latency-bound)
+        a0 = a1 = a2 = a3 = 0.0
+        b0 = b1 = b2 = b3 = 0.0
+        nb = n - n % 4
+        for i in range(0, nb, 4):
+            v0 = np.float64(x[i])
+            v1 = np.float64(x[i + 1])
+            v2 = np.float64(x[i + 2])
+            v3 = np.float64(x[i + 3])
+            a0 += v0
+            a1 += v1
+            a2 += v2
+            a3 += v3
+            b0 += v0 * v0
+            b1 += v1 * v1
+            b2 += v2 * v2
+            b3 += v3 * v3
+        s = (a0 + a1) + (a2 + a3)
+        s2 = (b0 + b1) + (b2 + b3)
+        for i in range(nb, n):
+            v = np.float64(x[i])
             s += v
             s2 += v * v
         m_u = s / n
@@ -372,20 +397,28 @@ def _up_axis(src, dst, i0, i1, lam, axis):
                     dst[a, b, c] = (1.0 - l1) * s0[b, c] + l1 * s1[b, c]
 
 
-def linear_resize_axis(src: np.ndarray, taps: tuple[np.ndarray, np.ndarray, np.ndarray], axis: int) -> np.ndarray:
+def linear_resize_axis(src: np.ndarray, taps: tuple[np.ndarray, np.ndarray, np.ndarray], axis: int,
+                       out: np.ndarray | None = None) -> np.ndarray:
     """Resize a C-contiguous float32 (x, y, z) volume along ``axis`` with linear taps ``(i0, i1, lambda1)``
-    (:func:`linear_taps`, possibly reversed for a mirrored axis); returns a new array."""
+    (:func:`linear_taps`, possibly reversed for a mirrored axis); returns a new array, or fills ``out`` (C-contiguous
+    float32 of the resized shape, not overlapping ``src``)."""
     if src.dtype != np.float32 or src.ndim != 3 or not src.flags.c_contiguous or axis not in (0, 1, 2):
         raise ShapeError(f"linear_resize_axis: expected C-contiguous float32 (x, y, z) and axis 0-2, got {src.dtype} "
                          f"{src.shape}, axis {axis}")
     i0, i1, lam = (np.ascontiguousarray(taps[0], np.int64), np.ascontiguousarray(taps[1], np.int64),
                    np.ascontiguousarray(taps[2], np.float64))
-    if not (i0.shape == i1.shape == lam.shape) or i0.ndim != 1 or (i0.size and max(i0.max(), i1.max()) >= src.shape[axis]):
+    if (not (i0.shape == i1.shape == lam.shape) or i0.ndim != 1
+            or (i0.size and (max(i0.max(), i1.max()) >= src.shape[axis] or min(i0.min(), i1.min()) < 0))):
         raise ShapeError(f"linear_resize_axis: taps must be three 1D arrays of one length indexing axis {axis} "
                          f"(size {src.shape[axis]})")
     shape = list(src.shape)
     shape[axis] = i0.shape[0]
-    out = np.empty(shape, np.float32)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif (out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous
+          or np.shares_memory(out, src)):
+        raise ShapeError(f"linear_resize_axis: out must be a separate C-contiguous float32 array of shape "
+                         f"{tuple(shape)}, got {out.dtype} {out.shape}")
     _up_axis(src, out, i0, i1, lam, axis)
     return out
 
@@ -403,6 +436,16 @@ def _mask_and_relabel(seg, img, channels, do_mask):
                 seg[i] = 0
 
 
+@serial
+def _relabel(seg):
+    """``seg[seg == -1] = 0`` as a select, so that the loop vectorizes (~5x the branchy loop above on 2 M labels)."""
+    zero = seg.dtype.type(0)
+    minus_one = seg.dtype.type(-1)
+    for i in range(seg.shape[0]):
+        v = seg[i]
+        seg[i] = zero if v == minus_one else v
+
+
 def mask_and_relabel(image: np.ndarray, seg: np.ndarray, mask_channels=()) -> None:
     """In place: image channels ``mask_channels`` set to 0 where ``seg[0] < 0`` (``MaskImageTransform``), then
     label -1 set to 0 in every seg channel (``RemoveLabelTansform(-1, 0)``).
@@ -414,7 +457,10 @@ def mask_and_relabel(image: np.ndarray, seg: np.ndarray, mask_channels=()) -> No
     ch = np.asarray(list(mask_channels), np.int64)
     img2 = image.reshape(image.shape[0], -1)
     for s in range(seg.shape[0]):
-        _mask_and_relabel(seg[s].reshape(-1), img2, ch, s == 0 and ch.size > 0)
+        if s == 0 and ch.size > 0:
+            _mask_and_relabel(seg[s].reshape(-1), img2, ch, True)
+        else:
+            _relabel(seg[s].reshape(-1))
 
 
 @register_warmup
@@ -425,6 +471,7 @@ def _warmup() -> None:
         seg = np.zeros((1, 4, 5, 6), dt)
         seg[0, 1:3, 1:3, 1:4] = 1
         mask_and_relabel(img.copy(), seg.copy(), (0,))
+        mask_and_relabel(img.copy(), seg.copy(), ())
         gather_nd(seg[0], (np.arange(2), np.arange(3), np.arange(4)))
         gather_nd(seg[0, 0], (np.arange(3), np.arange(4)))
     x = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)

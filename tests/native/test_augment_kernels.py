@@ -115,6 +115,38 @@ def test_warp_2d_stack_matches_grid_sample_per_slice(seed):
         np.testing.assert_array_equal(out_seg[0, o], vote_reference(seg[0, s], pos))
 
 
+@pytest.mark.parametrize("nd", [2, 3])
+def test_warp_grid_larger_than_region(nd):
+    """Scaled-up grids off-centre: a ring of output voxels with some neighbours outside the region and a large part
+    with all of them outside (the padding fast path) equal grid_sample / the label vote."""
+    rng = np.random.default_rng(30 + nd)
+    region = (9, 14, 15)[3 - nd:] if nd == 2 else (9, 14, 15)
+    patch = (8, 12, 13)[3 - nd:]
+    img = rng.standard_normal((1, 3, *region[-2:]) if nd == 2 else (1, *region)).astype(np.float32)
+    if nd == 2:
+        seg = np.stack([blob_labels(rng, region[-2:], 3) for _ in range(3)])[None]
+        a = rotation_matrix([0.0, 0.5], [1.4] * 2)
+        centre = np.array(region[-2:]) / 2 - 0.5 + np.array([3.0, -2.5])
+        out_img, out_seg = K.warp_2d(img, seg, a, centre, patch, (False, True, False))
+        pos = positions(a, centre, patch, (True, False))
+        pairs = [(out_img[:, n], out_seg[0, n], img[:, n], seg[0, n]) for n in range(3)]
+    else:
+        seg = blob_labels(rng, region, 3)[None]
+        a = rotation_matrix((0.2, -0.3, 0.4), (1.4,) * 3)
+        centre = np.array(region) / 2 - 0.5 + np.array([2.0, 3.0, -3.5])
+        out_img, out_seg = K.warp_3d(img, seg, a, centre, patch, (False, True, False))
+        pos = positions(a, centre, patch, (False, True, False))
+        pairs = [(out_img, out_seg[0], img, seg[0])]
+    inside = np.ones(pos.shape[:-1], bool)
+    for d, n in enumerate(img.shape[-nd:]):
+        inside &= (pos[..., d] > -1) & (pos[..., d] < n)
+    assert 0.1 < (~inside).mean() < 0.9  # both paths are exercised
+    for o_img, o_seg, i_img, i_seg in pairs:
+        np.testing.assert_allclose(o_img, torch_bilinear(i_img, pos), atol=1e-5)
+        np.testing.assert_array_equal(o_seg, vote_reference(i_seg, pos))
+        assert (o_img[..., ~inside] == 0).all() and (o_seg[~inside] == -1).all()
+
+
 @pytest.mark.parametrize("layout", ["F", "strided"])
 def test_warp_accepts_any_layout(layout):
     rng = np.random.default_rng(8)
@@ -176,6 +208,62 @@ def test_warp_validates_inputs():
         K.warp_3d(img, np.zeros((1, 4, 4, 3), np.int8), np.eye(3), (1, 1, 1), (2, 2, 2))
     with pytest.raises(ValueError, match="matrix"):
         K.warp_3d(img, None, np.eye(2), (1, 1), (2, 2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int8, np.int16])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000])
+def test_touch_sums_one_element_per_step(dtype, n):
+    """The rotated 2D warp's cache warm-up reads ``flat[::step]``; its sum is returned so the reads stay."""
+    flat = (np.arange(n) % 7 - 3).astype(dtype)
+    step = 64 // flat.itemsize
+    assert K._touch(flat, step) == flat[::step].astype(np.float64).sum()
+
+
+@pytest.mark.parametrize("angle", [0.0, 0.3, np.pi / 4, 2.0])
+def test_warp_2d_large_stack_rotated_and_not(angle):
+    """A dummy-2D-like stack (several slices, a patch of many rows) on both paths of the 2D warp: unrotated grids
+    skip the cache warm-up, rotated ones run it; both equal grid_sample / the label vote on every slice."""
+    rng = np.random.default_rng(21)
+    n, region, patch = 4, (61, 58), (40, 37)
+    img = rng.standard_normal((1, n, *region)).astype(np.float32)
+    seg = np.stack([blob_labels(rng, region, 3) for _ in range(n)])[None]
+    a = rotation_matrix([0.0, angle], [1.1] * 2)
+    centre = np.array(region) / 2 - 0.5 + 1.25
+    flip = (True, False, True)
+    out_img, out_seg = K.warp_2d(img, seg, a, centre, patch, flip)
+    pos = positions(a, centre, patch, flip[1:])
+    for s in range(n):  # float32 sums in another order than torch's: a few pixels 1e-5 apart
+        np.testing.assert_allclose(out_img[:, n - 1 - s], torch_bilinear(img[:, s], pos), atol=3e-5)
+        np.testing.assert_array_equal(out_seg[0, n - 1 - s], vote_reference(seg[0, s], pos))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_copy_box_matches_numpy_slicing(dtype, seed):
+    """The crop kernel against numpy's (slow, negative-stride) slicing: random boxes, every flip combination."""
+    rng = np.random.default_rng(seed)
+    src = (rng.integers(-100, 100, (2, 7, 9, 33)) if np.dtype(dtype).kind in "iu" else
+           rng.standard_normal((2, 7, 9, 33))).astype(dtype)
+    dst_shape = (2, 6, 8, 40)
+    ext = [int(rng.integers(1, min(a, b) + 1)) for a, b in zip(src.shape[1:], dst_shape[1:])]
+    lo_s = [int(rng.integers(0, n - e + 1)) for n, e in zip(src.shape[1:], ext)]
+    lo_d = [int(rng.integers(0, n - e + 1)) for n, e in zip(dst_shape[1:], ext)]
+    flip = tuple(bool(v) for v in rng.integers(0, 2, 3)) if seed else (True, True, True)
+    dst = np.full(dst_shape, 7, dtype)
+    K.copy_box(src, dst, lo_s, lo_d, ext, flip)
+    ref = np.full(dst_shape, 7, dtype)
+    box = src[(slice(None), *(slice(a, a + e) for a, e in zip(lo_s, ext)))]
+    ref[(slice(None), *(slice(a, a + e) for a, e in zip(lo_d, ext)))] = box[
+        (slice(None), *(slice(None, None, -1) if f else slice(None) for f in flip))]
+    np.testing.assert_array_equal(dst, ref)
+
+
+def test_copy_box_validates():
+    src = np.zeros((1, 4, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        K.copy_box(src, np.zeros((1, 3, 4, 4), np.float32), (0, 0, 0), (0, 0, 0), (4, 4, 4))
+    with pytest.raises(ValueError, match="one dtype"):
+        K.copy_box(src, np.zeros((1, 4, 4, 4), np.int16), (0, 0, 0), (0, 0, 0), (4, 4, 4))
 
 
 def test_fp16_round_matches_numpy_half():
@@ -307,6 +395,13 @@ def test_linear_upsampling_matches_trilinear(shape, new):
     if shape[0] == 1:  # a 2D image as (1, y, z): bilinear
         ref2 = interpolate(torch.from_numpy(small[0])[None, None], size=shape[1:], mode="bilinear")[0, 0].numpy()
         np.testing.assert_allclose(cur[0], ref2, atol=2e-6)
+    # into a given array: the same values; an overlapping or mis-shaped one is refused
+    taps = KI.linear_taps(new[2], shape[2])
+    out = np.full((*new[:2], shape[2]), np.nan, np.float32)
+    KI.linear_resize_axis(small, taps, 2, out=out)
+    np.testing.assert_array_equal(out, KI.linear_resize_axis(small, taps, 2))
+    with pytest.raises(ValueError, match="out must be"):
+        KI.linear_resize_axis(small, taps, 2, out=np.empty((*new[:2], shape[2] + 1), np.float32))
 
 
 def test_mask_and_relabel():
@@ -317,6 +412,19 @@ def test_mask_and_relabel():
     ref_img[[0, 2]] = np.where(seg[0] < 0, 0, img[[0, 2]])
     ref_seg[ref_seg == -1] = 0
     KI.mask_and_relabel(img, seg, (0, 2))
+    np.testing.assert_array_equal(img, ref_img)
+    np.testing.assert_array_equal(seg, ref_seg)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32])
+def test_relabel_without_mask_channels(dtype):
+    """No mask channels: only label -1 becomes 0 (other negative values and the image stay), in every seg channel."""
+    rng = np.random.default_rng(7)
+    img = rng.standard_normal((1, 5, 6, 7)).astype(np.float32)
+    seg = rng.integers(-3, 4, (2, 5, 6, 7)).astype(dtype)
+    ref_img, ref_seg = img.copy(), seg.copy()
+    ref_seg[ref_seg == -1] = 0
+    KI.mask_and_relabel(img, seg, ())
     np.testing.assert_array_equal(img, ref_img)
     np.testing.assert_array_equal(seg, ref_seg)
 
@@ -338,6 +446,10 @@ def test_kernels_run_as_plain_python():
         KI.blur_axis(img[0], KI.gaussian_kernel_1d(0.8), 2)
         KI.gamma_inplace(img[0].copy(), 1.2, True, True)
         KI.mask_and_relabel(img, seg.copy(), (0,))
+        KI.mask_and_relabel(img, seg.copy(), ())
+        K.copy_box(img, np.empty_like(img), (0, 1, 2), (1, 0, 0), (3, 4, 5), (True, False, True))
+        i, s = K.warp_2d(img, seg, a[:2, :2] * 1.6, (2.5, 3.0), (4, 5), (False, True, False))  # a padded corner
+        assert (s == -1).any()
         """
     )
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
