@@ -21,6 +21,9 @@ table): wall 314 / 344 s (nnU-Net's command) vs 102 / 211 s (nnfast) in two roun
 Run interleaved and print the table (what ``benchmarks/README.md`` records)::
 
     NNFAST_BENCH_SCALE=1 python benchmarks/test_bench_predict_e2e.py [ROUNDS [KEEP_DIR]]
+
+``NNFAST_E2E_SIDES`` picks the runs of a round (default ``nnunet,nnunet-stages,nnfast``); ``nnfast-before`` runs
+the same command on the nnfast source tree named by ``NNFAST_BEFORE`` (e.g. the main checkout), for a before/after.
 """
 from __future__ import annotations
 
@@ -132,22 +135,34 @@ ENV = {"nnUNet_raw": "/nonexistent", "nnUNet_preprocessed": "/nonexistent", "nnU
 
 
 def run_side(side: str, model: Path, inp: Path, out: Path) -> dict:
-    """One fresh-process run of ``side`` ("nnunet", "nnunet-stages" or "nnfast"): wall s, peak MiB, stage seconds."""
+    """One fresh-process run of ``side`` ("nnunet", "nnunet-stages", "nnfast", or "nnfast-before": nnfast imported
+    from the source tree in ``NNFAST_BEFORE``): wall s, CPU s (user + sys of the process and the children it
+    waited for), peak MiB, stage seconds."""
+    import os
+    import resource
+
     shutil.rmtree(out, ignore_errors=True)
+    env = dict(ENV)
     if side == "nnunet":
         cmd = nnunet_command(model, inp, out)
     elif side == "nnunet-stages":
         cmd = [sys.executable, "-c", _NNUNET_STAGES, str(model), str(inp), str(out), str(STEP)]
     else:
         cmd = nnfast_command(model, inp, out)
-    wall, peak, text = run_measured(cmd, ENV)
-    info = {"wall_s": round(wall, 2), "peak_rss_mib": round(peak / 2 ** 20)}
+        if side == "nnfast-before":
+            env["PYTHONPATH"] = os.environ["NNFAST_BEFORE"]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall, peak, text = run_measured(cmd, env)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    info = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mib": round(peak / 2 ** 20)}
     if side == "nnunet-stages":
         line = next(ln for ln in text.splitlines() if ln.startswith("STAGES "))
         info["stages_s"] = {k: round(v, 2) for k, v in json.loads(line[len("STAGES "):]).items()}
-    elif side == "nnfast":
+    elif side.startswith("nnfast"):
         secs = json.loads((out / "nnfast_predict.json").read_text())["seconds"]
         info["stages_s"] = {k: round(v, 2) for k, v in secs.items()}
+        info["around_network_s"] = round(wall - secs["predict"], 2)
     return info
 
 
@@ -197,16 +212,28 @@ def main(rounds: int, keep: str | None = None) -> None:
         else:
             root.mkdir(parents=True, exist_ok=True)
             inp, model = make_case_and_model(root)
-        results: dict[str, list] = {"nnunet": [], "nnunet-stages": [], "nnfast": []}
+        import os
+        import statistics
+
+        sides = os.environ.get("NNFAST_E2E_SIDES", "nnunet,nnunet-stages,nnfast").split(",")
+        results: dict[str, list] = {side: [] for side in sides}
         for r in range(rounds):  # interleaved
             for side in results:
                 results[side].append(run_side(side, model, inp, root / f"out_{side}"))
                 print(f"round {r} {side}: {json.dumps(results[side][-1])}  load {open('/proc/loadavg').read().split()[:3]}",
                       flush=True)
+            if "nnunet" in results and "nnunet-stages" in results:  # nnU-Net's command around its network
+                net = results["nnunet-stages"][-1]["stages_s"]["predict"]
+                results["nnunet"][-1]["around_network_s"] = round(results["nnunet"][-1]["wall_s"] - net, 2)
+                for side in results:
+                    if side.startswith("nnfast"):
+                        ratio = results["nnunet"][-1]["around_network_s"] / results[side][-1]["around_network_s"]
+                        print(f"round {r} around the network, nnU-Net's command / {side}: {ratio:.2f}x", flush=True)
         for side, runs in results.items():
-            best = min(runs, key=lambda i: i["wall_s"])
-            print(f"{side:14s} wall min {best['wall_s']:.2f} s (all {[i['wall_s'] for i in runs]}), "
-                  f"peak {max(i['peak_rss_mib'] for i in runs)} MiB, stages {best.get('stages_s')}")
+            med = {k: statistics.median(i[k] for i in runs) for k in ("wall_s", "cpu_s", "around_network_s")
+                   if all(k in i for i in runs)}
+            print(f"{side:14s} medians {med} (wall all {[i['wall_s'] for i in runs]}), "
+                  f"peak {max(i['peak_rss_mib'] for i in runs)} MiB, stages {[i.get('stages_s') for i in runs]}")
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from typing import Sequence, get_args
+from typing import NoReturn, Sequence, get_args
 
 from .. import __version__
 from ..device import DeviceChoice
@@ -364,8 +365,33 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one ``nnfast`` command (``argv``: the arguments, default ``sys.argv[1:]``); returns the exit status."""
+    return _dispatch(build_parser().parse_args(argv))
+
+
+#: Commands after which :func:`run` ends the process without the interpreter's teardown.
+QUICK_EXIT_COMMANDS = frozenset({"predict"})
+
+
+def run() -> NoReturn:
+    """The ``nnfast`` program (console script and ``python -m nnfast.cli``): :func:`main`, then exit.
+
+    After a command of :data:`QUICK_EXIT_COMMANDS` the process ends with ``os._exit`` once its output is flushed:
+    ``predict`` has joined its threads and written and renamed every file by then, and the interpreter's teardown
+    (unloading the ~2,000 modules of torch, Numba and SciPy) cost 0.7 s of CPU there for nothing (measured, after
+    ``import torch`` alone). Under coverage the usual exit runs: coverage saves its data at exit.
+    """
+    args = build_parser().parse_args()
+    code = _dispatch(args)
+    if args.command in QUICK_EXIT_COMMANDS and "coverage" not in sys.modules:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     _setup_logging(args)
     from . import commands
 
@@ -385,4 +411,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -206,10 +206,11 @@ def preprocess_image(data: np.ndarray, spacing: Sequence[float], plans, config_n
     return data, props
 
 
-def preprocess_input(case: CaseInput, plans, config_name: str, foreground_labels: Sequence[int] = ()
-                     ) -> tuple[np.ndarray, dict[str, Any]]:
+def preprocess_input(case: CaseInput, plans, config_name: str, foreground_labels: Sequence[int] = (),
+                     read: tuple[np.ndarray, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Read ``case`` and preprocess it exactly as for training (:func:`preprocess_image`; the cascade's second stage
-    reads ``case.previous_stage_file``).
+    reads ``case.previous_stage_file``). ``read``: what :func:`read_case` returned for ``case``, when it was read
+    already.
 
     Returns
     -------
@@ -218,7 +219,7 @@ def preprocess_input(case: CaseInput, plans, config_name: str, foreground_labels
     """
     from ..io.image import read_label
 
-    data, geom = read_case(case)
+    data, geom = read if read is not None else read_case(case)
     prev = None
     if case.previous_stage_file is not None:
         prev, _ = read_label(case.previous_stage_file)

@@ -36,6 +36,7 @@ __all__ = [
     "TrainedModel",
     "model_folder_for",
     "available_folds",
+    "read_plans_and_dataset_json",
     "load_model",
 ]
 
@@ -164,6 +165,23 @@ def _load_plans(folder: Path):
                     "nnfast model folder (train with `nnfast train`, or copy the plans next to the folds)")
 
 
+def read_plans_and_dataset_json(model_folder: Path | str) -> tuple[Any, dict]:
+    """The plans and dataset.json of a trainer folder, without torch (what :func:`load_model` reads besides the
+    weights; a folder without ``dataset.json`` gets one built from the plans, ``.nii.gz`` files).
+
+    Raises
+    ------
+    PlanError
+        No readable plans in the folder.
+    """
+    folder = Path(model_folder)
+    plans = _load_plans(folder)
+    dj_path = folder / layout.DATASET_JSON
+    dataset_json = json.loads(dj_path.read_text()) if dj_path.is_file() else {
+        "labels": dict(plans.labels), "channel_names": dict(plans.channel_names), "file_ending": ".nii.gz"}
+    return plans, dataset_json
+
+
 #: checkpoint entries that are training state, not needed (nor kept) for inference
 _TRAINING_STATE = ("optimizer_state", "grad_scaler_state", "lr_scheduler_state", "rng", "logging")
 
@@ -247,10 +265,8 @@ def load_model(model_folder: Path | str, folds: Sequence | None = None,
             raise CaseNotFoundError(f"no fold in `{folder}` holds `{checkpoint_name}`; finish training or pick "
                                     "another --checkpoint")
     folds = tuple("all" if str(f) == "all" else int(f) for f in folds)
-    plans = _load_plans(folder)
+    plans, dataset_json = read_plans_and_dataset_json(folder)
     dj_path = folder / layout.DATASET_JSON
-    dataset_json = json.loads(dj_path.read_text()) if dj_path.is_file() else {
-        "labels": dict(plans.labels), "channel_names": dict(plans.channel_names), "file_ending": ".nii.gz"}
     weights, metas = [], []
     for f in folds:
         fold_dir = folder / layout.fold_name(f)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,8 @@ import numpy as np
 from .. import layout
 from ..device import resolve_device
 from ..errors import CaseNotFoundError, NnfastError, PlanError, UsageError
-from .inputs import CaseInput, cases_from_file_lists, list_cases, preprocess_input
-from .model import TrainedModel, load_model, model_folder_for
+from .inputs import CaseInput, cases_from_file_lists, list_cases, preprocess_input, read_case
+from .model import TrainedModel, load_model, model_folder_for, read_plans_and_dataset_json
 from .overlap import Outcome, StagePipeline
 
 if TYPE_CHECKING:
@@ -119,17 +120,20 @@ def predict_logits(model: TrainedModel, data: np.ndarray, network=None, *, use_t
     return out
 
 
-def _resolve_model(options: "PredictOptions") -> TrainedModel:
-    model_folder = options.model_folder
-    if model_folder is None:
-        if options.task is None:
-            raise PlanError("pass a model folder, or a task (and a configuration, default 3d_fullres)")
-        from ..settings import resolve_settings
+def _model_folder(options: "PredictOptions") -> Path:
+    if options.model_folder is not None:
+        return Path(options.model_folder)
+    if options.task is None:
+        raise PlanError("pass a model folder, or a task (and a configuration, default 3d_fullres)")
+    from ..settings import resolve_settings
 
-        settings = options.settings or resolve_settings()
-        model_folder = model_folder_for(settings.require("results"), options.task, options.config or "3d_fullres",
-                                        trainer=options.trainer, plans_identifier=options.plans_identifier)
-    return load_model(model_folder, options.folds, options.checkpoint_name, config_name=options.config)
+    settings = options.settings or resolve_settings()
+    return model_folder_for(settings.require("results"), options.task, options.config or "3d_fullres",
+                            trainer=options.trainer, plans_identifier=options.plans_identifier)
+
+
+def _resolve_model(options: "PredictOptions") -> TrainedModel:
+    return load_model(_model_folder(options), options.folds, options.checkpoint_name, config_name=options.config)
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,95 @@ def _outputs_complete(out_dir: Path, case_id: str, ending: str, save_probabiliti
     return all(f.is_file() for f in files)
 
 
+def _cases_to_predict(inputs, out_dir: Path, ending: str, num_channels: int, channel_names: Sequence[str],
+                      opts: PredictOptions) -> tuple[list[CaseInput], list[str]]:
+    """(the cases of this part still to predict, the ids skipped because their outputs exist)."""
+    if isinstance(inputs, (str, Path)):
+        cases = list_cases(Path(inputs), ending, num_channels, list(channel_names))
+    else:
+        cases = cases_from_file_lists(inputs, ending, num_channels)
+    cases = _select_part(cases, opts)
+    done_ids: set[str] = set()
+    if opts.continue_prediction:
+        done_ids = {c.case_id for c in cases if _outputs_complete(out_dir, c.case_id, ending, opts.save_probabilities)}
+    return [c for c in cases if c.case_id not in done_ids], sorted(done_ids)
+
+
+class _FirstCase:
+    """The first case read and preprocessed on a thread while the calling thread imports torch and loads the weights
+    (the two took ~2 s each, one after the other, before a single case reached the network).
+
+    It is prepared with what the model folder says without torch (plans, the configuration named by the options or
+    the folder); :meth:`take` hands it over only when the loaded model agrees, so the pipeline prepares the case
+    itself, exactly as before, whenever anything differs or failed.
+    """
+
+    def __init__(self, case: CaseInput, plans, config_name: str, kernels_ready: threading.Event | None = None
+                 ) -> None:
+        self.case, self.plans, self.config_name = case, plans, config_name
+        self.seconds = 0.0
+        self._result: tuple | None = None
+        self._kernels_ready = kernels_ready
+        self._thread = threading.Thread(target=self._prepare, name="nnfast-predict-first-case", daemon=True)
+        self._thread.start()
+
+    def _prepare(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            read = read_case(self.case)
+            if self._kernels_ready is not None:  # preprocessing's modules are being imported on the other thread
+                self._kernels_ready.wait()
+            self._result = preprocess_input(self.case, self.plans, self.config_name, read=read)
+        except Exception:  # the pipeline prepares the case again and reports the error as usual
+            self._result = None
+        self.seconds = time.perf_counter() - t0
+
+    def take(self, case: CaseInput, model: TrainedModel) -> tuple | None:
+        """``(data, properties)`` of ``case`` as :func:`preprocess_input` gives them for ``model``, or None (waits for
+        the thread; hands the result over once)."""
+        self._thread.join()
+        result, self._result = self._result, None
+        if result is None or case != self.case or model.config_name != self.config_name or model.plans != self.plans:
+            return None
+        return result
+
+
+def _start_first_case(inputs, out_dir: Path, opts: PredictOptions) -> _FirstCase | None:
+    """Start preparing the first case before the model is loaded; None where that cannot be decided without torch
+    (the folder or plans are unreadable, a cascade's second stage, nothing to predict): then the usual path runs and
+    reports any problem."""
+    try:
+        folder = _model_folder(opts)
+        plans, dataset_json = read_plans_and_dataset_json(folder)
+        config_name = opts.config or folder.name.rsplit("__", 1)[-1]  # load_model's choice unless a checkpoint differs
+        if plans.configuration(config_name).previous_stage is not None:
+            return None
+        cases, _ = _cases_to_predict(inputs, out_dir, str(dataset_json.get("file_ending", ".nii.gz")),
+                                     plans.num_input_channels, list(plans.channel_names.values()), opts)
+        case = next((c for c in cases if c.problem is None), None)
+        if case is None:
+            return None
+        # what the thread imports, imported here first: never two threads importing at once (which can hand one of
+        # them a half-initialized module). The thread reads the files while this one imports the preprocessing
+        # kernels (Numba), then preprocesses while this one imports torch.
+        import SimpleITK  # noqa: F401
+
+        from ..io import image, nifti_integrity  # noqa: F401
+    except Exception:
+        return None
+    kernels_ready = threading.Event()
+    first = _FirstCase(case, plans, config_name, kernels_ready)
+    try:
+        from ..native._jit import load_dispatch_machinery
+        from ..preprocess import pipeline  # noqa: F401
+
+        load_dispatch_machinery()
+    except Exception:  # the thread's preprocessing then fails too, and the pipeline reports it
+        pass
+    kernels_ready.set()
+    return first
+
+
 def predict_folder(
     inputs: Path | str | Sequence[Sequence[Path | str]],
     output_folder: Path | str,
@@ -256,25 +349,19 @@ def predict_folder(
 
     opts = options if options is not None else PredictOptions()
     t_start = time.perf_counter()
-    _select_part([], opts)  # a bad part or device is an error before anything is loaded or written
-    resolve_device(opts.device)
-    model = model if model is not None else _resolve_model(opts)
+    _select_part([], opts)  # a bad part is an error before anything is loaded or written
     out_dir = Path(output_folder)
+    # the first case is read and preprocessed while torch is imported and the weights are loaded
+    first = _start_first_case(inputs, out_dir, opts) if model is None else None
+    resolve_device(opts.device)  # a bad device is an error before anything is written
+    model = model if model is not None else _resolve_model(opts)
     out_dir.mkdir(parents=True, exist_ok=True)
     ending = model.file_ending
-    if isinstance(inputs, (str, Path)):
-        cases = list_cases(Path(inputs), ending, model.num_image_channels, list(model.plans.channel_names.values()))
-    else:
-        cases = cases_from_file_lists(inputs, ending, model.num_image_channels)
     report = PredictionReport(out_dir)
-    cases = _select_part(cases, opts)
-    if opts.continue_prediction:
-        done_ids = {c.case_id for c in cases
-                    if _outputs_complete(out_dir, c.case_id, ending, opts.save_probabilities)}
-        report.skipped = sorted(done_ids)
-        cases = [c for c in cases if c.case_id not in done_ids]
-        if done_ids:
-            log.info("--continue: %d case(s) already predicted, skipped", len(done_ids))
+    cases, report.skipped = _cases_to_predict(inputs, out_dir, ending, model.num_image_channels,
+                                              list(model.plans.channel_names.values()), opts)
+    if report.skipped:
+        log.info("--continue: %d case(s) already predicted, skipped", len(report.skipped))
 
     conf = model.configuration
     if conf.previous_stage is not None:
@@ -285,7 +372,7 @@ def predict_folder(
     todo = [c for c in cases if c.problem is None]
     log.info("predicting %d case(s) with %s (%s, folds %s, TTA %s) into %s", len(todo), model.folder.name,
              model.config_name, list(model.folds), opts.use_tta, out_dir)
-    _run(model, todo, out_dir, ending, report, opts, progress=progress, logits_hook=logits_hook)
+    _run(model, todo, out_dir, ending, report, opts, progress=progress, logits_hook=logits_hook, first=first)
     report.seconds["total"] = time.perf_counter() - t_start
     write_json_atomic(out_dir / "nnfast_predict.json", {
         "model_folder": str(model.folder), "configuration": model.config_name, "folds": list(model.folds),
@@ -328,9 +415,9 @@ def _attach_previous_stage(cases, model, out_dir, opts: PredictOptions, report) 
 
 
 def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str, report: PredictionReport,
-         opts: PredictOptions, *, progress: Progress | None, logits_hook=None) -> None:
+         opts: PredictOptions, *, progress: Progress | None, logits_hook=None, first: _FirstCase | None = None) -> None:
     """Preprocess (a background thread) -> predict (this thread) -> export (``workers`` threads), overlapped and
-    bounded by :class:`~nnfast.infer.overlap.StagePipeline`."""
+    bounded by :class:`~nnfast.infer.overlap.StagePipeline`; ``first``: the first case, already being prepared."""
     import torch
 
     from ..native._jit import available_cores
@@ -343,7 +430,17 @@ def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str
     fg = model.labels.foreground_labels
     net = model.build_network()
 
+    early: list = [first] if first is not None else []
+    early_seconds = [0.0]  # the first case's preprocessing time that the pipeline did not see (it only waited)
+
     def preprocess(case: CaseInput):
+        if early:
+            t0 = time.perf_counter()
+            prefetched = early.pop()
+            got = prefetched.take(case, model)
+            if got is not None:
+                early_seconds[0] = prefetched.seconds - (time.perf_counter() - t0)
+                return got
         return preprocess_input(case, model.plans, model.config_name, fg)
 
     def predict(case: CaseInput, prepared):
@@ -386,7 +483,8 @@ def _run(model: TrainedModel, cases: list[CaseInput], out_dir: Path, ending: str
     finally:
         torch.set_num_threads(torch_threads)
     secs = pipeline.seconds
-    report.seconds.update({"preprocess": secs["prepare"], "predict": secs["compute"], "export": secs["finish"]})
+    report.seconds.update({"preprocess": secs["prepare"] + early_seconds[0], "predict": secs["compute"],
+                           "export": secs["finish"]})
 
 
 def _reason(e: BaseException) -> str:

@@ -357,6 +357,21 @@ def warmup_shared(modules: "tuple[str, ...]", index: int, count: int, lock_dir: 
                 os.close(fd)  # closing releases the lock
 
 
+def load_dispatch_machinery() -> None:
+    """Import on this thread what Numba imports at a process's first kernel call (its typing and lowering registries,
+    SciPy's BLAS bindings: ~1 s of imports), as its dispatcher does it (under Numba's compiler lock).
+
+    A thread started afterwards then only loads and runs kernels, and can run beside another thread's long import
+    (``nnfast predict`` prepares its first case while torch is imported) without two threads importing the same
+    modules at once, which can hand one of them a half-initialized module.
+    """
+    from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.registry import cpu_target
+
+    with global_compiler_lock:
+        cpu_target.target_context.refresh()
+
+
 def available_cores() -> int:
     """Cores this process may use (CPU affinity aware)."""
     try:

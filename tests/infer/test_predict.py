@@ -331,6 +331,61 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
     assert "holds `3d_fullres` checkpoints" in capsys.readouterr().err
 
 
+def test_first_case_prepared_before_the_model_loads_is_the_case_the_model_would_prepare(tmp_path):
+    from nnfast.infer.inputs import list_cases, preprocess_input
+    from nnfast.infer.predict import _FirstCase, _start_first_case
+
+    plans = tiny_plans()
+    model_dir = make_model_folder(tmp_path / "results", plans, "3d_fullres")
+    _inputs(tmp_path / "in")
+    opts = PredictOptions(model_folder=model_dir, use_tta=False, device="cpu")
+    first = _start_first_case(tmp_path / "in", tmp_path / "out", opts)
+    model = load_model(model_dir)
+    a, b = list_cases(tmp_path / "in", ".nii.gz", 1)
+    assert first is not None and first.case == a
+    assert first.take(b, model) is None  # another case: the pipeline prepares it itself
+    first = _start_first_case(tmp_path / "in", tmp_path / "out", opts)
+    data, props = first.take(a, model)
+    ref_data, ref_props = preprocess_input(a, model.plans, model.config_name)
+    np.testing.assert_array_equal(data, ref_data)
+    assert json.dumps(props, sort_keys=True, default=str) == json.dumps(ref_props, sort_keys=True, default=str)
+    assert first.take(a, model) is None and first.seconds > 0  # handed over once
+    assert _FirstCase(a, plans, "2d").take(a, model) is None  # prepared for another configuration
+
+    # nothing is started where the model folder alone cannot say how to prepare the case
+    assert _start_first_case(tmp_path / "in", tmp_path / "out", PredictOptions(model_folder=tmp_path / "no")) is None
+    cascade = make_model_folder(tmp_path / "results", tiny_plans(cascade=True), "3d_cascade_fullres", n_in=3)
+    assert _start_first_case(tmp_path / "in", tmp_path / "out", PredictOptions(model_folder=cascade)) is None
+    (tmp_path / "out").mkdir()
+    for cid in ("a", "b"):
+        (tmp_path / "out" / f"{cid}.nii.gz").write_bytes(b"")
+    assert _start_first_case(tmp_path / "in", tmp_path / "out",
+                             dataclasses.replace(opts, continue_prediction=True)) is None
+
+    # predict_folder with the early first case writes what it writes with an already loaded model
+    predict_folder(tmp_path / "in", tmp_path / "early", opts)
+    predict_folder(tmp_path / "in", tmp_path / "loaded", opts, model=model)
+    for cid in ("a", "b"):
+        np.testing.assert_array_equal(*(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / f"{cid}.nii.gz")))
+                                        for d in ("early", "loaded")))
+
+
+def test_cli_program_flushes_its_report_before_the_quick_exit(tmp_path):
+    plans = tiny_plans()
+    model = make_model_folder(tmp_path / "results", plans, "3d_fullres")
+    _inputs(tmp_path / "in")
+    cmd = [sys.executable, "-m", "nnfast.cli", "predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+           "--model-folder", str(model), "--no-tta", "--device", "cpu"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "2 case(s) written" in run.stdout
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz"]
+    write_image(np.zeros((4, 5, 6), np.float32), tmp_path / "in" / "c_0001.nii.gz", (1.0, 1.0, 1.0))
+    run = subprocess.run([*cmd[:7], str(tmp_path / "out2"), *cmd[8:], "-q"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 1 and "c: channel 0" in run.stderr
+
+
 def test_validate_fold_predicts_and_scores_the_validation_cases(tmp_path):
     from factories import make_raw_dataset
 
