@@ -81,6 +81,45 @@ def test_two_workers_and_dask_give_identical_stores(raw, reference, tmp_path):
     _assert_same(reference, _stores(sd))
 
 
+def test_workers_start_before_planning_on_a_fresh_folder_only(raw, reference, tmp_path, monkeypatch):
+    """A fresh folder: the pool starts ahead of verify/fingerprint/plan; a rerun with every case current starts none."""
+    import nnfast.plan.api as plan_api
+    from nnfast.parallel import TaskPool
+
+    events = []
+    start, plan = TaskPool.start, plan_api.plan_dataset
+    monkeypatch.setattr(TaskPool, "start", lambda self: events.append("workers") or start(self))
+    monkeypatch.setattr(plan_api, "plan_dataset", lambda *a, **k: events.append("plan") or plan(*a, **k))
+    s = _settings(raw, tmp_path)
+    first = preprocess_dataset(NAME, s, workers=2, verify=False)
+    assert events[:2] == ["workers", "plan"] and first.configs[0].computed == 6
+    events.clear()
+    again = preprocess_dataset(NAME, s, workers=2, verify=False)
+    assert events == ["plan"] and (again.configs[0].computed, again.configs[0].skipped) == (0, 6)
+    _assert_same(reference, _stores(s))
+
+
+@pytest.mark.timeout(120)
+def test_verification_failure_with_workers_started_ahead_stops_before_fingerprinting(raw, tmp_path):
+    import multiprocessing
+    import shutil
+
+    from nnfast.errors import NnfastError
+
+    bad_raw = tmp_path / "raw"
+    shutil.copytree(raw, bad_raw)
+    img = bad_raw / NAME / "imagesTr" / "case_003_0000.nii.gz"
+    img.write_bytes(img.read_bytes()[:200])  # truncated
+    s = _settings(bad_raw, tmp_path)
+    with pytest.raises(NnfastError, match="case_003_0000.nii.gz"):
+        preprocess_dataset(NAME, s, workers=2)
+    from nnfast.layout import FINGERPRINT_FILE
+
+    assert not (s.preprocessed / NAME / FINGERPRINT_FILE).exists()
+    assert not _stores(s)
+    assert [p for p in multiprocessing.active_children() if p.name == "nnfast-worker"] == []
+
+
 def _cli(raw, pre, *extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
