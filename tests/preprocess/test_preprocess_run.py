@@ -1,5 +1,6 @@
 """``nnfast preprocess`` as users run it: resume after a crash, worker death, worker-count and dask independence."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,21 +170,30 @@ def _live_spawned_children(parent) -> list:
 
 @pytest.mark.timeout(300)
 def test_killed_worker_is_a_clear_error(raw, tmp_path):
+    """A worker killed while it holds a case (its temporary store, named with its pid, exists): exit code 2 and an
+    error naming the signal, that case and fewer workers. (A worker killed while idle loses no work: the others go
+    on, ``tests/test_parallel.py``.)"""
     import psutil
 
     proc = _cli(raw, tmp_path / "pre", "--workers", "2", "--force")
     parent = psutil.Process(proc.pid)
+    folder = tmp_path / "pre" / NAME / "nnfast_3d_fullres"
     victim = None
     deadline = time.monotonic() + 240
     while victim is None and time.monotonic() < deadline and proc.poll() is None:
-        kids = _live_spawned_children(parent)
-        if len(kids) >= 2 and list((tmp_path / "pre" / NAME).glob("nnfast_3d_fullres")):
-            # the newest: a pool worker, not the short-lived background compiler started before the pool
-            victim = max(kids, key=lambda c: c.create_time())
-        time.sleep(0.05)
-    assert victim is not None, "no worker processes seen"
+        pids = {c.pid for c in _live_spawned_children(parent)}
+        for tmp in folder.glob(".*.zarr.tmp-*") if folder.is_dir() else []:
+            pid = int(tmp.name.split(".tmp-")[1].split("-")[0])
+            if pid in pids:
+                victim = psutil.Process(pid)
+                break
+        time.sleep(0.02)
+    assert victim is not None, "no worker seen holding a case"
     victim.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err)
     assert "SIGKILL" in err and "--workers 1" in err
-    assert "case_0" in err or "while starting" in err or "between tasks" in err
+    named = re.search(r"while processing case (case_\d+)", err)
+    assert named, err
+    # the case it held when killed (or, had it just finished that one, the next): never a finished store
+    assert not (folder / f"{named.group(1)}.zarr").exists()
