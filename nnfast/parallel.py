@@ -405,8 +405,9 @@ class TaskPool:
 
 
     def _drop_dead(self, case_keys: list[str]) -> None:
-        """Workers that died while holding no task (killed while the caller was busy elsewhere): no work is lost,
-        so go on with the others (a warning naming how each died); ``WorkerDiedError`` when none is left."""
+        """Workers that died after starting, while holding no task (killed while the caller was busy elsewhere): no
+        work is lost, so go on with the others (a warning naming how each died); ``WorkerDiedError`` when none is left
+        or when one died while starting (as :func:`run_tasks`: a failed start is rarely a one-off)."""
         for slot in list(self.slots):
             try:
                 while not slot.ready and slot.conn.poll():  # it may have said "ready", or why it failed, before dying
@@ -419,7 +420,7 @@ class TaskPool:
             if slot.proc.exitcode is None:
                 continue
             err = _died_error(slot, case_keys, self.workers, 0)
-            if len(self.slots) == 1:
+            if len(self.slots) == 1 or not slot.ready:
                 raise err
             logger.warning("%s Continuing with %d workers.", err, len(self.slots) - 1)
             self.slots.remove(slot)

@@ -292,7 +292,7 @@ def test_task_pool_worker_killed_while_the_caller_was_busy_is_dropped_with_a_war
     with caplog.at_level(logging.WARNING, logger="nnfast.parallel"):
         with TaskPool(tasks.misbehave, workers=2) as pool:
             victim = pool.slots[0].proc
-            time.sleep(0.5)
+            assert pool.slots[0].conn.poll(30)  # it has started ("ready" waits in its pipe)
             os.kill(victim.pid, signal.SIGKILL)
             victim.join(10)
             out = pool.run(items, keys=keys)
@@ -314,6 +314,18 @@ def test_task_pool_dead_worker_names_the_case_and_closes_the_pool(tmp_path):
     _assert_no_workers_left(tmp_path)  # closed by the failed run, before any `with` exit
     with pytest.raises(Exception, match="closed"):
         pool.run(items, keys=keys)
+
+
+@pytest.mark.timeout(60)
+def test_task_pool_worker_dead_while_starting_is_an_error():
+    from nnfast.parallel import TaskPool
+
+    with TaskPool(tasks.square, workers=2, initializer=os._exit, initargs=(3,)) as pool:
+        for slot in pool.slots:
+            slot.proc.join(30)
+        with pytest.raises(WorkerDiedError, match="exited with code 3 while starting"):
+            pool.run([1, 2, 3])
+    assert _our_workers() == []
 
 
 @pytest.mark.timeout(60)
