@@ -44,8 +44,10 @@ fast as nnU-Net v2.8.1's blosc2 path or faster (0.68-1.01x its time, depending o
 (zarr-python: 3-6x); the table of variants is in that file's docstring. The write is the largest cost of ``nnfast
 preprocess`` (``benchmarks/README.md``): level 3 compresses ~25 % faster than level 5 for +0.7 % bytes and the same
 patch-read time (1.01x vs 1.00x nnU-Net's, one interleaved run); level 1 is 3x faster but 1.11x nnU-Net's bytes and
-1.17x its read time, plain LZ4 1.12x the bytes. The shards are written by :class:`~nnfast.io.shard_writer.ShardWriter`
-(the bytes zarr-python writes, without its pipeline).
+1.17x its read time, plain LZ4 1.12x the bytes; level 2 (re-measured 12-07 for issue 13 goal 2: 2.3-2.9x faster
+to compress than level 3) is 1.09x nnU-Net's bytes and 1.16-1.21x its read time, so level 3 stays. The shards are
+written by :class:`~nnfast.io.shard_writer.ShardWriter` and the metadata by :mod:`nnfast.io.zarr_json` (the bytes
+zarr-python writes, without its pipeline; a preprocessing worker never imports zarr).
 """
 from __future__ import annotations
 
