@@ -127,10 +127,11 @@ def preprocess_dataset(
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         pool = None
-        if scheduler is None and workers > 1 and (force or not _has_case_stores(task, settings)):
+        ahead = min(workers, _training_case_count(task, settings)) if scheduler is None and workers > 1 else 0
+        if ahead > 1 and (force or not _has_case_stores(task, settings)):
             # the workers start (interpreter, imports, kernels: ~2 s of CPU each) while this process verifies,
             # fingerprints and plans on one core, and they compile a cold kernel cache instead of a background process
-            pool = stack.enter_context(_preprocess_pool(workers))
+            pool = stack.enter_context(_preprocess_pool(ahead))
             compiler = None
         else:
             compiler = compile_in_background(scheduler)  # while verify + fingerprint run (cold cache only)
@@ -150,6 +151,17 @@ def _preprocess_pool(workers: int):
     from .pipeline import run_case_task
 
     return TaskPool(run_case_task, workers=workers, warmup=PREPROCESS_KERNELS, initializer=single_threaded_libraries)
+
+
+def _training_case_count(task: str | int, settings: Settings) -> int:
+    """The dataset's number of training cases (no more workers than that start ahead); 0 when it cannot be listed
+    (the planning then reports why)."""
+    from ..plan.api import load_dataset_for_task
+
+    try:
+        return len(load_dataset_for_task(task, settings)[1])
+    except Exception:  # any problem of the dataset is verification's and planning's to report, with its context
+        return 0
 
 
 def _has_case_stores(task: str | int, settings: Settings) -> bool:

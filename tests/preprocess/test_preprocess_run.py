@@ -100,6 +100,18 @@ def test_workers_start_before_planning_on_a_fresh_folder_only(raw, reference, tm
     _assert_same(reference, _stores(s))
 
 
+def test_no_more_workers_start_ahead_than_there_are_cases(tmp_path, monkeypatch):
+    from nnfast.parallel import TaskPool
+
+    started = []
+    start = TaskPool.start
+    monkeypatch.setattr(TaskPool, "start", lambda self: started.append(self.workers) or start(self))
+    raw = tmp_path / "raw"
+    make_raw_dataset(raw, 32, "One", [(10, 40, 44)], [(3.0, 0.8, 0.8)], seed=3)
+    summary = preprocess_dataset("Dataset032_One", _settings(raw, tmp_path), workers=2, verify=False)
+    assert summary.configs[0].computed == 1 and started == []  # one case: it runs in this process, no pool
+
+
 @pytest.mark.timeout(120)
 def test_verification_failure_with_workers_started_ahead_stops_before_fingerprinting(raw, tmp_path):
     import multiprocessing
