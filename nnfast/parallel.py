@@ -16,6 +16,10 @@ loader: spawn, pipes, thread policy, dead-worker diagnosis, stop escalation):
   message, after the other workers have been stopped; no child process outlives the call, also on
   ``KeyboardInterrupt``.
 
+:class:`TaskPool` is the same pool started ahead of its tasks: ``nnfast preprocess`` starts its workers (interpreter,
+imports, kernel warm-up: ~2 s of CPU each) while it still verifies, fingerprints and plans, then runs each
+configuration's cases on them.
+
 The same tasks can run on a dask cluster (``scheduler="tcp://host:port"``, a ``distributed.Client``, or
 ``"local:N"`` for a temporary ``LocalCluster``). Importing this module is cheap: Numba, psutil and dask are
 imported only when a pool or a scheduler is used.
@@ -36,7 +40,7 @@ from .errors import SettingsError, InputTypeError, WorkerDiedError, WorkerStartE
 from .ipc import PackedError, RemoteTraceback, dumps, loads, send_error, unpack_exception
 from .workers import Worker, died_error, start_workers, stop_workers, wait
 
-__all__ = ["run_tasks", "run_in_threads", "peak_rss_bytes", "PeakRss", "format_bytes"]
+__all__ = ["run_tasks", "TaskPool", "run_in_threads", "peak_rss_bytes", "PeakRss", "format_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -310,75 +314,181 @@ def _send_error(conn, index: int, exc: BaseException) -> bool:
     return send_error(conn, index, exc, None)
 
 
+class TaskPool:
+    """A :func:`run_tasks` pool of spawned workers for one function, started ahead of its tasks and reusable.
+
+    Its workers start (interpreter, imports, kernel warm-up) while this process still does other work, e.g. verifies
+    and plans a dataset before preprocessing it; :meth:`run` hands them tasks when those are known, and may be called
+    again (one call per configuration). Use it as a context manager: leaving the block stops every worker (gracefully
+    when the block succeeded), also on an error before the first :meth:`run`. A worker that died while the caller was
+    busy elsewhere is reported by the next :meth:`run` like any worker death (``WorkerDiedError``, "while starting").
+
+    Parameters
+    ----------
+    func, initializer, initargs, threads_per_worker, warmup
+        As for :func:`run_tasks` (``warmup``: the kernel modules the workers share the warm-up of,
+        ``warmup_in_workers``; empty: none).
+    workers
+        Number of worker processes (>= 2; with fewer, call :func:`run_tasks` in-process instead).
+    """
+
+    def __init__(self, func: Callable[[Any], Any], *, workers: int, initializer: Callable[..., None] | None = None,
+                 initargs: tuple = (), threads_per_worker: int | None = None, warmup: tuple[str, ...] = ()):
+        if workers < 2:
+            raise SettingsError(f"TaskPool needs at least 2 workers, got {workers}; run in-process with run_tasks")
+        try:
+            self._payload = dumps((func, initializer, initargs))
+        except Exception as exc:
+            raise InputTypeError(
+                f"run_tasks with workers={workers} needs a module-level (picklable) function, initializer and "
+                f"initargs; pickling failed: {type(exc).__name__}: {exc}") from exc
+        self.func = func
+        self.workers = int(workers)
+        self._threads = threads_per_worker
+        self._warm = tuple(warmup)
+        self.slots: list[Worker] = []
+        self._closed = False
+
+    def start(self) -> "TaskPool":
+        """Start the workers (returns at once: they import and warm up in the background)."""
+        from .native import threads_per_worker
+
+        if self.slots or self._closed:
+            return self
+        from .native._jit import warmup_lock_dir
+
+        lock_dir = warmup_lock_dir() if self._warm else ""
+        threads = self._threads if self._threads is not None else threads_per_worker(self.workers)
+        try:
+            for i in range(self.workers):  # one at a time: each worker gets its index (its share of the warm-up)
+                self.slots += start_workers(1, _task_setup, (self._payload, self._warm, i, self.workers, lock_dir),
+                                            name="nnfast-worker", threads=threads)
+        except BaseException:
+            self.close(graceful=False)
+            raise
+        return self
+
+    def __enter__(self) -> "TaskPool":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(graceful=exc_type is None)
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop and join every worker (:func:`nnfast.workers.stop_workers`); the pool cannot run tasks afterwards."""
+        slots, self.slots = self.slots, []
+        self._closed = True
+        stop_workers(slots, graceful=graceful, join_s=_JOIN_TIMEOUT_S)
+
+    def run(self, items: Sequence[Any], *, keys: Sequence[str] | None = None, sizes: Sequence[float] | None = None,
+            progress: Progress | None = None, desc: str = "cases") -> list:
+        """``[func(item) for item in items]`` on the pool's workers (see :func:`run_tasks` for the arguments, the
+        order of hand-out and the errors). After an error the pool is closed."""
+        items = list(items)
+        if self._closed:
+            raise SettingsError("this TaskPool is closed; start a new one")
+        self.start()
+        case_keys = _case_keys(items, keys)
+        order = _submission_order(len(items), sizes)
+        if not items:
+            return []
+        ok = False
+        try:
+            self._drop_dead(case_keys)
+            logger.info("running %d %s on %d worker processes", len(items), desc, len(self.slots))
+            results = _serve_tasks(self.slots, items, order, case_keys, progress, self.workers)
+            ok = True
+            return results
+        finally:
+            if not ok:
+                self.close(graceful=False)
+
+
+    def _drop_dead(self, case_keys: list[str]) -> None:
+        """Workers that died after starting, while holding no task (killed while the caller was busy elsewhere): no
+        work is lost, so go on with the others (a warning naming how each died); ``WorkerDiedError`` when none is left
+        or when one died while starting (as :func:`run_tasks`: a failed start is rarely a one-off)."""
+        for slot in list(self.slots):
+            try:
+                while not slot.ready and slot.conn.poll():  # it may have said "ready", or why it failed, before dying
+                    kind, _index, value, _peak = slot.conn.recv()
+                    if kind == "error":
+                        _raise_task_error(value, None)
+                    slot.ready = kind == "ready"
+            except (EOFError, OSError):
+                pass
+            if slot.proc.exitcode is None:
+                continue
+            err = _died_error(slot, case_keys, self.workers, 0)
+            if len(self.slots) == 1 or not slot.ready:
+                raise err
+            logger.warning("%s Continuing with %d workers.", err, len(self.slots) - 1)
+            self.slots.remove(slot)
+            stop_workers([slot], graceful=False)
+
+
 def _run_pool(func, items, order, case_keys, progress, initializer, initargs, pool_size, workers,
               threads, warm: tuple[str, ...] = ()) -> list:
     from .native import threads_per_worker
-    from .native._jit import warmup_lock_dir
 
-    try:
-        payload = dumps((func, initializer, initargs))
-    except Exception as exc:
-        raise InputTypeError(
-            f"run_tasks with workers={workers} needs a module-level (picklable) function, initializer and "
-            f"initargs; pickling failed: {type(exc).__name__}: {exc}") from exc
+    with TaskPool(func, workers=pool_size, initializer=initializer, initargs=initargs, warmup=warm,
+                  threads_per_worker=threads if threads is not None else threads_per_worker(workers)) as pool:
+        return _serve_tasks(pool.slots, items, order, case_keys, progress, workers)
+
+
+def _serve_tasks(slots: list[Worker], items: list, order: list[int], case_keys: list[str], progress: Progress | None,
+                 workers: int) -> list:
+    """Hand ``items`` to the started workers ``slots`` (one task per idle worker, in ``order``) and collect the
+    results; a worker that dies holding a task (or while starting, or the last one) raises ``WorkerDiedError``, an
+    idle one that dies is dropped from ``slots`` and the others go on."""
     n = len(items)
     results: list = [None] * n
     pending = list(reversed(order))  # pop() from the end gives the next task to hand out
-    slots: list[Worker] = []
     done = 0
     peak_seen = 0
     last_sample = 0.0
-    ok = False
-    lock_dir = warmup_lock_dir() if warm else ""
-    try:
-        for i in range(pool_size):  # one at a time: each worker gets its index (its share of the warm-up)
-            slots += start_workers(1, _task_setup, (payload, warm, i, pool_size, lock_dir), name="nnfast-worker",
-                                   threads=threads if threads is not None else threads_per_worker(workers))
-        while done < n:
-            for slot in slots:  # hand out work: one task per idle worker
-                if slot.ready and not slot.tasks and pending:
-                    slot.tasks.append(pending.pop())
-                    try:
-                        slot.send((slot.tasks[0], items[slot.tasks[0]]))  # if it died, its sentinel says so below
-                    except Exception as exc:
-                        raise InputTypeError(f"the item of case {case_keys[slot.tasks[0]]} cannot be sent to a worker "
+    while done < n:
+        for slot in slots:  # hand out work: one task per idle worker
+            if slot.ready and not slot.tasks and pending:
+                slot.tasks.append(pending.pop())
+                try:
+                    slot.send((slot.tasks[0], items[slot.tasks[0]]))  # if it died, its sentinel says so below
+                except Exception as exc:
+                    raise InputTypeError(f"the item of case {case_keys[slot.tasks[0]]} cannot be sent to a worker "
                                          f"process: {type(exc).__name__}: {exc}") from exc
-            ready = wait(slots, timeout=_SAMPLE_EVERY_S)
-            for slot in list(slots):
-                msg = slot.recv() if slot.conn in ready else None
-                if msg is not None:
-                    kind, index, value, peak = msg
-                    if kind == "ready":
-                        slot.ready = True
-                        continue
-                    if kind == "error":
-                        _raise_task_error(value, case_keys[index] if index >= 0 else None)
-                    results[index] = value
-                    peak_seen = max(peak_seen, peak)
-                    slot.tasks.clear()
-                    done += 1
-                    if progress is not None:
-                        progress(done, n, case_keys[index])
-                elif slot.conn in ready or slot.proc.sentinel in ready:
-                    if slot.conn not in ready and slot.conn.poll():
-                        continue  # a last message arrived before the exit: read it first
-                    slot.proc.join(_JOIN_TIMEOUT_S)
-                    err = _died_error(slot, case_keys, workers, peak_seen)
-                    if slot.tasks or not slot.ready or len(slots) == 1:
-                        raise err
-                    # An idle worker died (the OOM killer may pick one holding memory from its last case):
-                    # no work is lost, go on with the others.
-                    logger.warning("%s Continuing with %d workers.", err, len(slots) - 1)
-                    slots.remove(slot)
-                    stop_workers([slot], graceful=False)
-            now = time.monotonic()
-            if now - last_sample >= _SAMPLE_EVERY_S:
-                last_sample = now
-                _sample_rss(slots)
-        ok = True
-        return results
-    finally:
-        stop_workers(slots, graceful=ok, join_s=_JOIN_TIMEOUT_S)
+        ready = wait(slots, timeout=_SAMPLE_EVERY_S)
+        for slot in list(slots):
+            msg = slot.recv() if slot.conn in ready else None
+            if msg is not None:
+                kind, index, value, peak = msg
+                if kind == "ready":
+                    slot.ready = True
+                    continue
+                if kind == "error":
+                    _raise_task_error(value, case_keys[index] if index >= 0 else None)
+                results[index] = value
+                peak_seen = max(peak_seen, peak)
+                slot.tasks.clear()
+                done += 1
+                if progress is not None:
+                    progress(done, n, case_keys[index])
+            elif slot.conn in ready or slot.proc.sentinel in ready:
+                if slot.conn not in ready and slot.conn.poll():
+                    continue  # a last message arrived before the exit: read it first
+                slot.proc.join(_JOIN_TIMEOUT_S)
+                err = _died_error(slot, case_keys, workers, peak_seen)
+                if slot.tasks or not slot.ready or len(slots) == 1:
+                    raise err
+                # An idle worker died (the OOM killer may pick one holding memory from its last case):
+                # no work is lost, go on with the others.
+                logger.warning("%s Continuing with %d workers.", err, len(slots) - 1)
+                slots.remove(slot)
+                stop_workers([slot], graceful=False)
+        now = time.monotonic()
+        if now - last_sample >= _SAMPLE_EVERY_S:
+            last_sample = now
+            _sample_rss(slots)
+    return results
 
 
 def _raise_task_error(value, key: str | None):

@@ -262,3 +262,78 @@ def test_run_in_threads_keeps_order_and_names_the_failing_case():
 
     with pytest.raises(ValueError, match=r"bad input \[case c3\]"):
         run_in_threads(boom, range(5), workers=2, keys=[f"c{i}" for i in range(5)])
+
+
+# ------------------------------------------------------------------------------------ pool started early
+@pytest.mark.timeout(60)
+def test_task_pool_started_ahead_serves_several_runs_in_the_same_workers():
+    from nnfast.parallel import TaskPool
+
+    with TaskPool(tasks.timed, workers=2) as pool:
+        assert len(_our_workers()) == 2  # started before any task is known
+        started = {slot.pid for slot in pool.slots}
+        time.sleep(0.5)  # the caller does other work meanwhile
+        first = pool.run([("a", 0.2), ("b", 0.2), ("c", 0.2)], keys=["a", "b", "c"], sizes=[1, 3, 2])
+        second = pool.run([("d", 0.2), ("e", 0.2)], keys=["d", "e"])
+        assert pool.run([]) == []
+    assert [k for k, _, _ in first] == ["a", "b", "c"] and [k for k, _, _ in second] == ["d", "e"]
+    assert {pid for _, _, pid in first + second} <= started  # both runs on the workers started ahead
+    assert _our_workers() == []
+
+
+@pytest.mark.timeout(60)
+def test_task_pool_worker_killed_while_the_caller_was_busy_is_dropped_with_a_warning(tmp_path, caplog):
+    import logging
+    import signal
+
+    from nnfast.parallel import TaskPool
+
+    items, keys = _misbehaving_items(tmp_path, "case_e")
+    with caplog.at_level(logging.WARNING, logger="nnfast.parallel"):
+        with TaskPool(tasks.misbehave, workers=2) as pool:
+            victim = pool.slots[0].proc
+            assert pool.slots[0].conn.poll(30)  # it has started ("ready" waits in its pipe)
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(10)
+            out = pool.run(items, keys=keys)
+    assert out == keys  # no task was lost: the other worker did them all
+    assert any("SIGKILL" in r.getMessage() and "Continuing with 1 workers" in r.getMessage() for r in caplog.records)
+    assert len({p.name for p in tmp_path.iterdir()}) == 1  # one worker ran every task
+    _assert_no_workers_left(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_task_pool_dead_worker_names_the_case_and_closes_the_pool(tmp_path):
+    from nnfast.parallel import TaskPool
+
+    items, keys = _misbehaving_items(tmp_path, "case_sigkill")
+    pool = TaskPool(tasks.misbehave, workers=2).start()
+    with pytest.raises(WorkerDiedError, match="SIGKILL") as info:
+        pool.run(items, keys=keys)
+    assert info.value.case == "case_sigkill" and "--workers 1" in str(info.value)
+    _assert_no_workers_left(tmp_path)  # closed by the failed run, before any `with` exit
+    with pytest.raises(Exception, match="closed"):
+        pool.run(items, keys=keys)
+
+
+@pytest.mark.timeout(60)
+def test_task_pool_worker_dead_while_starting_is_an_error():
+    from nnfast.parallel import TaskPool
+
+    with TaskPool(tasks.square, workers=2, initializer=os._exit, initargs=(3,)) as pool:
+        for slot in pool.slots:
+            slot.proc.join(30)
+        with pytest.raises(WorkerDiedError, match="exited with code 3 while starting"):
+            pool.run([1, 2, 3])
+    assert _our_workers() == []
+
+
+@pytest.mark.timeout(60)
+def test_task_pool_left_by_an_error_before_its_first_run_stops_its_workers():
+    from nnfast.parallel import TaskPool
+
+    with pytest.raises(ValueError, match="verification failed"):
+        with TaskPool(tasks.square, workers=2):
+            assert len(_our_workers()) == 2
+            raise ValueError("verification failed")  # e.g. planning refused the dataset
+    assert _our_workers() == []

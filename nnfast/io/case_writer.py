@@ -22,9 +22,10 @@ import numpy as np
 from ..errors import StoreError
 from .atomic import temporary_sibling
 from .store import (DEFAULT_CHUNK_NBYTES, DEFAULT_CHUNK_NBYTES_2D, DEFAULT_CLEVEL, DEFAULT_CNAME, SCHEMA_VERSION,
-                    STORE_SUFFIX, StoreLayout, _json_key, blosc_codec, central_sample, choose_shuffle, chunk_layout, class_location_name,
-                    create_sharded, install_store, jsonable, remove_tree, seg_dtype, sharded_writer)
+                    STORE_SUFFIX, StoreLayout, _json_key, central_sample, choose_shuffle, chunk_layout, class_location_name,
+                    install_store, jsonable, open_one_shard, remove_tree, seg_dtype)
 from . import store as _store
+from .zarr_json import write_group, write_single_chunk_array
 
 __all__ = ["CaseStoreWriter", "BOX_BYTES"]
 
@@ -50,8 +51,6 @@ class CaseStoreWriter:
                  case_id: str | None = None, cname: Literal["lz4", "lz4hc", "zstd"] = DEFAULT_CNAME,
                  clevel: int = DEFAULT_CLEVEL, shuffle: str = "auto", max_chunk_nbytes: int | None = None,
                  seg_max_chunk_nbytes: int | None = None):
-        import zarr
-
         self.path = Path(path)
         name = self.path.name
         self.case_id = case_id if case_id is not None else (
@@ -73,7 +72,7 @@ class CaseStoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temporary_sibling(self.path)
         try:
-            self.root = zarr.open_group(str(self.tmp), mode="w-", zarr_format=3)
+            self.tmp.mkdir()  # its zarr.json (the group and its attributes) is written last, by finish()
         except BaseException:
             remove_tree(self.tmp)
             raise
@@ -113,14 +112,11 @@ class CaseStoreWriter:
         seg = seg.astype(seg_dtype(seg), copy=False)
         layout = chunk_layout(seg.shape, self.patch_size, seg.itemsize, max_chunk_nbytes=self.seg_max_chunk_nbytes,
                               whole_slices=self.whole_slices)
-        _store.write_sharded(self.root, "seg", np.ascontiguousarray(seg), layout, -1,
-                      blosc_codec(self.cname, self.clevel, "noshuffle"))
-        cl = self.root.create_group("class_locations", attributes={"keys": keys})
+        _store.write_one_shard(self.tmp, "seg", np.ascontiguousarray(seg), layout, -1, self.cname, self.clevel,
+                               "noshuffle")
+        write_group(self.tmp / "class_locations", {"keys": keys})
         for arr_name, a in locations.items():
-            z = cl.create_array(arr_name, shape=a.shape, dtype=a.dtype, chunks=(max(1, a.shape[0]), 4),
-                                compressors=[blosc_codec("lz4", 5, "shuffle")], fill_value=0)
-            if a.size:
-                z[...] = a
+            write_single_chunk_array(self.tmp / "class_locations" / arr_name, a, 0, "lz4", 5, "shuffle")
         self._seg_info = _array_info(seg.shape, seg.dtype, layout, f"blosc-{self.cname}-{self.clevel}-noshuffle")
 
     def _image_layout(self, shape, dtype) -> StoreLayout:
@@ -132,8 +128,8 @@ class CaseStoreWriter:
         layout = self._image_layout(image.shape, image.dtype)
         shuffle = choose_shuffle(central_sample(image, layout), self.cname, self.clevel) \
             if self.shuffle == "auto" else self.shuffle
-        _store.write_sharded(self.root, "image", np.ascontiguousarray(image), layout, 0.0,
-                      blosc_codec(self.cname, self.clevel, shuffle))
+        _store.write_one_shard(self.tmp, "image", np.ascontiguousarray(image), layout, 0.0, self.cname, self.clevel,
+                               shuffle)
         self._image_info = _array_info(image.shape, image.dtype, layout,
                                        f"blosc-{self.cname}-{self.clevel}-{shuffle}")
 
@@ -159,7 +155,7 @@ class CaseStoreWriter:
             if self._seg_info["shape"][1:] != self._image_info["shape"][1:]:
                 raise StoreError(f"{self.path}: seg must have shape (1, {', '.join(map(str, self._image_info['shape'][1:]))}) "
                                  f"like the image, got {tuple(self._seg_info['shape'])}")
-            self.root.attrs["nnfast"] = {
+            write_group(self.tmp, {"nnfast": {
                 "schema_version": SCHEMA_VERSION,
                 "case_id": self.case_id,
                 "config_hash": self.config_hash,
@@ -168,7 +164,7 @@ class CaseStoreWriter:
                 "image": self._image_info,
                 "seg": self._seg_info,
                 "complete": True,
-            }
+            }})
             install_store(self.tmp, self.path)
         except BaseException:
             self.abort()
@@ -195,9 +191,9 @@ class _ImageSink:
             self._open()
 
     def _open(self) -> None:
-        codec = blosc_codec(self.owner.cname, self.owner.clevel, self.shuffle)
-        create_sharded(self.owner.root, "image", self.shape, np.float32, self.layout, 0.0, codec)
-        self.writer = sharded_writer(self.owner.root, "image", self.shape, np.float32, self.layout, 0.0, codec)
+        assert self.shuffle is not None
+        self.writer = open_one_shard(self.owner.tmp, "image", self.shape, np.float32, self.layout, 0.0,
+                                     self.owner.cname, self.owner.clevel, self.shuffle)
 
     def boxes(self, channel: int, axis: int, shape: Sequence[int]) -> list[tuple[tuple[int, int], ...]]:
         """Chunk-aligned boxes tiling ``shape`` (x, y, z), each spanning ``axis`` whole and one inner chunk along the

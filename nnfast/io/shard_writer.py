@@ -4,7 +4,7 @@ The case store (:mod:`nnfast.io.store`) keeps each array as ONE shard (``shardin
 ``bytes`` little endian + ``blosc``, index codecs ``bytes`` + ``crc32c``, index at the end). zarr-python writes such
 a shard through its asyncio codec pipeline, which for a preprocessed CT case costs about twice the Blosc compression
 itself, and holds the whole array plus the whole encoded shard in memory. :class:`ShardWriter` produces the same
-file (the array metadata is still written by zarr-python, so ``zarr.open`` reads it): each inner chunk is copied into
+file (the array metadata is written beside it by :mod:`nnfast.io.zarr_json`, zarr-python's bytes, so ``zarr.open`` reads it): each inner chunk is copied into
 a fill-padded buffer, skipped when it equals the fill value everywhere (zarr's ``write_empty_chunks=False``),
 compressed by numcodecs' Blosc (the library zarr's ``BloscCodec`` calls, same ``typesize``/``blocksize``) and
 appended to the file; the index of ``(offset, nbytes)`` pairs (``2**64 - 1`` twice for a chunk not stored) and its
@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .zarr_json import morton_order
+
 __all__ = ["ShardWriter", "shard_file"]
 
 _MISSING = np.uint64(2**64 - 1)
@@ -35,23 +37,13 @@ def shard_file(array_dir: str | os.PathLike, ndim: int) -> Path:
     return Path(array_dir, "c", *(["0"] * ndim))
 
 
-def _morton_order(grid: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Chunk coordinates in the order zarr-python puts them in a shard (Morton order), so that a shard written in
-    one piece is byte for byte zarr's; C order where that helper is not available."""
-    try:
-        from zarr.core.indexing import morton_order_iter
-    except ImportError:  # pragma: no cover - zarr moved its helper: any order is a valid shard
-        return [tuple(int(i) for i in c) for c in np.ndindex(*grid)]
-    return [tuple(int(i) for i in c) for c in morton_order_iter(grid)]
-
-
 class ShardWriter:
     """Write a one-shard zarr v3 array's chunk data to ``<array_dir>/c/0/0/0/0``, slab by slab along one axis.
 
     Parameters
     ----------
     array_dir : path-like
-        Folder of the array (its ``zarr.json`` is written by the caller, e.g. zarr's ``create_array``).
+        Folder of the array (its ``zarr.json`` is written by the caller: :func:`nnfast.io.store.open_one_shard`).
     shape : tuple of 4 int
         ``(c, x, y, z)`` shape of the array.
     dtype : numpy dtype
@@ -79,7 +71,7 @@ class ShardWriter:
         uint = np.dtype(f"u{self.dtype.itemsize}")
         self._bits = self._buf.view(uint)
         self._fill_bits = np.array(self.fill, dtype=self.dtype).view(uint)
-        self._order = _morton_order(self.grid)
+        self._order = morton_order(self.grid)
         self._file = None
         self._offset = 0
         self._next_x = 0

@@ -44,8 +44,10 @@ fast as nnU-Net v2.8.1's blosc2 path or faster (0.68-1.01x its time, depending o
 (zarr-python: 3-6x); the table of variants is in that file's docstring. The write is the largest cost of ``nnfast
 preprocess`` (``benchmarks/README.md``): level 3 compresses ~25 % faster than level 5 for +0.7 % bytes and the same
 patch-read time (1.01x vs 1.00x nnU-Net's, one interleaved run); level 1 is 3x faster but 1.11x nnU-Net's bytes and
-1.17x its read time, plain LZ4 1.12x the bytes. The shards are written by :class:`~nnfast.io.shard_writer.ShardWriter`
-(the bytes zarr-python writes, without its pipeline).
+1.17x its read time, plain LZ4 1.12x the bytes; level 2 (re-measured 12-07 for issue 13 goal 2: 2.3-2.9x faster
+to compress than level 3) is 1.09x nnU-Net's bytes and 1.16-1.21x its read time, so level 3 stays. The shards are
+written by :class:`~nnfast.io.shard_writer.ShardWriter` and the metadata by :mod:`nnfast.io.zarr_json` (the bytes
+zarr-python writes, without its pipeline; a preprocessing worker never imports zarr).
 """
 from __future__ import annotations
 
@@ -80,6 +82,8 @@ __all__ = [
     "jsonable",
     "blosc_codec",
     "write_sharded",
+    "write_one_shard",
+    "open_one_shard",
     "install_store",
     "remove_tree",
     "store_path",
@@ -341,21 +345,47 @@ def blosc_codec(cname: str, clevel: int, shuffle: str):
 def write_sharded(group, name: str, arr: np.ndarray, layout: StoreLayout, fill_value, codec) -> None:
     """Write ``arr`` as array ``name`` of the zarr ``group`` with the chunks and shards of ``layout``.
 
-    zarr-python writes the metadata; a one-shard 4D array with a Blosc codec has its shard written by
-    :class:`~nnfast.io.shard_writer.ShardWriter` (the same file, ~2x faster and without a copy of the array), any
-    other layout by zarr-python."""
-    z = create_sharded(group, name, arr.shape, arr.dtype, layout, fill_value, codec)
-    if arr.ndim == 4 and tuple(layout.shards[1:]) == tuple(-(-s // c) * c for s, c in zip(arr.shape[1:],
-                                                                                         layout.chunks[1:])):
-        w = sharded_writer(group, name, arr.shape, arr.dtype, layout, fill_value, codec)
-        try:
-            w.write_slab(arr)
-            w.close()
-        except BaseException:
-            w.abort()
-            raise
+    A one-shard 4D array with a Blosc codec is written by :func:`write_one_shard` (metadata and shard without
+    zarr-python: the same files, ~2x faster and without a copy of the array), any other layout by zarr-python."""
+    if _is_one_shard(arr.shape, layout):
+        write_one_shard(Path(str(group.store.root), group.path), name, arr, layout, fill_value, codec.cname.value,
+                        codec.clevel, codec.shuffle.value)
         return
+    z = create_sharded(group, name, arr.shape, arr.dtype, layout, fill_value, codec)
     z[...] = arr  # the whole sharded array in one call (writing slabs would rewrite the shard)
+
+
+def _is_one_shard(shape, layout: StoreLayout) -> bool:
+    return len(shape) == 4 and tuple(layout.shards) == (shape[0], *(-(-s // c) * c for s, c in zip(shape[1:],
+                                                                                                   layout.chunks[1:])))
+
+
+def open_one_shard(folder: str | os.PathLike, name: str, shape, dtype, layout: StoreLayout, fill_value, cname: str,
+                   clevel: int, shuffle: str):
+    """Array ``name`` of the group at ``folder`` as ONE shard covering a ``(c, x, y, z)`` array: its ``zarr.json``
+    written (:mod:`nnfast.io.zarr_json`, zarr-python's bytes) and a :class:`~nnfast.io.shard_writer.ShardWriter`
+    for its data, to be closed (or aborted) by the caller."""
+    from .shard_writer import ShardWriter
+    from .zarr_json import write_sharded_array_json
+
+    if not _is_one_shard(shape, layout):
+        raise StoreError(f"{folder}/{name}: {layout} is not one shard covering an array of shape {tuple(shape)}")
+    array_dir = Path(folder, name)
+    write_sharded_array_json(array_dir, shape, dtype, layout.chunks, layout.shards, fill_value, cname, clevel,
+                             shuffle)
+    return ShardWriter(array_dir, shape, dtype, layout.chunks, fill_value, cname, clevel, shuffle)
+
+
+def write_one_shard(folder: str | os.PathLike, name: str, arr: np.ndarray, layout: StoreLayout, fill_value,
+                    cname: str, clevel: int, shuffle: str) -> None:
+    """Write ``arr`` ``(c, x, y, z)`` as array ``name`` of the group at ``folder`` (:func:`open_one_shard`)."""
+    w = open_one_shard(folder, name, arr.shape, arr.dtype, layout, fill_value, cname, clevel, shuffle)
+    try:
+        w.write_slab(arr)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
 
 
 def create_sharded(group, name: str, shape, dtype, layout: StoreLayout, fill_value, codec):

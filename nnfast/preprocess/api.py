@@ -3,9 +3,15 @@
 Output: ``<preprocessed>/<DatasetNNN_Name>/<data_identifier>/<case>.zarr`` per configuration, and
 ``gt_segmentations/`` (copies of the label files, for evaluation). Resumable: a case whose finished store carries the
 current hash (plans + inputs) is skipped; nothing is deleted wholesale; ``force`` recomputes every case.
+
+With local worker processes the pool (:class:`nnfast.parallel.TaskPool`) starts before verification when the dataset
+has no case stores yet (or with ``force``): its workers import and load (or, on a cold cache, compile) the kernels
+on the cores verification and fingerprinting leave idle; a rerun whose cases may all be current starts them only
+once planning says which cases need them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -116,14 +122,73 @@ def preprocess_dataset(
     another ``plans_identifier`` must exist (``nnfast plan --plans NAME``). The plans on disk are used as they are
     (:func:`nnfast.plan.api.plan_dataset`: re-planned only when the dataset changed; ``gpu_memory_gb`` / ``preset``
     plan missing plans and must agree with existing ones unless ``replan``)."""
+    from ..parallel import peak_rss_bytes
+
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        pool = None
+        ahead = min(workers, _training_case_count(task, settings)) if scheduler is None and workers > 1 else 0
+        if ahead > 1 and (force or not _has_case_stores(task, settings)):
+            # the workers start (interpreter, imports, kernels: ~2 s of CPU each) while this process verifies,
+            # fingerprints and plans on one core, and they compile a cold kernel cache instead of a background process
+            pool = stack.enter_context(_preprocess_pool(ahead))
+            compiler = None
+        else:
+            compiler = compile_in_background(scheduler)  # while verify + fingerprint run (cold cache only)
+        summary = _plan_and_preprocess(task, settings, t0, pool, config=config, workers=workers, scheduler=scheduler,
+                                       gpu_memory_gb=gpu_memory_gb, verify=verify, force=force, progress=progress,
+                                       plans_identifier=plans_identifier, preset=preset, replan=replan)
+    finish_background(compiler)  # a failed background compile: one warning line, its log kept
+    summary.wall_s = time.perf_counter() - t0
+    summary.peak_rss_parent, summary.peak_rss_children = peak_rss_bytes()
+    return summary
+
+
+def _preprocess_pool(workers: int):
+    """The pool of preprocessing workers (:class:`nnfast.parallel.TaskPool` running :func:`run_case_task`), not
+    started yet."""
+    from ..parallel import TaskPool
+    from .pipeline import run_case_task
+
+    return TaskPool(run_case_task, workers=workers, warmup=PREPROCESS_KERNELS, initializer=single_threaded_libraries)
+
+
+def _training_case_count(task: str | int, settings: Settings) -> int:
+    """The dataset's number of training cases (no more workers than that start ahead); 0 when it cannot be listed
+    (the planning then reports why)."""
+    from ..plan.api import load_dataset_for_task
+
+    try:
+        return len(load_dataset_for_task(task, settings)[1])
+    except Exception:  # any problem of the dataset is verification's and planning's to report, with its context
+        return 0
+
+
+def _has_case_stores(task: str | int, settings: Settings) -> bool:
+    """Whether the dataset's preprocessed folder already holds case stores: then a run is probably a resumed or
+    repeated one with most cases current, and :func:`preprocess_dataset` starts its workers only once planning says
+    which cases need them, instead of ahead of it at ~2 s of CPU each for maybe nothing."""
+    from ..settings import find_dataset_folder
+
+    if settings.preprocessed is None:
+        return False
+    try:
+        folder = find_dataset_folder(task, Path(settings.preprocessed))
+        return any(p.suffix == ".zarr" for sub in folder.iterdir() if sub.is_dir() for p in sub.iterdir())
+    except (OSError, ValueError):  # no preprocessed folder for this dataset yet (planning reports real problems)
+        return False
+
+
+def _plan_and_preprocess(task, settings: Settings, t0: float, pool, *, config, workers: int, scheduler,
+                         gpu_memory_gb, verify: bool, force: bool, progress, plans_identifier, preset,
+                         replan: bool) -> PreprocessSummary:
+    """:func:`preprocess_dataset` after its workers (``pool``, or none yet) have been started."""
     from ..io.store import is_complete
-    from ..parallel import peak_rss_bytes, run_tasks
+    from ..parallel import run_tasks
     from ..plan.api import plan_dataset, plans_path
     from ..plan.presets import get_preset
     from .pipeline import CaseTask, case_hash, configuration_hash, dir_size, run_case_task
 
-    t0 = time.perf_counter()
-    compiler = compile_in_background(scheduler)  # while verify + fingerprint run (cold cache only)
     res = plan_dataset(task, settings, workers=workers, scheduler=scheduler, gpu_memory_gb=gpu_memory_gb, verify=verify,
                        plans_identifier=plans_identifier, preset=preset, replan=replan,
                        create=plans_identifier in (None, get_preset(preset or "default").plans_identifier))
@@ -155,18 +220,19 @@ def preprocess_dataset(
         if tasks and scheduler is None:
             _warn_if_workers_do_not_fit(res.fingerprint, plans, name, [t.case.case_id for t in tasks], workers)
         if tasks:
-            results = run_tasks(run_case_task, tasks, workers=workers, keys=[t.case.case_id for t in tasks],
-                                sizes=task_sizes, scheduler=scheduler, progress=progress, desc=f"preprocess {name}",
-                                warmup=PREPROCESS_KERNELS, warmup_in_workers=True,
-                                initializer=single_threaded_libraries)
+            keys = [t.case.case_id for t in tasks]
+            if pool is not None:
+                results = pool.run(tasks, keys=keys, sizes=task_sizes, progress=progress, desc=f"preprocess {name}")
+            else:
+                results = run_tasks(run_case_task, tasks, workers=workers, keys=keys, sizes=task_sizes,
+                                    scheduler=scheduler, progress=progress, desc=f"preprocess {name}",
+                                    warmup=PREPROCESS_KERNELS, warmup_in_workers=True,
+                                    initializer=single_threaded_libraries)
             cs.computed = len(results)
             cs.voxels_in = sum(r.voxels_in for r in results)
         cs.wall_s = time.perf_counter() - t1
         cs.bytes_on_disk = dir_size(folder)
         summary.configs.append(cs)
-    finish_background(compiler)  # a failed background compile: one warning line, its log kept
-    summary.wall_s = time.perf_counter() - t0
-    summary.peak_rss_parent, summary.peak_rss_children = peak_rss_bytes()
     return summary
 
 

@@ -275,14 +275,14 @@ def test_bad_inputs_raise_store_error(tmp_path, kind):
 # ------------------------------------------------------------------------------------------------------
 
 def _fail_on(monkeypatch, name, exc=RuntimeError):
-    real = store_mod.write_sharded
+    real = store_mod.write_one_shard
 
-    def failing(group, arr_name, *args, **kwargs):
+    def failing(folder, arr_name, *args, **kwargs):
         if arr_name == name:
             raise exc("injected failure while writing " + arr_name)
-        return real(group, arr_name, *args, **kwargs)
+        return real(folder, arr_name, *args, **kwargs)
 
-    monkeypatch.setattr(store_mod, "write_sharded", failing)
+    monkeypatch.setattr(store_mod, "write_one_shard", failing)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])

@@ -1,5 +1,6 @@
 """``nnfast preprocess`` as users run it: resume after a crash, worker death, worker-count and dask independence."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,6 +82,57 @@ def test_two_workers_and_dask_give_identical_stores(raw, reference, tmp_path):
     _assert_same(reference, _stores(sd))
 
 
+def test_workers_start_before_planning_on_a_fresh_folder_only(raw, reference, tmp_path, monkeypatch):
+    """A fresh folder: the pool starts ahead of verify/fingerprint/plan; a rerun with every case current starts none."""
+    import nnfast.plan.api as plan_api
+    from nnfast.parallel import TaskPool
+
+    events = []
+    start, plan = TaskPool.start, plan_api.plan_dataset
+    monkeypatch.setattr(TaskPool, "start", lambda self: events.append("workers") or start(self))
+    monkeypatch.setattr(plan_api, "plan_dataset", lambda *a, **k: events.append("plan") or plan(*a, **k))
+    s = _settings(raw, tmp_path)
+    first = preprocess_dataset(NAME, s, workers=2, verify=False)
+    assert events[:2] == ["workers", "plan"] and first.configs[0].computed == 6
+    events.clear()
+    again = preprocess_dataset(NAME, s, workers=2, verify=False)
+    assert events == ["plan"] and (again.configs[0].computed, again.configs[0].skipped) == (0, 6)
+    _assert_same(reference, _stores(s))
+
+
+def test_no_more_workers_start_ahead_than_there_are_cases(tmp_path, monkeypatch):
+    from nnfast.parallel import TaskPool
+
+    started = []
+    start = TaskPool.start
+    monkeypatch.setattr(TaskPool, "start", lambda self: started.append(self.workers) or start(self))
+    raw = tmp_path / "raw"
+    make_raw_dataset(raw, 32, "One", [(10, 40, 44)], [(3.0, 0.8, 0.8)], seed=3)
+    summary = preprocess_dataset("Dataset032_One", _settings(raw, tmp_path), workers=2, verify=False)
+    assert summary.configs[0].computed == 1 and started == []  # one case: it runs in this process, no pool
+
+
+@pytest.mark.timeout(120)
+def test_verification_failure_with_workers_started_ahead_stops_before_fingerprinting(raw, tmp_path):
+    import multiprocessing
+    import shutil
+
+    from nnfast.errors import NnfastError
+
+    bad_raw = tmp_path / "raw"
+    shutil.copytree(raw, bad_raw)
+    img = bad_raw / NAME / "imagesTr" / "case_003_0000.nii.gz"
+    img.write_bytes(img.read_bytes()[:200])  # truncated
+    s = _settings(bad_raw, tmp_path)
+    with pytest.raises(NnfastError, match="case_003_0000.nii.gz"):
+        preprocess_dataset(NAME, s, workers=2)
+    from nnfast.layout import FINGERPRINT_FILE
+
+    assert not (s.preprocessed / NAME / FINGERPRINT_FILE).exists()
+    assert not _stores(s)
+    assert [p for p in multiprocessing.active_children() if p.name == "nnfast-worker"] == []
+
+
 def _cli(raw, pre, *extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
@@ -130,21 +182,30 @@ def _live_spawned_children(parent) -> list:
 
 @pytest.mark.timeout(300)
 def test_killed_worker_is_a_clear_error(raw, tmp_path):
+    """A worker killed while it holds a case (its temporary store, named with its pid, exists): exit code 2 and an
+    error naming the signal, that case and fewer workers. (A worker killed while idle loses no work: the others go
+    on, ``tests/test_parallel.py``.)"""
     import psutil
 
     proc = _cli(raw, tmp_path / "pre", "--workers", "2", "--force")
     parent = psutil.Process(proc.pid)
+    folder = tmp_path / "pre" / NAME / "nnfast_3d_fullres"
     victim = None
     deadline = time.monotonic() + 240
     while victim is None and time.monotonic() < deadline and proc.poll() is None:
-        kids = _live_spawned_children(parent)
-        if len(kids) >= 2 and list((tmp_path / "pre" / NAME).glob("nnfast_3d_fullres")):
-            # the newest: a pool worker, not the short-lived background compiler started before the pool
-            victim = max(kids, key=lambda c: c.create_time())
-        time.sleep(0.05)
-    assert victim is not None, "no worker processes seen"
+        pids = {c.pid for c in _live_spawned_children(parent)}
+        for tmp in folder.glob(".*.zarr.tmp-*") if folder.is_dir() else []:
+            pid = int(tmp.name.split(".tmp-")[1].split("-")[0])
+            if pid in pids:
+                victim = psutil.Process(pid)
+                break
+        time.sleep(0.02)
+    assert victim is not None, "no worker seen holding a case"
     victim.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err)
     assert "SIGKILL" in err and "--workers 1" in err
-    assert "case_0" in err or "while starting" in err or "between tasks" in err
+    named = re.search(r"while processing case (case_\d+)", err)
+    assert named, err
+    # the case it held when killed (or, had it just finished that one, the next): never a finished store
+    assert not (folder / f"{named.group(1)}.zarr").exists()
