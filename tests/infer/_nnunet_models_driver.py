@@ -42,9 +42,10 @@ import multiprocessing.pool  # noqa: E402
 import types  # noqa: E402
 
 import nnunetv2.evaluation.evaluate_predictions as _evaluate  # noqa: E402
-import nnunetv2.preprocessing.preprocessors.default_preprocessor as _preprocessor_module  # noqa: E402
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as _trainer_module  # noqa: E402
-import nnunetv2.utilities.utils as _nnunet_utils  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for nnunet_ref
+from nnunet_ref import nnunet_pools_as_threads  # noqa: E402
 
 # the trainer's final validation (export and the cascade's next-stage inputs) and its metrics run in pools of
 # `spawn`ed interpreters, each importing torch and nnU-Net (~10 s per interpreter here): threads in this process run
@@ -56,11 +57,9 @@ _trainer_module.multiprocessing = _threads
 _evaluate.multiprocessing = _threads
 # the same for the fingerprint extractor's and the preprocessor's pools (one spawned interpreter per configuration,
 # polled every 0.1 s), and for the pool of 12 forked processes that nnU-Net starts to list an image folder's files
-# (create_lists_from_splitted_dataset_folder; twice per prediction: forking this process, torch loaded, cost more
-# than the predictions of the small models on a busy machine)
-fe.multiprocessing = _threads
-_preprocessor_module.multiprocessing = _threads
-_nnunet_utils.Pool = multiprocessing.pool.ThreadPool
+# (twice per prediction: forking this process, torch loaded, cost more than the predictions of the small models on a
+# busy machine)
+nnunet_pools_as_threads()
 
 _init = fe.DatasetFingerprintExtractor.__init__
 
