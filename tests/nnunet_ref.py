@@ -10,7 +10,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-_RUNNER = """
+
+def nnunet_pools_as_threads(set_attr=setattr) -> None:
+    """Make nnU-Net run its worker pools as threads of the calling process: the fingerprint extractor's and the
+    preprocessor's ``spawn`` pools (an interpreter each, importing torch and nnU-Net: seconds of CPU per pool) and the
+    12 processes it forks to list an image folder's files (``create_lists_from_splitted_dataset_folder``, called by
+    its planner, preprocessor and predictor; forking a process that holds torch costs more than the listing). The
+    same functions run on the same inputs, so nnU-Net's outputs are unchanged. ``set_attr`` is
+    ``monkeypatch.setattr`` in-process; a script run in a fresh interpreter embeds :data:`POOLS_AS_THREADS_SOURCE`."""
+    import multiprocessing
+    import multiprocessing.pool
+    import types
+
+    import nnunetv2.utilities.utils as nnunet_utils
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
+    from nnunetv2.preprocessing.preprocessors import default_preprocessor
+
+    threads = types.ModuleType("multiprocessing_as_threads")
+    threads.__getattr__ = lambda name: getattr(multiprocessing, name)  # type: ignore[method-assign]
+    threads.get_context = lambda *a, **k: types.SimpleNamespace(Pool=multiprocessing.pool.ThreadPool)  # type: ignore
+    set_attr(nnunet_utils, "Pool", multiprocessing.pool.ThreadPool)
+    set_attr(fingerprint_extractor, "multiprocessing", threads)
+    set_attr(default_preprocessor, "multiprocessing", threads)
+
+
+#: the source of :func:`nnunet_pools_as_threads`, for scripts that run nnU-Net in a fresh interpreter
+POOLS_AS_THREADS_SOURCE = __import__("inspect").getsource(nnunet_pools_as_threads)
+_RUNNER = POOLS_AS_THREADS_SOURCE + """
 import os, sys
 from nnunetv2.experiment_planning import plan_and_preprocess_entrypoints as e
 budget = os.environ.get("NNFAST_TEST_FP_SAMPLES")
@@ -22,6 +48,7 @@ if budget:  # nnU-Net samples 1e8 foreground voxels; a smaller budget keeps test
         self.num_foreground_voxels_for_intensitystats = float(budget)
     fe.DatasetFingerprintExtractor.__init__ = _patched
 sys.argv = [sys.argv[1]] + sys.argv[2:]
+nnunet_pools_as_threads()  # same outputs, no spawned or forked worker processes
 getattr(e, sys.argv[0])()
 """
 

@@ -44,6 +44,9 @@ import types  # noqa: E402
 import nnunetv2.evaluation.evaluate_predictions as _evaluate  # noqa: E402
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as _trainer_module  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for nnunet_ref
+from nnunet_ref import nnunet_pools_as_threads  # noqa: E402
+
 # the trainer's final validation (export and the cascade's next-stage inputs) and its metrics run in pools of
 # `spawn`ed interpreters, each importing torch and nnU-Net (~10 s per interpreter here): threads in this process run
 # the same functions
@@ -52,6 +55,11 @@ _threads.__getattr__ = lambda name: getattr(multiprocessing, name)  # type: igno
 _threads.get_context = lambda *a, **k: types.SimpleNamespace(Pool=multiprocessing.pool.ThreadPool)  # type: ignore
 _trainer_module.multiprocessing = _threads
 _evaluate.multiprocessing = _threads
+# the same for the fingerprint extractor's and the preprocessor's pools (one spawned interpreter per configuration,
+# polled every 0.1 s), and for the pool of 12 forked processes that nnU-Net starts to list an image folder's files
+# (twice per prediction: forking this process, torch loaded, cost more than the predictions of the small models on a
+# busy machine)
+nnunet_pools_as_threads()
 
 _init = fe.DatasetFingerprintExtractor.__init__
 
@@ -77,6 +85,9 @@ class nnUNetTrainerTiny(nnUNetTrainer):
                  device: torch.device = torch.device("cpu")):  # nnU-Net records the named arguments
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
+        # no progress.png: nnU-Net draws a 30x54-inch figure after every epoch (about a third of a tiny model's
+        # training time here); nothing in the tests reads it, and the weights and checkpoints are the same without
+        self.logger.plot_progress_png = lambda output_folder: None
 
 
 

@@ -30,7 +30,7 @@ from nnfast.infer.model_zip import install_model
 
 from factories import write_image
 from infer._models import body_image, make_model_folder, tiny_plans
-from nnunet_ref import ACCUMULATE_IN_FLOAT32_SOURCE
+from nnunet_ref import ACCUMULATE_IN_FLOAT32_SOURCE, POOLS_AS_THREADS_SOURCE
 
 pytestmark = [pytest.mark.compat, pytest.mark.slow]
 
@@ -42,8 +42,9 @@ import os, sys, types
 import numpy as np, torch
 torch.set_num_threads(1)
 import nnunetv2.inference.predict_from_raw_data as m
-""" + ACCUMULATE_IN_FLOAT32_SOURCE + """
+""" + ACCUMULATE_IN_FLOAT32_SOURCE + POOLS_AS_THREADS_SOURCE + """
 accumulate_in_float32(m)
+nnunet_pools_as_threads()
 from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.model_sharing.model_import import install_model_from_zip_file
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO

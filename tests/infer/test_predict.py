@@ -24,7 +24,7 @@ from nnfast.preprocess.pipeline import preprocess_arrays
 
 from factories import write_image
 from infer._models import body_image, dataset_json, make_model_folder, tiny_plans
-from nnunet_ref import ACCUMULATE_IN_FLOAT32_SOURCE
+from nnunet_ref import ACCUMULATE_IN_FLOAT32_SOURCE, POOLS_AS_THREADS_SOURCE
 
 MANY = {"background": 0, **{f"organ{i}": i for i in range(1, 7)}}
 
@@ -293,6 +293,8 @@ torch.set_num_threads(1)
 import nnunetv2.inference.predict_from_raw_data as m
 {ACCUMULATE_IN_FLOAT32_SOURCE}
 accumulate_in_float32(m)
+{POOLS_AS_THREADS_SOURCE}
+nnunet_pools_as_threads()
 p = m.nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
 p.initialize_from_trained_model_folder({str(nn_dir)!r}, (0,), "checkpoint_final.pth")
 p.predict_from_files_sequential({str(tmp_path / 'in')!r}, {str(tmp_path / 'nn_out')!r}, save_probabilities=False)

@@ -130,6 +130,14 @@ def run_nnunet_planner(fingerprint: Fingerprint, dataset_json: dict[str, Any], w
         res.mkdir(exist_ok=True)
         (pre / DATASET_NAME / "dataset_fingerprint.json").write_text(json.dumps(fingerprint.to_nnunet()))
         stack.enter_context(_environ(nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res)))
+        # the planner lists the raw images with a pool of 12 processes forked from this (torch-loaded) process;
+        # threads list the same files (about 0.65 s less CPU per plan, several seconds of wall on a busy machine)
+        import multiprocessing.pool
+        from unittest import mock
+
+        import nnunetv2.utilities.utils as nnunet_utils
+
+        stack.enter_context(mock.patch.object(nnunet_utils, "Pool", multiprocessing.pool.ThreadPool))
         devnull = stack.enter_context(open(os.devnull, "w"))
         stack.enter_context(contextlib.redirect_stdout(devnull))
         import importlib
