@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 
@@ -334,6 +334,9 @@ class BatchBuilder:
         sc = spec.augment.ds_scales
         # the full-resolution label map can be written straight into the batch (not for region targets)
         self._first_is_full = (sc is None or all(v == 1 for v in sc[0])) and spec.labels is None
+        # unrotated, unscaled samples are read mirrored straight into the batch when the source can (ZarrCaseSource)
+        self._mirrored_reads = (self._first_is_full and spec.cascade_labels is None
+                                and bool(getattr(source, "reads_mirrored", False)))
 
     def allocate(self) -> BatchArrays:
         return allocate_batch(self.spec)
@@ -375,6 +378,20 @@ class BatchBuilder:
         clip = [[lb, ub] for lb, ub in zip(lbs[first:], ubs[first:])] if spec.clip_to_sampled_box else None
         region = needed_region(params, aug.patch_size, centre, clip_to=clip)
         bbox = ([[lbs[0], lbs[0] + 1]] if spec.is_2d else []) + region.bbox
+        if self._mirrored_reads and not params.transformed and region.shape == spec.patch_size and all(
+                lb == math.floor(c) - p // 2 for lb, c, p in zip(region.lb, region.centre, spec.patch_size)):
+            # a pure crop: read it mirrored straight into the batch (no scratch region, no copy)
+            image, seg = out.data[j], out.targets[0][j]
+            flips = tuple(d in params.mirror_axes for d in range(aug.ndim))
+            read = cast(Any, self.source).read  # ZarrCaseSource.read(..., flip=): not part of the CaseSource protocol
+            if spec.is_2d:
+                read(case_id, bbox, image[:, None], seg[:, None], flip=(False, *flips))
+            else:
+                read(case_id, bbox, image, seg, flip=flips)
+            res = augment_sample(image, seg, params, rng, aug, region, out_image=image, out_seg=seg,
+                                 out_targets=[t[j] for t in out.targets], spatial_done=True)
+            self._store_targets(res.seg, res.targets, out, j)  # written in place already: nothing to copy
+            return
         box = [u - lb for lb, u in bbox]
         img, seg = self._scratch.views(spec.num_channels, box, spec.num_seg_channels)
         self.source.read(case_id, bbox, img, seg)

@@ -307,14 +307,21 @@ class ZarrCaseSource(_FolderSource):
             self._locations.put(case_id, locs, nbytes)
         return locs
 
+    #: :meth:`read` takes ``flip`` (the batch builder reads unrotated samples mirrored straight into the batch)
+    reads_mirrored = True
+
     def read(self, case_id: str, bbox: Sequence[Sequence[int]], out_image: np.ndarray | None = None,
-             out_seg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+             out_seg: np.ndarray | None = None, flip: Sequence[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """See :meth:`CaseSource.read`; ``flip`` (3 bools) writes the box mirrored along those axes
+        (:meth:`~nnfast.io.store_reader.CaseReader.read`); not with a previous stage."""
         r = self.reader(case_id)
         where = f"{r.path}"
         lbs, ubs, box = parse_bbox(bbox, 3, where, DatasetError)
         out_image = _out(out_image, (r.num_channels, *box), np.float32, "out_image", where)
         out_seg = self._seg_out(out_seg, box, where)
-        r.read(bbox, out_image, out_seg[:1])
+        if flip is not None and self.previous_stage_folder is not None:
+            raise DatasetError(f"{self!r}: mirrored reads are not supported with a previous stage")
+        r.read(bbox, out_image, out_seg[:1], flip=flip)
         if self.previous_stage_folder is not None:
             self.previous_stage_reader(case_id).read(bbox, out_seg[1:2])
         return out_image, out_seg

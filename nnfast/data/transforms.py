@@ -367,7 +367,8 @@ def augment_sample(image_region: np.ndarray, seg_region: np.ndarray, params: Spa
                    out_image: np.ndarray | None = None, out_seg: np.ndarray | None = None,
                    intensity: IntensityParams | None = None, cascade_labels: Sequence[int] | None = None,
                    out_onehot: np.ndarray | None = None, cascade: CascadeParams | None = None,
-                   out_targets: Sequence[np.ndarray | None] | None = None) -> AugmentedSample:
+                   out_targets: Sequence[np.ndarray | None] | None = None,
+                   spatial_done: bool = False) -> AugmentedSample:
     """nnU-Net's training transforms on one sample.
 
     Parameters
@@ -388,6 +389,9 @@ def augment_sample(image_region: np.ndarray, seg_region: np.ndarray, params: Spa
     cascade : force these cascade parameters instead of drawing them.
     out_targets : optional per-scale C-contiguous outputs of the down-sampled targets (see
         :func:`deep_supervision_targets`; entries of scale 1 are ignored, that target is ``seg``).
+    spatial_done : ``image_region`` and ``seg_region`` already are the patch after the spatial step (a pure crop,
+        mirrored: ``params`` neither rotates nor scales), e.g. read mirrored straight into a batch; they are
+        augmented in place and ``out_image``/``out_seg`` must be them or None.
 
     Returns
     -------
@@ -403,7 +407,17 @@ def augment_sample(image_region: np.ndarray, seg_region: np.ndarray, params: Spa
         raise ShapeError(f"augment_sample: the cascade needs labels and the previous stage as 2 label channels, got "
                          f"{seg_region.shape[0]}")
     p = sample_intensity(rng, cfg, image_region.shape[0]) if intensity is None else intensity
-    image, seg = spatial_patch(image_region, seg_region, params, cfg, region, out_image, out_seg)
+    if spatial_done:
+        ps = tuple(int(v) for v in cfg.patch_size)
+        if (params.transformed or image_region.shape[1:] != ps or seg_region.shape[1:] != ps
+                or not image_region.flags.c_contiguous or image_region.dtype != np.float32
+                or any(o is not None and o is not r for o, r in ((out_image, image_region), (out_seg, seg_region)))):
+            raise ShapeError(f"augment_sample: spatial_done needs an unrotated, unscaled sample already cropped to the "
+                             f"patch {ps} (C-contiguous float32 image, the outputs being the inputs), got image "
+                             f"{image_region.dtype} {image_region.shape} and seg {seg_region.shape}")
+        image, seg = image_region, seg_region
+    else:
+        image, seg = spatial_patch(image_region, seg_region, params, cfg, region, out_image, out_seg)
     flips = tuple(d in params.mirror_axes for d in range(cfg.ndim))
     _apply_intensity(image, p, flips, rng)
     KI.mask_and_relabel(image, seg, cfg.mask_channels)

@@ -89,6 +89,30 @@ def _thread_scratch(nbytes: int) -> np.ndarray:
     return buf
 
 
+def _mirrored(out: np.ndarray, flip: Sequence[bool]) -> np.ndarray:
+    """``out`` reversed along the spatial axes (1, 2, 3) in ``flip``: index ``t`` of the view is ``n - 1 - t`` of
+    ``out`` there (a box read mirrored, as the training loader's mirroring writes a patch)."""
+    if not any(flip):
+        return out
+    return out[(slice(None), *(slice(None, None, -1) if f else slice(None) for f in flip))]
+
+
+_COPY_CHUNK = None
+#: dtype kind -> smallest itemsize the chunk-copy kernel takes (Numba has no float16 arrays; bool is read by numpy)
+_KERNEL_KINDS = {"i": 1, "u": 1, "f": 4}
+
+
+def _chunk_kernel():
+    """:func:`nnfast.native.augment._copy_chunk`, imported on the first read (importing Numba costs ~0.3 s, which
+    opening a store should not)."""
+    global _COPY_CHUNK
+    if _COPY_CHUNK is None:
+        from ..native.augment import _copy_chunk
+
+        _COPY_CHUNK = _copy_chunk
+    return _COPY_CHUNK
+
+
 class _Unsupported(Exception):
     """The array's layout is not one the lean path decodes (use zarr-python)."""
 
@@ -302,8 +326,18 @@ class _LeanArray:
         return np.frombuffer(raw, dtype=self.disk_dtype).reshape(self.chunks)
 
     # -- reading ------------------------------------------------------------------------------------
-    def read_into(self, lo: Sequence[int], hi: Sequence[int], out: np.ndarray) -> None:
-        """Copy ``array[lo:hi]`` (in bounds, non-empty) into ``out`` (shape ``hi - lo``)."""
+    def read_into(self, lo: Sequence[int], hi: Sequence[int], out: np.ndarray, at: Sequence[int] | None = None,
+                  flip: Sequence[bool] | None = None) -> None:
+        """Copy ``array[lo:hi]`` (in bounds, non-empty) into ``out``: channel ``lo[0] + k`` into ``out[k]``, the
+        spatial box at ``at`` (default 0; ``out`` then has shape ``hi - lo``), mirrored within ``out`` along the
+        spatial axes in ``flip`` (:func:`_mirrored`)."""
+        at = [0] * (len(lo) - 1) if at is None else [int(v) for v in at]
+        flip = (False,) * (len(lo) - 1) if flip is None else tuple(bool(f) for f in flip)
+        if (self.shard_shape is not None and self._blosc and len(lo) == 4 and self.chunks[0] == 1
+                and self.disk_dtype.isnative and out.flags.c_contiguous and _KERNEL_KINDS.get(self.dtype.kind, 99)
+                <= self.dtype.itemsize and _KERNEL_KINDS.get(out.dtype.kind, 99) <= out.dtype.itemsize):
+            self._read_sharded_4d(lo, hi, out, at, flip)
+            return
         parts = []
         for d, (a, b, c) in enumerate(zip(lo, hi, self.chunks)):
             stride = self._strides[d]
@@ -313,9 +347,7 @@ class _LeanArray:
                 s, e = max(a, o), min(b, o + c)
                 axis.append((ci * stride, ci, slice(s - a, e - a), slice(s - o, e - o)))
             parts.append(axis)
-        if self.shard_shape is not None and self._blosc and len(parts) == 4:
-            self._read_sharded_4d(parts, out)
-            return
+        out = _mirrored(out, flip)[(slice(None), *(slice(t, t + b - a) for t, a, b in zip(at, lo[1:], hi[1:])))]
         for combo in itertools.product(*parts):
             flat = 0
             for p in combo:
@@ -327,33 +359,54 @@ class _LeanArray:
             else:
                 out[out_sl] = self._decode(raw)[tuple(p[3] for p in combo)]
 
-    def _read_sharded_4d(self, parts: list, out: np.ndarray) -> None:
-        """The hot loop of :meth:`read_into` for (c, x, y, z) blosc shards, with everything inlined."""
+    def _read_sharded_4d(self, lo, hi, out: np.ndarray, at: list[int], flip: tuple[bool, ...]) -> None:
+        """The hot loop of :meth:`read_into` for (c, x, y, z) blosc shards with one channel per chunk and a
+        C-contiguous ``out``: each chunk is decoded into the thread's scratch and its overlap copied (mirrored where
+        asked) by the :func:`~nnfast.native.augment.copy_chunk` kernel, which also casts (int8 labels into int16
+        slots) at ~2x numpy's strided copy, ~4x when mirrored. Everything else is inlined."""
+        copy = _chunk_kernel()
         buf_id, offset, length, views = self._buf_id, self._offset, self._length, self._views
         scratch, dest, dest_addr = self._scratch_views()
+        src = scratch[0]
         fill = self.fill_value
         ctx, addrs, nbytes = _decompress_ctx(), self._addrs, self._chunk_nbytes
         header = _BLOSC_HEADER.unpack_from
-        p0, p1, p2, p3 = parts
-        for f0, _, o0, c0 in p0:
-            for f1, _, o1, c1 in p1:
-                f01 = f0 + f1
-                for f2, _, o2, c2 in p2:
-                    f012 = f01 + f2
-                    for f3, _, o3, c3 in p3:
-                        flat = f012 + f3
+        # per spatial axis and chunk: (flat offset, first voxel in the chunk, extent, first voxel in out)
+        axes = []
+        for d in range(1, 4):
+            a, b, c, n = lo[d], hi[d], self.chunks[d], out.shape[d]
+            stride = self._strides[d]
+            axis = []
+            for ci in range(a // c, (b - 1) // c + 1):
+                o = ci * c
+                s, e = max(a, o), min(b, o + c)
+                u = at[d - 1] + s - a
+                axis.append((ci * stride, s - o, e - s, n - u - (e - s) if flip[d - 1] else u))
+            axes.append(axis)
+        p1, p2, p3 = axes
+        f1, f2, f3 = flip
+        s0 = self._strides[0]
+        for k, ch in enumerate(range(lo[0], hi[0])):
+            dst = out[k]
+            f0 = ch * s0
+            for g1, a1, e1, o1 in p1:
+                f01 = f0 + g1
+                for g2, a2, e2, o2 in p2:
+                    f012 = f01 + g2
+                    for g3, a3, e3, o3 in p3:
+                        flat = f012 + g3
                         b = buf_id[flat]
                         if b < 0:
-                            out[o0, o1, o2, o3] = fill
-                        else:
-                            off = offset[flat]
-                            if ctx is None:
-                                _decompress(views[b][off:off + length[flat]], dest)
-                            elif header(views[b], off + 4) != (nbytes, length[flat]) or ctx(
-                                    addrs[b] + off, dest_addr, nbytes, 1) != nbytes:
-                                raise StoreError(f"{self.dir}: chunk {flat} does not decode to {nbytes} bytes; "
-                                                 f"the store is damaged, rerun preprocessing for this case")
-                            out[o0, o1, o2, o3] = scratch[c0, c1, c2, c3]
+                            dst[o1:o1 + e1, o2:o2 + e2, o3:o3 + e3] = fill
+                            continue
+                        off = offset[flat]
+                        if ctx is None:
+                            _decompress(views[b][off:off + length[flat]], dest)
+                        elif header(views[b], off + 4) != (nbytes, length[flat]) or ctx(
+                                addrs[b] + off, dest_addr, nbytes, 1) != nbytes:
+                            raise StoreError(f"{self.dir}: chunk {flat} does not decode to {nbytes} bytes; "
+                                             f"the store is damaged, rerun preprocessing for this case")
+                        copy(src, dst, a1, a2, a3, o1, o2, o3, e1, e2, e3, f1, f2, f3)
 
     def close(self) -> None:
         self._views = []
@@ -374,8 +427,10 @@ class _ZarrArray:
         self.shape = tuple(self._arr.shape)
         self.dtype = np.dtype(self._arr.dtype)
 
-    def read_into(self, lo, hi, out) -> None:
-        out[...] = self._arr[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    def read_into(self, lo, hi, out, at=None, flip=None) -> None:
+        at = [0] * (len(lo) - 1) if at is None else [int(v) for v in at]
+        view = _mirrored(out, flip or ())[(slice(None), *(slice(t, t + b - a) for t, a, b in zip(at, lo[1:], hi[1:])))]
+        view[...] = self._arr[tuple(slice(a, b) for a, b in zip(lo, hi))]
 
     def close(self) -> None:
         pass
@@ -535,6 +590,7 @@ class CaseReader:
         channels: Sequence[int] | None = None,
         *,
         seg: bool = True,
+        flip: Sequence[bool] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Read the box ``bbox`` of image and seg, padding outside the array (image 0, seg -1).
 
@@ -551,6 +607,9 @@ class CaseReader:
             Image channels to read, in this order; all by default.
         seg : bool
             Also read the segmentation (set False for inference).
+        flip : sequence of 3 bool, optional
+            Write the box mirrored along these spatial axes (``out[:, ::-1]`` on axis ``x``, ...), padding included:
+            the crop and mirroring of the training loader's samples without rotation or scaling, in one pass.
 
         Returns
         -------
@@ -575,12 +634,18 @@ class CaseReader:
             if any(c < 0 or c >= n_ch for c in chans):
                 raise StoreError(f"{self.path}: channels {chans} out of range for {n_ch} image channels")
             n_out = len(chans)
+        if flip is None:
+            flips = (False,) * len(shape)
+        else:
+            flips = tuple(bool(f) for f in flip)
+            if len(flips) != len(shape):
+                raise StoreError(f"{self.path}: flip needs one bool per spatial axis ({len(shape)}), got {flip!r}")
         out_image = self._buffer(out_image, (n_out, *box), self._image.dtype, "out_image")
-        self._fill(self._image, out_image, lbs, ubs, shape, 0, chans)
+        self._fill(self._image, out_image, lbs, ubs, shape, 0, chans, flips)
         if not seg:
             return out_image, None
         out_seg = self._buffer(out_seg, (1, *box), self._seg.dtype, "out_seg")
-        self._fill(self._seg, out_seg, lbs, ubs, shape, -1, None)
+        self._fill(self._seg, out_seg, lbs, ubs, shape, -1, None, flips)
         return out_image, out_seg
 
     def _buffer(self, out, shape, dtype, name) -> np.ndarray:
@@ -594,20 +659,22 @@ class CaseReader:
         return out
 
     @staticmethod
-    def _fill(arr, out, lbs, ubs, shape, pad, chans) -> None:
+    def _fill(arr, out, lbs, ubs, shape, pad, chans, flip=None) -> None:
+        flip = (False,) * len(shape) if flip is None else flip
         v_lo = [max(lb, 0) for lb in lbs]
         v_hi = [min(ub, s) for ub, s in zip(ubs, shape)]
         if any(h <= lo for lo, h in zip(v_lo, v_hi)):
             out[...] = pad
             return
+        padded = _mirrored(out, flip)  # the padding lands where the mirrored box puts it
         for d in range(len(shape)):
             if lbs[d] < 0:
-                out[(slice(None),) * (d + 1) + (slice(0, -lbs[d]),)] = pad
+                padded[(slice(None),) * (d + 1) + (slice(0, -lbs[d]),)] = pad
             if ubs[d] > shape[d]:
-                out[(slice(None),) * (d + 1) + (slice(shape[d] - lbs[d], None),)] = pad
-        inner = tuple(slice(lo - lb, h - lb) for lo, h, lb in zip(v_lo, v_hi, lbs))
+                padded[(slice(None),) * (d + 1) + (slice(shape[d] - lbs[d], None),)] = pad
+        at = [lo - lb for lo, lb in zip(v_lo, lbs)]
         if chans is None:
-            arr.read_into([0, *v_lo], [arr.shape[0], *v_hi], out[(slice(None), *inner)])
+            arr.read_into([0, *v_lo], [arr.shape[0], *v_hi], out, at, flip)
         else:
             for i, c in enumerate(chans):
-                arr.read_into([c, *v_lo], [c + 1, *v_hi], out[(slice(i, i + 1), *inner)])
+                arr.read_into([c, *v_lo], [c + 1, *v_hi], out[i:i + 1], at, flip)

@@ -47,7 +47,7 @@ from nnfast.errors import ShapeError
 
 from ._jit import register_warmup, serial
 
-__all__ = ["warp_3d", "warp_2d", "copy_box"]
+__all__ = ["warp_3d", "warp_2d", "copy_box", "copy_chunk"]
 
 _SCORE_SCALE = 1000.0  # batchgeneratorsv2's scale_factor for the one-hot scores
 
@@ -526,6 +526,56 @@ def _copy_box(src, dst, src_lo, dst_lo, ext, f0, f1, f2):
                         d[k] = s[k]
 
 
+@serial
+def _copy_chunk(src, dst, s0, s1, s2, d0, d1, d2, e0, e1, e2, f0, f1, f2):
+    # _copy_box for one decoded store chunk (the patch reader's inner loop, once per chunk): (x, y, z) arrays, the box
+    # as scalars (no per-call index arrays), and the destination's dtype may differ (int8 labels into int16 slots)
+    last = np.uint64(e2 - 1)
+    for i in range(e0):
+        si = s0 + (e0 - 1 - i if f0 else i)
+        for j in range(e1):
+            sj = s1 + (e1 - 1 - j if f1 else j)
+            s = src[si, sj, s2:s2 + e2]
+            d = dst[d0 + i, d1 + j, d2:d2 + e2]
+            if f2:
+                for k in range(e2):
+                    d[k] = s[last - np.uint64(k)]
+            else:
+                for k in range(e2):
+                    d[k] = s[k]
+
+
+def copy_chunk(src, dst, src_lo, dst_lo, extent, flip=(False, False, False)) -> None:
+    """``dst[dst_lo + t] = src[src_lo + t']`` over a box of ``extent`` voxels of two (x, y, z) arrays, ``t'`` mirrored
+    (``extent - 1 - t``) on the axes in ``flip``, cast to ``dst``'s dtype: what :func:`copy_box` does for one channel,
+    for a decoded chunk of a case store written into a (mirrored) patch (:mod:`nnfast.io.store_reader` calls the
+    kernel itself, once per chunk).
+
+    Parameters
+    ----------
+    src, dst : (x, y, z) C-contiguous numeric arrays, not float16 (Numba has no float16 arrays); the dtypes may
+        differ (values are cast as numpy's ``unsafe`` casting does).
+    src_lo, dst_lo, extent : 3 ints each; both boxes must lie inside their arrays.
+    flip : 3 bools.
+
+    Raises
+    ------
+    ShapeError
+        Not 3D C-contiguous arrays, or a box outside its array.
+    """
+    if (not isinstance(src, np.ndarray) or not isinstance(dst, np.ndarray) or src.ndim != 3 or dst.ndim != 3
+            or not src.flags.c_contiguous or not dst.flags.c_contiguous):
+        raise ShapeError(f"copy_chunk: src and dst must be C-contiguous (x, y, z) arrays, got "
+                         f"{getattr(src, 'shape', type(src))} and {getattr(dst, 'shape', type(dst))}")
+    lo_s, lo_d, ext = ([int(v) for v in a] for a in (src_lo, dst_lo, extent))
+    if (len(lo_s) != 3 or len(lo_d) != 3 or len(ext) != 3 or min(ext) < 0 or min(lo_s) < 0 or min(lo_d) < 0
+            or any(a + e > n for a, e, n in zip(lo_s, ext, src.shape))
+            or any(a + e > n for a, e, n in zip(lo_d, ext, dst.shape))):
+        raise ShapeError(f"copy_chunk: the box {tuple(ext)} at {tuple(lo_s)} / {tuple(lo_d)} does not fit src "
+                         f"{src.shape} / dst {dst.shape}")
+    _copy_chunk(src, dst, *lo_s, *lo_d, *ext, bool(flip[0]), bool(flip[1]), bool(flip[2]))
+
+
 def copy_box(src, dst, src_lo, dst_lo, extent, flip=(False, False, False)):
     """``dst[:, dst_lo + t] = src[:, src_lo + t']`` over a box of ``extent`` voxels, ``t'`` mirrored (``extent - 1 -
     t``) on the axes in ``flip``: a crop written mirrored, as the spatial step does when no rotation or scaling fires.
@@ -663,3 +713,7 @@ def _warmup() -> None:
         warp_2d(img, seg, np.eye(2) * 0.9, (2.0, 2.5), (4, 5), flip=(True, False, True))
         copy_box(seg, np.empty_like(seg), (0, 1, 2), (1, 0, 0), (3, 4, 4), (True, False, True))
     copy_box(img, np.empty_like(img), (0, 1, 2), (1, 0, 0), (3, 4, 4), (True, False, True))
+    # the store reader's chunk copies: float32 images, int8/int16 labels into int16 batch slots (and int8 ones)
+    for s_dt, d_dt in ((np.float32, np.float32), (np.int8, np.int16), (np.int16, np.int16), (np.int8, np.int8)):
+        for f in (False, True):
+            copy_chunk(np.zeros((2, 3, 4), s_dt), np.empty((3, 4, 5), d_dt), (0, 0, 0), (1, 0, 1), (2, 3, 4), (f, f, f))

@@ -125,7 +125,8 @@ def test_training_without_augmentation_is_a_centred_crop_of_the_enlarged_box(sou
     assert spec.augment.initial_patch_size != spec.augment.patch_size
     reads = []
     real_read = source.read
-    monkeypatch.setattr(source, "read", lambda cid, bbox, *a: reads.append(bbox) or real_read(cid, bbox, *a))
+    monkeypatch.setattr(source, "read",
+                        lambda cid, bbox, *a, **k: reads.append(bbox) or real_read(cid, bbox, *a, **k))
     arrays, keys = BatchBuilder(source, spec).build(2, 9)
     monkeypatch.undo()
     assert all([u - lb for lb, u in b] == [8, 16, 16] for b in reads)
@@ -148,7 +149,8 @@ def test_spatial_transform_reads_less_than_nnunet(source, monkeypatch):
     vox = []
     real_read = source.read
     monkeypatch.setattr(source, "read",
-                        lambda cid, bbox, *a: vox.append(math.prod(u - lb for lb, u in bbox)) or real_read(cid, bbox, *a))
+                        lambda cid, bbox, *a, **k: vox.append(math.prod(u - lb for lb, u in bbox))
+                        or real_read(cid, bbox, *a, **k))
     builder = BatchBuilder(source, spec)
     for i in range(20):
         builder.build(0, i)
@@ -237,3 +239,44 @@ def test_two_channel_cases(ld_cases_2ch):
     assert arrays.data.shape == (2, 2, 8, 16, 16)
     with pytest.raises(ValueError, match="expected"):
         BatchBuilder(src, spec).build(0, 0, allocate_batch(spec3()))
+
+
+@pytest.mark.parametrize("case", ["3d", "3d_sticking_out", "2d", "2ch"])
+def test_mirrored_reads_give_the_same_batches(ld_cases, ld_cases_2ch, case, monkeypatch):
+    """Unrotated, unscaled samples read mirrored straight into the batch: the same bits as reading the region and
+    cropping/mirroring it (the spatial step's copy), also where the patch sticks out of the case, in 2D and with two
+    channels."""
+    if case == "2ch":
+        folder, patch, n_ch = ld_cases_2ch[0], (8, 16, 16), 2
+    elif case == "2d":
+        folder, patch, n_ch = ld_cases[0], (16, 20), 1
+    else:
+        folder, patch, n_ch = ld_cases[0], (16, 32, 32) if case == "3d_sticking_out" else (8, 16, 16), 1
+    ds = ((1.0,) * len(patch), (0.5,) * len(patch))
+    aug = AugmentConfig.from_patch_size(patch, ds_scales=ds)
+    spec = BatchSpec(augment=aug, batch_size=3, num_channels=n_ch, train=True)
+    fused, plain = ZarrCaseSource(folder), ZarrCaseSource(folder)
+    mirrored = []
+    real_read = fused.read
+    monkeypatch.setattr(fused, "read", lambda cid, bbox, *a, flip=None: mirrored.append(flip)
+                        or real_read(cid, bbox, *a, flip=flip))
+    a, b = BatchBuilder(fused, spec), BatchBuilder(plain, spec)
+    b._mirrored_reads = False
+    assert a._mirrored_reads
+    for i in range(12):
+        x, kx = a.build(3, i)
+        y, ky = b.build(3, i)
+        assert kx == ky
+        np.testing.assert_array_equal(x.data, y.data)
+        for tx, ty in zip(x.targets, y.targets):
+            np.testing.assert_array_equal(tx, ty)
+    flips = [f for f in mirrored if f is not None]
+    assert len(flips) >= 6 and any(any(f) for f in flips)  # the fused path ran, mirrored
+
+
+def test_mirrored_reads_only_where_the_source_has_them(ld_cases):
+    from nnfast.data.dataset import NnunetCaseSource
+
+    spec = spec3()
+    assert BatchBuilder(ZarrCaseSource(ld_cases[0]), spec)._mirrored_reads
+    assert not BatchBuilder(NnunetCaseSource(ld_cases[1]), spec)._mirrored_reads

@@ -145,6 +145,66 @@ def test_reuses_output_buffers(stores):
     assert (batch[0] == 0).all()
 
 
+def _flipped(a, flip):
+    return np.flip(a, axis=tuple(d + 1 for d, f in enumerate(flip) if f))
+
+
+@pytest.mark.parametrize("name", ["multichannel_int8", "int16_seg", "2d_layout", "empty_seg", "one_chunk",
+                                  "uncompressed_shuffle"])
+@pytest.mark.parametrize("force_zarr", [False, True])
+def test_mirrored_reads_equal_the_flipped_box(stores, name, force_zarr):
+    """``flip`` writes the box mirrored, padding included: into C-contiguous buffers (the chunk-copy kernel, with a
+    cast from int8 labels to int16), into non-contiguous views (numpy's copy), through zarr-python, channels picked."""
+    path = stores[name]
+    reader = CaseReader(path, force_zarr=force_zarr)
+    n_ch = reader.num_channels
+    rng = np.random.default_rng(11)
+    for i in range(24):
+        bbox = random_box(rng)
+        box = tuple(ub - lb for lb, ub in bbox)
+        flip = tuple(bool(v) for v in rng.integers(0, 2, 3))
+        if i % 3 == 0:
+            flip = (True, True, True)
+        channels = [n_ch - 1, 0] if i % 4 == 1 else None
+        ref_img = _flipped(reference(path, "image", bbox, 0, channels), flip)
+        ref_seg = _flipped(reference(path, "seg", bbox, -1), flip)
+        img, seg = reader.read(bbox, channels=channels, flip=flip)
+        np.testing.assert_array_equal(img, ref_img)
+        np.testing.assert_array_equal(seg, ref_seg)
+        out_img = np.full((len(channels or range(n_ch)), *box), 7, np.float32)
+        out_seg = np.full((1, *box), 7, np.int16)
+        reader.read(bbox, out_img, out_seg, channels=channels, flip=flip)
+        np.testing.assert_array_equal(out_img, ref_img)
+        np.testing.assert_array_equal(out_seg, ref_seg)
+        # views with gaps between rows: not C-contiguous, numpy copies them
+        big_img = np.full((out_img.shape[0], *box[:2], box[2] + 3), 7, np.float32)
+        big_seg = np.full((1, *box[:2], box[2] + 3), 7, np.int16)
+        reader.read(bbox, big_img[..., 1:-2], big_seg[..., 1:-2], channels=channels, flip=flip)
+        np.testing.assert_array_equal(big_img[..., 1:-2], ref_img)
+        np.testing.assert_array_equal(big_seg[..., 1:-2], ref_seg)
+        assert (big_img[..., :1] == 7).all() and (big_seg[..., -2:] == 7).all()
+    with pytest.raises(StoreError, match="flip"):
+        reader.read([[0, 4]] * 3, flip=(True, False))
+
+
+def test_mirrored_reads_other_layouts(tmp_path, stores):
+    """Unsharded and uncompressed stores take the generic path: mirrored reads there too."""
+    for k, layout in enumerate([dict(chunks=(1, 4, 8, 8), compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=3)),
+                                dict(chunks=(1, 4, 8, 8), shards=(2, 8, 16, 16), compressors=None)]):
+        path = tmp_path / f"copy{k}.zarr"
+        shutil.copytree(stores["multichannel_int8"], path)
+        _rewrite_image(path, **layout)
+        reader = CaseReader(path)
+        assert not reader.uses_zarr_fallback
+        rng = np.random.default_rng(12)
+        for _ in range(10):
+            bbox = random_box(rng)
+            flip = tuple(bool(v) for v in rng.integers(0, 2, 3))
+            img, seg = reader.read(bbox, flip=flip)
+            np.testing.assert_array_equal(img, _flipped(reference(path, "image", bbox, 0), flip))
+            np.testing.assert_array_equal(seg, _flipped(reference(path, "seg", bbox, -1), flip))
+
+
 def test_bad_buffers_and_boxes(stores):
     reader = CaseReader(stores["multichannel_int8"])
     with pytest.raises(StoreError, match="shape"):

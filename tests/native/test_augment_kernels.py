@@ -266,6 +266,39 @@ def test_copy_box_validates():
         K.copy_box(src, np.zeros((1, 4, 4, 4), np.int16), (0, 0, 0), (0, 0, 0), (4, 4, 4))
 
 
+@pytest.mark.parametrize("src_dtype, dst_dtype", [(np.float32, np.float32), (np.int8, np.int16), (np.int16, np.int16),
+                                                (np.int8, np.int8), (np.uint8, np.int16), (np.float64, np.float32)])
+@pytest.mark.parametrize("seed", range(6))
+def test_copy_chunk_matches_numpy_slicing(src_dtype, dst_dtype, seed):
+    """The store reader's chunk copy against numpy's slicing and casting: random boxes (one-voxel axes included),
+    every flip combination, label dtypes widened."""
+    rng = np.random.default_rng(seed)
+    src = (rng.integers(-100, 100, (7, 9, 33)) if np.dtype(src_dtype).kind in "iu" else
+           rng.standard_normal((7, 9, 33))).astype(src_dtype)
+    dst_shape = (6, 1 if seed == 1 else 8, 40)
+    ext = [int(rng.integers(1, min(a, b) + 1)) for a, b in zip(src.shape, dst_shape)]
+    lo_s = [int(rng.integers(0, n - e + 1)) for n, e in zip(src.shape, ext)]
+    lo_d = [int(rng.integers(0, n - e + 1)) for n, e in zip(dst_shape, ext)]
+    flip = tuple(bool(v) for v in rng.integers(0, 2, 3)) if seed else (True, True, True)
+    dst = np.full(dst_shape, 7, dst_dtype)
+    K.copy_chunk(src, dst, lo_s, lo_d, ext, flip)
+    ref = np.full(dst_shape, 7, dst_dtype)
+    box = src[tuple(slice(a, a + e) for a, e in zip(lo_s, ext))]
+    ref[tuple(slice(a, a + e) for a, e in zip(lo_d, ext))] = box[
+        tuple(slice(None, None, -1) if f else slice(None) for f in flip)].astype(dst_dtype)
+    np.testing.assert_array_equal(dst, ref)
+
+
+def test_copy_chunk_validates():
+    src = np.zeros((4, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        K.copy_chunk(src, np.zeros((3, 4, 4), np.float32), (0, 0, 0), (0, 0, 0), (4, 4, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        K.copy_chunk(src, np.zeros((4, 4, 4), np.float32), (1, 0, 0), (0, 0, 0), (4, 4, 4))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.copy_chunk(src, np.zeros((4, 4, 8), np.float32)[..., ::2], (0, 0, 0), (0, 0, 0), (4, 4, 4))
+
+
 def test_fp16_round_matches_numpy_half():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.uniform(0, 1000, 20000), rng.uniform(0, 1e-3, 2000), 500 + rng.uniform(-1, 1, 2000),
