@@ -12,7 +12,8 @@ Per sample (nnU-Net v2's ``nnUNetDataLoader.generate_train_batch`` + ``nnUNetTra
 2. nnU-Net's enlarged box (``initial_patch_size``) from ``get_bbox``; its centre is the patch centre;
 3. spatial parameters first (rotation/scaling p 0.2 each, mirroring), then only the stored region the final
    patch needs is read (:func:`~nnfast.data.augment_params.needed_region`): exactly the patch when no rotation or
-   scaling fires, instead of nnU-Net's 4-5x larger box;
+   scaling fires, instead of nnU-Net's 4-5x larger box; such a patch is read mirrored straight into the batch when
+   the source can (``reads_mirrored``: :class:`~nnfast.data.dataset.ZarrCaseSource`), with no scratch copy;
 4. augmentation (:func:`~nnfast.data.transforms.augment_sample`) written straight into the batch array, labels
    -1 -> 0, deep-supervision targets (``nearest-exact`` downsampling).
 

@@ -5,7 +5,10 @@ more than decoding itself. :class:`CaseReader` instead parses each array's ``zar
 index once, memory-maps the shard file, and for a box decodes exactly the inner chunks the box touches with
 the c-blosc that numcodecs ships (``blosc_decompress_ctx``, one thread) into a reused per-thread scratch chunk, copying
 the overlap into caller-provided output buffers. Boxes may extend past the array (nnU-Net's ``crop_and_pad_nd``): the image is padded with 0, the
-seg with -1.
+seg with -1. A box can be written mirrored (``flip``), as the training loader reads samples without rotation or
+scaling straight into the batch. Into C-contiguous buffers the overlap is copied (and mirrored, and cast: int8
+labels into int16 slots) by the Numba kernel :func:`nnfast.native.augment.copy_chunk`, ~2x numpy's strided
+assignment (~4x into a mirrored view); Numba is imported on the first such read, not with this module.
 
 Understood layouts (anything else is read through zarr-python, :attr:`CaseReader.uses_zarr_fallback`): zarr
 v3, regular chunk grid, ``default`` or ``v2`` chunk key encoding, numeric data type, codecs either
