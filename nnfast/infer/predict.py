@@ -240,9 +240,12 @@ class _FirstCase:
     itself, exactly as before, whenever anything differs or failed.
     """
 
-    def __init__(self, case: CaseInput, plans, config_name: str, kernels_ready: threading.Event | None = None
-                 ) -> None:
+    def __init__(self, case: CaseInput, plans, config_name: str, kernels_ready: threading.Event | None = None,
+                 listing: tuple | None = None) -> None:
         self.case, self.plans, self.config_name = case, plans, config_name
+        #: ``((ending, channels, channel names), (cases, skipped))``: the input folder as listed for the model folder's
+        #: plans, handed to the main path by :meth:`listing_for` instead of listing (and stat-ing outputs) again
+        self._listing = listing
         self.seconds = 0.0
         self._result: tuple | None = None
         self._kernels_ready = kernels_ready
@@ -259,6 +262,14 @@ class _FirstCase:
         except Exception:  # the pipeline prepares the case again and reports the error as usual
             self._result = None
         self.seconds = time.perf_counter() - t0
+
+    def listing_for(self, ending: str, num_channels: int, channel_names: list) -> tuple | None:
+        """``(cases, skipped)`` as :func:`_cases_to_predict` gives them for the loaded model, when the early listing
+        used the same file ending and channels (else None: list again). Handed over once."""
+        listing, self._listing = self._listing, None
+        if listing is None or listing[0] != (ending, num_channels, list(channel_names)):
+            return None
+        return listing[1]
 
     def take(self, case: CaseInput, model: TrainedModel) -> tuple | None:
         """``(data, properties)`` of ``case`` as :func:`preprocess_input` gives them for ``model``, or None (waits for
@@ -280,8 +291,9 @@ def _start_first_case(inputs, out_dir: Path, opts: PredictOptions) -> _FirstCase
         config_name = opts.config or folder.name.rsplit("__", 1)[-1]  # load_model's choice unless a checkpoint differs
         if plans.configuration(config_name).previous_stage is not None:
             return None
-        cases, _ = _cases_to_predict(inputs, out_dir, str(dataset_json.get("file_ending", ".nii.gz")),
-                                     plans.num_input_channels, list(plans.channel_names.values()), opts)
+        key = (str(dataset_json.get("file_ending", ".nii.gz")), plans.num_input_channels,
+               list(plans.channel_names.values()))
+        cases, skipped = _cases_to_predict(inputs, out_dir, key[0], key[1], key[2], opts)
         case = next((c for c in cases if c.problem is None), None)
         if case is None:
             return None
@@ -294,7 +306,7 @@ def _start_first_case(inputs, out_dir: Path, opts: PredictOptions) -> _FirstCase
     except Exception:
         return None
     kernels_ready = threading.Event()
-    first = _FirstCase(case, plans, config_name, kernels_ready)
+    first = _FirstCase(case, plans, config_name, kernels_ready, listing=(key, (cases, skipped)))
     try:
         from ..native._jit import load_dispatch_machinery
         from ..preprocess import pipeline  # noqa: F401
@@ -358,8 +370,10 @@ def predict_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
     ending = model.file_ending
     report = PredictionReport(out_dir)
-    cases, report.skipped = _cases_to_predict(inputs, out_dir, ending, model.num_image_channels,
-                                              list(model.plans.channel_names.values()), opts)
+    channel_names = list(model.plans.channel_names.values())
+    listed = first.listing_for(ending, model.num_image_channels, channel_names) if first is not None else None
+    cases, report.skipped = listed if listed is not None else _cases_to_predict(
+        inputs, out_dir, ending, model.num_image_channels, channel_names, opts)
     if report.skipped:
         log.info("--continue: %d case(s) already predicted, skipped", len(report.skipped))
 

@@ -25,6 +25,8 @@ from ..settings import Settings, find_dataset_folder
 from ..fingerprint.schema import Fingerprint
 
 if TYPE_CHECKING:
+    from types import EllipsisType
+
     from .schema import Plans
 
 __all__ = ["PlanningResult", "plan_dataset", "load_dataset_for_task", "fingerprint_path", "plans_path", "load_current_plans",
@@ -84,17 +86,21 @@ def _stored_fingerprint(out: Path, signature: str) -> Fingerprint | None:
 def current_fingerprint(info: DatasetInfo, cases: list[CaseFiles], out: Path, signature: str | None = None, *,
                         workers: int = 1, scheduler=None, force: bool = False,
                         progress: Callable[[int, int, str], None] | None = None,
-                        precomputed: dict | None = None) -> tuple[Fingerprint, bool]:
+                        precomputed: dict | None = None, stored: Fingerprint | None | EllipsisType = ...
+                        ) -> tuple[Fingerprint, bool]:
     """(fingerprint, reused): the stored fingerprint in ``out`` if it was made from the current files, else a new one
-    (written; ``precomputed`` case fingerprints, e.g. verification's, are used instead of reading those cases)."""
+    (written; ``precomputed`` case fingerprints, e.g. verification's, are used instead of reading those cases).
+    ``stored``: what :func:`_stored_fingerprint` returned for ``signature`` when the caller already read it (default:
+    read it here)."""
     from ..fingerprint.extract import extract_fingerprint, source_signature
 
     if signature is None:
         signature = source_signature(info, cases)
     fp_file = fingerprint_path(out)
     if not force:
-        stored = _stored_fingerprint(out, signature)
-        if stored is not None:
+        if stored is ...:
+            stored = _stored_fingerprint(out, signature)
+        if isinstance(stored, Fingerprint):
             return stored, True
     log.info("extracting the fingerprint of %s (%d cases, %d workers%s)", info.name, len(cases), workers,
              f", {len(precomputed)} made during verification" if precomputed else "")
@@ -188,12 +194,13 @@ def plan_dataset(
     state = read_json(state_file) if state_file.is_file() else {}
 
     report = None
+    stored = None if force else _stored_fingerprint(out, signature)  # read once, for verification and below
     if verify and (force or state.get("verified_signature") != signature):
         from ..verify import verify_dataset
 
         # verification reads every file: it fingerprints the cases too when the stored fingerprint is stale (one read
         # per file), except with dask, where the fingerprint runs on the cluster
-        fingerprint_too = scheduler is None and (force or _stored_fingerprint(out, signature) is None)
+        fingerprint_too = scheduler is None and stored is None
         report = verify_dataset(info.root, workers=workers, fingerprint=fingerprint_too)
         for w in report.warnings:
             log.warning("%s", w)
@@ -210,7 +217,8 @@ def plan_dataset(
         log.info("%s: verification is current (inputs unchanged since it passed)", info.name)
     precomputed = _matching_fingerprints(report, cases) if report is not None else None
     fingerprint, fp_reused = current_fingerprint(info, cases, out, signature, workers=workers, scheduler=scheduler,
-                                                 force=force, progress=progress, precomputed=precomputed)
+                                                 force=force, progress=progress, precomputed=precomputed,
+                                                 stored=stored)
 
     data_hashes = {"fingerprint": _hash_json(fingerprint.to_json()), "dataset_json": _hash_json(info.raw)}
     requested = {"preset": preset, "gpu_memory_gb": None if gpu_memory_gb is None else float(gpu_memory_gb),

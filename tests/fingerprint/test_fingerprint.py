@@ -1,4 +1,6 @@
 """Fingerprint parity with nnU-Net v2's DatasetFingerprintExtractor on real NIfTI files."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -120,3 +122,30 @@ def test_planning_reads_each_file_once(tmp_path, monkeypatch):
     reads.clear()
     plan_dataset(14, settings, workers=2)
     assert not reads
+
+
+def test_planning_reads_the_stored_fingerprint_once(tmp_path, monkeypatch):
+    """When verification runs again (its record gone) over a current stored fingerprint, plan_dataset reads the
+    fingerprint file once (verification asks whether to fingerprint too; planning reuses it), decodes no image for
+    the fingerprint, and reuses it."""
+    from collections import Counter
+
+    from nnfast.plan import api
+    from nnfast.settings import Settings
+
+    raw = tmp_path / "raw"
+    make_raw_dataset(raw, 15, "Stored", [(8, 20, 20), (9, 22, 20)], [(2.0, 1.0, 1.0)] * 2, seed=5)
+    settings = Settings(raw=raw, preprocessed=tmp_path / "pre", results=tmp_path / "res")
+    first = api.plan_dataset(15, settings, workers=1)
+    (first.output_folder / api.STATE_FILE).unlink()  # verification runs again
+    reads = Counter()
+    real = api.read_json
+
+    def counting(path):
+        reads[Path(path).name] += 1
+        return real(path)
+
+    monkeypatch.setattr(api, "read_json", counting)
+    again = api.plan_dataset(15, settings, workers=1)
+    assert again.fingerprint_reused and again.fingerprint == first.fingerprint
+    assert reads[api.fingerprint_path(first.output_folder).name] == 1, reads

@@ -354,6 +354,13 @@ def test_first_case_prepared_before_the_model_loads_is_the_case_the_model_would_
     assert first.take(a, model) is None and first.seconds > 0  # handed over once
     assert _FirstCase(a, plans, "2d").take(a, model) is None  # prepared for another configuration
 
+    # the early listing of the input folder is handed to the main path once, only for the same ending and channels
+    names = list(model.plans.channel_names.values())
+    assert first.listing_for(".nii.gz", 1, names) == ([a, b], [])
+    assert first.listing_for(".nii.gz", 1, names) is None
+    first = _start_first_case(tmp_path / "in", tmp_path / "out", opts)
+    assert first.listing_for(".mha", 1, names) is None and first.listing_for(".nii.gz", 1, names) is None
+
     # nothing is started where the model folder alone cannot say how to prepare the case
     assert _start_first_case(tmp_path / "in", tmp_path / "out", PredictOptions(model_folder=tmp_path / "no")) is None
     cascade = make_model_folder(tmp_path / "results", tiny_plans(cascade=True), "3d_cascade_fullres", n_in=3)
