@@ -11,6 +11,7 @@ after; then the medians. On a shared machine the CPU times are the steadier meas
     python benchmarks/preprocess_interleaved.py /tmp/ct/raw 61 2 this=. before=/tmp/before
 
 ``--skip-nnunet`` leaves nnU-Net's runs out (comparing nnfast trees only: their ratio is the result).
+``NAME=TREE:OPT,OPT`` adds options to that tree's command, e.g. ``procs=.:--pool,processes``.
 
 ``RAW_ROOT`` holds ``DatasetNNN_Name`` (e.g. the 24-case CT set of ``test_bench_pipeline.py``'s ``ct_task``).
 """
@@ -45,8 +46,9 @@ def _commands(raw: Path, task: int, trees: dict[str, str],
              " % int(sys.argv[2])))]", str(raw), str(task)]
     cmds: dict[str, tuple[list[str], str | None]] = {"nnunet": (nnunet, None)} if nnunet_too else {}
     for name, tree in trees.items():
-        cmds[name] = ([py, "-m", "nnfast.cli", "preprocess", "--task", str(task), "--workers", "2", "-q"],
-                      str(Path(tree).resolve()))
+        tree, _, extra = tree.partition(":")  # NAME=TREE:--flag,--flag adds options (e.g. --pool,processes)
+        cmds[name] = ([py, "-m", "nnfast.cli", "preprocess", "--task", str(task), "--workers", "2", "-q",
+                       *[a for a in extra.split(",") if a]], str(Path(tree).resolve()))
     cmds["floor"] = (floor, None)
     return cmds
 
