@@ -75,7 +75,10 @@ def main(argv: list[str]) -> None:
                 before = _load()
                 c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                # cwd: not a source tree (``python -m`` puts the working folder before PYTHONPATH on sys.path, so
+                # run from a checkout every NAME=TREE would import that checkout's nnfast)
+                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      cwd=work)
                 wall = time.perf_counter() - t0
                 c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 if proc.returncode:
