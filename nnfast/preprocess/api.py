@@ -105,8 +105,9 @@ class PreprocessSummary:
         for name in self.skipped_configs:
             lines.append(f"  {name:<11} not planned for this dataset (nnU-Net's rules drop it), skipped")
         if self.threads:
-            lines.append(f"  peak memory: {self.peak_rss_parent / 2**20:.0f} MiB (one process; its {self.workers} "
-                         f"threads' cases together{', and the inputs kept decoded' if self.reused_reads else ''})")
+            lines.append(f"  peak memory: {self.peak_rss_parent / 2**20:.0f} MiB (one process: the cases of its "
+                         f"{self.workers} preprocessing thread(s) at once"
+                         f"{', and the inputs kept decoded' if self.reused_reads else ''})")
         else:
             lines.append(f"  peak memory: {self.peak_rss_parent / 2**20:.0f} MiB main process, "
                          f"{self.peak_rss_children / 2**20:.0f} MiB largest worker")
@@ -155,7 +156,7 @@ def preprocess_dataset(
 
     ``pool``: where the cases run without a ``scheduler`` (module docstring): ``"threads"`` of this process,
     ``"processes"``, or ``"auto"`` (threads for ``workers`` up to :data:`THREAD_WORKERS_MAX` and the cores
-    available).
+    available). One worker runs the cases in this process, reading each input once, unless ``"processes"``.
 
     Missing plans are planned only under the preset's own identifier (``nnfast_plans``, ``nnfast_ResEncM_plans``...);
     another ``plans_identifier`` must exist (``nnfast plan --plans NAME``). The plans on disk are used as they are
@@ -204,9 +205,9 @@ def _use_threads(workers: int, scheduler, pool: str) -> bool:
         from ..errors import SettingsError
 
         raise SettingsError(f"pool={pool!r}: expected 'auto', 'threads' or 'processes'")
-    if scheduler is not None or workers <= 1 or pool == "processes":
+    if scheduler is not None or pool == "processes":
         return False
-    if pool == "threads":
+    if pool == "threads" or workers <= 1:  # one worker: the cases run in this process anyway
         return True
     from ..native._jit import available_cores
 

@@ -70,7 +70,7 @@ def test_threads_give_the_stores_of_worker_processes_and_read_each_file_once(whi
     assert by_threads.configs[0].computed == n
     assert by_threads.reused_reads == n  # verification decoded every file; none was read again
     assert by_procs.reused_reads == 0
-    assert "inputs read once" in by_threads.format() and "threads' cases together" in by_threads.format()
+    assert "inputs read once" in by_threads.format() and "preprocessing thread(s) at once" in by_threads.format()
     _assert_same(_stores(procs, name), _stores(threads, name))
 
 
@@ -88,7 +88,8 @@ def test_auto_uses_threads_for_two_workers_and_processes_beyond_the_cap(monkeypa
     assert api._use_threads(2, None, "auto")
     assert not api._use_threads(api.THREAD_WORKERS_MAX + 1, None, "auto")
     assert not api._use_threads(2, "local:2", "auto")  # a dask scheduler runs its own workers
-    assert not api._use_threads(1, None, "threads")  # one worker: this process, no pool at all
+    assert api._use_threads(1, None, "auto")  # one worker: this process anyway, reading each input once
+    assert not api._use_threads(1, None, "processes")
     monkeypatch.setattr("nnfast.native._jit.available_cores", lambda: 1)
     assert not api._use_threads(2, None, "auto") and api._use_threads(2, None, "threads")
 
