@@ -294,8 +294,10 @@ def test_run_in_threads_starts_the_largest_first_and_nothing_after_an_interrupt(
     def interrupt(done, total, key):
         raise KeyboardInterrupt
 
+    stop = threading.Event()
     with pytest.raises(KeyboardInterrupt):
-        run_in_threads(held, range(20), workers=2, progress=interrupt)
+        run_in_threads(held, range(20), workers=2, progress=interrupt, stop=stop)
+    assert stop.is_set()  # the running tasks were told to end early
     # the two running when the first finished (and at most one more that had started meanwhile); not the 20
     assert 2 <= len(started) <= 4, started
 

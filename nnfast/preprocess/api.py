@@ -351,9 +351,11 @@ def _plan_and_preprocess(task, settings: Settings, t0: float, pool, *, config, w
                 loader.ready()
                 log.info("running %d preprocess %s on %d threads", len(tasks), name, min(workers, len(tasks)))
                 hits = decoded.hits if decoded is not None else 0
+                stop = threading.Event()  # Ctrl-C or a failed case: the running cases end at their next step
                 with _single_threaded_libraries_scope():
-                    results = run_in_threads(functools.partial(run_case_task, decoded=decoded), tasks,
-                                             workers=workers, keys=keys, sizes=task_sizes, progress=progress)
+                    results = run_in_threads(functools.partial(run_case_task, decoded=decoded, stop=stop), tasks,
+                                             workers=workers, keys=keys, sizes=task_sizes, progress=progress,
+                                             stop=stop)
                 if decoded is not None:
                     summary.reused_reads += decoded.hits - hits
                     decoded.clear()  # another configuration reads the files

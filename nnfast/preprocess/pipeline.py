@@ -241,8 +241,17 @@ def _float32_releasing(data: np.ndarray) -> np.ndarray:
     return out
 
 
+class CaseStopped(Exception):
+    """A case given up because its command is stopping (Ctrl-C, another case's error): its store is not written."""
+
+
+def _check_stop(stop, case: CaseFiles) -> None:
+    if stop is not None and stop.is_set():
+        raise CaseStopped(f"case {case.case_id}: stopped before it was finished (nothing written)")
+
+
 def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path: str | os.PathLike, case_hash: str,
-                             decoded=None) -> tuple[tuple[int, ...], int]:
+                             decoded=None, stop=None) -> tuple[tuple[int, ...], int]:
     """Read, preprocess and store one training case, holding as little of it in memory as the steps allow.
 
     The same arrays and store as :func:`preprocess_case` followed by :func:`nnfast.io.store.write_case` (values bit
@@ -255,6 +264,9 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
 
     ``decoded``: a :class:`~nnfast.io.decoded_cache.DecodedCache` holding the case's arrays as an earlier step of this
     process decoded them from the same, unchanged files (:func:`_read_case`); the files are read otherwise.
+    ``stop``: a ``threading.Event``; once it is set the case ends at its next step (a phase, or a box of the image)
+    with :class:`CaseStopped`, its temporary store removed (threads cannot be killed: this is how Ctrl-C or another
+    case's error stops a preprocessing thread).
 
     Returns
     -------
@@ -264,7 +276,9 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
 
     from ..io.case_writer import CaseStoreWriter
 
+    _check_stop(stop, case)
     data, geom, seg = _read_case(case, decoded)
+    _check_stop(stop, case)
     arrays = [data, seg]
     del data, seg
     data, seg, props, geo = _prepare(arrays, geom.spacing, plans, config_name)
@@ -279,6 +293,7 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
             del seg
             _write_label_phase(store, holder, plans, cfg, geo)
             seg = None
+        _check_stop(stop, case)
         data = normalize(_float32_releasing(data), seg, cfg.normalization_schemes, cfg.use_mask_for_norm,
                          plans.foreground_intensity_properties_per_channel, where=where)
         if mask_used:
@@ -287,6 +302,14 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
             _write_label_phase(store, holder, plans, cfg, geo)
         shape = (int(data.shape[0]), *geo["new_shape"])
         sink = store.image_sink(shape)
+        if stop is not None:
+            put = sink.put
+
+            def put_unless_stopping(channel, origin, block):
+                _check_stop(stop, case)
+                put(channel, origin, block)
+
+            sink.put = put_unless_stopping  # type: ignore[method-assign]
         holder = [data]
         del data
         resample_image_consuming(holder, geo["new_shape"], geo["original_spacing"], geo["target_spacing"],
@@ -361,16 +384,16 @@ def _load_plans_cached(path: str, mtime_ns: int):
     return load_plans(Path(path))
 
 
-def run_case_task(task: CaseTask, decoded=None) -> CaseResult:
+def run_case_task(task: CaseTask, decoded=None, stop=None) -> CaseResult:
     """Worker (or worker thread) entry point: preprocess one case and write its store atomically (streamed:
     :func:`preprocess_case_to_store`, taking the case's arrays from ``decoded`` when it holds them; a case without a
-    label file the whole-array way)."""
+    label file the whole-array way; ``stop``: see :func:`preprocess_case_to_store`)."""
     from ..io.store import write_case
 
     plans = _load_plans_cached(task.plans_file, os.stat(task.plans_file).st_mtime_ns)
     if task.case.label_file is not None:
         shape, voxels_in = preprocess_case_to_store(task.case, plans, task.config_name, task.out_path, task.case_hash,
-                                                    decoded)
+                                                    decoded, stop)
         return CaseResult(task.case.case_id, shape, voxels_in, int(np.prod(shape[1:])), dir_size(task.out_path))
     data, seg, props, locs = preprocess_case(task.case, plans, task.config_name)
     cfg = plans.configuration(task.config_name)

@@ -224,3 +224,34 @@ def test_decoded_inputs_are_dropped_when_the_cases_would_not_fit_beside_them(ct_
     ref = _settings(ct_raw, tmp_path / "ref")
     preprocess_dataset("Dataset041_ThrCT", ref, workers=1)
     _assert_same(_stores(ref, "Dataset041_ThrCT"), _stores(s, "Dataset041_ThrCT"))
+
+
+def test_a_stopping_command_ends_a_running_case_at_its_next_step_without_a_store(ct_raw, tmp_path, monkeypatch):
+    """Threads cannot be killed: Ctrl-C (or another case's error) sets ``stop`` and the case running gives up at its
+    next step, removing its temporary store."""
+    import threading
+
+    import nnfast.preprocess.pipeline as pipeline
+    from nnfast.io.dataset import load_dataset
+    from nnfast.preprocess.pipeline import CaseStopped, CaseTask, run_case_task
+
+    s = _settings(ct_raw, tmp_path)
+    preprocess_dataset("Dataset041_ThrCT", s, workers=1)  # plans
+    plans_file = str(s.preprocessed / "Dataset041_ThrCT" / "nnfast_plans.json")
+    case = load_dataset(ct_raw / "Dataset041_ThrCT")[1][0]
+    stop = threading.Event()
+    write_label = pipeline._write_label_phase
+
+    def label_then_ctrl_c(*a, **k):
+        write_label(*a, **k)
+        stop.set()
+
+    monkeypatch.setattr(pipeline, "_write_label_phase", label_then_ctrl_c)
+    out = tmp_path / "stopped" / f"{case.case_id}.zarr"
+    with pytest.raises(CaseStopped, match=case.case_id):
+        run_case_task(CaseTask(case, plans_file, "3d_fullres", str(out), "h"), stop=stop)
+    assert not out.exists() and not list(out.parent.iterdir())
+    monkeypatch.setattr(pipeline, "_write_label_phase", write_label)
+    stop.clear()
+    run_case_task(CaseTask(case, plans_file, "3d_fullres", str(out), "h"), stop=stop)
+    load_case(out)
