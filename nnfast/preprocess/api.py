@@ -8,7 +8,7 @@ Where the cases run (``pool``, default ``"auto"``):
 
 * **threads of this process** (``--workers`` up to :data:`THREAD_WORKERS_MAX` and at most the cores available, no
   dask scheduler): every heavy step of a case releases the GIL (SimpleITK's reader, the nogil Numba kernels, NumPy,
-  Blosc's compression), so threads run cases side by side without starting worker interpreters (~2 s of CPU each:
+  Blosc's compression), so threads run cases side by side without starting worker interpreters (~1-2 s of CPU each:
   Python, Numba, loading the kernels again). The kernels load once, on a thread started with the command while
   verification and fingerprinting run (a cold cache compiles in a background process instead, as below), and the
   arrays verification (or the fingerprint) decoded are kept in a memory-bounded
@@ -54,8 +54,9 @@ CONFIG_CHOICES: tuple[str, ...] = (*PREPROCESSED_CONFIGURATIONS, "all")
 PREPROCESS_KERNELS = ("crop", "normalize", "resample", "resample_seg", "class_locations")
 
 #: Most ``--workers`` that run as threads of this process with ``pool="auto"`` (and never more than the cores
-#: available). Measured at 2 (the Python left per case holds the GIL ~10-20 % of a case's time, so many threads would
-#: queue on it; more workers run as processes).
+#: available). Only 2 threads were measured (on 2 cores: ~20 % less CPU than 2 worker processes, benchmarks/README.md
+#: "Issue 13 goal 2, fourth pass"); the Python left in a case holds the GIL for part of its time, so many threads
+#: would queue on it: more workers run as processes.
 THREAD_WORKERS_MAX = 4
 
 PoolChoice = Literal["auto", "threads", "processes"]
@@ -169,7 +170,8 @@ def preprocess_dataset(
     with contextlib.ExitStack() as stack:
         task_pool = None
         decoded = loader = compiler = None
-        ahead = min(workers, _training_case_count(task, settings)) if scheduler is None and workers > 1 else 0
+        ahead = min(workers, _training_case_count(task, settings)) if not threads and scheduler is None \
+            and workers > 1 else 0
         if threads:
             from ..io.decoded_cache import DecodedCache
 
