@@ -27,7 +27,7 @@ __all__ = ["DecodedCase", "DecodedCache", "file_signature", "DEFAULT_MEMORY_FRAC
 
 log = logging.getLogger(__name__)
 
-#: Share of the memory available when the cache is made that it may hold by default.
+#: Share of the memory available when the cache is made that ``nnfast preprocess`` lets it hold.
 DEFAULT_MEMORY_FRACTION = 0.25
 
 Signature = tuple[tuple[str, int, int], ...]
@@ -82,14 +82,6 @@ class DecodedCache:
         self.hits = 0
         self.misses = 0
         self.dropped = 0
-
-    @classmethod
-    def for_available_memory(cls, fraction: float = DEFAULT_MEMORY_FRACTION) -> "DecodedCache":
-        """A cache allowed ``fraction`` of the memory available now (nothing when that is unknown)."""
-        from ..preprocess.memory import available_memory_bytes
-
-        available = available_memory_bytes()
-        return cls(int(available * fraction) if available else 0)
 
     @property
     def used_bytes(self) -> int:

@@ -173,11 +173,9 @@ def preprocess_dataset(
         ahead = min(workers, _training_case_count(task, settings)) if not threads and scheduler is None \
             and workers > 1 else 0
         if threads:
-            from ..io.decoded_cache import DecodedCache
-
             loader = _KernelLoader()  # loads the kernels (or starts a cold cache's compile) beside verification
             loader.start()
-            decoded = DecodedCache.for_available_memory()
+            decoded = _decoded_cache()
         elif ahead > 1 and (force or not _has_case_stores(task, settings)):
             # the workers start (interpreter, imports, kernels: ~2 s of CPU each) while this process verifies,
             # fingerprints and plans on one core, and they compile a cold kernel cache instead of a background process
@@ -214,6 +212,16 @@ def _use_threads(workers: int, scheduler, pool: str) -> bool:
     from ..native._jit import available_cores
 
     return workers <= min(THREAD_WORKERS_MAX, available_cores())
+
+
+def _decoded_cache():
+    """The :class:`~nnfast.io.decoded_cache.DecodedCache` of one run: :data:`~nnfast.io.decoded_cache.
+    DEFAULT_MEMORY_FRACTION` of the memory available now (nothing kept when that is unknown)."""
+    from ..io.decoded_cache import DEFAULT_MEMORY_FRACTION, DecodedCache
+    from .memory import available_memory_bytes
+
+    available = available_memory_bytes()
+    return DecodedCache(int(available * DEFAULT_MEMORY_FRACTION) if available else 0)
 
 
 class _KernelLoader(threading.Thread):

@@ -100,11 +100,11 @@ def test_evicted_cases_are_read_again(ct_raw, tmp_path, monkeypatch):
     per_case = one.nbytes * 3 // 2  # int16 image + uint8 label
     made = []
 
-    def small_cache(fraction=0.25):
+    def small_cache():
         made.append(DecodedCache(int(per_case * 2.2)))
         return made[-1]
 
-    monkeypatch.setattr(DecodedCache, "for_available_memory", staticmethod(small_cache))
+    monkeypatch.setattr(api, "_decoded_cache", small_cache)
     s = _settings(ct_raw, tmp_path)
     summary = preprocess_dataset("Dataset041_ThrCT", s, workers=2, pool="threads")
     assert made and made[0].dropped >= 3
