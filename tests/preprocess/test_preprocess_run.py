@@ -169,6 +169,34 @@ def test_killed_run_resumes_to_the_uninterrupted_result(raw, reference, tmp_path
     assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary stores left behind"
 
 
+@pytest.mark.timeout(300)
+def test_ctrl_c_on_the_thread_path_stops_soon_and_leaves_only_finished_stores(raw, reference, tmp_path):
+    """Ctrl-C while threads of the command preprocess: exit code 130 within seconds (no case started after it, the
+    running ones stop at their next step), every store that looks finished is complete, no temporaries are left, and
+    a rerun completes the rest to the uninterrupted result."""
+    pre = tmp_path / "pre"
+    folder = pre / NAME / "nnfast_3d_fullres"
+    proc = _cli(raw, pre, "--workers", "2", "--pool", "threads")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if folder.is_dir() and list(folder.glob("*.zarr")):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted: " + proc.stderr.read()
+    os.kill(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, (out, err)
+    assert time.monotonic() - t0 < 30
+    for p in folder.glob("*.zarr"):
+        load_case(p)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary stores left behind"
+    proc = _cli(raw, pre, "--workers", "2")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    _assert_same(reference, sorted(folder.glob("*.zarr")))
+
+
 def _live_spawned_children(parent) -> list:
     import psutil
 
