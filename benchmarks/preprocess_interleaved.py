@@ -7,8 +7,11 @@ and the floor: decoding every input NIfTI of the dataset once with SimpleITK on 
 CPU time of the whole process tree (user + sys, ``getrusage(RUSAGE_CHILDREN)``) and ``/proc/loadavg`` before and
 after; then the medians. On a shared machine the CPU times are the steadier measure::
 
-    python benchmarks/preprocess_interleaved.py RAW_ROOT DATASET_ID ROUNDS [NAME=TREE ...]
+    python benchmarks/preprocess_interleaved.py RAW_ROOT DATASET_ID ROUNDS [--skip-nnunet] [NAME=TREE ...]
     python benchmarks/preprocess_interleaved.py /tmp/ct/raw 61 2 this=. before=/tmp/before
+
+``--skip-nnunet`` leaves nnU-Net's runs out (comparing nnfast trees only: their ratio is the result).
+``NAME=TREE:OPT,OPT`` adds options to that tree's command, e.g. ``procs=.:--pool,processes``.
 
 ``RAW_ROOT`` holds ``DatasetNNN_Name`` (e.g. the 24-case CT set of ``test_bench_pipeline.py``'s ``ct_task``).
 """
@@ -32,7 +35,8 @@ def _load() -> str:
         return "?"
 
 
-def _commands(raw: Path, task: int, trees: dict[str, str]) -> dict[str, tuple[list[str], str | None]]:
+def _commands(raw: Path, task: int, trees: dict[str, str],
+              nnunet_too: bool = True) -> dict[str, tuple[list[str], str | None]]:
     py = sys.executable
     nnunet = [py, "-c", "import sys; from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import "
               "plan_and_preprocess_entry as m; sys.argv = ['nnUNetv2_plan_and_preprocess', '-d', sys.argv[1], '-c', "
@@ -40,22 +44,25 @@ def _commands(raw: Path, task: int, trees: dict[str, str]) -> dict[str, tuple[li
     floor = [py, "-c", "import sys, glob, SimpleITK as s; s.ProcessObject.SetGlobalDefaultNumberOfThreads(1); "
              "[s.GetArrayFromImage(s.ReadImage(f)) for f in sorted(glob.glob(sys.argv[1] + '/Dataset%03d_*/*Tr/*.nii.gz'"
              " % int(sys.argv[2])))]", str(raw), str(task)]
-    cmds: dict[str, tuple[list[str], str | None]] = {"nnunet": (nnunet, None)}
+    cmds: dict[str, tuple[list[str], str | None]] = {"nnunet": (nnunet, None)} if nnunet_too else {}
     for name, tree in trees.items():
-        cmds[name] = ([py, "-m", "nnfast.cli", "preprocess", "--task", str(task), "--workers", "2", "-q"],
-                      str(Path(tree).resolve()))
+        tree, _, extra = tree.partition(":")  # NAME=TREE:--flag,--flag adds options (e.g. --pool,processes)
+        cmds[name] = ([py, "-m", "nnfast.cli", "preprocess", "--task", str(task), "--workers", "2", "-q",
+                       *[a for a in extra.split(",") if a]], str(Path(tree).resolve()))
     cmds["floor"] = (floor, None)
     return cmds
 
 
 def main(argv: list[str]) -> None:
+    nnunet_too = "--skip-nnunet" not in argv
+    argv = [a for a in argv if a != "--skip-nnunet"]
     raw, task, rounds = Path(argv[0]).resolve(), int(argv[1]), int(argv[2])
     trees = dict(a.split("=", 1) for a in argv[3:]) or {"this": str(Path(__file__).resolve().parents[1])}
     work = Path(tempfile.mkdtemp(prefix="nnfast_interleaved_"))
     runs: dict[str, list[tuple[float, float]]] = {}
     try:
         for r in range(rounds):
-            for name, (cmd, pythonpath) in _commands(raw, task, trees).items():
+            for name, (cmd, pythonpath) in _commands(raw, task, trees, nnunet_too).items():
                 pre = work / f"pre_{name}"
                 shutil.rmtree(pre, ignore_errors=True)
                 pre.mkdir()
@@ -68,7 +75,10 @@ def main(argv: list[str]) -> None:
                 before = _load()
                 c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                # cwd: not a source tree (``python -m`` puts the working folder before PYTHONPATH on sys.path, so
+                # run from a checkout every NAME=TREE would import that checkout's nnfast)
+                proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      cwd=work)
                 wall = time.perf_counter() - t0
                 c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 if proc.returncode:
@@ -82,7 +92,7 @@ def main(argv: list[str]) -> None:
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
     for name, (wall, cpu) in med.items():
         ratio = f"  nnU-Net / this: {med['nnunet'][0] / wall:.2f}x wall, {med['nnunet'][1] / cpu:.2f}x CPU" \
-            if name not in ("nnunet", "floor") else ""
+            if name not in ("nnunet", "floor") and "nnunet" in med else ""
         print(f"median {name:8s} wall {wall:8.2f} s  cpu {cpu:7.2f} s{ratio}")
 
 

@@ -16,9 +16,10 @@ loader: spawn, pipes, thread policy, dead-worker diagnosis, stop escalation):
   message, after the other workers have been stopped; no child process outlives the call, also on
   ``KeyboardInterrupt``.
 
-:class:`TaskPool` is the same pool started ahead of its tasks: ``nnfast preprocess`` starts its workers (interpreter,
-imports, kernel warm-up: ~2 s of CPU each) while it still verifies, fingerprints and plans, then runs each
-configuration's cases on them.
+:class:`TaskPool` is the same pool started ahead of its tasks: ``nnfast preprocess --pool processes`` starts its
+workers (interpreter, imports, kernel warm-up: ~1-2 s of CPU each) while it still verifies, fingerprints and plans,
+then runs each configuration's cases on them. With few workers ``nnfast preprocess`` runs its cases on threads of
+its own process instead (:func:`run_in_threads`; :mod:`nnfast.preprocess.api`).
 
 The same tasks can run on a dask cluster (``scheduler="tcp://host:port"``, a ``distributed.Client``, or
 ``"local:N"`` for a temporary ``LocalCluster``). Importing this module is cheap: Numba, psutil and dask are
@@ -193,34 +194,45 @@ def run_in_threads(
     *,
     workers: int = 1,
     keys: Sequence[str] | None = None,
+    sizes: Sequence[float] | None = None,
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
 ) -> list:
     """Call ``func(item)`` for every item on ``workers`` threads of this process; results in the order of ``items``.
 
-    For I/O-bound per-case work whose heavy steps release the GIL (SimpleITK's reader, nogil Numba kernels, NumPy):
+    For per-case work whose heavy steps release the GIL (SimpleITK's reader, nogil Numba kernels, NumPy, Blosc):
     no interpreter start-up and no second copy of numba/zarr in memory, which for cheap cases costs more than the
     parallelism gives (measured on 24 CT cases: 2 worker processes were slower than one thread and used 2.5x the
-    memory). An exception is re-raised after the other tasks are cancelled, with a note naming the case.
+    memory). ``sizes``: tasks start largest first, as in :func:`run_tasks`. An exception is re-raised after the
+    tasks not started yet are cancelled, with a note naming the case; on any exit before the end (an error,
+    ``KeyboardInterrupt``) no further task starts, ``stop`` (when given) is set so that running tasks that watch it
+    can end early, and the tasks already running are waited for (one per thread).
     """
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     items = list(items)
     case_keys = _case_keys(items, keys)
+    order = _submission_order(len(items), sizes)
     if workers <= 1 or len(items) <= 1:
-        return _run_inline(func, items, list(range(len(items))), case_keys, progress, None, ())
+        return _run_inline(func, items, order, case_keys, progress, None, ())
     results: list = [None] * len(items)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nnfast") as ex:
-        futures = {ex.submit(func, item): i for i, item in enumerate(items)}
+    ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nnfast")
+    try:
+        futures = {ex.submit(func, items[i]): i for i in order}
         for done, fut in enumerate(as_completed(futures), 1):
             i = futures[fut]
             try:
                 results[i] = fut.result()
             except Exception as exc:
-                for f in futures:
-                    f.cancel()
                 raise _add_case(exc, case_keys[i])
             if progress is not None:
                 progress(done, len(items), case_keys[i])
+    except BaseException:
+        if stop is not None:
+            stop.set()
+        raise
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
     return results
 
 

@@ -264,6 +264,44 @@ def test_run_in_threads_keeps_order_and_names_the_failing_case():
         run_in_threads(boom, range(5), workers=2, keys=[f"c{i}" for i in range(5)])
 
 
+def test_run_in_threads_starts_the_largest_first_and_nothing_after_an_interrupt():
+    import threading
+
+    from nnfast.parallel import run_in_threads
+
+    started = []
+    lock = threading.Lock()
+
+    def record(x):
+        with lock:
+            started.append(x)
+        return x
+
+    sizes = [3, 9, 1, 7, 5]
+    assert run_in_threads(record, range(5), workers=1, sizes=sizes) == [0, 1, 2, 3, 4]
+    assert started == [1, 3, 4, 0, 2]  # one thread: exactly largest first
+    started.clear()
+    assert run_in_threads(record, range(5), workers=2, sizes=sizes) == [0, 1, 2, 3, 4]
+    assert started[:2] in ([1, 3], [3, 1])
+
+    started.clear()
+
+    def held(x):
+        record(x)
+        time.sleep(0.2)
+        return x
+
+    def interrupt(done, total, key):
+        raise KeyboardInterrupt
+
+    stop = threading.Event()
+    with pytest.raises(KeyboardInterrupt):
+        run_in_threads(held, range(20), workers=2, progress=interrupt, stop=stop)
+    assert stop.is_set()  # the running tasks were told to end early
+    # the two running when the first finished (and at most one more that had started meanwhile); not the 20
+    assert 2 <= len(started) <= 4, started
+
+
 # ------------------------------------------------------------------------------------ pool started early
 @pytest.mark.timeout(60)
 def test_task_pool_started_ahead_serves_several_runs_in_the_same_workers():

@@ -149,7 +149,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         summary = preprocess_dataset(args.task, _settings(args), config=args.config, workers=args.workers,
                                      scheduler=args.scheduler, gpu_memory_gb=args.gpu_memory_gb,
                                      verify=not args.no_verify, force=args.force, progress=prog,
-                                     plans_identifier=args.plans, preset=args.preset, replan=args.replan)
+                                     plans_identifier=args.plans, preset=args.preset, replan=args.replan,
+                                     pool=args.pool)
     if not args.quiet:
         print(summary.format())
     return 0

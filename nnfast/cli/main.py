@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a configuration of the plans ({', '.join(PREPROCESS_CONFIG_CHOICES)}, or a custom one)")
     _add_plans(p)
     p.add_argument("--workers", type=_positive_int, default=2)
+    p.add_argument("--pool", choices=("auto", "threads", "processes"), default="auto",
+                   help="run the cases on threads of this process (reads each input once, no worker start-up) or on "
+                        "worker processes; auto: threads for --workers up to 4 and the cores available")
     p.add_argument("--scheduler", type=_scheduler, help="dask scheduler address (tcp://host:port) or local:N")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="planner preset when planning is needed")
     p.add_argument("--gpu-memory-gb", type=_positive_float, default=None,

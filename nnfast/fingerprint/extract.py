@@ -7,6 +7,7 @@ exact moments plus a fixed-size quantile sketch. The dataset statistics weight e
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -38,11 +39,22 @@ class CaseFingerprint:
     summaries: tuple  # one native.intensity summary per channel
 
 
-def analyze_case(case: CaseFiles, sketch_size: int = SKETCH_SIZE) -> CaseFingerprint:
-    """Fingerprint one case (runs on worker threads, or dask workers; reads each file once)."""
+def analyze_case(case: CaseFiles, sketch_size: int = SKETCH_SIZE, decoded=None) -> CaseFingerprint:
+    """Fingerprint one case (runs on worker threads, or dask workers; reads each file once). ``decoded``: a
+    :class:`~nnfast.io.decoded_cache.DecodedCache` in which the arrays read are left for a later step."""
+    signature = None
+    if decoded is not None:
+        from ..io.decoded_cache import file_signature
+
+        signature = file_signature((*case.image_files, case.label_file))  # before reading: a later change shows
     data, geom = read_images(case.image_files, dtype=None)
     seg, _ = read_label(case.label_file)
-    return analyze_arrays(case.case_id, data, seg, geom.spacing, sketch_size)
+    result = analyze_arrays(case.case_id, data, seg, geom.spacing, sketch_size)
+    if decoded is not None and signature is not None:
+        from ..io.decoded_cache import DecodedCase
+
+        decoded.put(case.case_id, DecodedCase([data], geom, seg, signature))
+    return result
 
 
 def analyze_arrays(case_id: str, data: np.ndarray, seg: np.ndarray, spacing: Sequence[float],
@@ -77,6 +89,7 @@ def extract_fingerprint(
     scheduler=None,
     progress: Callable[[int, int, str], None] | None = None,
     precomputed: Mapping[str, CaseFingerprint] | None = None,
+    decoded=None,
 ) -> Fingerprint:
     """Fingerprint a dataset.
 
@@ -87,6 +100,8 @@ def extract_fingerprint(
     precomputed : case id -> :class:`CaseFingerprint` already made from the same files (verification makes them
         while it reads each file, :func:`nnfast.verify.verify_dataset` with ``fingerprint=True``); only the other
         cases are read.
+    decoded : a :class:`~nnfast.io.decoded_cache.DecodedCache` that keeps the arrays of the cases read here (threads
+        only).
 
     Returns
     -------
@@ -104,7 +119,8 @@ def extract_fingerprint(
         share_background(("crop",))  # a cold `preprocess` compiles crop in the background: load it, not twice
     if todo and scheduler is None:
         # a case is cheap and every heavy step releases the GIL: threads beat worker processes here
-        new = run_in_threads(analyze_case, todo, workers=workers, keys=[c.case_id for c in todo], progress=progress)
+        analyze = analyze_case if decoded is None else functools.partial(analyze_case, decoded=decoded)
+        new = run_in_threads(analyze, todo, workers=workers, keys=[c.case_id for c in todo], progress=progress)
     elif todo:
         new = run_tasks(analyze_case, todo, workers=workers, keys=[c.case_id for c in todo],
                         sizes=[_file_size(c) for c in todo], scheduler=scheduler, progress=progress,

@@ -86,10 +86,11 @@ def _stored_fingerprint(out: Path, signature: str) -> Fingerprint | None:
 def current_fingerprint(info: DatasetInfo, cases: list[CaseFiles], out: Path, signature: str | None = None, *,
                         workers: int = 1, scheduler=None, force: bool = False,
                         progress: Callable[[int, int, str], None] | None = None,
-                        precomputed: dict | None = None, stored: Fingerprint | None | EllipsisType = ...
-                        ) -> tuple[Fingerprint, bool]:
+                        precomputed: dict | None = None, stored: Fingerprint | None | EllipsisType = ...,
+                        decoded=None) -> tuple[Fingerprint, bool]:
     """(fingerprint, reused): the stored fingerprint in ``out`` if it was made from the current files, else a new one
-    (written; ``precomputed`` case fingerprints, e.g. verification's, are used instead of reading those cases).
+    (written; ``precomputed`` case fingerprints, e.g. verification's, are used instead of reading those cases;
+    ``decoded``: a :class:`~nnfast.io.decoded_cache.DecodedCache` that keeps the arrays of the cases read).
     ``stored``: what :func:`_stored_fingerprint` returned for ``signature`` when the caller already read it (default:
     read it here)."""
     from ..fingerprint.extract import extract_fingerprint, source_signature
@@ -105,7 +106,7 @@ def current_fingerprint(info: DatasetInfo, cases: list[CaseFiles], out: Path, si
     log.info("extracting the fingerprint of %s (%d cases, %d workers%s)", info.name, len(cases), workers,
              f", {len(precomputed)} made during verification" if precomputed else "")
     fingerprint = extract_fingerprint(info, cases, workers=workers, scheduler=scheduler, progress=progress,
-                                      precomputed=precomputed)
+                                      precomputed=precomputed, decoded=decoded)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(fp_file, {**fingerprint.to_json(), "source_signature": signature})
     return fingerprint, False
@@ -153,6 +154,7 @@ def plan_dataset(
     export_nnunet: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
     create: bool = True,
+    decoded=None,
 ) -> PlanningResult:
     """Verify (unless told not to), fingerprint and plan ``task``; reuse what is current.
 
@@ -164,7 +166,9 @@ def plan_dataset(
     (``preset``, ``gpu_memory_gb``, ``target_spacing``) that would plan something else than the file on disk raise
     :class:`~nnfast.errors.PlanError` listing the differences, unless ``replan`` (or ``force``) says to overwrite;
     ``plans_identifier`` writes such plans beside the others instead. ``create=False``: plans that do not exist yet
-    are an error (listing those that do) instead of being planned.
+    are an error (listing those that do) instead of being planned. ``decoded``: a
+    :class:`~nnfast.io.decoded_cache.DecodedCache` in which verification and fingerprinting leave the arrays they
+    read (``nnfast preprocess`` on threads then reads each file once).
 
     Raises
     ------
@@ -201,7 +205,7 @@ def plan_dataset(
         # verification reads every file: it fingerprints the cases too when the stored fingerprint is stale (one read
         # per file), except with dask, where the fingerprint runs on the cluster
         fingerprint_too = scheduler is None and stored is None
-        report = verify_dataset(info.root, workers=workers, fingerprint=fingerprint_too)
+        report = verify_dataset(info.root, workers=workers, fingerprint=fingerprint_too, decoded=decoded)
         for w in report.warnings:
             log.warning("%s", w)
         if report.errors:
@@ -218,7 +222,7 @@ def plan_dataset(
     precomputed = _matching_fingerprints(report, cases) if report is not None else None
     fingerprint, fp_reused = current_fingerprint(info, cases, out, signature, workers=workers, scheduler=scheduler,
                                                  force=force, progress=progress, precomputed=precomputed,
-                                                 stored=stored)
+                                                 stored=stored, decoded=decoded if scheduler is None else None)
 
     data_hashes = {"fingerprint": _hash_json(fingerprint.to_json()), "dataset_json": _hash_json(info.raw)}
     requested = {"preset": preset, "gpu_memory_gb": None if gpu_memory_gb is None else float(gpu_memory_gb),

@@ -4,17 +4,32 @@ Output: ``<preprocessed>/<DatasetNNN_Name>/<data_identifier>/<case>.zarr`` per c
 ``gt_segmentations/`` (copies of the label files, for evaluation). Resumable: a case whose finished store carries the
 current hash (plans + inputs) is skipped; nothing is deleted wholesale; ``force`` recomputes every case.
 
-With local worker processes the pool (:class:`nnfast.parallel.TaskPool`) starts before verification when the dataset
-has no case stores yet (or with ``force``): its workers import and load (or, on a cold cache, compile) the kernels
-on the cores verification and fingerprinting leave idle; a rerun whose cases may all be current starts them only
-once planning says which cases need them.
+Where the cases run (``pool``, default ``"auto"``):
+
+* **threads of this process** (``--workers`` up to :data:`THREAD_WORKERS_MAX` and at most the cores available, no
+  dask scheduler): every heavy step of a case releases the GIL (SimpleITK's reader, the nogil Numba kernels, NumPy,
+  Blosc's compression), so threads run cases side by side without starting worker interpreters (~1-2 s of CPU each:
+  Python, Numba, loading the kernels again). The kernels load once, on a thread started with the command while
+  verification and fingerprinting run (a cold cache compiles in a background process instead, as below), and the
+  arrays verification (or the fingerprint) decoded are kept in a memory-bounded
+  :class:`~nnfast.io.decoded_cache.DecodedCache` and preprocessed without reading the files again. The peak memory
+  reported is then the one process's, all threads' cases together; an out-of-memory kill stops the whole command
+  (the warning before the first case says when the cases may not fit).
+* **worker processes** (more workers, or ``pool="processes"``): the pool (:class:`nnfast.parallel.TaskPool`)
+  starts before verification when the dataset has no case stores yet (or with ``force``): its workers import and
+  load (or, on a cold cache, compile) the kernels on the cores verification and fingerprinting leave idle; a rerun
+  whose cases may all be current starts them only once planning says which cases need them. A worker killed by the
+  out-of-memory killer is a ``WorkerDiedError`` naming its case.
+* a dask scheduler's workers (``scheduler``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +52,14 @@ CONFIG_CHOICES: tuple[str, ...] = (*PREPROCESSED_CONFIGURATIONS, "all")
 
 #: the kernel modules a preprocessing worker runs (compiled or loaded once in the parent before workers start)
 PREPROCESS_KERNELS = ("crop", "normalize", "resample", "resample_seg", "class_locations")
+
+#: Most ``--workers`` that run as threads of this process with ``pool="auto"`` (and never more than the cores
+#: available). Only 2 threads were measured (on 2 cores: ~20 % less CPU than 2 worker processes, benchmarks/README.md
+#: "Issue 13 goal 2, fourth pass"); the Python left in a case holds the GIL for part of its time, so many threads
+#: would queue on it: more workers run as processes.
+THREAD_WORKERS_MAX = 4
+
+PoolChoice = Literal["auto", "threads", "processes"]
 
 
 @dataclass
@@ -61,9 +84,14 @@ class PreprocessSummary:
     peak_rss_children: int = 0
     workers: int = 1
     skipped_configs: list[str] = field(default_factory=list)
+    threads: bool = False
+    """The cases ran on threads of this process (then ``peak_rss_parent`` holds every thread's cases at once)."""
+    reused_reads: int = 0
+    """Cases preprocessed from the arrays verification or the fingerprint decoded, without reading their files."""
 
     def format(self) -> str:
-        lines = [f"preprocessed {self.dataset} with {self.workers} worker(s) in {self.wall_s:.1f} s "
+        how = f"{self.workers} thread(s)" if self.threads else f"{self.workers} worker(s)"
+        lines = [f"preprocessed {self.dataset} with {how} in {self.wall_s:.1f} s "
                  f"(verify + fingerprint + plan {self.planning_s:.1f} s)"]
         for c in self.configs:
             rate = c.computed / c.wall_s if c.wall_s > 0 and c.computed else 0.0
@@ -72,10 +100,18 @@ class PreprocessSummary:
                 f"  {c.config:<11} {c.cases} cases ({c.computed} computed, {c.skipped} already current) in {c.wall_s:.1f} s"
                 f" = {rate:.2f} cases/s, {mvox:.1f} Mvoxel/s in; {c.bytes_on_disk / 2**20:.1f} MiB on disk in {c.folder}"
             )
+        if self.reused_reads:
+            lines.append(f"  inputs read once: {self.reused_reads} case(s) preprocessed from the arrays verification "
+                         f"decoded")
         for name in self.skipped_configs:
             lines.append(f"  {name:<11} not planned for this dataset (nnU-Net's rules drop it), skipped")
-        lines.append(f"  peak memory: {self.peak_rss_parent / 2**20:.0f} MiB main process, "
-                     f"{self.peak_rss_children / 2**20:.0f} MiB largest worker")
+        if self.threads:
+            lines.append(f"  peak memory: {self.peak_rss_parent / 2**20:.0f} MiB (one process: the cases of its "
+                         f"{self.workers} preprocessing thread(s) at once"
+                         f"{', and the inputs kept decoded' if self.reused_reads else ''})")
+        else:
+            lines.append(f"  peak memory: {self.peak_rss_parent / 2**20:.0f} MiB main process, "
+                         f"{self.peak_rss_children / 2**20:.0f} MiB largest worker")
         return "\n".join(lines)
 
 
@@ -115,8 +151,13 @@ def preprocess_dataset(
     plans_identifier: str | None = None,
     preset: str | None = None,
     replan: bool = False,
+    pool: PoolChoice = "auto",
 ) -> PreprocessSummary:
     """Run verify -> fingerprint -> plan where missing or stale, then preprocess every training case.
+
+    ``pool``: where the cases run without a ``scheduler`` (module docstring): ``"threads"`` of this process,
+    ``"processes"``, or ``"auto"`` (threads for ``workers`` up to :data:`THREAD_WORKERS_MAX` and the cores
+    available). One worker runs the cases in this process, reading each input once, unless ``"processes"``.
 
     Missing plans are planned only under the preset's own identifier (``nnfast_plans``, ``nnfast_ResEncM_plans``...);
     another ``plans_identifier`` must exist (``nnfast plan --plans NAME``). The plans on disk are used as they are
@@ -125,23 +166,111 @@ def preprocess_dataset(
     from ..parallel import peak_rss_bytes
 
     t0 = time.perf_counter()
+    threads = _use_threads(workers, scheduler, pool)
     with contextlib.ExitStack() as stack:
-        pool = None
-        ahead = min(workers, _training_case_count(task, settings)) if scheduler is None and workers > 1 else 0
-        if ahead > 1 and (force or not _has_case_stores(task, settings)):
+        task_pool = None
+        decoded = loader = compiler = None
+        ahead = min(workers, _training_case_count(task, settings)) if not threads and scheduler is None \
+            and workers > 1 else 0
+        if threads:
+            loader = _KernelLoader()  # loads the kernels (or starts a cold cache's compile) beside verification
+            loader.start()
+            decoded = _decoded_cache()
+        elif ahead > 1 and (force or not _has_case_stores(task, settings)):
             # the workers start (interpreter, imports, kernels: ~2 s of CPU each) while this process verifies,
             # fingerprints and plans on one core, and they compile a cold kernel cache instead of a background process
-            pool = stack.enter_context(_preprocess_pool(ahead))
-            compiler = None
+            task_pool = stack.enter_context(_preprocess_pool(ahead))
         else:
             compiler = compile_in_background(scheduler)  # while verify + fingerprint run (cold cache only)
-        summary = _plan_and_preprocess(task, settings, t0, pool, config=config, workers=workers, scheduler=scheduler,
-                                       gpu_memory_gb=gpu_memory_gb, verify=verify, force=force, progress=progress,
-                                       plans_identifier=plans_identifier, preset=preset, replan=replan)
+        try:
+            summary = _plan_and_preprocess(task, settings, t0, task_pool, config=config, workers=workers,
+                                           scheduler=scheduler, gpu_memory_gb=gpu_memory_gb, verify=verify, force=force,
+                                           progress=progress, plans_identifier=plans_identifier, preset=preset,
+                                           replan=replan, loader=loader, decoded=decoded)
+        finally:
+            if decoded is not None:
+                decoded.clear()
+            if loader is not None:
+                loader.join()
+                compiler = loader.compiler
     finish_background(compiler)  # a failed background compile: one warning line, its log kept
     summary.wall_s = time.perf_counter() - t0
     summary.peak_rss_parent, summary.peak_rss_children = peak_rss_bytes()
     return summary
+
+
+def _use_threads(workers: int, scheduler, pool: str) -> bool:
+    """Whether the cases run on threads of this process (see the module docstring)."""
+    if pool not in ("auto", "threads", "processes"):
+        from ..errors import SettingsError
+
+        raise SettingsError(f"pool={pool!r}: expected 'auto', 'threads' or 'processes'")
+    if scheduler is not None or pool == "processes":
+        return False
+    if pool == "threads" or workers <= 1:  # one worker: the cases run in this process anyway
+        return True
+    from ..native._jit import available_cores
+
+    return workers <= min(THREAD_WORKERS_MAX, available_cores())
+
+
+def _decoded_cache():
+    """The :class:`~nnfast.io.decoded_cache.DecodedCache` of one run: :data:`~nnfast.io.decoded_cache.
+    DEFAULT_MEMORY_FRACTION` of the memory available now (nothing kept when that is unknown)."""
+    from ..io.decoded_cache import DEFAULT_MEMORY_FRACTION, DecodedCache
+    from .memory import available_memory_bytes
+
+    available = available_memory_bytes()
+    return DecodedCache(int(available * DEFAULT_MEMORY_FRACTION) if available else 0)
+
+
+class _KernelLoader(threading.Thread):
+    """Loads :data:`PREPROCESS_KERNELS` from Numba's cache into this process while it verifies and fingerprints (the
+    preprocessing threads then start with every kernel loaded, instead of queueing on Numba's compiler lock for
+    them); on a cold cache it starts the background compile process instead (:func:`compile_in_background`:
+    compiling here would hold the GIL verification needs), whose results :meth:`ready` loads. A failed load is
+    left to the kernels' first use, which compiles or loads them again and raises in the case that needs them."""
+
+    def __init__(self) -> None:
+        super().__init__(name="nnfast-kernel-loader", daemon=True)
+        self.compiler = None
+
+    def run(self) -> None:
+        try:
+            from ..native._jit import is_warm, load_dispatch_machinery, warmup
+
+            if is_warm(PREPROCESS_KERNELS):
+                load_dispatch_machinery()
+                warmup(PREPROCESS_KERNELS)
+            else:
+                self.compiler = compile_in_background()
+        except Exception as exc:  # the kernels' first use reports a real problem, with its case
+            log.debug("loading the preprocessing kernels ahead failed: %s: %s", type(exc).__name__, exc)
+
+    def ready(self) -> None:
+        """Wait until the kernels are loaded (a background compile's: loaded here, or compiled if it has not)."""
+        self.join()
+        if self.compiler is not None:
+            from ..native._jit import share_background
+
+            share_background(PREPROCESS_KERNELS)
+
+
+@contextlib.contextmanager
+def _single_threaded_libraries_scope():
+    """:func:`single_threaded_libraries` for this process while the block runs (each preprocessing thread is one
+    of the ``workers``: ``workers x threads <= cores``), the previous thread counts restored afterwards."""
+    import numcodecs.blosc
+    import SimpleITK as sitk
+
+    sitk_before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    blosc_before = numcodecs.blosc.get_nthreads()
+    single_threaded_libraries()
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(sitk_before)
+        numcodecs.blosc.set_nthreads(blosc_before)
 
 
 def _preprocess_pool(workers: int):
@@ -181,8 +310,10 @@ def _has_case_stores(task: str | int, settings: Settings) -> bool:
 
 def _plan_and_preprocess(task, settings: Settings, t0: float, pool, *, config, workers: int, scheduler,
                          gpu_memory_gb, verify: bool, force: bool, progress, plans_identifier, preset,
-                         replan: bool) -> PreprocessSummary:
-    """:func:`preprocess_dataset` after its workers (``pool``, or none yet) have been started."""
+                         replan: bool, loader: "_KernelLoader | None" = None, decoded=None) -> PreprocessSummary:
+    """:func:`preprocess_dataset` after its workers (``pool``, or none yet) have been started; with ``loader`` (and
+    ``decoded``, the cache of the arrays planning reads) the cases run on threads of this process."""
+    from ..parallel import run_in_threads
     from ..io.store import is_complete
     from ..parallel import run_tasks
     from ..plan.api import plan_dataset, plans_path
@@ -191,8 +322,10 @@ def _plan_and_preprocess(task, settings: Settings, t0: float, pool, *, config, w
 
     res = plan_dataset(task, settings, workers=workers, scheduler=scheduler, gpu_memory_gb=gpu_memory_gb, verify=verify,
                        plans_identifier=plans_identifier, preset=preset, replan=replan,
-                       create=plans_identifier in (None, get_preset(preset or "default").plans_identifier))
-    summary = PreprocessSummary(dataset=res.info.name, workers=workers, planning_s=time.perf_counter() - t0)
+                       create=plans_identifier in (None, get_preset(preset or "default").plans_identifier),
+                       decoded=decoded)
+    summary = PreprocessSummary(dataset=res.info.name, workers=workers, planning_s=time.perf_counter() - t0,
+                                threads=loader is not None)
     plans = res.plans
     names, missing = configs_to_run(plans, config)
     summary.skipped_configs = missing
@@ -217,11 +350,26 @@ def _plan_and_preprocess(task, settings: Settings, t0: float, pool, *, config, w
             tasks.append(CaseTask(case, str(plans_path(res.output_folder, res.plans_identifier)), name, str(out), h))
             task_sizes.append(size)
         log.info("%s: %d of %d cases to preprocess (%d current)", name, len(tasks), len(res.cases), cs.skipped)
+        if decoded is not None:
+            decoded.keep_only([t.case.case_id for t in tasks])  # current cases need no arrays
         if tasks and scheduler is None:
-            _warn_if_workers_do_not_fit(res.fingerprint, plans, name, [t.case.case_id for t in tasks], workers)
+            _warn_if_workers_do_not_fit(res.fingerprint, plans, name, [t.case.case_id for t in tasks], workers,
+                                        decoded)
         if tasks:
             keys = [t.case.case_id for t in tasks]
-            if pool is not None:
+            if loader is not None:
+                loader.ready()
+                log.info("running %d preprocess %s on %d threads", len(tasks), name, min(workers, len(tasks)))
+                hits = decoded.hits if decoded is not None else 0
+                stop = threading.Event()  # Ctrl-C or a failed case: the running cases end at their next step
+                with _single_threaded_libraries_scope():
+                    results = run_in_threads(functools.partial(run_case_task, decoded=decoded, stop=stop), tasks,
+                                             workers=workers, keys=keys, sizes=task_sizes, progress=progress,
+                                             stop=stop)
+                if decoded is not None:
+                    summary.reused_reads += decoded.hits - hits
+                    decoded.clear()  # another configuration reads the files
+            elif pool is not None:
                 results = pool.run(tasks, keys=keys, sizes=task_sizes, progress=progress, desc=f"preprocess {name}")
             else:
                 results = run_tasks(run_case_task, tasks, workers=workers, keys=keys, sizes=task_sizes,
@@ -255,13 +403,24 @@ def finish_background(proc) -> None:
     finish(proc)
 
 
-def _warn_if_workers_do_not_fit(fingerprint, plans, config_name: str, case_ids: list[str], workers: int) -> None:
+def _warn_if_workers_do_not_fit(fingerprint, plans, config_name: str, case_ids: list[str], workers: int,
+                                decoded=None) -> None:
     """One warning line, before any case starts, when ``workers`` workers on the largest cases may not fit in the
-    memory available (:mod:`nnfast.preprocess.memory`)."""
-    from .memory import available_memory_bytes, dataset_peaks, workers_warning
+    memory available (:mod:`nnfast.preprocess.memory`). With ``decoded`` (the inputs kept decoded), entries are first
+    dropped, largest first, until the workers' largest cases fit beside what it keeps (never more than fits)."""
+    from .memory import PARENT_BYTES, available_memory_bytes, dataset_peaks, workers_warning
 
     peaks = dataset_peaks(fingerprint, plans, config_name, case_ids)
-    message = workers_warning(list(peaks.values()), min(workers, len(case_ids)), available_memory_bytes())
+    available = available_memory_bytes()
+    n = min(workers, len(case_ids))
+    if decoded is not None and available is not None and decoded.used_bytes:
+        short = PARENT_BYTES + sum(sorted(peaks.values(), reverse=True)[:n]) - available
+        if short > 0:
+            freed = decoded.release(short)
+            log.info("preprocess %s: %.0f MiB of decoded inputs dropped to leave room for the cases (they are read "
+                     "again)", config_name, freed / 2**20)
+            available += freed
+    message = workers_warning(list(peaks.values()), n, available)
     if message:
         log.warning("preprocess %s: %s", config_name, message)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.dataset import CaseFiles
-from ..io.image import read_images, read_label
+from ..io.image import ImageGeometry, label_array, read_images, read_label, stack_channels
 from ..labels import LabelManager
 from .cropping import crop_to_nonzero
 from .normalization import normalize
@@ -241,8 +241,17 @@ def _float32_releasing(data: np.ndarray) -> np.ndarray:
     return out
 
 
+class CaseStopped(Exception):
+    """A case given up because its command is stopping (Ctrl-C, another case's error): its store is not written."""
+
+
+def _check_stop(stop, case: CaseFiles) -> None:
+    if stop is not None and stop.is_set():
+        raise CaseStopped(f"case {case.case_id}: stopped before it was finished (nothing written)")
+
+
 def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path: str | os.PathLike, case_hash: str,
-                             ) -> tuple[tuple[int, ...], int]:
+                             decoded=None, stop=None) -> tuple[tuple[int, ...], int]:
     """Read, preprocess and store one training case, holding as little of it in memory as the steps allow.
 
     The same arrays and store as :func:`preprocess_case` followed by :func:`nnfast.io.store.write_case` (values bit
@@ -253,6 +262,12 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
     shard writer (:meth:`nnfast.io.case_writer.CaseStoreWriter.image_sink`). The arrays read are owned here, which is
     what allows giving their memory back early.
 
+    ``decoded``: a :class:`~nnfast.io.decoded_cache.DecodedCache` holding the case's arrays as an earlier step of this
+    process decoded them from the same, unchanged files (:func:`_read_case`); the files are read otherwise.
+    ``stop``: a ``threading.Event``; once it is set the case ends at its next step (a phase, or a box of the image)
+    with :class:`CaseStopped`, its temporary store removed (threads cannot be killed: this is how Ctrl-C or another
+    case's error stops a preprocessing thread).
+
     Returns
     -------
     (shape, voxels_in) : the stored image's ``(c, x, y, z)`` shape and the voxels of the image before cropping.
@@ -261,11 +276,9 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
 
     from ..io.case_writer import CaseStoreWriter
 
-    data, geom = read_images(case.image_files, dtype=None)
-    if data.dtype.kind not in "iu":
-        data = data.astype(np.float32, copy=False)
-    seg, _seg_geom = read_label(case.label_file, small=True)  # int8 where it fits: what is stored
-    _check_label_shape(case, data, seg)
+    _check_stop(stop, case)
+    data, geom, seg = _read_case(case, decoded)
+    _check_stop(stop, case)
     arrays = [data, seg]
     del data, seg
     data, seg, props, geo = _prepare(arrays, geom.spacing, plans, config_name)
@@ -280,6 +293,7 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
             del seg
             _write_label_phase(store, holder, plans, cfg, geo)
             seg = None
+        _check_stop(stop, case)
         data = normalize(_float32_releasing(data), seg, cfg.normalization_schemes, cfg.use_mask_for_norm,
                          plans.foreground_intensity_properties_per_channel, where=where)
         if mask_used:
@@ -288,12 +302,40 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
             _write_label_phase(store, holder, plans, cfg, geo)
         shape = (int(data.shape[0]), *geo["new_shape"])
         sink = store.image_sink(shape)
+        if stop is not None:
+            put = sink.put
+
+            def put_unless_stopping(channel, origin, block):
+                _check_stop(stop, case)
+                put(channel, origin, block)
+
+            sink.put = put_unless_stopping  # type: ignore[method-assign]
         holder = [data]
         del data
         resample_image_consuming(holder, geo["new_shape"], geo["original_spacing"], geo["target_spacing"],
                                  **_resampling_kwargs(cfg)["data"], sink=sink, release=True)
         store.finish(props)
     return shape, int(np.prod(props["shape_before_cropping"]))
+
+
+def _read_case(case: CaseFiles, decoded=None) -> tuple[np.ndarray, "ImageGeometry", np.ndarray]:
+    """``(data, geometry, seg)`` of a labelled case as :func:`preprocess_case_to_store` starts from: the channels
+    ``(c, z, y, x)`` in their integer dtype (float32 for float files), the first channel's geometry, the label map
+    ``(1, z, y, x)`` int8 where it fits. Taken from ``decoded`` when it holds the case read from its current files
+    (the same arrays: :func:`~nnfast.io.image.read_images` and :func:`~nnfast.io.image.read_label` apply the same
+    conversions to what they decode), else read."""
+    got = decoded.take(case.case_id, (*case.image_files, case.label_file)) if decoded is not None else None
+    if got is not None:
+        data, geom = stack_channels(got.images, dtype=None), got.geometry
+        seg = label_array(got.label, case.label_file, small=True)
+        del got
+    else:
+        data, geom = read_images(case.image_files, dtype=None)
+        seg, _seg_geom = read_label(case.label_file, small=True)  # int8 where it fits: what is stored
+    if data.dtype.kind not in "iu":
+        data = data.astype(np.float32, copy=False)
+    _check_label_shape(case, data, seg)
+    return data, geom, seg
 
 
 def preprocess_case(case: CaseFiles, plans, config_name: str) -> tuple[np.ndarray, np.ndarray, dict, dict]:
@@ -342,14 +384,16 @@ def _load_plans_cached(path: str, mtime_ns: int):
     return load_plans(Path(path))
 
 
-def run_case_task(task: CaseTask) -> CaseResult:
-    """Worker entry point: preprocess one case and write its store atomically (streamed:
-    :func:`preprocess_case_to_store`; a case without a label file the whole-array way)."""
+def run_case_task(task: CaseTask, decoded=None, stop=None) -> CaseResult:
+    """Worker (or worker thread) entry point: preprocess one case and write its store atomically (streamed:
+    :func:`preprocess_case_to_store`, taking the case's arrays from ``decoded`` when it holds them; a case without a
+    label file the whole-array way; ``stop``: see :func:`preprocess_case_to_store`)."""
     from ..io.store import write_case
 
     plans = _load_plans_cached(task.plans_file, os.stat(task.plans_file).st_mtime_ns)
     if task.case.label_file is not None:
-        shape, voxels_in = preprocess_case_to_store(task.case, plans, task.config_name, task.out_path, task.case_hash)
+        shape, voxels_in = preprocess_case_to_store(task.case, plans, task.config_name, task.out_path, task.case_hash,
+                                                    decoded, stop)
         return CaseResult(task.case.case_id, shape, voxels_in, int(np.prod(shape[1:])), dir_size(task.out_path))
     data, seg, props, locs = preprocess_case(task.case, plans, task.config_name)
     cfg = plans.configuration(task.config_name)

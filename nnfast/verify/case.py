@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import ImageReadError
 from ..fingerprint.extract import CaseFingerprint
 from ..io.image import ImageGeometry, read_image
+from ..io.decoded_cache import DecodedCache
 from ..io.nifti_integrity import nifti_integrity_problem, nifti_nonfinite_counts
 from .report import Problem
 
@@ -62,19 +63,32 @@ def _values(v: np.ndarray, limit: int = 10) -> str:
     return f"[{head}{', ...' if len(v) > limit else ''}] ({len(v)} value(s))"
 
 
-def check_case(task: CaseTask) -> CaseResult:
-    """Check one case; never raises for bad data (an unexpected exception becomes an error problem too)."""
+def check_case(task: CaseTask, decoded: "DecodedCache | None" = None) -> CaseResult:
+    """Check one case; never raises for bad data (an unexpected exception becomes an error problem too).
+
+    ``decoded``: a case without errors leaves the arrays read in it (:mod:`nnfast.io.decoded_cache`), for a later
+    step of the same process that needs them (preprocessing) instead of reading the files again."""
     problems: list[Problem] = []
     labels: tuple[int, ...] = ()
     arrays: dict = {}
+    signature = None
+    if decoded is not None:
+        from ..io.decoded_cache import file_signature
+
+        signature = file_signature((*task.image_files, task.label_file))  # before reading: a later change shows
     try:
-        labels = _check(task, problems, arrays if task.fingerprint else None)
+        labels = _check(task, problems, arrays if task.fingerprint or decoded is not None else None)
     except Exception as e:  # a bug or an unforeseen file: report it, keep checking the other cases
         problems.append(Problem("error", task.case_id, None, "checking this case failed unexpectedly",
                                 "a readable case", f"{type(e).__name__}: {e}"))
     fingerprint = None
     if task.fingerprint and arrays and not any(p.severity == "error" for p in problems):
         fingerprint = _fingerprint(task, arrays)
+    if decoded is not None and signature is not None and "label" in arrays and "geometry" in arrays \
+            and not any(p.severity == "error" for p in problems):
+        from ..io.decoded_cache import DecodedCase
+
+        decoded.put(task.case_id, DecodedCase(arrays["images"], arrays["geometry"], arrays["label"], signature))
     return CaseResult(tuple(problems), labels, fingerprint)
 
 
@@ -113,8 +127,8 @@ def _read(path: str, kind: str, task: CaseTask, problems: list) -> tuple[np.ndar
 
 
 def _check(task: CaseTask, problems: list[Problem], keep: dict | None = None) -> tuple[int, ...]:
-    """Check the case's files; with ``keep``, the arrays read are left in it (``images``, ``label``, ``spacing``)
-    for the fingerprint."""
+    """Check the case's files; with ``keep``, the arrays read are left in it (``images``, ``label``, ``spacing``, the
+    first image's ``geometry``) for the fingerprint and the decoded cache."""
     images: list[tuple[str, ImageGeometry]] = []
     for path in task.image_files:
         got = _read(path, "image", task, problems)
@@ -126,6 +140,7 @@ def _check(task: CaseTask, problems: list[Problem], keep: dict | None = None) ->
         if keep is not None:
             keep.setdefault("images", []).append(data)
             keep.setdefault("spacing", geom.spacing)
+            keep.setdefault("geometry", geom)
         del data
 
     ref_path, ref = images[0] if images else (None, None)

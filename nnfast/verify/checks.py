@@ -28,6 +28,7 @@ read once.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from typing import Any
 
 from ..errors import DatasetError
 from ..io.dataset import CaseFiles, dataset_json_problems, list_training_cases
+from ..io.decoded_cache import DecodedCache
 from ..io.image import file_suffix
 from ..labels import LabelManager
 from ..parallel import run_in_threads
@@ -55,7 +57,8 @@ _CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
 _SCHEMA = "nnU-Net v2's dataset.json format (channel_names, labels, numTraining, file_ending)"
 
 
-def verify_dataset(root: str | os.PathLike, workers: int = 1, *, fingerprint: bool = False) -> VerifyReport:
+def verify_dataset(root: str | os.PathLike, workers: int = 1, *, fingerprint: bool = False,
+                   decoded: "DecodedCache | None" = None) -> VerifyReport:
     """Check the raw dataset at ``root`` and return every problem found.
 
     Parameters
@@ -69,6 +72,9 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, *, fingerprint: bo
         Also fingerprint every case without errors from the arrays read for its checks
         (``report.case_fingerprints``, for :func:`nnfast.fingerprint.extract.extract_fingerprint`'s
         ``precomputed``): planning then reads each file once.
+    decoded : DecodedCache, optional
+        Keep the arrays of every case without errors in it (:mod:`nnfast.io.decoded_cache`, within its budget), for
+        a later step of this process that needs them (``nnfast preprocess`` on threads).
 
     Returns
     -------
@@ -129,8 +135,9 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, *, fingerprint: bo
     # reading and checking a case releases the GIL (SimpleITK, NumPy): threads, no extra interpreters
     sizes = [_size(t) for t in tasks]
     use = workers if sum(sizes) >= POOL_MIN_BYTES else 1
+    check = check_case if decoded is None else functools.partial(check_case, decoded=decoded)
     results: list[CaseResult] = run_in_threads(
-        check_case, tasks, workers=min(max(1, use), max(1, len(tasks))), keys=[t.case_id for t in tasks],
+        check, tasks, workers=min(max(1, use), max(1, len(tasks))), keys=[t.case_id for t in tasks],
     ) if tasks else []
     seen: set[int] = set()
     for t, r in zip(tasks, results):

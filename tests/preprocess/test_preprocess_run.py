@@ -74,9 +74,10 @@ def test_rerun_skips_current_cases_and_redoes_changed_ones(raw, reference, tmp_p
 
 
 def test_two_workers_and_dask_give_identical_stores(raw, reference, tmp_path):
-    s2 = _settings(raw, tmp_path / "w2")
-    preprocess_dataset(NAME, s2, workers=2, verify=False)
-    _assert_same(reference, _stores(s2))
+    for pool in ("threads", "processes"):
+        s2 = _settings(raw, tmp_path / f"w2_{pool}")
+        assert preprocess_dataset(NAME, s2, workers=2, verify=False, pool=pool).threads == (pool == "threads")
+        _assert_same(reference, _stores(s2))
     sd = _settings(raw, tmp_path / "dask")
     preprocess_dataset(NAME, sd, workers=2, scheduler="local:2", verify=False)
     _assert_same(reference, _stores(sd))
@@ -92,10 +93,10 @@ def test_workers_start_before_planning_on_a_fresh_folder_only(raw, reference, tm
     monkeypatch.setattr(TaskPool, "start", lambda self: events.append("workers") or start(self))
     monkeypatch.setattr(plan_api, "plan_dataset", lambda *a, **k: events.append("plan") or plan(*a, **k))
     s = _settings(raw, tmp_path)
-    first = preprocess_dataset(NAME, s, workers=2, verify=False)
+    first = preprocess_dataset(NAME, s, workers=2, verify=False, pool="processes")
     assert events[:2] == ["workers", "plan"] and first.configs[0].computed == 6
     events.clear()
-    again = preprocess_dataset(NAME, s, workers=2, verify=False)
+    again = preprocess_dataset(NAME, s, workers=2, verify=False, pool="processes")
     assert events == ["plan"] and (again.configs[0].computed, again.configs[0].skipped) == (0, 6)
     _assert_same(reference, _stores(s))
 
@@ -108,7 +109,8 @@ def test_no_more_workers_start_ahead_than_there_are_cases(tmp_path, monkeypatch)
     monkeypatch.setattr(TaskPool, "start", lambda self: started.append(self.workers) or start(self))
     raw = tmp_path / "raw"
     make_raw_dataset(raw, 32, "One", [(10, 40, 44)], [(3.0, 0.8, 0.8)], seed=3)
-    summary = preprocess_dataset("Dataset032_One", _settings(raw, tmp_path), workers=2, verify=False)
+    summary = preprocess_dataset("Dataset032_One", _settings(raw, tmp_path), workers=2, verify=False,
+                                 pool="processes")
     assert summary.configs[0].computed == 1 and started == []  # one case: it runs in this process, no pool
 
 
@@ -125,7 +127,7 @@ def test_verification_failure_with_workers_started_ahead_stops_before_fingerprin
     img.write_bytes(img.read_bytes()[:200])  # truncated
     s = _settings(bad_raw, tmp_path)
     with pytest.raises(NnfastError, match="case_003_0000.nii.gz"):
-        preprocess_dataset(NAME, s, workers=2)
+        preprocess_dataset(NAME, s, workers=2, pool="processes")
     from nnfast.layout import FINGERPRINT_FILE
 
     assert not (s.preprocessed / NAME / FINGERPRINT_FILE).exists()
@@ -167,6 +169,34 @@ def test_killed_run_resumes_to_the_uninterrupted_result(raw, reference, tmp_path
     assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary stores left behind"
 
 
+@pytest.mark.timeout(300)
+def test_ctrl_c_on_the_thread_path_stops_soon_and_leaves_only_finished_stores(raw, reference, tmp_path):
+    """Ctrl-C while threads of the command preprocess: exit code 130 within seconds (no case started after it, the
+    running ones stop at their next step), every store that looks finished is complete, no temporaries are left, and
+    a rerun completes the rest to the uninterrupted result."""
+    pre = tmp_path / "pre"
+    folder = pre / NAME / "nnfast_3d_fullres"
+    proc = _cli(raw, pre, "--workers", "2", "--pool", "threads")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if folder.is_dir() and list(folder.glob("*.zarr")):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted: " + proc.stderr.read()
+    os.kill(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, (out, err)
+    assert time.monotonic() - t0 < 30
+    for p in folder.glob("*.zarr"):
+        load_case(p)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary stores left behind"
+    proc = _cli(raw, pre, "--workers", "2")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    _assert_same(reference, sorted(folder.glob("*.zarr")))
+
+
 def _live_spawned_children(parent) -> list:
     import psutil
 
@@ -187,7 +217,7 @@ def test_killed_worker_is_a_clear_error(raw, tmp_path):
     on, ``tests/test_parallel.py``.)"""
     import psutil
 
-    proc = _cli(raw, tmp_path / "pre", "--workers", "2", "--force")
+    proc = _cli(raw, tmp_path / "pre", "--workers", "2", "--pool", "processes", "--force")
     parent = psutil.Process(proc.pid)
     folder = tmp_path / "pre" / NAME / "nnfast_3d_fullres"
     victim = None
