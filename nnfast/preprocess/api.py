@@ -313,9 +313,8 @@ def _plan_and_preprocess(task, settings: Settings, t0: float, pool, *, config, w
                          replan: bool, loader: "_KernelLoader | None" = None, decoded=None) -> PreprocessSummary:
     """:func:`preprocess_dataset` after its workers (``pool``, or none yet) have been started; with ``loader`` (and
     ``decoded``, the cache of the arrays planning reads) the cases run on threads of this process."""
-    from ..parallel import run_in_threads
     from ..io.store import is_complete
-    from ..parallel import run_tasks
+    from ..parallel import run_in_threads, run_tasks
     from ..plan.api import plan_dataset, plans_path
     from ..plan.presets import get_preset
     from .pipeline import CaseTask, case_hash, configuration_hash, dir_size, run_case_task
