@@ -86,8 +86,18 @@ getattr(e, name)()
 """
 
 
-def nnunet_cmd(entry: str, *args: str) -> list[str]:
-    return [sys.executable, "-c", NNUNET_ENTRY, entry, *args]
+def nnunet_cmd(entry: str, *args: str, pools_as_threads: bool = False) -> list[str]:
+    """nnU-Net's command-line entry point ``entry`` (e.g. ``plan_and_preprocess_entry``) in a fresh interpreter.
+
+    ``pools_as_threads``: its worker pools run as threads of that interpreter (``nnunet_ref.nnunet_pools_as_threads``:
+    the same functions on the same inputs, the same outputs, without an interpreter spawned per pool). For the
+    suite's run with ``--benchmark-disable``, where the command only has to run; a timed run leaves it off, so that
+    nnU-Net is timed as users run it."""
+    if not pools_as_threads:
+        return [sys.executable, "-c", NNUNET_ENTRY, entry, *args]
+    from nnunet_ref import POOLS_AS_THREADS_SOURCE
+
+    return [sys.executable, "-c", POOLS_AS_THREADS_SOURCE + "nnunet_pools_as_threads()\n" + NNUNET_ENTRY, entry, *args]
 
 
 def nnfast_cmd(*args: str) -> list[str]:

@@ -69,10 +69,14 @@ def run_nnunet(entry: str, args: list[str], raw: Path, preprocessed: Path, resul
     return r
 
 
-def nnunet_fingerprint(dataset_id: int, raw: Path, preprocessed: Path, workers: int = 1) -> dict:
-    run_nnunet("extract_fingerprint_entry", ["-d", str(dataset_id), "-np", str(workers)], raw, preprocessed)
-    folder = next(preprocessed.glob(f"Dataset{dataset_id:03d}_*"))
-    return json.loads((folder / "dataset_fingerprint.json").read_text())
+def nnunet_fingerprint(dataset_id: int | list[int], raw: Path, preprocessed: Path, workers: int = 1) -> dict:
+    """nnU-Net's ``dataset_fingerprint.json`` of a dataset; for a list of ids, ``{id: fingerprint}`` from one run of
+    its command (``-d`` takes several ids: one interpreter importing torch and nnU-Net instead of one per dataset)."""
+    ids = [dataset_id] if isinstance(dataset_id, int) else list(dataset_id)
+    run_nnunet("extract_fingerprint_entry", ["-d", *map(str, ids), "-np", str(workers)], raw, preprocessed)
+    out = {i: json.loads((next(preprocessed.glob(f"Dataset{i:03d}_*")) / "dataset_fingerprint.json").read_text())
+           for i in ids}
+    return out[dataset_id] if isinstance(dataset_id, int) else out
 
 
 def load_nnunet_case(folder: Path, case_id: str):

@@ -10,7 +10,7 @@ from nnfast.cli.main import main
 
 def test_demo_runs_every_stage(tmp_path, capsys):
     folder = tmp_path / "demo"
-    assert main(["demo", "--folder", str(folder), "--cases", "5", "--epochs", "1", "--iterations", "2",
+    assert main(["demo", "--folder", str(folder), "--cases", "5", "--epochs", "1", "--iterations", "1",
                  "--workers", "1", "--no-tta"]) == 0
     out = capsys.readouterr().out
     for step in ("[1/7]", "[5/7]", "[6/7]", "[7/7]", "patch size", "demo finished"):

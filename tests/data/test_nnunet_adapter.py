@@ -201,7 +201,7 @@ out = {}
 def trainer(cls=nnUNetTrainer):
     p = dict(plans); p["continue_training"] = False
     tr = cls(p, "3d_fullres", 0, dj, device=torch.device("cpu"))
-    tr.num_epochs, tr.num_iterations_per_epoch, tr.num_val_iterations_per_epoch = 1, 3, 2
+    tr.num_epochs, tr.num_iterations_per_epoch, tr.num_val_iterations_per_epoch = 1, 2, 1
     return tr
 
 def describe(b):

@@ -30,11 +30,12 @@ def test_fingerprint_matches_nnunet(tmp_path):
     from nnunet_ref import nnunet_fingerprint
 
     raw, roots = _datasets(tmp_path)
-    for root in roots:
+    ids = [int(root.name[7:10]) for root in roots]
+    nnunet = nnunet_fingerprint(ids, raw, tmp_path / "pre")  # one nnU-Net run for both datasets
+    for root, dataset_id in zip(roots, ids):
         info, cases = load_dataset(root)
         ours = extract_fingerprint(info, cases, workers=1)
-        dataset_id = int(root.name[7:10])
-        theirs = Fingerprint.from_nnunet(nnunet_fingerprint(dataset_id, raw, tmp_path / "pre"))
+        theirs = Fingerprint.from_nnunet(nnunet[dataset_id])
         np.testing.assert_allclose(ours.spacings, theirs.spacings)
         assert ours.shapes_after_crop == theirs.shapes_after_crop
         assert ours.median_relative_size_after_cropping == pytest.approx(theirs.median_relative_size_after_cropping)
