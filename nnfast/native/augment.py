@@ -506,30 +506,19 @@ def _warp_2d(img, seg, a, centre, half, sign, flip_n, out_img, out_seg, pad_labe
 # --------------------------------------------------------------------------------------------- crops
 @serial
 def _copy_box(src, dst, src_lo, dst_lo, ext, f0, f1, f2):
-    # Rows are copied forwards or, on a mirrored last axis, backwards through an unsigned index: with a signed one
-    # Numba's negative-index wrap-around check keeps LLVM from vectorizing the reversed loop (numpy's negative-stride
-    # copy measured ~2x slower than this on 56 x 192^2 patches).
-    ex, ey, ez = ext[0], ext[1], ext[2]
-    last = np.uint64(ez - 1)
+    # every channel through _copy_chunk (the same rows, forwards or mirrored)
     for c in range(src.shape[0]):
-        for i in range(ex):
-            si = src_lo[0] + (ex - 1 - i if f0 else i)
-            for j in range(ey):
-                sj = src_lo[1] + (ey - 1 - j if f1 else j)
-                s = src[c, si, sj, src_lo[2]:src_lo[2] + ez]
-                d = dst[c, dst_lo[0] + i, dst_lo[1] + j, dst_lo[2]:dst_lo[2] + ez]
-                if f2:
-                    for k in range(ez):
-                        d[k] = s[last - np.uint64(k)]
-                else:
-                    for k in range(ez):
-                        d[k] = s[k]
+        _copy_chunk(src[c], dst[c], src_lo[0], src_lo[1], src_lo[2], dst_lo[0], dst_lo[1], dst_lo[2],
+                    ext[0], ext[1], ext[2], f0, f1, f2)
 
 
 @serial
 def _copy_chunk(src, dst, s0, s1, s2, d0, d1, d2, e0, e1, e2, f0, f1, f2):
-    # _copy_box for one decoded store chunk (the patch reader's inner loop, once per chunk): (x, y, z) arrays, the box
-    # as scalars (no per-call index arrays), and the destination's dtype may differ (int8 labels into int16 slots)
+    # One channel's box: (x, y, z) arrays, the box as scalars (the patch reader calls it once per decoded store chunk,
+    # without per-call index arrays), and the destination's dtype may differ (int8 labels into int16 slots). Rows are
+    # copied forwards or, on a mirrored last axis, backwards through an unsigned index: with a signed one Numba's
+    # negative-index wrap-around check keeps LLVM from vectorizing the reversed loop (numpy's negative-stride copy
+    # measured ~2x slower than this on 56 x 192^2 patches).
     last = np.uint64(e2 - 1)
     for i in range(e0):
         si = s0 + (e0 - 1 - i if f0 else i)
