@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..io.dataset import CaseFiles, DatasetInfo
+from ..io.decoded_cache import DecodedCache
 from ..io.image import read_images, read_label
 from .schema import Fingerprint, IntensityStats
 
@@ -39,21 +40,15 @@ class CaseFingerprint:
     summaries: tuple  # one native.intensity summary per channel
 
 
-def analyze_case(case: CaseFiles, sketch_size: int = SKETCH_SIZE, decoded=None) -> CaseFingerprint:
+def analyze_case(case: CaseFiles, sketch_size: int = SKETCH_SIZE, decoded: DecodedCache | None = None) -> CaseFingerprint:
     """Fingerprint one case (runs on worker threads, or dask workers; reads each file once). ``decoded``: a
     :class:`~nnfast.io.decoded_cache.DecodedCache` in which the arrays read are left for a later step."""
-    signature = None
-    if decoded is not None:
-        from ..io.decoded_cache import file_signature
-
-        signature = file_signature((*case.image_files, case.label_file))  # before reading: a later change shows
+    signature = DecodedCache.sign(decoded, (*case.image_files, case.label_file))  # before reading
     data, geom = read_images(case.image_files, dtype=None)
     seg, _ = read_label(case.label_file)
     result = analyze_arrays(case.case_id, data, seg, geom.spacing, sketch_size)
-    if decoded is not None and signature is not None:
-        from ..io.decoded_cache import DecodedCase
-
-        decoded.put(case.case_id, DecodedCase([data], geom, seg, signature))
+    if decoded is not None:
+        decoded.keep(case.case_id, signature, [data], geom, seg)
     return result
 
 

@@ -109,6 +109,18 @@ class DecodedCache:
             self._used += size
             return True
 
+    @staticmethod
+    def sign(cache: "DecodedCache | None", files: Sequence[str | os.PathLike | None]) -> Signature | None:
+        """What a reader takes before it reads ``files`` (image files, then the label file) for ``cache``: their
+        :func:`file_signature` (``None`` without a cache, or when one cannot be stat-ed: nothing is kept then)."""
+        return file_signature(files) if cache is not None else None
+
+    def keep(self, case_id: str, signature: Signature | None, images: list[np.ndarray], geometry: ImageGeometry,
+             label: np.ndarray) -> bool:
+        """:meth:`put` the arrays a reader decoded from the files of ``signature`` (:meth:`sign`, taken before the
+        read); nothing when it is ``None``. Returns whether they were kept."""
+        return signature is not None and self.put(case_id, DecodedCase(list(images), geometry, label, signature))
+
     def take(self, case_id: str, files: Sequence[str | os.PathLike | None]) -> DecodedCase | None:
         """Remove and return the entry of ``case_id`` when ``files`` (image files, then the label file) are the
         files it was read from, unchanged; ``None`` otherwise (the caller reads the files)."""

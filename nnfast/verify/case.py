@@ -63,7 +63,7 @@ def _values(v: np.ndarray, limit: int = 10) -> str:
     return f"[{head}{', ...' if len(v) > limit else ''}] ({len(v)} value(s))"
 
 
-def check_case(task: CaseTask, decoded: "DecodedCache | None" = None) -> CaseResult:
+def check_case(task: CaseTask, decoded: DecodedCache | None = None) -> CaseResult:
     """Check one case; never raises for bad data (an unexpected exception becomes an error problem too).
 
     ``decoded``: a case without errors leaves the arrays read in it (:mod:`nnfast.io.decoded_cache`), for a later
@@ -71,11 +71,7 @@ def check_case(task: CaseTask, decoded: "DecodedCache | None" = None) -> CaseRes
     problems: list[Problem] = []
     labels: tuple[int, ...] = ()
     arrays: dict = {}
-    signature = None
-    if decoded is not None:
-        from ..io.decoded_cache import file_signature
-
-        signature = file_signature((*task.image_files, task.label_file))  # before reading: a later change shows
+    signature = DecodedCache.sign(decoded, (*task.image_files, task.label_file))  # before reading
     try:
         labels = _check(task, problems, arrays if task.fingerprint or decoded is not None else None)
     except Exception as e:  # a bug or an unforeseen file: report it, keep checking the other cases
@@ -84,11 +80,9 @@ def check_case(task: CaseTask, decoded: "DecodedCache | None" = None) -> CaseRes
     fingerprint = None
     if task.fingerprint and arrays and not any(p.severity == "error" for p in problems):
         fingerprint = _fingerprint(task, arrays)
-    if decoded is not None and signature is not None and "label" in arrays and "geometry" in arrays \
+    if decoded is not None and "label" in arrays and "geometry" in arrays \
             and not any(p.severity == "error" for p in problems):
-        from ..io.decoded_cache import DecodedCase
-
-        decoded.put(task.case_id, DecodedCase(arrays["images"], arrays["geometry"], arrays["label"], signature))
+        decoded.keep(task.case_id, signature, arrays["images"], arrays["geometry"], arrays["label"])
     return CaseResult(tuple(problems), labels, fingerprint)
 
 
