@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -133,15 +133,16 @@ class CaseStoreWriter:
         self._image_info = _array_info(image.shape, image.dtype, layout,
                                        f"blosc-{self.cname}-{self.clevel}-{shuffle}")
 
-    def image_sink(self, shape: Sequence[int]) -> "_ImageSink":
+    def image_sink(self, shape: Sequence[int], check: Callable[[], None] | None = None) -> "_ImageSink":
         """A sink for a float32 image of ``shape`` ``(c, x, y, z)`` produced box by box (see
         :func:`nnfast.native.resample.resize_image_consuming`): ``boxes(channel, axis, shape)`` gives the chunk-aligned
         boxes to produce, in order (for channel 0 the ones holding the shuffle trial's sample first), and
-        ``put(channel, origin, box)`` compresses and appends a box. Every box must be put before :meth:`finish`."""
+        ``put(channel, origin, box)`` compresses and appends a box. Every box must be put before :meth:`finish`.
+        ``check``: called before each box is taken; what it raises abandons the store (e.g. a stopping command)."""
         shape = tuple(int(s) for s in shape)
         if len(shape) != 4 or min(shape) <= 0:
             raise StoreError(f"{self.path}: image must be a non-empty (c, x, y, z) array, got shape {shape}")
-        self._sink = _ImageSink(self, shape, self._image_layout(shape, np.float32))
+        self._sink = _ImageSink(self, shape, self._image_layout(shape, np.float32), check)
         return self._sink
 
     def finish(self, properties: Mapping[str, Any]) -> None:
@@ -178,8 +179,9 @@ class _ImageSink:
     central inner chunk, :func:`nnfast.io.store.central_sample`) is complete, then writes through a
     :class:`~nnfast.io.shard_writer.ShardWriter`."""
 
-    def __init__(self, owner: CaseStoreWriter, shape: tuple[int, ...], layout: StoreLayout):
-        self.owner, self.shape, self.layout = owner, shape, layout
+    def __init__(self, owner: CaseStoreWriter, shape: tuple[int, ...], layout: StoreLayout,
+                 check: Callable[[], None] | None = None):
+        self.owner, self.shape, self.layout, self.check = owner, shape, layout, check
         self.shuffle = None if owner.shuffle == "auto" else owner.shuffle
         spatial = shape[1:]
         self.sample_box = [((s - w) // 2, (s - w) // 2 + w)
@@ -218,6 +220,8 @@ class _ImageSink:
         return boxes
 
     def put(self, channel: int, origin: Sequence[int], block: np.ndarray) -> None:
+        if self.check is not None:
+            self.check()
         if self.writer is not None:
             self.writer.write_box(block, origin, channel)
             return

@@ -301,15 +301,7 @@ def preprocess_case_to_store(case: CaseFiles, plans, config_name: str, out_path:
             del seg
             _write_label_phase(store, holder, plans, cfg, geo)
         shape = (int(data.shape[0]), *geo["new_shape"])
-        sink = store.image_sink(shape)
-        if stop is not None:
-            put = sink.put
-
-            def put_unless_stopping(channel, origin, block):
-                _check_stop(stop, case)
-                put(channel, origin, block)
-
-            sink.put = put_unless_stopping  # type: ignore[method-assign]
+        sink = store.image_sink(shape, check=None if stop is None else functools.partial(_check_stop, stop, case))
         holder = [data]
         del data
         resample_image_consuming(holder, geo["new_shape"], geo["original_spacing"], geo["target_spacing"],
