@@ -352,7 +352,7 @@ class TaskPool:
             self._payload = dumps((func, initializer, initargs))
         except Exception as exc:
             raise InputTypeError(
-                f"run_tasks with workers={workers} needs a module-level (picklable) function, initializer and "
+                f"{workers} worker processes need a module-level (picklable) function, initializer and "
                 f"initargs; pickling failed: {type(exc).__name__}: {exc}") from exc
         self.func = func
         self.workers = int(workers)
